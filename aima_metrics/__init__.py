@@ -1,0 +1,2 @@
+"""The command line and the local stack: the one place that composes producers, streams, consumers and
+the API."""

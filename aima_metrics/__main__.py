@@ -1,0 +1,3 @@
+from aima_metrics.cli import main
+
+main()

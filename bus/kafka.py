@@ -1,0 +1,154 @@
+"""Kafka client factories (confluent-kafka and aiokafka) built from the one settings object, and the
+topic administration every process shares."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+
+from bus.settings import Settings
+from bus.topics import TOPICS, TopicSpec
+
+log = logging.getLogger(__name__)
+
+
+class BrokerUnavailable(RuntimeError):
+    """No broker answered a metadata request in time."""
+
+
+def client_config(settings: Settings, **extra: Any) -> dict[str, Any]:
+    """librdkafka settings for any confluent-kafka client, security included (P2)."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "security.protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_sasl_mechanism:
+        config["sasl.mechanism"] = settings.kafka_sasl_mechanism
+        config["sasl.username"] = settings.kafka_sasl_username or ""
+        if settings.kafka_sasl_password is not None:
+            config["sasl.password"] = settings.kafka_sasl_password.get_secret_value()
+    if settings.kafka_ssl_ca_location:
+        config["ssl.ca.location"] = str(settings.kafka_ssl_ca_location)
+    config.update(extra)
+    return config
+
+
+def aiokafka_config(settings: Settings) -> dict[str, Any]:
+    """The same connection settings in aiokafka's (and so Faust's) vocabulary."""
+    config: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol.endswith("SSL"):
+        context = ssl.create_default_context(
+            cafile=str(settings.kafka_ssl_ca_location) if settings.kafka_ssl_ca_location else None
+        )
+        config["ssl_context"] = context
+    if settings.kafka_sasl_mechanism:
+        config["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        config["sasl_plain_username"] = settings.kafka_sasl_username
+        if settings.kafka_sasl_password is not None:
+            config["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    return config
+
+
+def admin(settings: Settings) -> AdminClient:
+    return AdminClient(client_config(settings))
+
+
+def wait_for_broker(settings: Settings, timeout_s: float = 60.0) -> int:
+    """Block until the cluster answers a metadata request; returns the number of brokers."""
+    client = admin(settings)
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            metadata = client.list_topics(timeout=min(5.0, max(0.5, deadline - time.monotonic())))
+            if metadata.brokers:
+                return len(metadata.brokers)
+        except KafkaException as exc:
+            last = exc
+        time.sleep(0.5)
+    raise BrokerUnavailable(
+        f"no Kafka broker answered at {settings.kafka_bootstrap} within {timeout_s}s: {last}"
+    )
+
+
+@dataclass(frozen=True)
+class TopicState:
+    name: str
+    spec: TopicSpec | None
+    partitions: int | None
+    retention_ms: int | None
+    cleanup_policy: str | None
+
+    @property
+    def exists(self) -> bool:
+        return self.partitions is not None
+
+
+def ensure_topics(
+    settings: Settings, specs: tuple[TopicSpec, ...] = TOPICS, timeout_s: float = 30.0
+) -> list[str]:
+    """Create the catalogue's topics that are missing, with explicit partitions and retention.
+    Existing topics are left alone, so running it twice does no harm. Returns the names created."""
+    client = admin(settings)
+    existing = set(client.list_topics(timeout=timeout_s).topics)
+    wanted = [
+        NewTopic(
+            spec.name(settings.topic_prefix),
+            num_partitions=spec.partitions,
+            replication_factor=settings.topic_replication,
+            config=spec.config(),
+        )
+        for spec in specs
+        if spec.name(settings.topic_prefix) not in existing
+    ]
+    if not wanted:
+        return []
+    created = []
+    for name, future in client.create_topics(wanted, operation_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s)
+            created.append(name)
+        except KafkaException as exc:
+            # Another process may have created it between our listing and our request.
+            if exc.args and getattr(exc.args[0], "name", lambda: "")() == "TOPIC_ALREADY_EXISTS":
+                continue
+            raise
+    log.info("created topics", extra={"topics": created})
+    return created
+
+
+def describe_topics(settings: Settings, specs: tuple[TopicSpec, ...] = TOPICS) -> list[TopicState]:
+    """The catalogue's topics as the broker sees them (partitions, retention, cleanup policy)."""
+    client = admin(settings)
+    metadata = client.list_topics(timeout=15)
+    names = [spec.name(settings.topic_prefix) for spec in specs]
+    present = [n for n in names if n in metadata.topics]
+    configs: dict[str, dict[str, str]] = {}
+    if present:
+        futures = client.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, n) for n in present])
+        for resource, future in futures.items():
+            entries = future.result(timeout=15)
+            configs[resource.name] = {k: v.value for k, v in entries.items()}
+    states = []
+    for spec, name in zip(specs, names, strict=True):
+        topic = metadata.topics.get(name)
+        config = configs.get(name, {})
+        states.append(
+            TopicState(
+                name=name,
+                spec=spec,
+                partitions=len(topic.partitions) if topic is not None else None,
+                retention_ms=int(config["retention.ms"]) if "retention.ms" in config else None,
+                cleanup_policy=config.get("cleanup.policy"),
+            )
+        )
+    return states

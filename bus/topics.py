@@ -1,0 +1,57 @@
+"""The topic catalogue: every topic's name, partitions, retention, key and the Avro record it carries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from bus.settings import Settings
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    key: str
+    """Short name, the part after the configurable prefix."""
+    schema: str
+    """Full name of the Avro record every value on the topic carries."""
+    partitions: int
+    retention: timedelta | None
+    """None keeps records forever (compacted topics)."""
+    message_key: str
+    """What the Kafka message key is, so one source stays ordered on one partition."""
+    compacted: bool = False
+
+    def name(self, prefix: str) -> str:
+        return f"{prefix}{self.key}"
+
+    def config(self) -> dict[str, str]:
+        config = {"cleanup.policy": "compact" if self.compacted else "delete"}
+        config["retention.ms"] = (
+            "-1" if self.retention is None else str(int(self.retention.total_seconds() * 1000))
+        )
+        return config
+
+
+NS = "aima.metrics"
+TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec("gpu.samples", f"{NS}.GpuSample", 8, timedelta(days=3), "host/gpu_uuid"),
+    TopicSpec("system.samples", f"{NS}.SystemSample", 4, timedelta(days=3), "host"),
+    TopicSpec("job.events", f"{NS}.JobEvent", 4, timedelta(days=7), "job_id"),
+    TopicSpec("job.timings", f"{NS}.JobTimings", 4, timedelta(days=3), "job_id"),
+    TopicSpec("queue.samples", f"{NS}.QueueSample", 2, timedelta(days=3), "queue"),
+    TopicSpec("k8s.pods", f"{NS}.PodStatus", 2, timedelta(days=3), "namespace/pod"),
+    TopicSpec("rollups", f"{NS}.Rollup", 8, timedelta(days=7), "series/tier/bucket_start"),
+    TopicSpec("costs", f"{NS}.CostRecord", 4, timedelta(days=30), "project"),
+    TopicSpec("alerts", f"{NS}.AlertEvent", 4, timedelta(days=30), "fingerprint"),
+    TopicSpec("anomalies", f"{NS}.Anomaly", 4, timedelta(days=7), "series"),
+    TopicSpec("deadletter", f"{NS}.DeadLetter", 2, timedelta(days=30), "origin topic"),
+)
+BY_KEY = {spec.key: spec for spec in TOPICS}
+
+
+def topic_name(settings: Settings, key: str) -> str:
+    """The full topic name for a catalogue key, e.g. ``gpu.samples`` -> ``aima.gpu.samples``."""
+    try:
+        return BY_KEY[key].name(settings.topic_prefix)
+    except KeyError:
+        raise KeyError(f"unknown topic {key!r}; known: {', '.join(BY_KEY)}") from None

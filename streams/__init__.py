@@ -1,0 +1,1 @@
+"""The Faust stream processors: rollups, costs, alerts and anomalies."""

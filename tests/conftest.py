@@ -1,0 +1,157 @@
+"""Session-wide real services for the tests.
+
+Kafka and PostgreSQL come from, in this order: the environment (AIMA_TEST_KAFKA_BOOTSTRAP and
+AIMA_TEST_DATABASE_URL, which .ci/run sets), testcontainers when a Docker engine answers, or the project's
+own scripts in infra/ (started here and stopped again at the end if this session started them).
+Each test gets its own topic prefix and database schema, so tests never collide."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from confluent_kafka.admin import AdminClient, NewTopic
+from psycopg import sql
+
+from bus.kafka import ensure_topics, wait_for_broker
+from bus.settings import REPO_ROOT, Settings
+from consumers.migrate import migrate
+
+INFRA = REPO_ROOT / "infra"
+
+
+def _docker_engine_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:
+        return False
+
+
+class _Services:
+    def __init__(self) -> None:
+        self.kafka_bootstrap: str
+        self.database_url: str
+        self._cleanup: list[Callable[[], None]] = []
+
+    def start(self) -> None:
+        kafka = os.environ.get("AIMA_TEST_KAFKA_BOOTSTRAP")
+        database = os.environ.get("AIMA_TEST_DATABASE_URL")
+        if kafka and database:
+            self.kafka_bootstrap, self.database_url = kafka, database
+        elif _docker_engine_answers():
+            self._start_containers()
+        else:
+            self._start_local()
+        wait_for_broker(Settings(kafka_bootstrap=self.kafka_bootstrap), timeout_s=60)
+
+    def _start_containers(self) -> None:
+        from testcontainers.kafka import KafkaContainer
+        from testcontainers.postgres import PostgresContainer
+
+        kafka = KafkaContainer("apache/kafka:4.1.1").with_kraft()
+        postgres = PostgresContainer("timescale/timescaledb:latest-pg16", driver=None)
+        kafka.start()
+        self._cleanup.append(kafka.stop)
+        postgres.start()
+        self._cleanup.append(postgres.stop)
+        self.kafka_bootstrap = kafka.get_bootstrap_server()
+        self.database_url = postgres.get_connection_url()
+
+    def _start_local(self) -> None:
+        settings = Settings()
+        env = dict(os.environ, AIMA_STATE_DIR=str(settings.state_dir))
+        for script in ("kafka/kafka.sh", "postgres/postgres.sh"):
+            was_up = subprocess.run([INFRA / script, "status"], env=env, capture_output=True).returncode == 0
+            subprocess.run([INFRA / script, "start"], env=env, check=True)
+            if not was_up:
+                self._cleanup.append(
+                    lambda s=script: subprocess.run([INFRA / s, "stop"], env=env, check=False)
+                )
+        self.kafka_bootstrap = settings.kafka_bootstrap
+        self.database_url = Path(settings.state_dir, "postgres", "dsn").read_text().strip()
+
+    def stop(self) -> None:
+        for step in reversed(self._cleanup):
+            step()
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[_Services]:
+    running = _Services()
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(services: _Services) -> str:
+    return services.kafka_bootstrap
+
+
+@pytest.fixture(scope="session")
+def database_url(services: _Services) -> str:
+    return services.database_url
+
+
+@pytest.fixture
+def unique() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def settings(services: _Services, unique: str, tmp_path: Path) -> Settings:
+    """Settings for one test: the session's services, a topic prefix and state folder of its own."""
+    return Settings(
+        kafka_bootstrap=services.kafka_bootstrap,
+        database_url=services.database_url,
+        topic_prefix=f"t{unique}.",
+        state_dir=tmp_path / "state",
+    )
+
+
+@pytest.fixture
+def topics(settings: Settings) -> Settings:
+    """Creates the whole topic catalogue under the test's own prefix."""
+    ensure_topics(settings)
+    return settings
+
+
+@pytest.fixture
+def new_topic(kafka_bootstrap: str, unique: str) -> Callable[..., str]:
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    counter = iter(range(1000))
+
+    def create(partitions: int = 1, name: str | None = None) -> str:
+        topic = name or f"t{unique}.topic{next(counter)}"
+        admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])[topic].result(
+            30
+        )
+        return topic
+
+    return create
+
+
+@pytest.fixture
+def db_schema(database_url: str, unique: str) -> Iterator[str]:
+    """A fresh, migrated schema of the test's own; dropped afterwards."""
+    schema = f"t_{unique}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        migrate(conn, schema=schema)
+    yield schema
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+@pytest.fixture
+def db(database_url: str, db_schema: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(db_schema)))
+        yield conn

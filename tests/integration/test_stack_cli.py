@@ -1,0 +1,93 @@
+"""`aima-metrics up`, then `status`, then `down`, from an empty state folder, on ports of its own."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from aima_metrics.stack import INFRA
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aima_metrics", *args],
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
+
+
+def test_up_status_down_from_empty_state(tmp_path: Path) -> None:
+    # The PostgreSQL server runs as the 'postgres' user, which must reach the state folder: pytest's
+    # tmp_path is private to root, so the state lives in a folder of its own under /tmp.
+    state = Path(tempfile.mkdtemp(prefix="aima-up-"))
+    state.chmod(0o755)
+    env = dict(
+        os.environ,
+        AIMA_STATE_DIR=str(state),
+        AIMA_KAFKA_PORT=str(_free_port()),
+        AIMA_KAFKA_CONTROLLER_PORT=str(_free_port()),
+        AIMA_PG_PORT=str(_free_port()),
+    )
+    env.pop("AIMA_KAFKA_BOOTSTRAP", None)
+    env.pop("AIMA_DATABASE_URL", None)
+    log = (tmp_path / "up.log").open("w+")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "aima_metrics", "up"], env=env, stdout=log, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while "ready." not in (tmp_path / "up.log").read_text():
+            assert up.poll() is None, (tmp_path / "up.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "up.log").read_text()
+            time.sleep(0.5)
+        output = (tmp_path / "up.log").read_text()
+        assert f"Kafka       127.0.0.1:{env['AIMA_KAFKA_PORT']}" in output
+        assert "created 11" in output
+
+        again = _cli("up", env=env)
+        assert again.returncode == 0 and "already up" in again.stdout
+
+        status = _cli("status", env=env)
+        assert status.returncode == 0, status.stdout + status.stderr
+        lines = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()}
+        assert lines["kafka"] == "up" and lines["postgres"] == "up" and lines["supervisor"] == "up"
+
+        topics = _cli("topics", env=env)
+        assert topics.returncode == 0
+        assert "aima.gpu.samples" in topics.stdout and "aima.metrics.GpuSample" in topics.stdout
+        assert "missing" not in topics.stdout
+
+        down = _cli("down", env=env, timeout=180)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert up.wait(timeout=60) == 0
+        assert "stopped." in (tmp_path / "up.log").read_text()
+
+        after = _cli("status", env=env)
+        assert after.returncode == 1
+        assert all(line.split()[1] == "down" for line in after.stdout.splitlines())
+    finally:
+        if up.poll() is None:
+            up.terminate()
+            up.wait(timeout=60)
+        log.close()
+        for script in ("kafka/kafka.sh", "postgres/postgres.sh"):
+            subprocess.run([INFRA / script, "stop"], env=env, capture_output=True, check=False)
+        shutil.rmtree(state, ignore_errors=True)

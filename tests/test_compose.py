@@ -1,0 +1,409 @@
+"""The Docker Compose stack and its Prometheus and Grafana provisioning, checked with the real tools.
+
+`docker-compose config` (Debian package ``docker-compose``) validates and interpolates docker-compose.yml;
+its output is what these tests read. ``promtool`` (Debian package ``prometheus``) checks prometheus.yml.
+No Docker engine is needed: nothing here starts a container.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import tomllib
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = REPO / "docker-compose.yml"
+PROMETHEUS_FILE = REPO / "infra" / "prometheus" / "prometheus.yml"
+GRAFANA = REPO / "infra" / "grafana"
+DATASOURCE_FILE = GRAFANA / "provisioning" / "datasources" / "postgres.yml"
+DASHBOARD_PROVIDER_FILE = GRAFANA / "provisioning" / "dashboards" / "dashboards.yml"
+DASHBOARDS_DIR = GRAFANA / "dashboards"
+
+PASSWORD = "compose-test-Secret-4d1c"
+DATASOURCE_UID = "aima-postgres"
+
+# Every project service: the `aima-metrics` arguments it runs and the profile it needs (None: always on).
+PROJECT_SERVICES: dict[str, tuple[list[str], str | None]] = {
+    "migrate": (["db", "migrate"], None),
+    "topics": (["topics", "--create"], None),
+    "stream": (["stream"], None),
+    "sink": (["sink"], None),
+    "notify": (["notify"], None),
+    "api": (["api"], None),
+    "gpu-exporter": (["collect", "gpu"], "gpu"),
+    "system-collector": (["collect", "system"], None),
+    "simulator": (["collect", "jobs-sim"], "sim"),
+}
+INFRA_IMAGES = {
+    "kafka": "apache/kafka:4.1.1",
+    "timescaledb": "timescale/timescaledb:latest-pg16",
+    "prometheus": "prom/prometheus",
+    "grafana": "grafana/grafana",
+}
+SELF_METRICS_SERVICES = ["stream", "sink", "notify", "api", "system-collector", "simulator"]
+
+
+def _docker_compose() -> str:
+    path = shutil.which("docker-compose")
+    if path is None:
+        pytest.fail(
+            "docker-compose is not on PATH: install it (`apt-get install -y docker-compose`, the Debian "
+            "package); these tests validate docker-compose.yml with the real `docker-compose config`"
+        )
+    return path
+
+
+def _compose_config(password: str | None, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`docker-compose config` in a clean environment: no inherited AIMA_* variables and an empty env file,
+    so a developer's .env cannot supply (or hide the lack of) the password."""
+    env_file = tmp_path / "empty.env"
+    env_file.write_text("")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    if password is not None:
+        env["AIMA_DB_PASSWORD"] = password
+    command = [
+        _docker_compose(),
+        "--project-directory", str(REPO),
+        "--env-file", str(env_file),
+        "-f", str(COMPOSE_FILE),
+        "config",
+    ]  # fmt: skip
+    return subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    result = _compose_config(PASSWORD, tmp_path_factory.mktemp("compose"))
+    assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
+    parsed = yaml.safe_load(result.stdout)
+    assert isinstance(parsed, dict) and isinstance(parsed.get("services"), dict), result.stdout
+    return parsed
+
+
+@pytest.fixture(scope="module")
+def services(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return config["services"]
+
+
+def _load_yaml(path: Path) -> Any:
+    assert path.is_file(), f"{path.relative_to(REPO)} is missing"
+    return yaml.safe_load(path.read_text())
+
+
+def _ports(service: dict[str, Any]) -> set[tuple[int, int]]:
+    """(published, target) pairs, from either the short "8000:8000" or the long form."""
+    pairs = set()
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            pairs.add((int(port["published"]), int(port["target"])))
+        else:
+            parts = str(port).split("/")[0].split(":")  # [ip:]published:target[/protocol]
+            pairs.add((int(parts[-2] if len(parts) > 1 else parts[-1]), int(parts[-1])))
+    return pairs
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> source (absolute host path for binds, the name for named volumes)."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            mounts[volume["target"]] = str(volume["source"])
+        else:
+            source, target = str(volume).split(":")[:2]
+            mounts[target] = source
+    return mounts
+
+
+def _command(service: dict[str, Any]) -> list[str]:
+    command = service.get("command")
+    return command.split() if isinstance(command, str) else list(command or [])
+
+
+def _environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {key: str(value) for key, value in env.items()}
+
+
+def _depends_on(service: dict[str, Any]) -> dict[str, str]:
+    depends = service.get("depends_on") or {}
+    if isinstance(depends, list):
+        return dict.fromkeys(depends, "service_started")
+    return {name: spec.get("condition", "service_started") for name, spec in depends.items()}
+
+
+# ---- docker-compose.yml ------------------------------------------------------------------------
+
+
+def test_raw_file_is_compose_spec_with_a_shared_env_anchor() -> None:
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert "version" not in raw, "the Compose spec has no `version:` key"
+    shared = raw.get("x-aima-env")
+    assert isinstance(shared, dict), "the shared environment lives in the extension field x-aima-env"
+    assert shared["AIMA_KAFKA_BOOTSTRAP"] == "kafka:9092"
+    assert str(shared["AIMA_METRICS_PORT"]) == "9100"
+    assert "${AIMA_DB_PASSWORD" in shared["AIMA_DATABASE_URL"]
+
+
+def test_config_fails_without_the_password(tmp_path: Path) -> None:
+    """No secret is baked in: without AIMA_DB_PASSWORD, compose refuses the file."""
+    result = _compose_config(None, tmp_path)
+    assert result.returncode != 0, "docker-compose config succeeded without AIMA_DB_PASSWORD"
+    assert "AIMA_DB_PASSWORD" in result.stderr, result.stderr
+
+
+def test_every_service_is_present(services: dict[str, dict[str, Any]]) -> None:
+    expected = set(PROJECT_SERVICES) | set(INFRA_IMAGES)
+    missing = expected - set(services)
+    assert not missing, f"services missing from docker-compose.yml: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("name", sorted(PROJECT_SERVICES))
+def test_project_service_runs_its_cli_command(services: dict[str, dict[str, Any]], name: str) -> None:
+    service = services[name]
+    args, profile = PROJECT_SERVICES[name]
+    build = service.get("build")
+    context = build["context"] if isinstance(build, dict) else build
+    assert context is not None and Path(context).resolve() == REPO, f"{name} must be built from ./Dockerfile"
+    dockerfile = build.get("dockerfile", "Dockerfile") if isinstance(build, dict) else "Dockerfile"
+    assert dockerfile == "Dockerfile"
+    assert _command(service) == args, f"{name} must run `aima-metrics {' '.join(args)}`"
+    assert service.get("profiles", []) == ([profile] if profile else []), f"profiles of {name}"
+
+
+def test_project_services_share_one_image_and_environment(services: dict[str, dict[str, Any]]) -> None:
+    images = {services[name].get("image") for name in PROJECT_SERVICES}
+    assert len(images) == 1, f"the project services should share one built image, got {images}"
+    for name in PROJECT_SERVICES:
+        env = _environment(services[name])
+        assert env.get("AIMA_KAFKA_BOOTSTRAP") == "kafka:9092", name
+        assert env.get("AIMA_DATABASE_URL") == f"postgresql://aima:{PASSWORD}@timescaledb:5432/aima", name
+        assert env.get("AIMA_METRICS_PORT") == "9100", name
+
+
+def test_startup_order(services: dict[str, dict[str, Any]]) -> None:
+    assert _depends_on(services["migrate"]) == {"timescaledb": "service_healthy"}
+    assert services["migrate"].get("restart", "no") == "no", "migrate is one-shot"
+    assert _depends_on(services["topics"]) == {"kafka": "service_healthy"}
+    for name in ["stream", "sink", "notify", "gpu-exporter", "system-collector", "simulator"]:
+        assert _depends_on(services[name]).get("topics") == "service_completed_successfully", name
+    for name in ["sink", "notify", "api", "grafana"]:
+        assert _depends_on(services[name]).get("migrate") == "service_completed_successfully", name
+    for name, service in services.items():
+        for dependency, condition in _depends_on(service).items():
+            assert dependency in services, f"{name} depends on unknown service {dependency}"
+            if condition == "service_healthy":
+                assert services[dependency].get("healthcheck"), f"{dependency} needs a healthcheck"
+
+
+def test_infrastructure_images(services: dict[str, dict[str, Any]]) -> None:
+    for name, image in INFRA_IMAGES.items():
+        actual = services[name].get("image", "")
+        assert actual == image or actual.startswith(f"{image}:"), f"{name} runs {actual!r}, expected {image}"
+        assert "build" not in services[name], name
+
+
+def test_kafka_is_reachable_from_containers_and_host(services: dict[str, dict[str, Any]]) -> None:
+    kafka = services["kafka"]
+    env = _environment(kafka)
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    listeners = dict(item.split("://", 1) for item in env["KAFKA_LISTENERS"].split(","))
+    advertised = dict(item.split("://", 1) for item in env["KAFKA_ADVERTISED_LISTENERS"].split(","))
+    by_address = {address: name for name, address in advertised.items()}
+    internal, external = by_address["kafka:9092"], by_address["localhost:9092"]
+    assert listeners[internal].rsplit(":", 1)[1] == "9092", "containers reach the broker as kafka:9092"
+    host_port = int(listeners[external].rsplit(":", 1)[1])
+    assert (9092, host_port) in _ports(kafka), "the host reaches the broker as localhost:9092"
+    assert env["KAFKA_CONTROLLER_LISTENER_NAMES"] in listeners
+    assert env["KAFKA_INTER_BROKER_LISTENER_NAME"] == internal
+    cluster_id = env["CLUSTER_ID"]
+    assert len(base64.urlsafe_b64decode(cluster_id + "==")) == 16, "CLUSTER_ID must be a base64 16-byte uuid"
+    assert "kafka-broker-api-versions" in " ".join(kafka["healthcheck"]["test"])
+    assert _mounts(kafka).get(env["KAFKA_LOG_DIRS"]) == "kafka-data"
+
+
+def test_timescaledb(services: dict[str, dict[str, Any]], config: dict[str, Any]) -> None:
+    db = services["timescaledb"]
+    env = _environment(db)
+    assert env["POSTGRES_DB"] == "aima" and env["POSTGRES_USER"] == "aima"
+    assert env["POSTGRES_PASSWORD"] == PASSWORD, "the password comes from AIMA_DB_PASSWORD"
+    assert "pg_isready" in " ".join(db["healthcheck"]["test"])
+    volume = _mounts(db)["/var/lib/postgresql/data"]
+    assert volume in config.get("volumes", {}), "the database lives on a named volume"
+
+
+def test_no_secret_literal_in_compose_file() -> None:
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    for name, service in raw["services"].items():
+        for key, value in _environment(service).items():
+            if "PASSWORD" in key or "SECRET" in key:
+                assert value.startswith("${"), f"{name}.{key} must come from the environment, not a literal"
+
+
+def test_gpu_exporter_reserves_nvidia_gpus(services: dict[str, dict[str, Any]]) -> None:
+    exporter = services["gpu-exporter"]
+    devices = exporter["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices), devices
+    assert (9400, 9400) in _ports(exporter)
+
+
+def test_api_port(services: dict[str, dict[str, Any]]) -> None:
+    assert (8000, 8000) in _ports(services["api"])
+
+
+def test_prometheus_service(services: dict[str, dict[str, Any]]) -> None:
+    prometheus = services["prometheus"]
+    command = _command(prometheus)
+    assert "--web.enable-remote-write-receiver" in command
+    config_flag = next(arg for arg in command if arg.startswith("--config.file="))
+    mounted = _mounts(prometheus)[config_flag.split("=", 1)[1]]
+    assert Path(mounted).resolve() == PROMETHEUS_FILE
+    assert (9090, 9090) in _ports(prometheus)
+
+
+def test_grafana_service(services: dict[str, dict[str, Any]]) -> None:
+    grafana = services["grafana"]
+    mounts = {target: Path(source).resolve() for target, source in _mounts(grafana).items()}
+    assert mounts["/etc/grafana/provisioning"] == GRAFANA / "provisioning"
+    assert mounts["/var/lib/grafana/dashboards"] == DASHBOARDS_DIR
+    assert DASHBOARDS_DIR.is_dir()
+    assert _environment(grafana).get("AIMA_DB_PASSWORD") == PASSWORD, "the datasource reads AIMA_DB_PASSWORD"
+    assert (3000, 3000) in _ports(grafana)
+
+
+# ---- infra/prometheus/prometheus.yml --------------------------------------------------------------
+
+
+def _scrape_targets() -> dict[str, tuple[set[str], str]]:
+    """job name -> (targets, effective scrape interval)."""
+    prometheus = _load_yaml(PROMETHEUS_FILE)
+    default_interval = prometheus.get("global", {}).get("scrape_interval", "1m")
+    jobs = {}
+    for job in prometheus["scrape_configs"]:
+        targets = {t for group in job.get("static_configs", []) for t in group["targets"]}
+        jobs[job["job_name"]] = (targets, job.get("scrape_interval", default_interval))
+    return jobs
+
+
+def test_prometheus_scrapes_the_exporter_and_every_service(services: dict[str, dict[str, Any]]) -> None:
+    jobs = _scrape_targets()
+    by_target = {target: interval for targets, interval in jobs.values() for target in targets}
+    wanted = ["gpu-exporter:9400"] + [f"{name}:9100" for name in SELF_METRICS_SERVICES]
+    for target in wanted:
+        assert target in by_target, f"prometheus.yml does not scrape {target}"
+        assert by_target[target] == "15s", f"{target} is scraped every {by_target[target]}, not 15s"
+    for target in by_target:
+        host = target.rsplit(":", 1)[0]
+        assert host == "localhost" or host in services, f"scrape target {target} is no compose service"
+
+
+def test_promtool_accepts_prometheus_config() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (`apt-get install -y prometheus`)")
+    result = subprocess.run(
+        [promtool, "check", "config", str(PROMETHEUS_FILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- infra/grafana/provisioning ----------------------------------------------------------------
+
+
+def test_grafana_datasource(services: dict[str, dict[str, Any]]) -> None:
+    provisioning = _load_yaml(DATASOURCE_FILE)
+    assert provisioning["apiVersion"] == 1
+    (datasource,) = [d for d in provisioning["datasources"] if d.get("uid") == DATASOURCE_UID]
+    assert datasource["type"] in {"grafana-postgresql-datasource", "postgres"}
+    host, port = datasource["url"].rsplit(":", 1)
+    assert host == "timescaledb" and host in services and port == "5432"
+    assert datasource["user"] == "aima"
+    json_data = datasource["jsonData"]
+    assert json_data["database"] == "aima"
+    assert json_data["timescaledb"] is True
+    assert json_data["postgresVersion"] == 1600
+    assert json_data["sslmode"] == "disable"
+    assert datasource["secureJsonData"]["password"] in {"$AIMA_DB_PASSWORD", "${AIMA_DB_PASSWORD}"}
+
+
+def test_grafana_dashboard_provider_reads_the_mounted_folder() -> None:
+    provisioning = _load_yaml(DASHBOARD_PROVIDER_FILE)
+    assert provisioning["apiVersion"] == 1
+    (provider,) = provisioning["providers"]
+    assert provider["type"] == "file"
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+def _datasource_refs(node: Any) -> list[Any]:
+    refs = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "datasource":
+                refs.append(value)
+            refs.extend(_datasource_refs(value))
+    elif isinstance(node, list):
+        for item in node:
+            refs.extend(_datasource_refs(item))
+    return refs
+
+
+def test_dashboards_use_the_provisioned_datasource() -> None:
+    """Every dashboard JSON (added beside the provider) parses and names the datasource by its uid."""
+    for dashboard in sorted(DASHBOARDS_DIR.rglob("*.json")):
+        for ref in _datasource_refs(json.loads(dashboard.read_text())):
+            if ref is None:
+                continue
+            if isinstance(ref, str):
+                assert ref.startswith("$"), f"{dashboard.name}: refer to the datasource by uid, not {ref!r}"
+                continue
+            uid = str(ref.get("uid", ""))
+            if ref.get("type") in {"grafana", "datasource"} or uid.startswith("$") or uid == "-- Grafana --":
+                continue
+            assert uid == DATASOURCE_UID, f"{dashboard.name}: datasource uid {uid!r}, not {DATASOURCE_UID}"
+
+
+# ---- Dockerfile and .dockerignore -----------------------------------------------------------------
+
+
+def test_dockerfile_installs_the_project_as_non_root() -> None:
+    lines = [line.strip() for line in (REPO / "Dockerfile").read_text().splitlines()]
+    instructions = [line for line in lines if line and not line.startswith("#")]
+    assert instructions[0] == "FROM python:3.11-slim"
+    user_at = next(i for i, line in enumerate(instructions) if line.startswith("USER "))
+    assert instructions[user_at].split()[1] not in {"root", "0"}
+    install_at = next(i for i, line in enumerate(instructions) if "pip install ." in line)
+    assert install_at > user_at, "pip install . runs as the non-root user"
+    assert 'ENTRYPOINT ["aima-metrics"]' in instructions
+
+
+def test_dockerignore_keeps_what_the_wheel_needs() -> None:
+    patterns = [
+        line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]  # fmt: skip
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    wheel = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]
+    needed = ["pyproject.toml", pyproject["project"]["readme"], *wheel["packages"], *wheel["force-include"]]
+    for path in needed:
+        excluded = [p for p in patterns if not p.startswith("!") and fnmatch(path, p)]
+        assert not excluded, f".dockerignore excludes {path} (by {excluded}), which `pip install .` needs"
+    for secret_or_bulk in [".git", ".venv", ".env", "aima.env"]:
+        assert any(fnmatch(secret_or_bulk, p) for p in patterns), (
+            f".dockerignore should exclude {secret_or_bulk}"
+        )
