@@ -20,6 +20,8 @@ class TopicSpec:
     message_key: str
     """What the Kafka message key is, so one source stays ordered on one partition."""
     compacted: bool = False
+    internal: bool = False
+    """Written and read only by the stream processors (a repartition), not part of the public contract."""
 
     def name(self, prefix: str) -> str:
         return f"{prefix}{self.key}"
@@ -45,6 +47,10 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("alerts", f"{NS}.AlertEvent", 4, timedelta(days=30), "fingerprint"),
     TopicSpec("anomalies", f"{NS}.Anomaly", 4, timedelta(days=7), "series"),
     TopicSpec("deadletter", f"{NS}.DeadLetter", 2, timedelta(days=30), "origin topic"),
+    # Repartitions inside the stream app: state that spans sources must live on one partition.
+    TopicSpec("streams.jobs-by-project", f"{NS}.JobEvent", 4, timedelta(days=7), "project", internal=True),
+    TopicSpec("streams.device-hours", f"{NS}.CostRecord", 4, timedelta(days=7), "gpu_model", internal=True),
+    TopicSpec("streams.job-outcomes", f"{NS}.JobEvent", 1, timedelta(days=7), "fleet", internal=True),
 )
 BY_KEY = {spec.key: spec for spec in TOPICS}
 

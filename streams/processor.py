@@ -1,0 +1,79 @@
+"""The contract between the Faust app (streams/app.py) and its processors (rollups, costs, alerts,
+anomalies).
+
+The app consumes the topics its processors name, decodes and validates every record (dead-lettering what
+fails), groups each batch by topic partition, tracks an event-time watermark per topic partition, and calls
+every processor of that topic once per partition batch. A processor is plain Python: it folds the batch into its state (a mapping backed by a
+Faust table, written at most once per key per batch) and returns the records to publish. Results never
+depend on the wall clock: only event time and the watermark move state forward.
+
+At-least-once input: after a crash the app re-delivers records since the last committed offset. A
+processor makes replays harmless by remembering, in each state entry it writes, the offset of the last
+record folded into it (``Input.offset``) and skipping records at or below it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Input:
+    """One decoded, validated record."""
+
+    topic_key: str
+    """Catalogue key of the topic it came from, e.g. ``gpu.samples``."""
+    partition: int
+    offset: int
+    record_name: str
+    """Full Avro name, e.g. ``aima.metrics.GpuSample``."""
+    value: dict[str, Any]
+    event_time: datetime
+    """The record's own time (tz-aware UTC), not the broker's timestamp."""
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """A record to publish: encoded and sent by the app, keyed so that one key stays on one partition."""
+
+    topic_key: str
+    key: str
+    record_name: str
+    value: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionBatch:
+    topic_key: str
+    """Catalogue key of the topic every input came from (one batch, one topic partition)."""
+    partition: int
+    inputs: Sequence[Input]
+    """In offset order (per topic)."""
+    watermark: datetime
+    """Event-time watermark of this partition after this batch: the largest event time seen so far."""
+    previous_watermark: datetime | None
+    """The watermark before this batch (None on the partition's first batch)."""
+
+
+@dataclass(slots=True)
+class Result:
+    outputs: list[Output] = field(default_factory=list)
+    """Records to publish."""
+    late: list[tuple[Input, str]] = field(default_factory=list)
+    """Records later than the allowed lateness, with the reason: the app dead-letters and counts them."""
+
+
+class Processor(Protocol):
+    name: str
+    """Names its Faust tables: one per consumed topic, so each table's partitions match its topic's."""
+    topics: tuple[str, ...]
+    """Catalogue keys of the topics it consumes."""
+
+    def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
+        """Fold ``batch`` into ``state`` and return what to publish. ``state`` holds this processor's
+        entries for this topic partition only; values must be JSON-serialisable (dicts, lists, numbers,
+        strings). Write each key at most once per call."""
+        ...
