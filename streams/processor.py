@@ -3,9 +3,10 @@ anomalies).
 
 The app consumes the topics its processors name, decodes and validates every record (dead-lettering what
 fails), groups each batch by topic partition, tracks an event-time watermark per topic partition, and calls
-every processor of that topic once per partition batch. A processor is plain Python: it folds the batch into its state (a mapping backed by a
-Faust table, written at most once per key per batch) and returns the records to publish. Results never
-depend on the wall clock: only event time and the watermark move state forward.
+every processor of that topic once per partition batch. A processor is plain Python: it folds the batch
+into its state (a mapping backed by a Faust table, written at most once per key per batch) and returns the
+records to publish. Results never depend on the wall clock: only event time and the watermark move state
+forward.
 
 At-least-once input: after a crash the app re-delivers records since the last committed offset. A
 processor makes replays harmless by remembering, in each state entry it writes, the offset of the last
