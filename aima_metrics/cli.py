@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from datetime import timedelta
@@ -9,7 +10,7 @@ from types import FrameType
 
 import click
 
-from aima_metrics.stack import PROCESSES, Stack, StackError
+from aima_metrics.stack import Stack, StackError, processes
 from bus.settings import Settings
 
 
@@ -46,13 +47,14 @@ def up() -> None:
         return
     stack.run_dir.mkdir(parents=True, exist_ok=True)
     pidfile = stack.run_dir / "up.pid"
-    pidfile.write_text(str(__import__("os").getpid()))
+    pidfile.write_text(str(os.getpid()))
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     exit_code = 0
+    running = processes(settings)
     try:
         mode = stack.start_services()
-        for process in PROCESSES:
+        for process in running:
             click.echo(f"starting {process.name}: aima-metrics {' '.join(process.args)}")
             stack.start_process(process)
         click.echo("")
@@ -64,14 +66,14 @@ def up() -> None:
             f"  PostgreSQL  127.0.0.1:{settings.pg_port} ({mode})   DSN in {settings.state_dir}/postgres/dsn"
         )
         click.echo(f"              log {stack.postgres_log()}")
-        for process in PROCESSES:
+        for process in running:
             click.echo(
-                f"  {process.name:<11} {process.address or '-'}   metrics :{process.metrics_port}"
+                f"  {process.name:<16} {process.address or '-'}   metrics :{process.metrics_port}"
                 f"   log {stack.log_dir}/{process.name}.log"
             )
         click.echo("ready. Ctrl-C (or `aima-metrics down`) stops everything.")
         while True:
-            for process in PROCESSES:
+            for process in running:
                 if stack.pid_of(process.name) is None:
                     click.echo(f"{process.name} exited; see {stack.log_dir}/{process.name}.log; restarting")
                     stack.start_process(process)
@@ -84,7 +86,7 @@ def up() -> None:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for process in reversed(PROCESSES):
+        for process in reversed(running):
             click.echo(f"stopping {process.name} ...")
             stack.stop_process(process.name)
         try:
@@ -105,7 +107,7 @@ def down() -> None:
     if pid is not None:
         click.echo(f"asking the supervisor (pid {pid}) to stop everything ...")
         stack.stop_process("up", timeout_s=120)
-    for process in reversed(PROCESSES):
+    for process in reversed(processes(stack.settings, gpu=False)):
         stack.stop_process(process.name)
     stack.stop_services()
     click.echo("down.")
@@ -180,3 +182,15 @@ def metrics_catalogue() -> None:
         click.echo(
             f"{m.name:<44} {m.unit:<8} {m.source:<16} {m.interval:<12} {field:<48} {','.join(m.labels)}"
         )
+
+
+@main.command()
+@click.argument("what", type=click.Choice(["gpu", "system", "jobs-sim", "all"]))
+@click.option("--once", is_flag=True, help="collect one sample set, publish it and print it as JSON")
+@click.option("--simulate", is_flag=True, help="with `all`: also run the fleet simulator")
+def collect(what: str, once: bool, simulate: bool) -> None:
+    """Run collectors: GPU (NVML, exporter on :9400), system (psutil, Kubernetes), the job simulator."""
+    from aima_metrics.collect import run
+
+    names = ["gpu", "system"] + (["jobs-sim"] if simulate else []) if what == "all" else [what]
+    raise SystemExit(run(names, once, click.echo))

@@ -37,8 +37,39 @@ class Process:
     env: dict[str, str] = field(default_factory=dict)
 
 
-# Filled as the pipeline grows; each runs `aima-metrics <args>` with its own self-metrics port.
-PROCESSES: tuple[Process, ...] = ()
+def nvml_present() -> bool:
+    """True when NVML answers with at least one GPU; decides between the GPU collector and the simulator."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount() > 0
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return False
+
+
+def processes(settings: Settings, gpu: bool | None = None) -> tuple[Process, ...]:
+    """The pipeline's long-running processes, each `aima-metrics <args>` with its own self-metrics port
+    (``AIMA_PORT_BASE`` + n). Without a GPU the fleet simulator stands in for real GPU samples."""
+    base = int(os.environ.get("AIMA_PORT_BASE", "9100"))
+    exporter = int(os.environ.get("AIMA_GPU_EXPORTER_PORT", "9400"))
+    gpu = nvml_present() if gpu is None else gpu
+    listed = [
+        Process("system-collector", ("collect", "system"), base + 5),
+        Process(
+            "gpu-collector",
+            ("collect", "gpu"),
+            base + 6,
+            address=f"GPU values http://127.0.0.1:{exporter}/metrics",
+            env={"AIMA_GPU_EXPORTER_PORT": str(exporter)},
+        ),
+    ]
+    if not gpu:
+        listed.append(Process("simulator", ("collect", "jobs-sim"), base + 7, address="simulated fleet"))
+    return tuple(listed)
 
 
 def script_env(settings: Settings) -> dict[str, str]:
@@ -152,7 +183,7 @@ class Stack:
             result = run_script(self.settings, script, "status")
             words = result.stdout.split()
             rows.append((name, result.returncode == 0, " ".join(words[1:])))
-        for process in PROCESSES:
+        for process in processes(self.settings, gpu=self.pid_of("simulator") is None):
             pid = self.pid_of(process.name)
             where = process.address or f"metrics http://127.0.0.1:{process.metrics_port}/metrics"
             rows.append((process.name, pid is not None, f"{where} pid={pid}" if pid else where))

@@ -59,7 +59,8 @@ def aiokafka_config(settings: Settings) -> dict[str, Any]:
 
 
 def admin(settings: Settings) -> AdminClient:
-    return AdminClient(client_config(settings))
+    # log_level 3: librdkafka's notices about purging its background queue on close are noise here.
+    return AdminClient(client_config(settings, log_level=3))
 
 
 def wait_for_broker(settings: Settings, timeout_s: float = 60.0) -> int:

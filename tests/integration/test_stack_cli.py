@@ -12,8 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Consumer
 
 from aima_metrics.stack import INFRA
+from bus.codec import Codec
+from bus.settings import Settings
+from bus.topics import TOPICS, topic_name
 
 pytestmark = pytest.mark.integration
 
@@ -22,6 +26,44 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _first_record(settings: Settings, key: str, timeout_s: float = 60) -> dict | None:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"probe-{key}",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.subscribe([topic_name(settings, key)])
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            message = consumer.poll(1.0)
+            if message is not None and message.error() is None:
+                return Codec().decode(message.value())[1]
+        return None
+    finally:
+        consumer.close()
+
+
+def _free_port_block(size: int = 10) -> int:
+    """A base port whose next ``size`` ports are free now."""
+    for _ in range(50):
+        base = _free_port()
+        if base + size < 65535 and all(_port_free(base + i) for i in range(1, size)):
+            return base
+    raise RuntimeError("no free block of ports")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def _cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -45,6 +87,8 @@ def test_up_status_down_from_empty_state(tmp_path: Path) -> None:
         AIMA_KAFKA_PORT=str(_free_port()),
         AIMA_KAFKA_CONTROLLER_PORT=str(_free_port()),
         AIMA_PG_PORT=str(_free_port()),
+        AIMA_PORT_BASE=str(_free_port_block()),
+        AIMA_GPU_EXPORTER_PORT=str(_free_port()),
     )
     env.pop("AIMA_KAFKA_BOOTSTRAP", None)
     env.pop("AIMA_DATABASE_URL", None)
@@ -60,7 +104,7 @@ def test_up_status_down_from_empty_state(tmp_path: Path) -> None:
             time.sleep(0.5)
         output = (tmp_path / "up.log").read_text()
         assert f"Kafka       127.0.0.1:{env['AIMA_KAFKA_PORT']}" in output
-        assert "created 11" in output
+        assert f"created {len(TOPICS)}" in output
 
         again = _cli("up", env=env)
         assert again.returncode == 0 and "already up" in again.stdout
@@ -69,6 +113,13 @@ def test_up_status_down_from_empty_state(tmp_path: Path) -> None:
         assert status.returncode == 0, status.stdout + status.stderr
         lines = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()}
         assert lines["kafka"] == "up" and lines["postgres"] == "up" and lines["supervisor"] == "up"
+        # No GPU here: the simulator stands in, next to the real system and GPU collectors.
+        for process in ("system-collector", "gpu-collector", "simulator"):
+            assert lines[process] == "up", status.stdout
+
+        settings = Settings(kafka_bootstrap=f"127.0.0.1:{env['AIMA_KAFKA_PORT']}")
+        for key in ("gpu.samples", "system.samples", "job.events"):
+            assert _first_record(settings, key) is not None, f"nothing on {key}"
 
         topics = _cli("topics", env=env)
         assert topics.returncode == 0

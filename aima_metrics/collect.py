@@ -1,0 +1,156 @@
+"""`aima-metrics collect ...`: runs the collectors (GPU, system, simulator) as one process, with one
+publisher and one self-metrics endpoint, until SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from bus.codec import Codec
+from bus.runtime import Service
+from bus.settings import Settings
+from producers.publisher import Publisher
+
+Records = list[tuple[str, dict[str, Any]]]
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise SystemExit(f"{name}={raw!r} must be positive")
+    return value
+
+
+def _gpu(settings: Settings, once: bool, service: Service | None, publisher: Publisher) -> Records:
+    from producers.gpu.collector import DEFAULT_EXPORTER_PORT
+    from producers.gpu.collector import run as run_gpu
+
+    return run_gpu(
+        settings,
+        once=once,
+        service=service,
+        publisher=publisher,
+        fast_interval_s=_env_float("AIMA_GPU_FAST_INTERVAL_S", 10.0),
+        slow_interval_s=_env_float("AIMA_GPU_SLOW_INTERVAL_S", 30.0),
+        exporter_port=None if once else int(os.environ.get("AIMA_GPU_EXPORTER_PORT", DEFAULT_EXPORTER_PORT)),
+        host=os.environ.get("AIMA_HOST"),
+    )
+
+
+def _system(settings: Settings, once: bool, service: Service | None, publisher: Publisher) -> Records:
+    from producers.k8s import K8sConfig
+    from producers.system import SystemIntervals
+    from producers.system import run as run_system
+
+    return run_system(
+        settings,
+        once=once,
+        service=service,
+        publisher=publisher,
+        intervals=SystemIntervals.from_env(os.environ),
+        k8s=K8sConfig.from_env(os.environ),
+        host=os.environ.get("AIMA_HOST") or os.environ.get("AIMA_K8S_NODE_NAME"),
+    )
+
+
+def _simulator(settings: Settings, once: bool, service: Service | None, publisher: Publisher) -> Records:
+    from producers.simulator import run as run_simulator
+
+    return run_simulator(
+        settings,
+        once=once,
+        service=service,
+        publisher=publisher,
+        rate_hz=_env_float("AIMA_SIM_RATE_HZ", 1.0),
+        hosts=int(os.environ.get("AIMA_SIM_HOSTS", "2")),
+        gpus_per_host=int(os.environ.get("AIMA_SIM_GPUS_PER_HOST", "4")),
+        seed=int(os.environ.get("AIMA_SIM_SEED", "1")),
+    )
+
+
+COLLECTORS: dict[str, Callable[[Settings, bool, Service | None, Publisher], Records]] = {
+    "gpu": _gpu,
+    "system": _system,
+    "jobs-sim": _simulator,
+}
+
+
+def _missing_topics(settings: Settings) -> list[str]:
+    from bus.kafka import admin, wait_for_broker
+    from bus.topics import BY_KEY
+
+    wait_for_broker(settings, timeout_s=15)
+    present = admin(settings).list_topics(timeout=10).topics
+    wanted = [BY_KEY[key].name(settings.topic_prefix) for key in TOPICS_USED]
+    return [name for name in wanted if name not in present]
+
+
+TOPICS_USED = ("gpu.samples", "system.samples", "job.events", "job.timings", "queue.samples", "k8s.pods")
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+def run(names: list[str], once: bool, echo: Callable[[str], None]) -> int:
+    settings = Settings()
+    if missing := _missing_topics(settings):
+        echo(f"topics missing on {settings.kafka_bootstrap}: {', '.join(missing)}")
+        echo("create them with `aima-metrics topics --create` (or start the stack with `aima-metrics up`)")
+        return 2
+    service = Service(f"collect-{'+'.join(names)}", settings)
+    if once:
+        from bus import logs
+
+        logs.configure("WARNING")
+    else:
+        service.start()
+    publisher = Publisher(settings, registry=service.registry, source="+".join(names))
+    results: dict[str, Records] = {}
+    errors: dict[str, BaseException] = {}
+
+    def one(name: str) -> None:
+        try:
+            results[name] = COLLECTORS[name](settings, once, None if once else service, publisher)
+        except BaseException as exc:  # reported below; one collector's failure must not hide the others'
+            errors[name] = exc
+            service.stopping.set()
+
+    threads = [threading.Thread(target=one, args=(name,), name=name, daemon=True) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.5)
+    publisher.flush(30)
+    if not once:
+        service.stopped()
+    for name, exc in errors.items():
+        echo(f"{name} collector failed: {exc!r}")
+    if publisher.failed or publisher.pending():
+        echo(f"{publisher.failed} records failed delivery, {publisher.pending()} still pending")
+    if once:
+        codec = Codec.from_settings(settings)
+        for name in names:
+            records = results.get(name, [])
+            if name == "gpu" and not records and name not in errors:
+                echo("gpu: no NVML device found (no NVIDIA driver or GPU on this machine); no GPU samples")
+            for record_name, value in records:
+                # Printed as a subscriber sees it: encoded and decoded through the contract.
+                full_name, decoded = codec.decode(codec.encode(record_name, value))
+                echo(json.dumps({"record": full_name, "value": decoded}, default=_json_default))
+    return 1 if errors or publisher.failed else 0

@@ -1,0 +1,1 @@
+"""Honest fakes of external interfaces (NVML), answering as the real ones do."""
