@@ -10,6 +10,8 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+# Fields whose name alone would mislead: a budget can be used beyond 100 %.
+_EXACT: dict[str, tuple[float | None, float | None]] = {"budget_utilization_percent": (0.0, None)}
 # Field-name suffix -> (low, high) bounds, inclusive; None leaves that side open.
 _BOUNDS: tuple[tuple[str, float | None, float | None], ...] = (
     ("_percent", 0.0, 100.0),
@@ -77,6 +79,8 @@ def _walk(value: Mapping[str, Any], path: str) -> Iterator[str]:
 
 
 def _bounds(name: str) -> tuple[float | None, float | None]:
+    if name in _EXACT:
+        return _EXACT[name]
     for suffix, low, high in _BOUNDS:
         if name.endswith(suffix):
             return low, high
