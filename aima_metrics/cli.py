@@ -194,3 +194,22 @@ def collect(what: str, once: bool, simulate: bool) -> None:
 
     names = ["gpu", "system"] + (["jobs-sim"] if simulate else []) if what == "all" else [what]
     raise SystemExit(run(names, once, click.echo))
+
+
+def _register_pipeline_commands() -> None:
+    from aima_metrics import pipeline_commands as commands
+
+    for command in (
+        commands.stream,
+        commands.sink,
+        commands.notify,
+        commands.silence,
+        commands.export,
+        commands.api,
+        commands.token,
+    ):
+        main.add_command(command)
+    db.add_command(commands.db_retention)
+
+
+_register_pipeline_commands()

@@ -57,7 +57,12 @@ def processes(settings: Settings, gpu: bool | None = None) -> tuple[Process, ...
     base = int(os.environ.get("AIMA_PORT_BASE", "9100"))
     exporter = int(os.environ.get("AIMA_GPU_EXPORTER_PORT", "9400"))
     gpu = nvml_present() if gpu is None else gpu
+    api_port = int(os.environ.get("AIMA_API_PORT", "8000"))
     listed = [
+        Process("stream", ("stream",), base + 1),
+        Process("sink", ("sink",), base + 2),
+        Process("notify", ("notify",), base + 3),
+        Process("api", ("api",), base + 4, address=f"http://127.0.0.1:{api_port}/docs"),
         Process("system-collector", ("collect", "system"), base + 5),
         Process(
             "gpu-collector",

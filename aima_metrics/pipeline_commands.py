@@ -1,0 +1,215 @@
+"""The pipeline's long-running processes and their administration as `aima-metrics` commands: each one a
+thin layer over the package that does the work."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+import click
+import psycopg
+
+from bus.runtime import Service
+from bus.settings import Settings
+
+
+@click.command()
+def stream() -> None:
+    """Run a stream-processing worker (rollups, costs, alerts, anomalies); start several for more
+    throughput: they share the work as one consumer group."""
+    from streams.main import run
+
+    raise SystemExit(run(Settings()))
+
+
+@click.command()
+@click.option("--batch-max", default=5000, show_default=True, help="records per database batch at most")
+@click.option("--batch-timeout-s", default=1.0, show_default=True, help="seconds a batch waits to fill")
+def sink(batch_max: int, batch_timeout_s: float) -> None:
+    """Store samples, rollups, costs, alerts, anomalies and dead letters in PostgreSQL/TimescaleDB."""
+    from consumers.sink import run
+
+    settings = Settings()
+    service = Service("sink", settings)
+    service.start()
+    run(settings, service=service, batch_max=batch_max, batch_timeout_s=batch_timeout_s)
+    service.stopped()
+
+
+@click.command()
+def notify() -> None:
+    """Deliver alerts to their channels (webhook, Slack, Teams, email, SMS), routed by AIMA_NOTIFY_CONFIG."""
+    from consumers.notify.notifier import run
+
+    settings = Settings()
+    service = Service("notify", settings)
+    service.start()
+    run(settings, service=service)
+    service.stopped()
+
+
+@click.group()
+def silence() -> None:
+    """Mute matching alerts for a while (stored in the database; the notifier honours them)."""
+
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+
+
+def _duration(text: str) -> timedelta:
+    match = _DURATION.match(text)
+    if match is None:
+        raise click.BadParameter(f"{text!r} is not a duration like 30m, 2h or 1d")
+    unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match[2]]
+    return timedelta(**{unit: int(match[1])})
+
+
+@silence.command("add")
+@click.argument("matchers", nargs=-1, required=True)
+@click.option("--duration", default="2h", show_default=True, help="how long, e.g. 30m, 2h, 1d")
+@click.option("--comment", default="", help="why")
+@click.option("--by", "created_by", required=True, help="who (name or e-mail)")
+def silence_add(matchers: tuple[str, ...], duration: str, comment: str, created_by: str) -> None:
+    """Add a silence: MATCHERS like alertname=GpuTemperatureHigh host=~gpu-.* severity!=info."""
+    from consumers.notify.silences import InvalidSilence, create_silence
+
+    with psycopg.connect(Settings().database_dsn()) as conn:
+        try:
+            created = create_silence(
+                conn, matchers, created_by=created_by, comment=comment, duration=_duration(duration)
+            )
+        except InvalidSilence as exc:
+            raise click.UsageError(str(exc)) from None
+    click.echo(f"silence {created.id} active until {created.ends_at.isoformat()}")
+
+
+@silence.command("list")
+@click.option("--state", type=click.Choice(["pending", "active", "expired"]))
+def silence_list(state: str | None) -> None:
+    """List silences."""
+    from consumers.notify.silences import list_silences
+
+    with psycopg.connect(Settings().database_dsn()) as conn:
+        for item in list_silences(conn, state=state):  # type: ignore[arg-type]
+            matchers = " ".join(str(m) for m in item.matchers)
+            span = f"{item.starts_at:%Y-%m-%d %H:%M} .. {item.ends_at:%Y-%m-%d %H:%M}"
+            click.echo(
+                f"{item.id}  {item.state():<8} {span}  {matchers}  by {item.created_by}  {item.comment}"
+            )
+
+
+@silence.command("rm")
+@click.argument("silence_id")
+def silence_rm(silence_id: str) -> None:
+    """Expire a silence now (its record stays)."""
+    from consumers.notify.silences import InvalidSilence, delete_silence
+
+    with psycopg.connect(Settings().database_dsn()) as conn:
+        try:
+            found = delete_silence(conn, silence_id)
+        except InvalidSilence as exc:
+            raise click.UsageError(str(exc)) from None
+    if not found:
+        raise click.ClickException(f"no silence {silence_id}")
+    click.echo(f"silence {silence_id} expired")
+
+
+@click.command("retention")
+@click.option("--dry-run", is_flag=True, help="only list what would be dropped")
+def db_retention(dry_run: bool) -> None:
+    """Apply the retention policies (raw 24 h, hourly 7 d, daily 30 d, monthly 1 y, yearly forever)."""
+    from consumers.retention import apply_retention
+
+    with psycopg.connect(Settings().database_dsn()) as conn:
+        actions = apply_retention(conn, dry_run=dry_run)
+    verb = "would drop" if dry_run else "dropped"
+    for action in actions:
+        rows = "" if action.rows is None else f" ({action.rows} rows)"
+        cutoff = action.cutoff.isoformat() if action.cutoff else "-"
+        where = f"{action.kind:<10} {action.table:<18} {action.target:<40}"
+        click.echo(f"{where} tier {action.tier:<6} before {cutoff}{rows}")
+    click.echo(f"{verb} {len(actions)} item(s)" if actions else "nothing has expired")
+
+
+@click.command()
+@click.option("--metric", required=True, help="catalogue name, e.g. gpu_utilization_percent")
+@click.option(
+    "--from", "start", default="now-1h", show_default=True, help="ISO time with zone, or now-<n><unit>"
+)
+@click.option("--to", "end", default="now", show_default=True)
+@click.option("--labels", default=None, help="filter, k=v,k2=v2")
+@click.option("--format", "fmt", type=click.Choice(["json", "csv", "remote-write"]), default="json")
+@click.option("--endpoint", default=None, help="Prometheus remote-write URL (with --format remote-write)")
+@click.option("--output", type=click.File("w"), default="-", help="file to write (default stdout)")
+def export(
+    metric: str, start: str, end: str, labels: str | None, fmt: str, endpoint: str | None, output: object
+) -> None:
+    """Export a metric's raw samples as JSON or CSV, or send them to Prometheus by remote write."""
+    from aima_metrics.export import ExportError, export_command, parse_time
+
+    try:
+        count = export_command(
+            Settings(), metric, parse_time(start), parse_time(end), fmt, labels, endpoint, output
+        )
+    except ExportError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"exported {count} rows", err=True)
+
+
+@click.command()
+@click.option("--host", default=None, help="bind address (default AIMA_API_HOST or 127.0.0.1)")
+@click.option("--port", type=int, default=None, help="port (default AIMA_API_PORT or 8000)")
+def api(host: str | None, port: int | None) -> None:
+    """Serve the REST API (OpenAPI at /docs) until SIGTERM."""
+    from api.main import run
+
+    run(Settings(), host=host, port=port)
+
+
+@click.group()
+def token() -> None:
+    """API tokens: bearer tokens with a role and scopes, stored hashed."""
+
+
+@token.command("create")
+@click.option("--role", type=click.Choice(["admin", "user", "finance"]), required=True)
+@click.option("--scope", "scopes", multiple=True, help="metrics:read:<name> or metrics:read:* (repeatable)")
+@click.option("--project", "projects", multiple=True, help="a user token's projects (repeatable)")
+@click.option("--name", default="", help="what the token is for")
+def token_create(role: str, scopes: tuple[str, ...], projects: tuple[str, ...], name: str) -> None:
+    """Create a token and print it once; only its hash is stored."""
+    from api.cli import create_token_cmd
+
+    try:
+        click.echo(create_token_cmd(Settings(), role, scopes, projects, name))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@token.command("list")
+def token_list() -> None:
+    """Every token (never its secret)."""
+    from api.cli import list_tokens
+
+    for row in list_tokens(Settings()):
+        state = "revoked" if row["revoked_at"] else "active"
+        scopes = ",".join(row["scopes"]) or "-"
+        projects = ",".join(row["projects"]) or "-"
+        click.echo(
+            f"{row['id']}  {state:<7} {row['role']:<7} scopes={scopes} projects={projects}  {row['name']}"
+        )
+
+
+@token.command("revoke")
+@click.argument("token_id")
+def token_revoke(token_id: str) -> None:
+    """Revoke a token by id."""
+    from api.cli import revoke_token
+
+    try:
+        found = revoke_token(Settings(), token_id)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not found:
+        raise click.ClickException(f"no active token {token_id}")
+    click.echo(f"token {token_id} revoked")

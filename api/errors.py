@@ -1,0 +1,130 @@
+"""Every error the API answers has one JSON shape: ``{"error": "<code>", "detail": "<what is wrong, naming
+the parameter>"}``. Bad input is a 4xx, never a 500: FastAPI's own validation errors, PostgreSQL's data
+exceptions (SQLSTATE class 22, e.g. a time out of range) and unknown routes are all turned into that shape
+here. A 5xx means the server or its database failed, not the request."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.responses import ApiJSON
+
+__all__ = ["ApiError", "ErrorBody", "error_responses", "install"]
+
+log = logging.getLogger(__name__)
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: str
+
+
+class ApiError(Exception):
+    """Raise from a route to answer ``status`` with ``{"error": error, "detail": detail}``."""
+
+    def __init__(
+        self, status: int, error: str, detail: str, *, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail, self.headers = status, error, detail, headers
+
+
+def bad_request(detail: str) -> ApiError:
+    return ApiError(400, "invalid_parameter", detail)
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` documenting the error shape for these status codes."""
+    return {code: {"model": ErrorBody} for code in codes}
+
+
+def _body(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> ApiJSON:
+    return ApiJSON({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+def _where(loc: Sequence[Any]) -> str:
+    if not loc:
+        return "request"
+    kind, *rest = loc
+    name = ".".join(str(part) for part in rest)
+    if kind == "body":
+        return f"body field {name!r}" if name else "request body"
+    return f"{kind} parameter {name!r}" if name else f"{kind} parameters"
+
+
+def describe_validation(errors: Sequence[dict[str, Any]]) -> str:
+    parts = []
+    for err in errors:
+        text = f"{_where(err.get('loc', ()))}: {err.get('msg', 'invalid')}"
+        if "input" in err and err.get("type") != "missing" and not isinstance(err["input"], dict | list):
+            text += f" (got {str(err['input'])[:80]!r})"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+async def _api_error(request: Request, exc: Exception) -> ApiJSON:
+    assert isinstance(exc, ApiError)
+    return _body(exc.status, exc.error, exc.detail, exc.headers)
+
+
+async def _validation(request: Request, exc: Exception) -> ApiJSON:
+    assert isinstance(exc, RequestValidationError)
+    return _body(422, "invalid_parameter", describe_validation(exc.errors()))
+
+
+async def _http(request: Request, exc: Exception) -> ApiJSON:
+    assert isinstance(exc, StarletteHTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    detail = str(exc.detail)
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = f"no endpoint at {request.url.path}; see /docs for the API"
+    return _body(exc.status_code, codes.get(exc.status_code, "http_error"), detail, exc.headers)
+
+
+async def _data_error(request: Request, exc: Exception) -> ApiJSON:
+    """SQLSTATE class 22 (data exception): a value the database cannot take, e.g. a time out of its range."""
+    assert isinstance(exc, psycopg.Error)
+    diag = getattr(exc, "diag", None)
+    message = (diag.message_primary if diag is not None else None) or str(exc)
+    return _body(400, "invalid_value", f"the database rejected a parameter value: {message}")
+
+
+async def _database_error(request: Request, exc: Exception) -> ApiJSON:
+    assert isinstance(exc, psycopg.Error | psycopg_pool.PoolTimeout)
+    if isinstance(exc, psycopg.Error) and exc.sqlstate and exc.sqlstate.startswith("22"):
+        return await _data_error(request, exc)
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        return _body(
+            503, "query_timeout", "the query ran longer than the server allows; narrow the time range"
+        )
+    log.warning("database error on %s: %s", request.url.path, exc)
+    return _body(503, "database_unavailable", "the database is not available right now; retry later")
+
+
+async def _unicode(request: Request, exc: Exception) -> ApiJSON:
+    return _body(400, "invalid_value", f"a text value is not valid Unicode: {exc}")
+
+
+async def _unexpected(request: Request, exc: Exception) -> ApiJSON:
+    log.exception("unexpected error on %s", request.url.path, exc_info=exc)
+    return _body(500, "internal_error", "the server failed to answer this request")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(psycopg.DataError, _data_error)
+    app.add_exception_handler(psycopg.Error, _database_error)
+    app.add_exception_handler(psycopg_pool.PoolTimeout, _database_error)
+    app.add_exception_handler(UnicodeError, _unicode)
+    app.add_exception_handler(Exception, _unexpected)

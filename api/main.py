@@ -1,0 +1,95 @@
+"""Runs the API under uvicorn as a long-running service (`aima-metrics api`): structured logs, the
+service's own metrics, HTTPS when AIMA_API_TLS_CERT and AIMA_API_TLS_KEY are set (P2), and a clean stop
+on SIGTERM or SIGINT: open alert streams end, requests in flight finish (up to ``GRACE_S``), the
+connection pool closes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Generator
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from api.app import create_app
+from api.config import ApiConfig
+from api.deps import ApiState
+from bus.runtime import Service
+from bus.settings import Settings
+
+__all__ = ["ApiServer", "run"]
+
+log = logging.getLogger(__name__)
+GRACE_S = 10.0
+
+
+class ApiServer(uvicorn.Server):
+    """A uvicorn server that stops when ``stop`` is set (signals are the caller's: :class:`Service`
+    turns them into that event) and ends the app's event streams before it waits for open connections,
+    which streams would otherwise hold forever."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, stop: threading.Event | None = None) -> None:
+        super().__init__(config)
+        self.api: ApiState = app.state.api
+        self.stop = stop or threading.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.stop.is_set():
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.api.stopping.set()
+        await super().shutdown(sockets)
+
+
+def server(
+    app: FastAPI, config: ApiConfig, stop: threading.Event | None = None, **uvicorn_options: Any
+) -> ApiServer:
+    """An :class:`ApiServer` for ``app`` on ``config.host``:``config.port``, with TLS when configured."""
+    options: dict[str, Any] = {
+        "host": config.host,
+        "port": config.port,
+        "log_config": None,
+        "access_log": False,
+        "lifespan": "on",
+        "timeout_graceful_shutdown": GRACE_S,
+        "server_header": False,
+    }
+    if config.tls:
+        options.update(ssl_certfile=str(config.tls_cert), ssl_keyfile=str(config.tls_key))
+    options.update(uvicorn_options)
+    return ApiServer(uvicorn.Config(app, **options), app, stop)
+
+
+def run(
+    settings: Settings,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    service: Service | None = None,
+    log_level: str = "INFO",
+) -> None:
+    """Serve until SIGTERM/SIGINT. ``host``/``port`` default to AIMA_API_HOST/AIMA_API_PORT (127.0.0.1:8000).
+    ``service``: the process's :class:`Service` (one named ``api`` is started when None); the API's request
+    metrics go to its registry, so its metrics port shows them too."""
+    config = ApiConfig.from_env()
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    if overrides:
+        config = ApiConfig(**{**config.__dict__, **overrides})
+    if service is None:
+        service = Service("api", settings)
+        service.start(log_level)
+    app = create_app(settings, config=config, registry=service.registry)
+    scheme = "https" if config.tls else "http"
+    log.info("serving the API", extra={"url": f"{scheme}://{config.host}:{config.port}", "docs": "/docs"})
+    server(app, config, service.stopping).run()
+    service.stopped()

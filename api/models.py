@@ -1,0 +1,136 @@
+"""The shapes of the API's answers and request bodies, for the OpenAPI document. Routes build large answers
+as plain dicts (a 100,000-sample answer is not validated field by field); these models describe them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+__all__ = [
+    "AggregatedResponse",
+    "AlertsResponse",
+    "BudgetsResponse",
+    "CatalogueResponse",
+    "CostsResponse",
+    "RawResponse",
+    "SilenceIn",
+    "SilenceOut",
+    "SilencesResponse",
+]
+
+
+class MetricInfo(BaseModel):
+    name: str
+    unit: str
+    type: str
+    interval: str
+    labels: list[str]
+    description: str
+    requirement: str
+    source: str
+    readable: bool = Field(description="whether the calling token may read this metric")
+
+
+class CatalogueResponse(BaseModel):
+    metrics: list[MetricInfo]
+
+
+class Sample(BaseModel):
+    time: datetime
+    value: float | None
+    labels: dict[str, str]
+
+
+class RawResponse(BaseModel):
+    metric: str
+    unit: str
+    start_time: datetime
+    end_time: datetime
+    labels: dict[str, str]
+    limit: int
+    truncated: bool = Field(description="more samples matched than `limit` let through")
+    samples: list[Sample]
+
+
+class Bucket(BaseModel):
+    bucket_start: datetime
+    bucket_end: datetime
+    labels: dict[str, str]
+    min: float | None
+    max: float | None
+    avg: float | None
+    p95: float | None
+    count: int
+    final: bool | None = Field(None, description="rollups only: whether the bucket is complete")
+
+
+class AggregatedResponse(BaseModel):
+    metric: str
+    unit: str
+    interval: str
+    source: str = Field(
+        description="`rollups` (hour, day, month, year tiers) or `raw` (computed from samples)"
+    )
+    start_time: datetime
+    end_time: datetime
+    labels: dict[str, str]
+    limit: int
+    truncated: bool
+    buckets: list[Bucket]
+
+
+class CostsResponse(BaseModel):
+    group_by: str
+    period: str
+    source: str = Field(description="`gpu_hours` (hourly estimates) or `job_cost` (per finished job)")
+    start_time: datetime
+    end_time: datetime
+    truncated: bool
+    rows: list[dict[str, Any]]
+
+
+class BudgetsResponse(BaseModel):
+    truncated: bool
+    budgets: list[dict[str, Any]]
+
+
+class AlertsResponse(BaseModel):
+    state: str
+    truncated: bool
+    alerts: list[dict[str, Any]]
+
+
+class MatcherIn(BaseModel):
+    name: str = Field(max_length=200)
+    op: str = Field("=", max_length=2, description="=, !=, =~ or !~ (regular expressions are anchored)")
+    value: str = Field(max_length=1024)
+
+
+class SilenceIn(BaseModel):
+    matchers: list[MatcherIn | str] = Field(
+        min_length=1,
+        max_length=50,
+        description='{"name", "op", "value"} objects or texts like host=~"gpu-.*"',
+    )
+    starts_at: datetime | None = Field(None, description="default now")
+    ends_at: datetime | None = Field(None, description="give ends_at or duration")
+    duration: str | None = Field(None, max_length=20, description="e.g. 2h, 1d")
+    comment: str = Field("", max_length=2000)
+
+
+class SilenceOut(BaseModel):
+    id: str
+    matchers: list[dict[str, str]]
+    starts_at: datetime
+    ends_at: datetime
+    created_by: str
+    comment: str
+    created_at: datetime
+    state: str
+
+
+class SilencesResponse(BaseModel):
+    truncated: bool
+    silences: list[SilenceOut]

@@ -1,0 +1,462 @@
+"""Every query of the API's read side and of silences, in one place. User input only ever travels as a
+query parameter; identifiers (view and label column names) come from the metric catalogue.
+
+Data lives where the migrations put it (consumers/migrations): raw samples are read through the metric
+views (one per catalogue metric: ``time``, ``value``, one text column per label), rollups from ``rollups``,
+costs from ``costs`` and the ``budgets`` view, alerts from ``alert_history``, silences from ``silences``.
+Rows come back as plain dicts ready for JSON: times in ISO 8601, non-finite numbers as null."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from bus.catalogue import Metric
+
+__all__ = [
+    "Page",
+    "aggregate_raw",
+    "aggregate_rollups",
+    "alert_history",
+    "budgets",
+    "costs",
+    "create_silence",
+    "current_alerts",
+    "expire_silence",
+    "get_silence",
+    "list_silences",
+    "raw_samples",
+]
+
+Conn = psycopg.Connection[Any]
+Projects = Sequence[str] | None
+"""The projects a restricted token may see; None: unrestricted."""
+BIN_ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)
+"""Buckets computed from raw samples are aligned to multiples of the interval since this moment."""
+# The jobs of some projects, for metrics labelled with a job but not its project (its one parameter, the
+# projects, is passed three times).
+_JOBS_OF_PROJECTS = sql.SQL(
+    """(SELECT job_id FROM job_timings WHERE project = ANY(%s)
+        UNION SELECT job_id FROM job_events WHERE project = ANY(%s)
+        UNION SELECT job_id FROM costs WHERE kind = 'job_cost' AND project = ANY(%s))"""
+)
+
+
+@dataclass(frozen=True)
+class Page:
+    rows: list[dict[str, Any]]
+    truncated: bool
+    """More rows matched than the limit let through."""
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value
+
+
+def _row(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: _json(value) for key, value in row.items()}
+
+
+def _page(cur: psycopg.Cursor[Any], query: sql.Composable, params: Sequence[Any], limit: int) -> Page:
+    cur.execute(query, [*params, limit + 1])
+    rows = cur.fetchall()
+    return Page([_row(r) for r in rows[:limit]], len(rows) > limit)
+
+
+# -- metrics --------------------------------------------------------------------------------------------
+
+
+def _columns(*first: str, metric: Metric) -> sql.Composable:
+    """``first, ..., <every label column of the metric>``."""
+    return sql.SQL(", ").join(sql.Identifier(name) for name in (*first, *metric.labels))
+
+
+def _view_filters(
+    metric: Metric, start: datetime, end: datetime, labels: Mapping[str, str], projects: Projects
+) -> tuple[sql.Composable, list[Any]]:
+    conditions: list[sql.Composable] = [sql.SQL("time >= %s"), sql.SQL("time < %s")]
+    params: list[Any] = [start, end]
+    for name, value in labels.items():
+        if value == "":
+            conditions.append(sql.SQL("{} IS NULL").format(sql.Identifier(name)))
+        else:
+            conditions.append(sql.SQL("{} = %s").format(sql.Identifier(name)))
+            params.append(value)
+    if projects is not None:
+        if "project" in metric.labels:
+            conditions.append(sql.SQL("project = ANY(%s)"))
+            params.append(list(projects))
+        elif "job_id" in metric.labels:
+            conditions.append(sql.SQL("job_id IN ") + _JOBS_OF_PROJECTS)
+            params += [list(projects)] * 3
+    return sql.SQL(" AND ").join(conditions), params
+
+
+def raw_samples(
+    conn: Conn,
+    metric: Metric,
+    start: datetime,
+    end: datetime,
+    labels: Mapping[str, str],
+    limit: int,
+    projects: Projects = None,
+) -> Page:
+    """Samples in [start, end) in time order: {"time", "value", "labels"}."""
+    where, params = _view_filters(metric, start, end, labels, projects)
+    query = sql.SQL("SELECT {cols} FROM {view} WHERE {where} ORDER BY {order} LIMIT %s").format(
+        cols=_columns("time", "value", metric=metric),
+        view=sql.Identifier(metric.name),
+        where=where,
+        order=_columns("time", metric=metric),
+    )
+    with conn.cursor(row_factory=dict_row) as cur:
+        page = _page(cur, query, params, limit)
+    return Page([_sample(row, metric) for row in page.rows], page.truncated)
+
+
+def _sample(row: dict[str, Any], metric: Metric) -> dict[str, Any]:
+    labels = {name: row.pop(name) for name in metric.labels}
+    row["labels"] = {k: v for k, v in labels.items() if v is not None}
+    return row
+
+
+def aggregate_raw(
+    conn: Conn,
+    metric: Metric,
+    start: datetime,
+    end: datetime,
+    labels: Mapping[str, str],
+    step: timedelta,
+    limit: int,
+    projects: Projects = None,
+) -> Page:
+    """Buckets of ``step`` (aligned to :data:`BIN_ORIGIN`) per series, from the raw samples in [start,
+    end): min, max, avg, p95 (continuous percentile) and count."""
+    where, params = _view_filters(metric, start, end, labels, projects)
+    series = _columns("bucket_start", metric=metric)
+    query = sql.SQL(
+        """SELECT date_bin(%s, time, %s) AS bucket_start, {labels}
+                  min(value) AS min, max(value) AS max, avg(value) AS avg,
+                  percentile_cont(0.95) WITHIN GROUP (ORDER BY value) AS p95, count(*) AS count
+             FROM {view} WHERE {where}
+            GROUP BY {series} ORDER BY {series} LIMIT %s"""
+    ).format(
+        labels=sql.SQL("").join(sql.Identifier(n) + sql.SQL(", ") for n in metric.labels),
+        view=sql.Identifier(metric.name),
+        where=where,
+        series=series,
+    )
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(query, [step, BIN_ORIGIN, *params, limit + 1])
+        rows = cur.fetchall()
+    buckets = []
+    for row in rows[:limit]:
+        labels_of = {name: row.pop(name) for name in metric.labels}
+        row["bucket_end"] = row["bucket_start"] + step
+        row["labels"] = {k: v for k, v in labels_of.items() if v is not None}
+        buckets.append(_row(row))
+    return Page(buckets, len(rows) > limit)
+
+
+def aggregate_rollups(
+    conn: Conn,
+    metric: Metric,
+    tier: str,
+    start: datetime,
+    end: datetime,
+    labels: Mapping[str, str],
+    limit: int,
+    projects: Projects = None,
+) -> Page:
+    """The stored rollup buckets of one tier that overlap [start, end), per series."""
+    conditions: list[sql.Composable] = [
+        sql.SQL("metric = %s"),
+        sql.SQL("tier = %s"),
+        sql.SQL("bucket_end > %s"),
+        sql.SQL("bucket_start < %s"),
+    ]
+    params: list[Any] = [metric.name, tier, start, end]
+    for name, value in labels.items():
+        if value == "":
+            conditions.append(sql.SQL("labels ->> %s IS NULL"))
+            params.append(name)
+        else:
+            conditions.append(sql.SQL("labels ->> %s = %s"))
+            params += [name, value]
+    if projects is not None:
+        if "project" in metric.labels:
+            conditions.append(sql.SQL("labels ->> 'project' = ANY(%s)"))
+            params.append(list(projects))
+        elif "job_id" in metric.labels:
+            conditions.append(sql.SQL("labels ->> 'job_id' IN ") + _JOBS_OF_PROJECTS)
+            params += [list(projects)] * 3
+    query = sql.SQL(
+        """SELECT bucket_start, bucket_end, labels, min, max, avg, p95, count, final
+             FROM rollups WHERE {where} ORDER BY bucket_start, series LIMIT %s"""
+    ).format(where=sql.SQL(" AND ").join(conditions))
+    with conn.cursor(row_factory=dict_row) as cur:
+        return _page(cur, query, params, limit)
+
+
+# -- costs and budgets ----------------------------------------------------------------------------------
+
+CostGroup = Literal["project", "user", "service", "provider", "gpu_model", "pricing", "job"]
+Period = Literal["hour", "day", "week", "month", "year", "total"]
+_GPU_HOUR_GROUPS = {"project", "provider", "gpu_model", "pricing"}
+_JOB_GROUPS = {"user": "j.user_pseudonym", "service": "j.service", "job": "NULLIF(c.job_id, '')"}
+
+
+def costs(
+    conn: Conn,
+    group_by: CostGroup,
+    period: Period,
+    start: datetime,
+    end: datetime,
+    limit: int,
+    *,
+    project: str | None = None,
+    projects: Projects = None,
+) -> tuple[str, Page]:
+    """Cost per ``group_by`` and period. Project, provider, GPU model and pricing come from the hourly
+    GPU-hour figures (estimated cost and GPU hours); user, service and job from the per-job costs, joined
+    to the job's events for its user (pseudonymised) and service. Returns (the kind of cost figure used,
+    the rows)."""
+    bucket = (
+        sql.SQL("NULL::timestamptz")
+        if period == "total"
+        else sql.SQL("date_trunc({}, c.time, 'UTC')").format(sql.Literal(period))
+    )
+    conditions: list[sql.Composable] = [sql.SQL("c.time >= %s"), sql.SQL("c.time < %s")]
+    params: list[Any] = [start, end]
+    if project is not None:
+        conditions.append(sql.SQL("c.project = %s"))
+        params.append(project)
+    if projects is not None:
+        conditions.append(sql.SQL("c.project = ANY(%s)"))
+        params.append(list(projects))
+    where = sql.SQL(" AND ").join(conditions)
+    if group_by in _GPU_HOUR_GROUPS:
+        kind = "gpu_hours"
+        query = sql.SQL(
+            """SELECT {bucket} AS period_start, NULLIF(c.{g}, '') AS {g},
+                      sum(c.cost_estimated_eur) AS cost_eur, sum(c.gpu_hours) AS gpu_hours,
+                      min(c.currency) AS currency
+                 FROM costs c WHERE c.kind = 'gpu_hours' AND {where}
+                GROUP BY 1, 2 ORDER BY 1, 2 LIMIT %s"""
+        ).format(bucket=bucket, g=sql.Identifier(group_by), where=where)
+    else:
+        kind = "job_cost"
+        query = sql.SQL(
+            """SELECT {bucket} AS period_start, {key} AS {g},
+                      sum(c.job_cost_eur) AS cost_eur, count(*) AS jobs, min(c.currency) AS currency
+                 FROM costs c
+                 LEFT JOIN LATERAL (
+                      SELECT e.user_pseudonym, e.service FROM job_events e
+                       WHERE e.job_id = c.job_id AND (e.user_pseudonym IS NOT NULL OR e.service IS NOT NULL)
+                       ORDER BY e.time LIMIT 1) j ON true
+                WHERE c.kind = 'job_cost' AND {where}
+                GROUP BY 1, 2 ORDER BY 1, 2 LIMIT %s"""
+        ).format(bucket=bucket, key=sql.SQL(_JOB_GROUPS[group_by]), g=sql.Identifier(group_by), where=where)
+    with conn.cursor(row_factory=dict_row) as cur:
+        page = _page(cur, query, params, limit)
+    if period == "total":
+        for row in page.rows:
+            row["period_start"] = start.isoformat()
+    return kind, page
+
+
+def budgets(
+    conn: Conn,
+    start: datetime | None,
+    end: datetime | None,
+    limit: int,
+    *,
+    project: str | None = None,
+    budget: str | None = None,
+    projects: Projects = None,
+) -> Page:
+    """The latest figure of every project budget, or (given a range) every period overlapping it."""
+    conditions: list[sql.Composable] = [sql.SQL("TRUE")]
+    params: list[Any] = []
+    if project is not None:
+        conditions.append(sql.SQL("project = %s"))
+        params.append(project)
+    if budget is not None:
+        conditions.append(sql.SQL("budget = %s"))
+        params.append(budget)
+    if projects is not None:
+        conditions.append(sql.SQL("project = ANY(%s)"))
+        params.append(list(projects))
+    columns = sql.SQL(
+        "period_start, period_end, project, budget, budget_eur, spent_eur, budget_utilization_percent, "
+        "forecast_eur, currency, updated_at"
+    )
+    if start is None or end is None:
+        query = sql.SQL(
+            """SELECT DISTINCT ON (project, budget) {cols} FROM budgets WHERE {where}
+                ORDER BY project, budget, period_start DESC, updated_at DESC LIMIT %s"""
+        )
+    else:
+        conditions += [sql.SQL("period_end > %s"), sql.SQL("period_start < %s")]
+        params += [start, end]
+        query = sql.SQL(
+            "SELECT {cols} FROM budgets WHERE {where} ORDER BY period_start, project, budget LIMIT %s"
+        )
+    query = query.format(cols=columns, where=sql.SQL(" AND ").join(conditions))
+    with conn.cursor(row_factory=dict_row) as cur:
+        return _page(cur, query, params, limit)
+
+
+# -- alerts ---------------------------------------------------------------------------------------------
+
+_ALERT_COLUMNS = sql.SQL(
+    "fingerprint, rule, status, severity, starts_at, ends_at, event_time, value, labels, annotations, "
+    "channels, source, received_at"
+)
+
+
+def _alert_filters(
+    severity: str | None, rule: str | None, labels: Mapping[str, str]
+) -> tuple[list[sql.Composable], list[Any]]:
+    conditions: list[sql.Composable] = []
+    params: list[Any] = []
+    if severity is not None:
+        conditions.append(sql.SQL("severity = %s"))
+        params.append(severity)
+    if rule is not None:
+        conditions.append(sql.SQL("rule = %s"))
+        params.append(rule)
+    present = {k: v for k, v in labels.items() if v != ""}
+    if present:
+        conditions.append(sql.SQL("labels @> %s"))
+        params.append(Jsonb(present))
+    for name in (k for k, v in labels.items() if v == ""):
+        conditions.append(sql.SQL("labels ->> %s IS NULL"))
+        params.append(name)
+    return conditions, params
+
+
+def current_alerts(
+    conn: Conn, limit: int, *, severity: str | None = None, rule: str | None = None, labels: Mapping[str, str]
+) -> Page:
+    """Alerts whose latest state change is ``firing`` (no later ``resolved``), newest first."""
+    conditions, params = _alert_filters(severity, rule, labels)
+    query = sql.SQL(
+        """SELECT {cols} FROM (
+               SELECT DISTINCT ON (fingerprint) {cols} FROM alert_history
+                ORDER BY fingerprint, event_time DESC, (status = 'resolved') DESC) latest
+            WHERE {where} ORDER BY starts_at DESC, fingerprint LIMIT %s"""
+    ).format(cols=_ALERT_COLUMNS, where=sql.SQL(" AND ").join([sql.SQL("status = 'firing'"), *conditions]))
+    with conn.cursor(row_factory=dict_row) as cur:
+        return _page(cur, query, params, limit)
+
+
+def alert_history(
+    conn: Conn,
+    start: datetime,
+    end: datetime,
+    limit: int,
+    *,
+    severity: str | None = None,
+    rule: str | None = None,
+    labels: Mapping[str, str],
+) -> Page:
+    """Every alert state change with its event time in [start, end), newest first."""
+    conditions, params = _alert_filters(severity, rule, labels)
+    query = sql.SQL(
+        "SELECT {cols} FROM alert_history WHERE {where} ORDER BY event_time DESC, fingerprint LIMIT %s"
+    ).format(
+        cols=_ALERT_COLUMNS,
+        where=sql.SQL(" AND ").join([sql.SQL("event_time >= %s"), sql.SQL("event_time < %s"), *conditions]),
+    )
+    with conn.cursor(row_factory=dict_row) as cur:
+        return _page(cur, query, [start, end, *params], limit)
+
+
+# -- silences (the notifier reads them: consumers/notify/silences.py) ------------------------------------
+
+SilenceState = Literal["pending", "active", "expired"]
+_SILENCE_COLUMNS = sql.SQL("id, matchers, starts_at, ends_at, created_by, comment, created_at")
+
+
+def _silence(row: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    out = _row(row)
+    matchers = row["matchers"]
+    out["matchers"] = json.loads(matchers) if isinstance(matchers, str) else matchers
+    start, end = row["starts_at"], row["ends_at"]
+    out["state"] = "pending" if now < start else "active" if now < end else "expired"
+    return out
+
+
+def create_silence(
+    conn: Conn,
+    matchers: Sequence[Mapping[str, str]],
+    starts_at: datetime,
+    ends_at: datetime,
+    created_by: str,
+    comment: str,
+) -> dict[str, Any]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            sql.SQL(
+                """INSERT INTO silences (matchers, starts_at, ends_at, created_by, comment)
+                   VALUES (%s, %s, %s, %s, %s) RETURNING {cols}"""
+            ).format(cols=_SILENCE_COLUMNS),
+            (Jsonb(list(matchers)), starts_at, ends_at, created_by, comment),
+        )
+        row = cur.fetchone()
+    assert row is not None
+    return _silence(row, datetime.now(UTC))
+
+
+def list_silences(conn: Conn, state: SilenceState | None, limit: int) -> Page:
+    now = datetime.now(UTC)
+    where, params = {
+        None: ("TRUE", []),
+        "pending": ("starts_at > %s", [now]),
+        "active": ("starts_at <= %s AND ends_at > %s", [now, now]),
+        "expired": ("ends_at <= %s", [now]),
+    }[state]
+    query = sql.SQL("SELECT {cols} FROM silences WHERE {where} ORDER BY created_at DESC, id LIMIT %s").format(
+        cols=_SILENCE_COLUMNS, where=sql.SQL(where)
+    )
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(query, [*params, limit + 1])
+        rows = cur.fetchall()
+    return Page([_silence(r, now) for r in rows[:limit]], len(rows) > limit)
+
+
+def get_silence(conn: Conn, silence_id: uuid.UUID) -> dict[str, Any] | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            sql.SQL("SELECT {cols} FROM silences WHERE id = %s").format(cols=_SILENCE_COLUMNS), [silence_id]
+        )
+        row = cur.fetchone()
+    return _silence(row, datetime.now(UTC)) if row else None
+
+
+def expire_silence(conn: Conn, silence_id: uuid.UUID) -> bool:
+    """Ends a pending or active silence now, as the notifier's delete does (the record stays)."""
+    now = datetime.now(UTC)
+    cur = conn.execute(
+        """UPDATE silences SET ends_at = %s, starts_at = LEAST(starts_at, %s)
+            WHERE id = %s AND ends_at > %s""",
+        (now, now, silence_id, now),
+    )
+    return cur.rowcount > 0

@@ -1,0 +1,444 @@
+"""The notifier process (``aima-metrics notify``): alerts topic -> routes -> groups -> channels.
+
+One loop on the calling thread reads AlertEvents, folds them into aggregation groups (:mod:`grouping`) and
+hands due notifications, less silenced alerts, to a pool of delivery threads (:mod:`delivery`), one task per
+receiver channel. Commit order, so that delivery is at least once:
+
+1. a record is read; its offset is owed by every group it joined;
+2. a group's notification settles when every channel has delivered it, dead-lettered it (acknowledged by the
+   broker) or found it settled before (notification log); only then are the offsets it carried released;
+3. the consumer commits, per partition, up to the lowest offset still owed.
+
+A notifier that stops (or crashes) before step 2 leaves the offsets uncommitted; the next one in the group
+reads the records again and the notification log keeps already delivered channels from sending twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import psycopg
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from prometheus_client import CollectorRegistry
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from bus.codec import Codec
+from bus.errors import DecodeError
+from bus.kafka import client_config
+from bus.runtime import Service
+from bus.settings import Settings
+from bus.topics import topic_name
+from consumers.notify import channels as channel_factory
+from consumers.notify.config import PUSH_CHANNELS, NotifyConfig, load_from_env
+from consumers.notify.delivery import (
+    DeadLetters,
+    Deliverer,
+    NotificationLog,
+    NotifierMetrics,
+    Outcome,
+    Result,
+)
+from consumers.notify.grouping import Flush, Grouper, OffsetTracker
+from consumers.notify.model import Alert, Notification, Origin
+from consumers.notify.silences import Silence, active_silences, silenced_by
+
+__all__ = ["Notifier", "run"]
+
+log = logging.getLogger(__name__)
+ALERT_RECORD = "aima.metrics.AlertEvent"
+
+
+def run(
+    settings: Settings,
+    *,
+    service: Service | None = None,
+    config: NotifyConfig | None = None,
+    schema: str | None = None,
+    group_id: str = "aima-notify",
+) -> None:
+    """Run until ``service.stopping`` is set (SIGTERM/SIGINT when this call makes and starts the service,
+    which it then must do on the main thread). ``config``: default from ``AIMA_NOTIFY_CONFIG``. ``schema``:
+    the database schema of the silences and notification log (default: the search_path's)."""
+    if service is None:
+        service = Service("notify", settings)
+        service.start()
+    if config is None:
+        config = load_from_env()
+    if not config.receivers or all(not r.channels for r in config.receivers.values()):
+        log.warning("no notification channels configured (AIMA_NOTIFY_CONFIG); alerts are only counted")
+    notifier = Notifier(
+        settings, service.stopping, config, registry=service.registry, schema=schema, group_id=group_id
+    )
+    try:
+        notifier.run()
+    finally:
+        service.stopped()
+
+
+@dataclass
+class _Job:
+    """One flush on its way to every channel of its receiver."""
+
+    flush: Flush
+    alerts: tuple[Alert, ...]
+    expected: int
+    results: list[Result] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Notifier:
+    def __init__(
+        self,
+        settings: Settings,
+        stop: threading.Event,
+        config: NotifyConfig,
+        *,
+        registry: CollectorRegistry | None = None,
+        schema: str | None = None,
+        group_id: str = "aima-notify",
+        clock: Callable[[], float] = time.monotonic,
+        max_pending: int = 10_000,
+        commit_interval_s: float = 0.5,
+    ) -> None:
+        dsn = settings.database_dsn()  # fails first, with a clear message, when no database is configured
+        self.settings = settings
+        self.stop = stop
+        self.config = config
+        self.clock = clock
+        self.max_pending = max_pending
+        self.commit_interval_s = commit_interval_s
+        self.topic = topic_name(settings, "alerts")
+        self.metrics = NotifierMetrics(registry if registry is not None else CollectorRegistry())
+        self.codec = Codec.from_settings(settings)
+        self.grouper = Grouper(config.route)
+        self.tracker = OffsetTracker()
+        self.completions: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._silences: list[Silence] = []
+        self._paused = False
+        self._last_commit = 0.0
+
+        self.http = httpx.Client(
+            limits=httpx.Limits(max_connections=config.workers * 2, max_keepalive_connections=config.workers),
+            follow_redirects=False,
+        )
+        try:
+            self.channels = {
+                (receiver.name, channel.id): channel_factory.build(channel, self.http)
+                for receiver in config.receivers.values()
+                for channel in receiver.channels
+            }
+        except Exception:
+            self.http.close()
+            raise
+        self.pool = ConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=max(2, config.workers // 2 + 1),
+            kwargs={"autocommit": True},
+            configure=_search_path(schema),
+            timeout=5.0,
+            open=False,
+            name="aima-notify",
+        )
+        self.pool.open(wait=False)
+        self.producer = Producer(
+            client_config(
+                settings,
+                **{
+                    "enable.idempotence": True,
+                    "acks": "all",
+                    "linger.ms": 5,
+                    "client.id": f"{group_id}-deadletter",
+                },
+            )
+        )
+        self.dead_letters = DeadLetters(self.producer, self.codec, topic_name(settings, "deadletter"))
+        self.deliverer = Deliverer(
+            dead_letters=self.dead_letters,
+            origin_topic=self.topic,
+            metrics=self.metrics,
+            stop=stop,
+            log_store=NotificationLog(self.pool),
+        )
+        self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="notify")
+        self.consumer = Consumer(
+            client_config(
+                settings,
+                **{
+                    "group.id": group_id,
+                    "client.id": group_id,
+                    "enable.auto.commit": False,
+                    "auto.offset.reset": "earliest",
+                    "session.timeout.ms": 10_000,
+                },
+            )
+        )
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        log.info(
+            "notifier started",
+            extra={
+                "topic": self.topic,
+                "config": self.config.source,
+                "receivers": sorted(self.config.receivers),
+            },
+        )
+        try:
+            while not self.stop.is_set():
+                self.step()
+        finally:
+            self._shutdown()
+
+    def step(self) -> None:
+        """One round: read what is there (waiting at most until the next group is due), fold it in, send
+        what is due, settle what was delivered, commit."""
+        now = self.clock()
+        deadline = self.grouper.next_deadline()
+        timeout = 0.1 if deadline is None else min(0.1, max(0.0, deadline - now))
+        first = self.consumer.poll(timeout)
+        if first is not None:
+            batch = [first, *self.consumer.consume(num_messages=499, timeout=0)]
+            for index, message in enumerate(batch):
+                if self.stop.is_set() or not self._ingest(message):
+                    self._rewind(batch[index:])
+                    break
+        now = self.clock()
+        self._dispatch_due(now)
+        self._settle_completed(now)
+        if now - self._last_commit >= self.commit_interval_s:
+            self._commit()
+            self._last_commit = now
+        self._backpressure()
+
+    def _ingest(self, message: Message) -> bool:
+        """Fold one record in; False when the loop must stop reading (stopping mid dead-letter)."""
+        error = message.error()
+        if error is not None:
+            if error.code() == KafkaError._PARTITION_EOF:
+                return True
+            if error.fatal():
+                raise KafkaException(error)
+            log.warning("consumer error: %s", error)
+            return True
+        origin = Origin(message.topic(), message.partition(), message.offset())
+        try:
+            name, value = self.codec.decode(message.value())
+            if name != ALERT_RECORD:
+                raise _WrongRecord(f"expected {ALERT_RECORD}, got {name}")
+            alert = Alert.from_event(value)
+        except (DecodeError, _WrongRecord) as exc:
+            if isinstance(exc, DecodeError) and exc.transient:
+                # The schema registry is away: read it again later rather than dead-letter a good record.
+                log.warning("cannot decode yet, waiting: %s", exc)
+                self.stop.wait(1.0)
+                return False
+            return self._dead_letter_record(message, origin, exc)
+        self.metrics.received.labels(alert.status).inc()
+        refs = self.grouper.add(alert, origin, self.clock())
+        self.tracker.add(origin, refs)
+        return True
+
+    def _rewind(self, unread: list[Message]) -> None:
+        """Records fetched but not folded in are read again: seek each partition back to the first."""
+        first: dict[tuple[str, int], int] = {}
+        for message in unread:
+            if message.error() is None:
+                key = (message.topic(), message.partition())
+                first[key] = min(first.get(key, message.offset()), message.offset())
+        for (topic, partition), offset in first.items():
+            try:
+                self.consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:  # not assigned any more: its new owner reads it
+                log.info("cannot rewind %s[%d]: %s", topic, partition, exc)
+
+    def _dead_letter_record(self, message: Message, origin: Origin, exc: Exception) -> bool:
+        error_type = type(exc).__name__.lstrip("_")
+        while True:
+            try:
+                self.dead_letters.publish(
+                    origin_topic=origin.topic,
+                    origin=origin,
+                    key=message.key(),
+                    value=message.value(),
+                    reason=f"not an alert record: {exc}",
+                    error_type=error_type,
+                )
+                break
+            except (RuntimeError, ValueError) as publish_error:
+                log.error("cannot publish a dead letter; trying again: %s", publish_error)
+                if self.stop.wait(2.0):
+                    return False
+        self.metrics.dead_letters.labels("decode", error_type).inc()
+        self.tracker.add(origin, 0)
+        return True
+
+    def _dispatch_due(self, now: float) -> None:
+        flushes, released = self.grouper.due(now)
+        for origin in released:
+            self.tracker.release(origin)
+        if not flushes:
+            return
+        silences = self._active_silences()
+        for flush in flushes:
+            self._dispatch(flush, silences, now)
+
+    def _dispatch(self, flush: Flush, silences: list[Silence], now: float) -> None:
+        wall = datetime.now(UTC)
+        alerts = tuple(a for a in flush.alerts if silenced_by(silences, a.match_labels, wall) is None)
+        if len(alerts) < len(flush.alerts):
+            self.metrics.silenced.inc(len(flush.alerts) - len(alerts))
+        receiver = self.config.receiver(flush.route.receiver)
+        targets = receiver.channels_for(flush.channels)
+        if not alerts or not targets:
+            if alerts and not set(flush.channels) <= PUSH_CHANNELS:
+                self.metrics.notifications.labels(receiver.name, "none", "unrouted").inc()
+                log.warning(
+                    "no channel of the receiver serves this notification",
+                    extra={
+                        "receiver": receiver.name,
+                        "group_key": flush.group_key,
+                        "requested": list(flush.channels),
+                    },
+                )
+            self._settle(_Job(flush, alerts, expected=0), now)
+            return
+        job = _Job(flush, alerts, expected=len(targets))
+        for target in targets:
+            told = alerts if target.send_resolved else tuple(a for a in alerts if a.firing)
+            if not told:
+                self._target_done(job, None)
+                continue
+            notification = Notification(
+                receiver.name,
+                target.id,
+                flush.group_key,
+                flush.group_labels,
+                told,
+                self.config.external_url,
+                flush.repeat,
+            )
+            future = self.executor.submit(
+                self.deliverer.deliver, notification, self.channels[(receiver.name, target.id)], flush.origins
+            )
+            future.add_done_callback(lambda f, job=job: self._target_done(job, f))
+
+    def _target_done(self, job: _Job, future: Future[Result] | None) -> None:
+        """On a delivery thread (or here for a channel with nothing to send)."""
+        if future is None:
+            result = Result(Outcome.DUPLICATE)
+        elif future.cancelled():
+            result = Result(Outcome.ABORTED)
+        elif future.exception() is not None:
+            log.error("delivery task failed", exc_info=future.exception())
+            result = Result(Outcome.ABORTED)
+        else:
+            result = future.result()
+        with job.lock:
+            job.results.append(result)
+            finished = len(job.results) == job.expected
+        if finished:
+            self.completions.put(job)
+
+    def _settle_completed(self, now: float) -> None:
+        while True:
+            try:
+                job = self.completions.get_nowait()
+            except queue.Empty:
+                return
+            self._settle(job, now)
+
+    def _settle(self, job: _Job, now: float) -> None:
+        completed = all(r.outcome is not Outcome.ABORTED for r in job.results)
+        self.grouper.done(job.flush, now, completed=completed, sent=job.alerts)
+        if completed:
+            for origin in job.flush.origins:
+                self.tracker.release(origin)
+
+    def _active_silences(self) -> list[Silence]:
+        try:
+            with self.pool.connection(timeout=2.0) as conn:
+                self._silences = active_silences(conn)
+        except (psycopg.Error, RuntimeError) as exc:  # the pool raises PoolTimeout (an OperationalError)
+            log.warning("cannot read silences, using the last known %d: %s", len(self._silences), exc)
+        return self._silences
+
+    # -- offsets and partitions --------------------------------------------------------------------------
+
+    def _commit(self) -> None:
+        offsets = [TopicPartition(t, p, o) for t, p, o in self.tracker.committable()]
+        self.metrics.pending.set(self.tracker.pending())
+        self.metrics.groups.set(len(self.grouper))
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            log.warning("commit failed, trying again later: %s", exc)
+            return
+        for tp in offsets:
+            self.tracker.committed(tp.topic, tp.partition, tp.offset)
+
+    def _backpressure(self) -> None:
+        pending = self.tracker.pending()
+        if not self._paused and pending >= self.max_pending:
+            self.consumer.pause(self.consumer.assignment())
+            self._paused = True
+            log.warning("pausing consumption: %d records wait for delivery", pending)
+        elif self._paused and pending < self.max_pending // 2:
+            self.consumer.resume(self.consumer.assignment())
+            self._paused = False
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("partitions assigned", extra={"partitions": [p.partition for p in partitions]})
+        if self._paused:
+            consumer.pause(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._settle_completed(self.clock())
+        self._commit()
+        gone = [(p.topic, p.partition) for p in partitions]
+        self.grouper.drop_partitions(gone)
+        self.tracker.drop(gone)
+        log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
+
+    def _shutdown(self) -> None:
+        log.info("notifier stopping")
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        self._settle_completed(self.clock())
+        try:
+            self._commit()
+        finally:
+            self.consumer.close()
+            self.producer.flush(10)
+            for channel in self.channels.values():
+                channel.close()
+            self.http.close()
+            self.pool.close()
+        log.info("notifier stopped")
+
+
+class _WrongRecord(Exception):
+    """A decodable record that is not an AlertEvent."""
+
+
+def _search_path(schema: str | None) -> Callable[[psycopg.Connection[Any]], None] | None:
+    if schema is None:
+        return None
+
+    def configure(conn: psycopg.Connection[Any]) -> None:
+        conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(schema)))
+
+    return configure

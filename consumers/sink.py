@@ -1,0 +1,541 @@
+"""The database sink: stores every record of the sample, rollup, cost, alert, anomaly and dead-letter topics
+in PostgreSQL/TimescaleDB (D1, D3). Rows per record: ``consumers/tables.py``; the database side:
+``consumers/sink_writer.py``.
+
+Order of work for each batch (bounded by ``batch_max`` records and ``batch_timeout_s`` of age):
+  1. each record is decoded and turned into rows as it arrives; a record that cannot be decoded, or is
+     not the record its topic carries, becomes a dead letter: a dead_letters row in the batch, and a
+     record on the dead-letter topic;
+  2. the batch goes to the writer thread: one transaction of COPY + upsert per table; the database may
+     reject single records too (bisected out and dead-lettered);
+  3. after the database commit, the dead letters are flushed to Kafka;
+  4. only then are the batch's offsets committed, synchronously.
+One batch is written while the next fills. While the database is away the writer retries the same batch
+and the consumer pauses its partitions, polling on so it stays in the group; nothing is committed until
+the batch is stored, so nothing is lost and (by the upserts) nothing is stored twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_INVALID,
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from prometheus_client import CollectorRegistry
+
+from bus.codec import Codec
+from bus.errors import CodecError
+from bus.kafka import client_config
+from bus.runtime import Service
+from bus.settings import Settings
+from bus.topics import BY_KEY, topic_name
+from consumers.sink_metrics import SinkMetrics
+from consumers.sink_writer import Aborted, Entry, Writer, WriteResult, now_ms
+from consumers.tables import BY_NAME, Origin, Table, dead_letter_row, rows_for
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_TOPICS", "Sink", "SinkStats", "run"]
+
+DEFAULT_TOPICS: tuple[str, ...] = (
+    "gpu.samples",
+    "system.samples",
+    "job.timings",
+    "job.events",
+    "queue.samples",
+    "k8s.pods",
+    "rollups",
+    "costs",
+    "alerts",
+    "anomalies",
+    "deadletter",
+)
+"""Catalogue keys of the topics the sink stores."""
+
+_LAG_EVERY_S = 1.0
+_BLOCKED_BEFORE_PAUSE_S = 1.0
+"""A full batch waits this long for a busy (healthy) writer before the partitions are paused; pausing
+discards what librdkafka prefetched, so it is kept for real stalls."""
+_DEAD_LETTER_FLUSH_S = 10.0
+
+
+@dataclass
+class SinkStats:
+    """What one run did, for callers and tests (Prometheus has the same, continuously)."""
+
+    records: int = 0
+    batches: int = 0
+    dead_letters: int = 0
+    staged: dict[str, int] = field(default_factory=dict)
+    stored: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _InFlight:
+    future: Future[WriteResult]
+    offsets: dict[tuple[str, int], int]
+    records: int
+    started: float
+
+
+class Sink:
+    """One consumer in group ``group_id``. :meth:`run` until ``stopping`` is set; it then stores and
+    commits what it holds and closes."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        writer: Writer,
+        metrics: SinkMetrics,
+        *,
+        codec: Codec | None = None,
+        topics: Sequence[str] = DEFAULT_TOPICS,
+        group_id: str = "aima-sink",
+        batch_max: int = 5000,
+        batch_timeout_s: float = 1.0,
+        shutdown_timeout_s: float = 30.0,
+        consumer_config: dict[str, Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if batch_max < 1 or batch_timeout_s <= 0:
+            raise ValueError("batch_max must be >= 1 and batch_timeout_s > 0")
+        self._writer = writer
+        self._metrics = metrics
+        self._codec = codec or Codec.from_settings(settings)
+        self._expected = {topic_name(settings, key): BY_KEY[key].schema for key in topics}
+        self._deadletter_topic = topic_name(settings, "deadletter")
+        self._batch_max = batch_max
+        self._batch_timeout_s = batch_timeout_s
+        self._shutdown_timeout_s = shutdown_timeout_s
+        self._clock = clock
+        config = client_config(
+            settings,
+            **{
+                "group.id": group_id,
+                "client.id": "aima-sink",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "enable.partition.eof": False,
+            },
+        )
+        config.update(consumer_config or {})
+        self._consumer = Consumer(config)
+        self._producer = Producer(
+            client_config(
+                settings,
+                **{"acks": "all", "enable.idempotence": True, "linger.ms": 20, "client.id": "aima-sink-dlq"},
+            )
+        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aima-sink-writer")
+        self._batch: list[Entry] = []
+        self._batch_offsets: dict[tuple[str, int], int] = {}
+        self._batch_started: float | None = None
+        self._full_since: float | None = None
+        self._inflight: _InFlight | None = None
+        self._ready_to_commit: list[_InFlight] = []
+        self._held: deque[Message] = deque()
+        self._held_retry_at = 0.0
+        self._held_delay_s = 0.2
+        self._assigned: set[tuple[str, int]] = set()
+        self._committed: dict[tuple[str, int], int] = {}
+        self._paused = False
+        self._pause_state_unknown = False
+        self._lag_at = 0.0
+        self._closing = False
+        self.stats = SinkStats()
+
+    # -- the loop ----------------------------------------------------------------------------------------
+
+    def run(self, stopping: threading.Event) -> SinkStats:
+        self._consumer.subscribe(
+            list(self._expected), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        log.info("sink consuming", extra={"topics": sorted(self._expected)})
+        try:
+            while not stopping.is_set():
+                self._step()
+            self._drain()
+        finally:
+            self._close()
+        return self.stats
+
+    def _step(self) -> None:
+        self._collect()
+        now = self._clock()
+        if self._inflight is None and self._batch_due(now):
+            self._submit()
+        full = len(self._batch) >= self._batch_max
+        if full and self._full_since is None:
+            self._full_since = now
+        stalled = self._full_since is not None and now - self._full_since >= _BLOCKED_BEFORE_PAUSE_S
+        busy = self._inflight is not None and (self._writer.retrying or stalled)
+        self._set_paused(bool(self._held) or busy)
+        if full and not self._paused and self._inflight is not None:
+            wait([self._inflight.future], timeout=0.05)
+        else:
+            wanted = max(1, self._batch_max - len(self._batch))
+            for message in self._consumer.consume(num_messages=wanted, timeout=self._poll_timeout(now)):
+                self._accept(message)
+            self._retry_held()
+        self._report_lag()
+
+    def _batch_due(self, now: float) -> bool:
+        if not self._batch or self._batch_started is None:
+            return False
+        return len(self._batch) >= self._batch_max or now - self._batch_started >= self._batch_timeout_s
+
+    def _poll_timeout(self, now: float) -> float:
+        if self._inflight is not None or self._paused or self._held:
+            return 0.05
+        if self._batch_started is not None:
+            return max(0.0, min(self._batch_timeout_s - (now - self._batch_started), 0.5))
+        return min(self._batch_timeout_s, 0.5)
+
+    # -- records in --------------------------------------------------------------------------------------
+
+    def _accept(self, message: Message) -> None:
+        error = message.error()
+        if error is not None:
+            if error.fatal():
+                raise KafkaException(error)
+            log.warning("consumer error", extra={"error": str(error)})
+            return
+        if self._held:  # keep order behind a record waiting for the schema registry
+            self._held.append(message)
+            return
+        try:
+            self._add(message)
+        except CodecError as exc:
+            if not exc.transient:
+                raise
+            log.warning("decoding needs the schema registry, holding records", extra={"reason": exc.reason})
+            self._held.append(message)
+            self._held_retry_at = self._clock() + self._held_delay_s
+
+    def _retry_held(self) -> None:
+        while self._held and self._clock() >= self._held_retry_at:
+            try:
+                self._add(self._held[0])
+            except CodecError as exc:
+                if not exc.transient:
+                    raise
+                self._held_delay_s = min(self._held_delay_s * 2, 10.0)
+                self._held_retry_at = self._clock() + self._held_delay_s
+                return
+            self._held.popleft()
+            self._held_delay_s = 0.2
+
+    def _add(self, message: Message) -> None:
+        """Decode one record into the batch; poison becomes a dead letter. Raises only a transient
+        CodecError (the record must wait)."""
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        value = message.value()
+        try:
+            name, record = self._codec.decode(value)
+        except CodecError as exc:
+            if exc.transient:
+                raise
+            rows = self._poison(message, exc.reason, type(exc).__name__)
+        else:
+            expected = self._expected.get(topic)
+            if name != expected:
+                rows = self._poison(message, f"{topic} carries {expected} records, not {name}", "WrongRecord")
+            else:
+                kind, millis = message.timestamp()
+                origin = Origin(topic, partition, offset, None if kind == TIMESTAMP_NOT_AVAILABLE else millis)
+                try:
+                    rows = rows_for(name, record, origin)
+                except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                    rows = self._poison(message, f"{name} does not fit its tables: {exc}", type(exc).__name__)
+        self.stats.records += 1
+        if not self._batch:
+            self._batch_started = self._clock()
+        self._batch.append(Entry(topic, partition, offset, message.key(), value, rows))
+        self._batch_offsets[(topic, partition)] = offset
+
+    def _poison(self, message: Message, reason: str, error_type: str) -> list[tuple[Table, tuple[Any, ...]]]:
+        """The dead letter for a record that cannot be stored: its dead_letters row (stored with the
+        batch) and, now, its record on the dead-letter topic."""
+        letter = {
+            "time": now_ms(),
+            "stage": "sink",
+            "origin_topic": message.topic(),
+            "origin_partition": message.partition(),
+            "origin_offset": message.offset(),
+            "key": message.key(),
+            "value": message.value(),
+            "reason": reason,
+            "error_type": error_type,
+            "source": "sink",
+        }
+        log.warning(
+            "record dead-lettered",
+            extra={
+                "topic": message.topic(),
+                "partition": message.partition(),
+                "offset": message.offset(),
+                "reason": reason,
+            },
+        )
+        self._publish_letter(letter)
+        return [(BY_NAME["dead_letters"], dead_letter_row(letter))]
+
+    def _publish_letter(self, letter: dict[str, Any]) -> None:
+        """The dead letter goes to the dead-letter topic too, unless it came from there (no loops)."""
+        self._metrics.dead_letters.labels(letter["origin_topic"], letter["error_type"]).inc()
+        self.stats.dead_letters += 1
+        if letter["origin_topic"] == self._deadletter_topic:
+            return
+        data = self._codec.encode("DeadLetter", letter, self._deadletter_topic)
+        self._producer.produce(
+            self._deadletter_topic, value=data, key=letter["origin_topic"].encode(), on_delivery=_on_delivery
+        )
+        self._producer.poll(0)
+
+    # -- batches out -------------------------------------------------------------------------------------
+
+    def _submit(self) -> None:
+        entries, offsets = self._batch, self._batch_offsets
+        started = self._batch_started if self._batch_started is not None else self._clock()
+        self._metrics.batch_seconds.labels("fill").observe(self._clock() - started)
+        per_topic: dict[str, int] = {}
+        for entry in entries:
+            per_topic[entry.topic] = per_topic.get(entry.topic, 0) + 1
+        for topic, count in per_topic.items():
+            self._metrics.records.labels(topic).inc(count)
+        self._batch, self._batch_offsets, self._batch_started, self._full_since = [], {}, None, None
+        future = self._executor.submit(self._writer.write, entries)
+        self._inflight = _InFlight(future, offsets, len(entries), started)
+
+    def _collect(self) -> None:
+        """Once the batch in flight is stored: publish its dead letters, flush them, commit its offsets."""
+        inflight = self._inflight
+        if inflight is not None and inflight.future.done():
+            self._inflight = None
+            result = inflight.future.result()  # a fatal database error ends the sink here, uncommitted
+            for letter in result.letters:
+                self._publish_letter(letter)
+            self._account(inflight, result)
+            self._ready_to_commit.append(inflight)
+        if self._ready_to_commit:
+            self._commit()
+
+    def _account(self, inflight: _InFlight, result: WriteResult) -> None:
+        self._metrics.batches.inc()
+        self._metrics.batch_records.observe(inflight.records)
+        self._metrics.batch_seconds.labels("write").observe(result.seconds)
+        for table, count in result.staged.items():
+            stored = result.stored.get(table, 0)
+            self._metrics.rows.labels(table, "stored").inc(stored)
+            self._metrics.rows.labels(table, "skipped").inc(count - stored)
+            self.stats.staged[table] = self.stats.staged.get(table, 0) + count
+            self.stats.stored[table] = self.stats.stored.get(table, 0) + stored
+        self.stats.batches += 1
+
+    def _commit(self) -> None:
+        if len(self._producer) and self._producer.flush(_DEAD_LETTER_FLUSH_S):
+            log.warning(
+                "dead letters not yet delivered; offsets wait", extra={"pending": len(self._producer)}
+            )
+            return
+        started = self._clock()
+        offsets: dict[tuple[str, int], int] = {}
+        for done in self._ready_to_commit:
+            for tp, offset in done.offsets.items():
+                offsets[tp] = max(offsets.get(tp, -1), offset + 1)
+        batches, self._ready_to_commit = self._ready_to_commit, []
+        # Only partitions still ours, and never backwards (a batch from before a rebalance may finish late).
+        commit = [
+            TopicPartition(topic, partition, offset)
+            for (topic, partition), offset in sorted(offsets.items())
+            if (topic, partition) in self._assigned and offset > self._committed.get((topic, partition), -1)
+        ]
+        if commit:
+            try:
+                self._consumer.commit(offsets=commit, asynchronous=False)
+            except KafkaException as exc:
+                # The rows are stored; the records come again after a restart and are stored once.
+                self._metrics.commit_failures.inc()
+                log.warning("offset commit failed", extra={"error": str(exc)})
+            else:
+                for tp in commit:
+                    self._committed[(tp.topic, tp.partition)] = tp.offset
+        now = self._clock()
+        self._metrics.batch_seconds.labels("commit").observe(now - started)
+        for done in batches:
+            self._metrics.batch_seconds.labels("total").observe(now - done.started)
+
+    def _drain(self) -> None:
+        """Stop: store and commit the batch in hand, waiting at most ``shutdown_timeout_s`` for the
+        database; what is not stored by then is not committed (it comes again on the next start)."""
+        deadline = self._clock() + self._shutdown_timeout_s
+        self._set_paused(True)
+        while self._inflight is not None or self._batch:
+            self._collect()
+            if self._inflight is None and self._batch:
+                self._submit()
+            if self._inflight is None:
+                break
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                log.warning("database still unavailable at shutdown; batch left uncommitted")
+                self._writer.abort.set()
+                with contextlib.suppress(Aborted):
+                    self._inflight.future.result(timeout=60)
+                self._inflight = None
+                break
+            wait([self._inflight.future], timeout=min(remaining, 0.5))
+            self._set_paused(True)
+            self._consumer.consume(num_messages=1, timeout=0)  # paused: serves callbacks; nothing is read
+        if self._ready_to_commit:
+            self._commit()
+
+    def _close(self) -> None:
+        self._closing = True
+        try:
+            self._consumer.close()
+        finally:
+            if self._inflight is not None:  # an error left a batch in flight: stop its retries
+                self._writer.abort.set()
+            self._executor.shutdown(wait=True)
+            self._writer.close()
+            self._producer.flush(_DEAD_LETTER_FLUSH_S)
+            self._metrics.paused.set(0)
+            self._metrics.lag.update({})
+
+    # -- partitions --------------------------------------------------------------------------------------
+
+    def _set_paused(self, paused: bool) -> None:
+        if paused == self._paused and not self._pause_state_unknown:
+            return
+        partitions = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
+        if partitions:
+            (self._consumer.pause if paused else self._consumer.resume)(partitions)
+            if paused != self._paused:
+                log.info("partitions paused" if paused else "partitions resumed")
+        self._paused = paused
+        self._pause_state_unknown = False
+        self._metrics.paused.set(1 if paused else 0)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned |= {(tp.topic, tp.partition) for tp in partitions}
+        # librdkafka keeps a partition's pause across rebalances: state it again on the next step.
+        self._pause_state_unknown = True
+        log.info("partitions assigned", extra={"partitions": len(self._assigned)})
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Commit what is stored before the partitions go; records held or unwritten are simply read
+        again by their next owner (the upserts store them once)."""
+        if not self._closing:
+            if self._inflight is not None:
+                wait([self._inflight.future], timeout=10.0)
+            self._collect()
+        self._forget(partitions)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._forget(partitions)
+
+    def _forget(self, partitions: Iterable[TopicPartition]) -> None:
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        self._assigned -= gone
+        for tp in gone:
+            self._committed.pop(tp, None)
+        self._held = deque(m for m in self._held if (m.topic(), m.partition()) not in gone)
+        self._pause_state_unknown = True
+
+    def _report_lag(self) -> None:
+        now = self._clock()
+        if now - self._lag_at < _LAG_EVERY_S:
+            return
+        self._lag_at = now
+        partitions = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
+        offsets: dict[tuple[str, int], tuple[int, int]] = {}
+        if partitions:
+            for tp in self._consumer.position(partitions):
+                position = tp.offset
+                if position == OFFSET_INVALID:  # nothing read yet: count from the last commit
+                    position = self._committed.get((tp.topic, tp.partition), OFFSET_INVALID)
+                _, high = self._consumer.get_watermark_offsets(tp, cached=True)
+                if position >= 0 and high >= 0:
+                    offsets[(tp.topic, tp.partition)] = (high, position)
+        self._metrics.lag.update(offsets)
+
+
+def _on_delivery(error: KafkaError | None, message: Message) -> None:
+    if error is not None:
+        log.error("dead letter not delivered", extra={"topic": message.topic(), "error": str(error)})
+
+
+def run(
+    settings: Settings,
+    *,
+    service: Service | None = None,
+    batch_max: int = 5000,
+    batch_timeout_s: float = 1.0,
+    group_id: str = "aima-sink",
+    topics: Sequence[str] | None = None,
+    schema: str | None = None,
+    registry: CollectorRegistry | None = None,
+    codec: Codec | None = None,
+    maintenance_every_s: float | None = 3600.0,
+    retention_every_s: float | None = None,
+    shutdown_timeout_s: float = 30.0,
+    retry_max_s: float = 5.0,
+    consumer_config: dict[str, Any] | None = None,
+) -> SinkStats:
+    """Run the sink until ``service.stopping`` is set, then store and commit the batch in hand and close.
+
+    ``topics``: catalogue keys (default :data:`DEFAULT_TOPICS`). ``schema``: database schema to write
+    into (search_path), default the database's own. ``registry``: for the sink's metrics, default the
+    service's. Without a ``service``, one named ``sink`` is started (signals, metrics port) and stopped
+    here; a caller's service is left for the caller to stop.
+    ``maintenance_every_s``: how often daily partitions are created ahead (plain PostgreSQL).
+    ``retention_every_s``: also apply retention this often (None: leave it to ``db retention`` or, with
+    TimescaleDB, to its policies)."""
+    own_service = service is None
+    if service is None:
+        service = Service("sink", settings)
+        service.start()
+    metrics = SinkMetrics(registry or service.registry)
+    writer = Writer(
+        settings.database_dsn(),
+        schema=schema,
+        on_retry=lambda reason: metrics.db_retries.labels(reason).inc(),
+        retry_max_s=retry_max_s,
+        maintenance_every_s=maintenance_every_s,
+        retention_every_s=retention_every_s,
+    )
+    sink = Sink(
+        settings,
+        writer,
+        metrics,
+        codec=codec,
+        topics=tuple(topics) if topics is not None else DEFAULT_TOPICS,
+        group_id=group_id,
+        batch_max=batch_max,
+        batch_timeout_s=batch_timeout_s,
+        shutdown_timeout_s=shutdown_timeout_s,
+        consumer_config=consumer_config,
+    )
+    try:
+        return sink.run(service.stopping)
+    finally:
+        if own_service:
+            service.stopped()

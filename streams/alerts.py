@@ -1,0 +1,475 @@
+"""The alert processor (S3, S4): evaluates rules on every sample in event time and publishes AlertEvents
+(firing, resolved) to the alerts topic, keyed by fingerprint.
+
+Per (rule, alert labels) one state entry, keyed ``<rule>/<fingerprint>``, moves through
+
+    inactive --condition true--> pending --``for`` elapsed in event time--> firing  (emits firing)
+    pending  --condition false--> inactive                                          (emits nothing)
+    firing   --condition false for ``keep_firing_for``--> inactive                  (emits resolved)
+
+``for: 0`` fires on the first matching sample; ``starts_at`` is when the condition first became true.
+Transitions happen on the series' own samples; the partition watermark drives only the no-data policy
+(``resolve`` ends a silent active alert, ``alert`` fires for a silent series). Samples older than the
+entry's last one are ignored: the state describes the latest event time.
+
+Replays: an entry remembers the offset of the last record applied to it, and records at or below it are
+skipped, so a restart neither fires an alert twice nor forgets a firing one. Entries are written only when
+they matter (active, changed, or tracked for no data): an inactive series whose condition stays false
+costs no table write, and re-applying such a record from the same state changes nothing. An entry also
+keeps the events it emitted until their records' offsets are committed; on a resumed partition
+(``PartitionBatch.resumed``) those not provably committed are sent again (same fingerprint, N2), since a
+crash may have lost them after their state write.
+
+Ratio rules read ``streams.job-outcomes`` (one partition, so the ratio is fleet-wide), fed by
+:class:`JobOutcomeForwarder` from ``job.events``; per-minute counts live in the rule's state entry, with a
+short hash of each (job, outcome) so an outcome forwarded twice counts once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterable, Mapping, MutableMapping
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from bus import catalogue
+from bus.topics import TOPICS
+from streams.buckets import from_ms, to_ms
+from streams.processor import Input, Output, PartitionBatch, Result
+from streams.rules import Rule, fingerprint, load_rules
+from streams.series import extract
+
+__all__ = [
+    "ALERT_RECORD",
+    "OUTCOMES_TOPIC",
+    "AlertProcessor",
+    "JobOutcomeForwarder",
+    "alert_event",
+    "alert_processors",
+    "alert_processors_from_environ",
+]
+
+log = logging.getLogger(__name__)
+
+ALERT_RECORD = "aima.metrics.AlertEvent"
+ALERTS_TOPIC = "alerts"
+OUTCOMES_TOPIC = "streams.job-outcomes"
+OUTCOMES_KEY = "fleet"
+_NO_DATA_INDEX = "~no-data"
+"""Per partition: state key -> event time (ms) of the entry's last sample, for rules with a no-data policy.
+Rule names cannot start with '~', so it never collides with an entry."""
+_CORE = ("status", "since", "starts_at", "cleared_at")
+_MAX_SENT = 16
+"""Most outputs an entry remembers for the re-send after a restart (a flapping alert keeps the latest)."""
+
+
+def at(ms: int | None) -> datetime | None:
+    """A tz-aware UTC datetime for epoch milliseconds (None stays None)."""
+    return None if ms is None else from_ms(ms)
+
+
+def topic_of_record(record_name: str) -> str:
+    """The public topic carrying ``record_name`` (the first in the catalogue that is not internal)."""
+    for spec in TOPICS:
+        if spec.schema == record_name and not spec.internal:
+            return spec.key
+    raise LookupError(f"no public topic carries {record_name}")
+
+
+def alert_event(
+    *,
+    fingerprint: str,
+    rule: str,
+    status: str,
+    severity: str,
+    starts_at_ms: int,
+    ends_at_ms: int | None,
+    event_time_ms: int,
+    value: float | None,
+    labels: Mapping[str, str],
+    annotations: Mapping[str, str],
+    channels: Iterable[str],
+    source: str = "stream",
+) -> Output:
+    """An AlertEvent (avro/AlertEvent.avsc) for the alerts topic, keyed by fingerprint."""
+    return Output(
+        ALERTS_TOPIC,
+        fingerprint,
+        ALERT_RECORD,
+        {
+            "fingerprint": fingerprint,
+            "rule": rule,
+            "status": status,
+            "severity": severity,
+            "starts_at": at(starts_at_ms),
+            "ends_at": at(ends_at_ms),
+            "event_time": at(event_time_ms),
+            "value": value,
+            "labels": dict(labels),
+            "annotations": dict(annotations),
+            "channels": list(channels),
+            "source": source,
+        },
+    )
+
+
+class JobOutcomeForwarder:
+    """Forwards job outcomes from ``job.events`` (keyed by job) to ``streams.job-outcomes`` under one key,
+    so ratio rules see the whole fleet on one partition. Remembers the last forwarded offset per partition
+    so a replay forwards nothing twice, except, after a restart, what is not committed yet."""
+
+    name = "job_outcomes"
+    topics = ("job.events",)
+    _APPLIED = "applied_offset"
+
+    def __init__(self, events: Iterable[str] = ("finished", "failed")) -> None:
+        self.events = frozenset(events)
+
+    def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
+        applied = state.get(self._APPLIED, -1)
+        floor = applied
+        if batch.resumed:
+            # What was forwarded but not committed may be lost: forward it again (the ratio counts each
+            # job's outcome once).
+            committed = batch.committed_offset
+            floor = min(applied, -1 if committed is None else committed - 1)
+        outputs = [
+            Output(OUTCOMES_TOPIC, OUTCOMES_KEY, record.record_name, record.value)
+            for record in batch.inputs
+            if record.offset > floor and record.value.get("event") in self.events
+        ]
+        last = max((record.offset for record in batch.inputs), default=-1)
+        if last > applied:
+            state[self._APPLIED] = last
+        return Result(outputs)
+
+
+class _Batch:
+    """One call's working set: each entry read once and written once at the end if it matters, and the
+    outputs, each remembered in its entry until its offset is committed (for the re-send on resume)."""
+
+    def __init__(self, state: MutableMapping[str, Any], batch: PartitionBatch) -> None:
+        self.state = state
+        self.committed = batch.committed_offset
+        self.last_offset = batch.inputs[-1].offset if batch.inputs else -1
+        self.outputs: list[Output] = []
+        self.loaded: dict[str, dict[str, Any] | None] = {}
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.forced: set[str] = set()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        if key not in self.entries:
+            stored = self.state.get(key)
+            self.loaded[key] = stored
+            if stored is None:
+                return None
+            self.entries[key] = dict(stored)
+        return self.entries[key]
+
+    def put(self, key: str, entry: dict[str, Any], *, force: bool = False) -> None:
+        self.entries[key] = entry
+        self.loaded.setdefault(key, None)
+        if force:
+            self.forced.add(key)
+
+    def sent(self, entry: dict[str, Any], offset: int, item: dict[str, Any]) -> None:
+        """Remember an output until the offset that caused it is committed."""
+        kept = [
+            old for old in entry.get("sent", ()) if self.committed is None or old["offset"] >= self.committed
+        ]
+        entry["sent"] = [*kept, {"offset": offset, **item}][-_MAX_SENT:]
+
+    def flush(self) -> None:
+        for key, entry in self.entries.items():
+            before = self.loaded.get(key)
+            if entry.get("sent") and self.committed is not None:
+                entry["sent"] = [old for old in entry["sent"] if old["offset"] >= self.committed]
+            if entry == before:
+                continue
+            if key in self.forced or entry["status"] != "inactive":
+                self.state[key] = entry
+            elif before is not None and any(before.get(f) != entry.get(f) for f in _CORE):
+                self.state[key] = entry  # just went inactive; an entry never active is not worth a write
+
+
+class AlertProcessor:
+    """Evaluates ``rules`` (see streams/rules.py) on the sample topics they need and on
+    ``streams.job-outcomes`` for ratio rules."""
+
+    name = "alerts"
+
+    def __init__(self, rules: Iterable[Rule], *, source: str = "stream") -> None:
+        self.rules = tuple(rules)
+        self.source = source
+        self._by_name = {rule.name: rule for rule in self.rules}
+        self._by_record: dict[str, list[tuple[Rule, catalogue.Metric]]] = {}
+        topics: set[str] = set()
+        for rule in self.rules:
+            if rule.ratio is not None:
+                topics.add(OUTCOMES_TOPIC)
+                continue
+            assert rule.metric is not None
+            metric = catalogue.get(rule.metric)
+            self._by_record.setdefault(metric.record, []).append((rule, metric))
+            topics.add(topic_of_record(metric.record))
+        self._ratio_rules = tuple(rule for rule in self.rules if rule.ratio is not None)
+        self.topics = tuple(sorted(topics))
+
+    @property
+    def outcome_events(self) -> frozenset[str]:
+        """The job events the ratio rules count (what the forwarder must forward)."""
+        return frozenset().union(*(rule.ratio.events for rule in self._ratio_rules if rule.ratio))
+
+    def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
+        if batch.topic_key not in self.topics:
+            raise ValueError(f"{self.name} does not consume {batch.topic_key!r}; it consumes {self.topics}")
+        work = _Batch(state, batch)
+        if batch.resumed:
+            self._resend(work)
+        if batch.topic_key == OUTCOMES_TOPIC:
+            for record in batch.inputs:
+                for rule in self._ratio_rules:
+                    self._ratio(rule, record, work)
+        else:
+            index = dict(state.get(_NO_DATA_INDEX) or {})
+            before = dict(index)
+            for record in batch.inputs:
+                self._sample(record, work, index)
+            self._no_data(to_ms(batch.watermark), work, index)
+            if index != before:  # before the entries: a restored index never misses a firing entry
+                state[_NO_DATA_INDEX] = index
+        work.flush()
+        return Result(work.outputs)
+
+    def _resend(self, work: _Batch) -> None:
+        """After a restart or rebalance: publish again what the state says was sent for records not yet
+        committed, since the crash may have lost it (duplicates carry the same fingerprint)."""
+        for key in sorted(work.state):
+            if key.startswith("~"):
+                continue
+            stored = work.state.get(key) or {}
+            rule = self._by_name.get(stored.get("rule", ""))
+            if rule is None:
+                continue
+            for item in stored.get("sent", ()):
+                if work.committed is None or item["offset"] >= work.committed:
+                    log.info(
+                        "sending an alert event again: its offset is not committed",
+                        extra={"key": key, "offset": item["offset"], "committed": work.committed},
+                    )
+                    work.outputs.append(
+                        self._event(
+                            rule,
+                            {**stored, "starts_at": item["starts_at"]},
+                            item["status"],
+                            item["event_time"],
+                            item["value"],
+                            item["ends_at"],
+                        )
+                    )
+
+    # -- threshold rules -----------------------------------------------------------------------------------
+
+    def _sample(self, record: Input, work: _Batch, index: dict[str, int]) -> None:
+        t = to_ms(record.event_time)
+        for rule, metric in self._by_record.get(record.record_name, ()):
+            for series_labels, value in extract(metric, record.value):
+                if not rule.matches(series_labels):
+                    continue
+                labels = rule.alert_labels(series_labels)
+                fp = fingerprint(rule.name, labels)
+                key = f"{rule.name}/{fp}"
+                entry = work.get(key)
+                if entry is not None and record.offset <= entry["offset"]:
+                    continue  # applied before a restart
+                if entry is None:
+                    entry = _new_entry(rule, fp, labels)
+                entry["offset"] = record.offset
+                if entry["last_seen"] is None or t >= entry["last_seen"]:
+                    entry["last_seen"], entry["value"], entry["no_data"] = t, value, False
+                    self._step(rule, entry, t, value, rule.holds(value), work, record.offset)
+                work.put(key, entry, force=rule.no_data == "alert")
+                if rule.no_data == "alert" or (rule.no_data == "resolve" and entry["status"] != "inactive"):
+                    index[key] = entry["last_seen"]
+                else:
+                    index.pop(key, None)
+
+    def _no_data(self, watermark: int, work: _Batch, index: dict[str, int]) -> None:
+        for key, last_seen in sorted(index.items()):
+            rule = self._by_name.get(key.partition("/")[0])
+            if rule is None or rule.no_data == "keep":
+                del index[key]  # the rule is gone or changed since
+                continue
+            deadline = last_seen + int(rule.no_data_after.total_seconds() * 1000)
+            if deadline > watermark:
+                continue
+            del index[key]
+            entry = work.get(key)
+            if entry is None:
+                continue
+            if rule.no_data == "resolve":
+                if entry["status"] == "firing":
+                    self._emit(work, rule, entry, "resolved", watermark, None, work.last_offset, deadline)
+                entry.update(status="inactive", since=None, cleared_at=None)
+            elif entry["status"] != "firing":
+                entry.update(status="firing", since=deadline, starts_at=deadline, cleared_at=None)
+                entry["no_data"] = True
+                self._emit(work, rule, entry, "firing", watermark, None, work.last_offset)
+            work.put(key, entry, force=True)
+
+    # -- ratio rules ---------------------------------------------------------------------------------------
+
+    def _ratio(self, rule: Rule, record: Input, work: _Batch) -> None:
+        spec = rule.ratio
+        assert spec is not None
+        labels = dict(rule.labels)
+        fp = fingerprint(rule.name, labels)
+        key = f"{rule.name}/{fp}"
+        entry = work.get(key) or _new_entry(rule, fp, labels) | {"buckets": {}}
+        if record.offset <= entry["offset"]:
+            return
+        entry["offset"] = record.offset
+        event = record.value.get("event")
+        if event not in spec.events:
+            work.put(key, entry)
+            return
+        t = to_ms(record.event_time)
+        width = int(spec.bucket.total_seconds() * 1000)
+        now = max(t, entry["last_seen"] or t)
+        oldest = now // width * width - (int(spec.window / spec.bucket) - 1) * width
+        buckets = {start: counts for start, counts in entry["buckets"].items() if int(start) >= oldest}
+        bucket = str(t // width * width)
+        # The forwarder may send an outcome twice (a re-send after a restart): count each (job, event) once.
+        outcome = hashlib.sha256(f"{record.value.get('job_id')}\x00{event}".encode()).hexdigest()[:12]
+        if int(bucket) >= oldest and not any(outcome in counts[2] for counts in buckets.values()):
+            numerator, denominator, seen = buckets.get(bucket, (0, 0, []))
+            buckets[bucket] = [
+                numerator + (event in spec.numerator),
+                denominator + (event in spec.denominator),
+                [*seen, outcome],
+            ]
+        entry["buckets"] = {start: buckets[start] for start in sorted(buckets, key=int)}
+        numerator = sum(counts[0] for counts in buckets.values())
+        denominator = sum(counts[1] for counts in buckets.values())
+        value = 100.0 * numerator / denominator if denominator >= spec.min_count else None
+        entry["last_seen"], entry["value"] = now, value
+        self._step(rule, entry, now, value, value is not None and rule.holds(value), work, record.offset)
+        work.put(key, entry, force=True)
+
+    # -- the state machine ---------------------------------------------------------------------------------
+
+    def _step(
+        self,
+        rule: Rule,
+        entry: dict[str, Any],
+        t: int,
+        value: float | None,
+        holds: bool,
+        work: _Batch,
+        offset: int,
+    ) -> None:
+        status = entry["status"]
+        if holds:
+            entry["cleared_at"] = None
+            if status == "inactive":
+                entry["since"], status = t, "pending"
+                entry["status"] = status
+            if status == "pending" and t - entry["since"] >= _ms(rule.for_):
+                entry["status"], entry["starts_at"] = "firing", entry["since"]
+                self._emit(work, rule, entry, "firing", t, value, offset)
+        elif status == "pending":
+            entry.update(status="inactive", since=None)
+        elif status == "firing":
+            if entry["cleared_at"] is None:
+                entry["cleared_at"] = t
+            if t - entry["cleared_at"] >= _ms(rule.keep_firing_for):
+                self._emit(work, rule, entry, "resolved", t, value, offset, t)
+                entry.update(status="inactive", since=None, cleared_at=None)
+
+    def _emit(
+        self,
+        work: _Batch,
+        rule: Rule,
+        entry: dict[str, Any],
+        status: str,
+        t: int,
+        value: float | None,
+        offset: int,
+        ends_at: int | None = None,
+    ) -> None:
+        work.outputs.append(self._event(rule, entry, status, t, value, ends_at))
+        item = {"status": status, "event_time": t, "value": value, "starts_at": entry["starts_at"]}
+        work.sent(entry, offset, item | {"ends_at": ends_at})
+
+    def _event(
+        self,
+        rule: Rule,
+        entry: Mapping[str, Any],
+        status: str,
+        t: int,
+        value: float | None,
+        ends_at: int | None = None,
+    ) -> Output:
+        labels = entry["labels"]
+        return alert_event(
+            fingerprint=entry["fingerprint"],
+            rule=rule.name,
+            status=status,
+            severity=rule.severity,
+            starts_at_ms=entry["starts_at"],
+            ends_at_ms=ends_at,
+            event_time_ms=t,
+            value=value,
+            labels=labels,
+            annotations=rule.render_annotations(value, labels),
+            channels=rule.channels,
+            source=self.source,
+        )
+
+
+def _ms(duration: timedelta) -> int:
+    return int(duration.total_seconds() * 1000)
+
+
+def _new_entry(rule: Rule, fp: str, labels: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "rule": rule.name,
+        "fingerprint": fp,
+        "labels": dict(labels),
+        "status": "inactive",
+        "since": None,
+        "starts_at": None,
+        "cleared_at": None,
+        "last_seen": None,
+        "value": None,
+        "no_data": False,
+        "offset": -1,
+    }
+
+
+def alert_processors(
+    rules: Iterable[Rule] | None = None, *, rule_paths: Iterable[str | Path] = (), defaults: bool = True
+) -> list[AlertProcessor | JobOutcomeForwarder]:
+    """The processors alerting needs: the alert processor and, when a rule needs job outcomes, the
+    forwarder that feeds it. Without ``rules``: the default rules (unless ``defaults`` is false) plus those
+    of ``rule_paths``."""
+    chosen = load_rules(rule_paths, defaults=defaults) if rules is None else tuple(rules)
+    alerts = AlertProcessor(chosen)
+    processors: list[AlertProcessor | JobOutcomeForwarder] = [alerts]
+    if alerts.outcome_events:
+        processors.insert(0, JobOutcomeForwarder(alerts.outcome_events))
+    return processors
+
+
+def alert_processors_from_environ(
+    environ: Mapping[str, str] | None = None,
+) -> list[AlertProcessor | JobOutcomeForwarder]:
+    """Reads ``AIMA_ALERT_RULES`` (rule files separated by ``os.pathsep``) and ``AIMA_ALERT_DEFAULT_RULES``
+    (``false`` leaves out the shipped defaults)."""
+    env = os.environ if environ is None else environ
+    paths = [path for path in env.get("AIMA_ALERT_RULES", "").split(os.pathsep) if path.strip()]
+    defaults = env.get("AIMA_ALERT_DEFAULT_RULES", "true").strip().lower() not in ("0", "false", "no", "off")
+    return alert_processors(rule_paths=paths, defaults=defaults)

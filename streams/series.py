@@ -1,0 +1,91 @@
+"""Series extraction: the values a decoded record carries for catalogue metrics, each with its series id and
+labels (bus/catalogue.py says which field carries a metric, which records do (``where``), and its labels).
+
+A series id is the metric name and its labels sorted by name, as in ``Rollup.series``:
+``gpu_power_watts{gpu="0",host="a"}`` (label values escaped as Prometheus does). Labels whose value is null
+are left out; a null value is no sample (null never means 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from bus import catalogue
+from bus.catalogue import Metric
+
+__all__ = ["Point", "extract", "metrics_of", "points", "series_id"]
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One value of one series."""
+
+    metric: str
+    series: str
+    labels: dict[str, str]
+    value: float
+    event_time: datetime | None = None
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def series_id(metric: str, labels: Mapping[str, str]) -> str:
+    """``name{a="x",b="y"}`` with labels sorted by name; ``name{}`` without labels."""
+    body = ",".join(f'{name}="{_escape(labels[name])}"' for name in sorted(labels))
+    return f"{metric}{{{body}}}"
+
+
+def _label(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def extract(metric: Metric, record: Mapping[str, Any]) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) for every series of ``metric`` in a decoded ``metric.record`` record: none when the
+    record does not carry it (``where``, a null value), one per array item for an array field."""
+    if not metric.selects(record):
+        return []
+    array, _, leaf = metric.field.rpartition("[].")
+    items: Iterable[Mapping[str, Any]] = (record.get(array) or ()) if array else (record,)
+    out = []
+    for item in items:
+        raw = item.get(leaf)
+        if raw is None:
+            continue
+        labels = {}
+        for name, path in zip(metric.labels, metric.label_fields, strict=True):
+            source = item if path.startswith(f"{array}[].") and array else record
+            value = _label(source.get(path.rpartition("[].")[2]))
+            if value is not None:
+                labels[name] = value
+        out.append((labels, float(raw)))
+    return out
+
+
+def metrics_of(record_name: str, names: Iterable[str] | None = None) -> tuple[Metric, ...]:
+    """The catalogue metrics a record of ``record_name`` (full Avro name) may carry, optionally only those
+    named."""
+    chosen = catalogue.METRICS if names is None else tuple(catalogue.get(name) for name in names)
+    return tuple(metric for metric in chosen if metric.record == record_name)
+
+
+def points(
+    record_name: str,
+    record: Mapping[str, Any],
+    metrics: Iterable[Metric] | None = None,
+    event_time: datetime | None = None,
+) -> Iterator[Point]:
+    """Every value of the record for ``metrics`` (default: all catalogue metrics of its record)."""
+    for metric in metrics_of(record_name) if metrics is None else metrics:
+        if metric.record != record_name:
+            continue
+        for labels, value in extract(metric, record):
+            yield Point(metric.name, series_id(metric.name, labels), labels, value, event_time)
