@@ -207,6 +207,7 @@ def _register_pipeline_commands() -> None:
         commands.export,
         commands.api,
         commands.token,
+        commands.webhook_receiver,
     ):
         main.add_command(command)
     db.add_command(commands.db_retention)

@@ -44,8 +44,7 @@ def notify() -> None:
     settings = Settings()
     service = Service("notify", settings)
     service.start()
-    run(settings, service=service)
-    service.stopped()
+    run(settings, service=service)  # marks the service stopped itself
 
 
 @click.group()
@@ -213,3 +212,26 @@ def token_revoke(token_id: str) -> None:
     if not found:
         raise click.ClickException(f"no active token {token_id}")
     click.echo(f"token {token_id} revoked")
+
+
+@click.command("webhook-receiver")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=9099, show_default=True)
+@click.option(
+    "--out", type=click.Path(), default=None, help="JSON lines file (default <state>/webhook/received.jsonl)"
+)
+def webhook_receiver(host: str, port: int, out: str | None) -> None:
+    """A local receiver for signed alert webhooks (checks the HMAC from AIMA_WEBHOOK_KEY) for development."""
+    import os
+    from pathlib import Path
+
+    from aima_metrics.webhook_receiver import serve
+
+    key = os.environ.get("AIMA_WEBHOOK_KEY")
+    if not key:
+        raise click.UsageError("set AIMA_WEBHOOK_KEY to the key the notifier signs with")
+    settings = Settings()
+    service = Service("webhook-receiver", settings)
+    service.start()
+    serve(service, host, port, key, Path(out) if out else settings.state_dir / "webhook" / "received.jsonl")
+    service.stopped()

@@ -4,6 +4,7 @@ topics, the migrations, and the pipeline's own long-running processes as supervi
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -51,6 +52,19 @@ def nvml_present() -> bool:
         return False
 
 
+def webhook_key(settings: Settings) -> str:
+    """The key the local notifier signs webhooks with: AIMA_WEBHOOK_KEY, else one generated once and kept
+    (readable only by its owner) in the state folder."""
+    if key := os.environ.get("AIMA_WEBHOOK_KEY"):
+        return key
+    path = settings.state_dir / "webhook" / "key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
 def processes(settings: Settings, gpu: bool | None = None) -> tuple[Process, ...]:
     """The pipeline's long-running processes, each `aima-metrics <args>` with its own self-metrics port
     (``AIMA_PORT_BASE`` + n). Without a GPU the fleet simulator stands in for real GPU samples."""
@@ -58,10 +72,30 @@ def processes(settings: Settings, gpu: bool | None = None) -> tuple[Process, ...
     exporter = int(os.environ.get("AIMA_GPU_EXPORTER_PORT", "9400"))
     gpu = nvml_present() if gpu is None else gpu
     api_port = int(os.environ.get("AIMA_API_PORT", "8000"))
+    receiver_port = base + 9
+    receiver_url = f"http://127.0.0.1:{receiver_port}/alerts"
     listed = [
         Process("stream", ("stream",), base + 1),
         Process("sink", ("sink",), base + 2),
-        Process("notify", ("notify",), base + 3),
+        Process(
+            "webhook-receiver",
+            ("webhook-receiver", "--port", str(receiver_port)),
+            base + 8,
+            address=f"{receiver_url} -> {settings.state_dir}/webhook/received.jsonl",
+            env={"AIMA_WEBHOOK_KEY": webhook_key(settings)},
+        ),
+        Process(
+            "notify",
+            ("notify",),
+            base + 3,
+            env={
+                "AIMA_NOTIFY_CONFIG": os.environ.get(
+                    "AIMA_NOTIFY_CONFIG", str(INFRA / "notify" / "local.yaml")
+                ),
+                "AIMA_LOCAL_WEBHOOK_URL": receiver_url,
+                "AIMA_WEBHOOK_KEY": webhook_key(settings),
+            },
+        ),
         Process("api", ("api",), base + 4, address=f"http://127.0.0.1:{api_port}/docs"),
         Process("system-collector", ("collect", "system"), base + 5),
         Process(

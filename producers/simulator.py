@@ -89,6 +89,17 @@ ERRORS = (
 MEDIA_FPS = 25.0
 
 
+# One GPU of the first host loses cooling for a few minutes each hour (event time), so the default
+# temperature alert fires and resolves in a simulated fleet as it would in a real one.
+COOLING_FAULT_MINUTES = range(20, 26)
+COOLING_FAULT_C = 92.0
+"""What the faulty GPU heads for, busy or idle: above the default 85 °C alert threshold."""
+
+
+def _cooling_fault(now: datetime) -> bool:
+    return now.minute in COOLING_FAULT_MINUTES
+
+
 @dataclass
 class _Gpu:
     index: int
@@ -394,6 +405,8 @@ class Fleet:
         power = max(power, spec.idle_watts * 0.8)
         # Temperature follows power through a first-order thermal lag of about 90 s.
         target_c = 32.0 + 50.0 * power / spec.max_watts
+        if host is self.hosts[0] and gpu.index == 0 and _cooling_fault(now):
+            target_c = max(target_c, COOLING_FAULT_C)
         gpu.temperature_c += (target_c - gpu.temperature_c) * (1 - math.exp(-dt_s / 90.0))
         gpu.energy_j += power * dt_s
         if rng.random() < 0.001:
