@@ -89,15 +89,15 @@ ERRORS = (
 MEDIA_FPS = 25.0
 
 
-# One GPU of the first host loses cooling for a few minutes each hour (event time), so the default
-# temperature alert fires and resolves in a simulated fleet as it would in a real one.
-COOLING_FAULT_MINUTES = range(20, 26)
+# One GPU of the first host loses cooling for a few minutes each hour of the fleet's event time (from its
+# 2nd minute on), so the default temperature alert fires and resolves in a simulated fleet as in a real one.
+COOLING_FAULT_MINUTES = range(2, 8)
 COOLING_FAULT_C = 92.0
 """What the faulty GPU heads for, busy or idle: above the default 85 °C alert threshold."""
 
 
-def _cooling_fault(now: datetime) -> bool:
-    return now.minute in COOLING_FAULT_MINUTES
+def _cooling_fault(elapsed: timedelta) -> bool:
+    return int(elapsed.total_seconds() // 60) % 60 in COOLING_FAULT_MINUTES
 
 
 @dataclass
@@ -207,6 +207,7 @@ class Fleet:
 
     def _begin(self, start: datetime) -> None:
         """A fleet mid-day: a backlog that fills about 70 % of the GPUs at once, and a few waiting."""
+        self._began = start
         self._now = start
         capacity = len(self.hosts) * self._gpus_per_host
         while sum(job.gpu_count for job in self._waiting) < 0.7 * capacity + 2:
@@ -405,7 +406,7 @@ class Fleet:
         power = max(power, spec.idle_watts * 0.8)
         # Temperature follows power through a first-order thermal lag of about 90 s.
         target_c = 32.0 + 50.0 * power / spec.max_watts
-        if host is self.hosts[0] and gpu.index == 0 and _cooling_fault(now):
+        if host is self.hosts[0] and gpu.index == 0 and _cooling_fault(now - self._began):
             target_c = max(target_c, COOLING_FAULT_C)
         gpu.temperature_c += (target_c - gpu.temperature_c) * (1 - math.exp(-dt_s / 90.0))
         gpu.energy_j += power * dt_s

@@ -11,6 +11,12 @@ forward.
 At-least-once input: after a crash the app re-delivers records since the last committed offset. A
 processor makes replays harmless by remembering, in each state entry it writes, the offset of the last
 record folded into it (``Input.offset``) and skipping records at or below it.
+
+State is restored from a changelog that holds a prefix of the writes in the order they were made (one
+changelog partition per topic partition); the app writes the partition's watermark after the processor's
+own writes, so ``previous_watermark`` never runs ahead of the restored state. A processor orders its own
+writes so that any prefix is a state it can continue from (e.g. a parent aggregate before the child that
+says it was merged).
 """
 
 from __future__ import annotations
@@ -57,6 +63,14 @@ class PartitionBatch:
     """Event-time watermark of this partition after this batch: the largest event time seen so far."""
     previous_watermark: datetime | None
     """The watermark before this batch (None on the partition's first batch)."""
+    committed_offset: int | None = None
+    """Kafka's committed position of this partition: a restart re-delivers from here. Every record before
+    it, and every state write and output made while processing those records, is durable. None when
+    unknown (nothing committed yet)."""
+    resumed: bool = False
+    """True on the partition's first batch since this worker was assigned it (start, restart, rebalance):
+    state was just restored, inputs may replay records already folded in, and outputs sent before a crash
+    may be missing (a processor re-sends what it cannot prove was committed)."""
 
 
 @dataclass(slots=True)

@@ -1,0 +1,674 @@
+"""The Faust app that runs every stream processor (the contract is streams/processor.py).
+
+Per fetched batch (streams/transport.py says how Faust hands it over, and the at-least-once steps): group
+the records by topic partition, decode and validate each (what fails goes to the dead-letter topic with its
+reason and origin), advance the partition's event-time watermark, call every processor of the topic once
+with the partition's inputs and a view of its table restricted to that partition, publish the outputs,
+dead-letter the late records, and acknowledge the offsets. A processor that raises stops the worker with
+the batch unacknowledged (at-least-once: a fixed worker processes it again).
+
+Tables: one Faust table per (processor, topic), with the topic's partition count, so that Faust
+co-partitions it with the topic and restores it where the topic partition goes. Keys are
+``<partition>|<processor's key>``. Writes go to the table's store and, as JSON changelog records to the
+changelog partition of the topic partition, through the sender (Faust's own table write would take its
+per-record producer path, and picks the partition from its *current event*, which the app sets anyway).
+The watermark of a partition is kept in the same table under ``<partition>#progress``, written after the
+processor's writes, so a restored watermark never runs ahead of the restored state.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import faust
+from faust.events import Event
+from faust.streams import _current_event
+from faust.types import TP
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from bus import schemas, validation
+from bus.codec import Codec
+from bus.errors import CodecError
+from bus.kafka import aiokafka_config
+from bus.settings import Settings
+from bus.topics import BY_KEY, TopicSpec, topic_name
+from streams.buckets import from_ms, to_ms
+from streams.processor import Input, Output, PartitionBatch, Processor
+from streams.transport import BatchConsumer, Sender, StreamsApp
+
+__all__ = ["Dispatcher", "PartitionView", "StreamMetrics", "StreamOptions", "create_app"]
+
+log = logging.getLogger(__name__)
+
+DEADLETTER_RECORD = "aima.metrics.DeadLetter"
+_PROGRESS = "#progress"
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    app_id: str = "aima-streams"
+    """Consumer group and prefix of the app's internal topics; workers with the same id share the work."""
+    batch_max: int = 10000
+    """Most records one fetch hands to the processors (all partitions together)."""
+    commit_interval_s: float = 2.8
+    session_timeout_s: float = 30.0
+    """How long the group waits for a silent worker (killed, hung) before its partitions move on."""
+    web_port: int | None = None
+    """Faust's own web server (its /stats, /router, ...); None leaves it off."""
+    store: str | None = None
+    """Faust table store URL; None picks rocksdb:// when rocksdict is installed, else memory://."""
+    transient_retry_max_s: float = 30.0
+    """Longest pause between retries of a record that failed for a transient reason (registry outage)."""
+
+
+class StreamMetrics:
+    """The app's own Prometheus metrics (A5)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.events = Counter("aima_stream_events_total", "Records consumed", ["topic"], registry=registry)
+        self.dead_letters = Counter(
+            "aima_stream_dead_letters_total",
+            "Records dead-lettered, by error type",
+            ["topic", "kind"],
+            registry=registry,
+        )
+        self.late = Counter(
+            "aima_stream_late_records_total",
+            "Records later than the allowed lateness",
+            ["processor", "topic"],
+            registry=registry,
+        )
+        self.outputs = Counter(
+            "aima_stream_outputs_total", "Records published by the processors", ["topic"], registry=registry
+        )
+        self.batch_records = Histogram(
+            "aima_stream_batch_records",
+            "Records per partition batch",
+            ["topic"],
+            registry=registry,
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+        )
+        self.batch_seconds = Histogram(
+            "aima_stream_batch_seconds",
+            "Time to process one fetched batch, outputs handed to the producer",
+            registry=registry,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+        )
+        self.watermarks: dict[tuple[str, int], int] = {}
+        registry.register(_WatermarkCollector(self.watermarks))
+
+
+class _WatermarkCollector:
+    """Watermark and its lag behind the wall clock per topic partition, computed at scrape time (so the lag
+    grows while a partition is silent). The wall clock feeds only this metric, never a result."""
+
+    def __init__(self, watermarks: Mapping[tuple[str, int], int], clock: Callable[[], float] = time.time):
+        self._watermarks = watermarks
+        self._clock = clock
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        mark = GaugeMetricFamily(
+            "aima_stream_watermark_seconds", "Event-time watermark (Unix time)", labels=["topic", "partition"]
+        )
+        lag = GaugeMetricFamily(
+            "aima_stream_watermark_lag_seconds",
+            "Wall clock minus the event-time watermark",
+            labels=["topic", "partition"],
+        )
+        now = self._clock()
+        for (topic, partition), ms in sorted(self._watermarks.items()):
+            mark.add_metric([topic, str(partition)], ms / 1000)
+            lag.add_metric([topic, str(partition)], now - ms / 1000)
+        yield mark
+        yield lag
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return []
+
+
+class PartitionView(MutableMapping[str, Any]):
+    """One processor's state for one topic partition: its table's store, keys prefixed with the partition;
+    every write and delete is also handed to ``changelog(full key, value or None)``. Iterating scans the
+    whole store: fine on rare occasions (a resumed partition, an hour closing), not per record."""
+
+    __slots__ = ("_changelog", "_delete", "_get", "_keys", "_prefix", "_set")
+
+    def __init__(self, store: Any, partition: int, changelog: Callable[[str, Any], None]) -> None:
+        self._prefix = f"{partition}|"
+        self._changelog = changelog
+        raw = getattr(store, "data", None)  # the memory store's plain dict: the fastest there is
+        target = raw if isinstance(raw, dict) else store
+        self._get = target.get
+        self._keys = target.keys
+        self._set = target.__setitem__
+        self._delete = target.__delitem__
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._get(self._prefix + key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self._get(self._prefix + key)
+        return default if value is None else value
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self._get(self._prefix + key) is not None
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if value is None:
+            raise ValueError(f"state values must not be None ({key!r}); delete the key instead")
+        full = self._prefix + key
+        self._set(full, value)
+        self._changelog(full, value)
+
+    def __delitem__(self, key: str) -> None:
+        full = self._prefix + key
+        if self._get(full) is None:
+            raise KeyError(key)
+        self._delete(full)
+        self._changelog(full, None)
+
+    def __iter__(self) -> Iterator[str]:
+        prefix, size = self._prefix, len(self._prefix)
+        return iter([key[size:] for key in list(self._keys()) if key.startswith(prefix)])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+@dataclass
+class _Binding:
+    processor: Processor
+    table: Any
+    changelog: str
+    late: Any
+
+
+@dataclass
+class _Route:
+    """Everything the app does with one consumed topic."""
+
+    spec: TopicSpec
+    name: str
+    bindings: list[_Binding] = field(default_factory=list)
+
+
+_Check = Callable[[Mapping[str, Any]], bool]
+_NUMBERS = {"int": False, "long": False, "float": True, "double": True}  # Avro type -> decoded as float
+_PRIMITIVES = {*_NUMBERS, "string", "boolean", "bytes"}
+
+
+class _FastValidation:
+    """``bus.validation.problems`` answered fast for valid records. Per record schema it checks only the
+    fields the rules can apply to (numbers, nested records, arrays of records), with each field's bounds
+    looked up once; a record with a schema shape it does not handle is walked field by field instead.
+    Either way a record that breaks a rule goes through ``problems`` itself for the message."""
+
+    def __init__(self) -> None:
+        self._bounds: dict[str, tuple[float | None, float | None]] = {}
+        self._checks: dict[str, _Check] = {}
+
+    def problems(self, record_name: str, value: Mapping[str, Any]) -> list[str]:
+        check = self._checks.get(record_name)
+        if check is None:
+            try:
+                check = self._compile(schemas.load(record_name))
+            except (KeyError, TypeError, ValueError):
+                check = self._ok
+            self._checks[record_name] = check
+        return [] if check(value) else validation.problems(value)
+
+    def _bound(self, name: str) -> tuple[float | None, float | None]:
+        bounds = self._bounds.get(name)
+        if bounds is None:
+            # The rule table validation.problems applies, looked up once per field name.
+            bounds = self._bounds[name] = validation._bounds(name)
+        return bounds
+
+    def _compile(self, schema: Mapping[str, Any]) -> _Check:
+        numbers: list[tuple[str, float | None, float | None, bool]] = []
+        records: list[tuple[str, _Check]] = []
+        arrays: list[tuple[str, _Check]] = []
+        for spec in schema["fields"]:
+            name, kind = spec["name"], spec["type"]
+            if isinstance(kind, list):
+                branches = [branch for branch in kind if branch != "null"]
+                if len(branches) != 1:
+                    raise ValueError(f"union {kind!r}: walked field by field")
+                kind = branches[0]
+            if isinstance(kind, dict) and "logicalType" not in kind and kind["type"] in _NUMBERS:
+                kind = kind["type"]
+            if isinstance(kind, str):
+                if kind in _NUMBERS:
+                    low, high = self._bound(name)
+                    if low is not None or high is not None or _NUMBERS[kind]:
+                        numbers.append((name, low, high, _NUMBERS[kind]))
+                elif kind not in ("string", "boolean", "bytes", "null"):
+                    raise ValueError(f"named type {kind!r}: walked field by field")
+            elif kind["type"] == "record":
+                records.append((name, self._compile(kind)))
+            elif kind["type"] == "array" and isinstance(kind["items"], dict):
+                if kind["items"].get("type") != "record":
+                    raise ValueError(f"array of {kind['items']!r}: walked field by field")
+                arrays.append((name, self._compile(kind["items"])))
+            elif kind["type"] == "array" and kind["items"] not in _PRIMITIVES:
+                raise ValueError(f"array of {kind['items']!r}: walked field by field")
+            elif kind["type"] == "map" and name not in ("labels", "annotations"):
+                raise ValueError("a map the rules walk into: walked field by field")
+
+        def check(value: Mapping[str, Any]) -> bool:
+            for name, low, high, floating in numbers:
+                item = value.get(name)
+                if item is None:
+                    continue
+                if floating and item - item != 0.0:  # NaN or infinity
+                    return False
+                if (low is not None and item < low) or (high is not None and item > high):
+                    return False
+            for name, inner in records:
+                item = value.get(name)
+                if item is not None and not inner(item):
+                    return False
+            for name, inner in arrays:
+                for item in value.get(name) or ():
+                    if not inner(item):
+                        return False
+            return True
+
+        return check
+
+    def _ok(self, value: Mapping[str, Any]) -> bool:
+        """The field-by-field walk, for schemas :meth:`_compile` does not handle."""
+        for name, item in value.items():
+            kind = type(item)
+            if kind is float or kind is int:
+                if kind is float and not math.isfinite(item):
+                    return False
+                low, high = self._bound(name)
+                if (low is not None and item < low) or (high is not None and item > high):
+                    return False
+            elif kind is dict and name not in ("labels", "annotations") and not self._ok(item):
+                return False
+            elif kind is list and item and type(item[0]) is dict:
+                # Avro arrays hold one type: records (dicts) are walked, primitives need no walk.
+                for element in item:
+                    if type(element) is dict and not self._ok(element):
+                        return False
+        return True
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+class Dispatcher:
+    """Turns fetched records into processor calls, outputs, dead letters and acknowledgements."""
+
+    def __init__(
+        self,
+        app: StreamsApp,
+        settings: Settings,
+        processors: Sequence[Processor],
+        codec: Codec,
+        metrics: StreamMetrics,
+        options: StreamOptions,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.codec = codec
+        self.metrics = metrics
+        self.options = options
+        self.clock = clock
+        self.sender = Sender(app)
+        self.validation = _FastValidation()
+        self.routes: dict[str, _Route] = {}
+        self._fresh: set[tuple[str, TP]] = set()
+        """(processor, partition) pairs that have had a batch since the last rebalance."""
+        names = [processor.name for processor in processors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"processor names must be unique: {names}")
+        for processor in processors:
+            for key in processor.topics:
+                spec = BY_KEY.get(key)
+                if spec is None:
+                    raise ValueError(f"processor {processor.name!r} consumes unknown topic {key!r}")
+                name = topic_name(settings, key)
+                route = self.routes.get(name)
+                if route is None:
+                    route = self.routes[name] = _Route(spec, name)
+                table = app.Table(
+                    f"{processor.name}-{key}",
+                    partitions=spec.partitions,
+                    help=f"state of the {processor.name} processor for {name}, by partition",
+                )
+                changelog = table.changelog_topic.get_topic_name()
+                route.bindings.append(
+                    _Binding(processor, table, changelog, metrics.late.labels(processor.name, key))
+                )
+
+    # -- rebalances -------------------------------------------------------------------------------------
+
+    def on_revocation(self) -> None:
+        """A rebalance starts (Faust revokes every partition first; an in-flight batch has finished, see
+        streams/transport.py): each partition's next batch is a resumed one."""
+        self._fresh.clear()
+
+    def on_assignment(self, assigned: Iterable[TP]) -> None:
+        """After a rebalance: drop from the memory store the state of partitions this worker no longer
+        holds. The changelog keeps it; a later assignment restores it from there, while a stale copy here
+        could outlive a delete that compaction has since removed from the changelog."""
+        self._fresh.clear()
+        held: dict[str, set[int]] = {}
+        for tp in assigned:
+            held.setdefault(tp.topic, set()).add(tp.partition)
+        for route in self.routes.values():
+            partitions = held.get(route.name, set())
+            for binding in route.bindings:
+                raw = getattr(binding.table.data, "data", None)
+                if not isinstance(raw, dict):
+                    continue
+                stale = [key for key in raw if _partition_of(key) not in partitions]
+                for key in stale:
+                    raw.pop(key, None)
+            for known in [k for k in self.metrics.watermarks if k[0] == route.spec.key]:
+                if known[1] not in partitions:
+                    del self.metrics.watermarks[known]
+
+    # -- one fetched batch ------------------------------------------------------------------------------
+
+    async def handle(
+        self, consumer: BatchConsumer, generation: int, batches: list[tuple[TP, list[Any]]]
+    ) -> None:
+        """One fetch: ``batches`` holds each partition's aiokafka records in offset order."""
+        started = time.monotonic()
+        token = consumer.begin_batch()
+        try:
+            done: list[tuple[TP, list[Any]]] = []
+            for tp, records in batches:
+                route = self.routes[tp.topic]
+                inputs = await self._decode(route, records)
+                committed = await consumer.committed_offset(tp) if inputs else None
+                if inputs is None or not self._still_ours(generation):
+                    break  # a rebalance or a stop came in between: not acknowledged, so fetched again
+                if inputs:
+                    self._run(route, tp, records, inputs, committed)
+                done.append((tp, records))
+            await self.sender.flush()
+            for tp, records in done:
+                consumer.ack_batch(tp, records)
+                key = self.routes[tp.topic].spec.key
+                self.metrics.events.labels(key).inc(len(records))
+                self.metrics.batch_records.labels(key).observe(len(records))
+        finally:
+            consumer.end_batch(token)
+        self.metrics.batch_seconds.observe(time.monotonic() - started)
+
+    def _still_ours(self, generation: int) -> bool:
+        return self.app.consumer_generation_id == generation and self.app.flow_control.is_active()
+
+    async def _decode(self, route: _Route, batch: list[Any]) -> list[Input] | None:
+        decode, problems, schema = self.codec.decode, self.validation.problems, route.spec.schema
+        key = route.spec.key
+        inputs: list[Input] = []
+        for message in batch:
+            try:
+                name, value = decode(message.value)
+            except CodecError as exc:
+                if not exc.transient:
+                    self._dead_letter(message, exc.reason, type(exc).__name__, route)
+                    continue
+                try:
+                    retried = await self._decode_transient(message)
+                except CodecError as final:
+                    self._dead_letter(message, final.reason, type(final).__name__, route)
+                    continue
+                if retried is None:
+                    return None
+                name, value = retried
+            if name != schema:
+                self._dead_letter(message, f"a {name} record on a topic of {schema}", "WrongRecord", route)
+                continue
+            found = problems(name, value)
+            if found:
+                self._dead_letter(message, f"{name}: " + "; ".join(found), "InvalidRecord", route)
+                continue
+            event_time = value.get("time")
+            if not isinstance(event_time, datetime):
+                self._dead_letter(message, f"{name} has no event time", "NoEventTime", route)
+                continue
+            inputs.append(Input(key, message.partition, message.offset, name, value, event_time))
+        return inputs
+
+    async def _decode_transient(self, message: Any) -> tuple[str, dict[str, Any]] | None:
+        """Retry a record whose decoding failed for a passing reason (a registry outage); None when the app
+        stops or rebalances meanwhile; raises the error once it is no longer a passing one."""
+        pause = 0.5
+        consumer = self.app.consumer
+        while not consumer.should_stop and self.app.flow_control.is_active():
+            await consumer.sleep(pause)
+            try:
+                return self.codec.decode(message.value)
+            except CodecError as exc:
+                if not exc.transient:
+                    raise
+                log.warning("decoding still fails, retrying", extra={"reason": exc.reason, "pause_s": pause})
+                pause = min(pause * 2, self.options.transient_retry_max_s)
+        return None
+
+    def _run(
+        self, route: _Route, tp: TP, batch: list[Any], inputs: list[Input], committed: int | None
+    ) -> None:
+        last = self.app.consumer._to_message(tp, batch[-1])
+        event = Event(self.app, last.key, last.value, last.headers, last)
+        token = _current_event.set(weakref.ref(event))  # the partition any Faust table write would use
+        try:
+            newest = max(to_ms(record.event_time) for record in inputs)
+            progress_key = f"{tp.partition}{_PROGRESS}"
+            watermark = newest
+            for binding in route.bindings:
+                store = binding.table.data
+                progress = store.get(progress_key)
+                previous = progress["wm"] if progress else None
+                mark = newest if previous is None else max(previous, newest)
+                watermark = max(watermark, mark)
+                fresh = (binding.processor.name, tp)
+                if fresh not in self._fresh:
+                    log.info(
+                        "partition resumed",
+                        extra={
+                            "processor": binding.processor.name,
+                            "topic": tp.topic,
+                            "partition": tp.partition,
+                            "first_offset": inputs[0].offset,
+                            "committed_offset": committed,
+                            "watermark_ms": previous,
+                        },
+                    )
+                partition_batch = PartitionBatch(
+                    route.spec.key,
+                    tp.partition,
+                    inputs,
+                    from_ms(mark),
+                    None if previous is None else from_ms(previous),
+                    committed_offset=committed,
+                    resumed=fresh not in self._fresh,
+                )
+                changelog = self._changelog_writer(binding.changelog, tp.partition)
+                view = PartitionView(store, tp.partition, changelog)
+                result = binding.processor.process(partition_batch, view)
+                progress = {"wm": mark, "o": inputs[-1].offset}
+                store[progress_key] = progress
+                changelog(progress_key, progress)
+                self._fresh.add(fresh)
+                self._publish(result.outputs)
+                if result.late:
+                    by_offset = {message.offset: message for message in batch}
+                    for record, reason in result.late:
+                        self._dead_letter(by_offset[record.offset], reason, "LateSample", route)
+                    binding.late.inc(len(result.late))
+            self.metrics.watermarks[(route.spec.key, tp.partition)] = watermark
+        finally:
+            _current_event.reset(token)
+
+    # -- sending ----------------------------------------------------------------------------------------
+
+    def _changelog_writer(self, topic: str, partition: int) -> Callable[[str, Any], None]:
+        add = self.sender.add
+
+        def write(key: str, value: Any) -> None:
+            add(topic, partition, _json(key), None if value is None else _json(value))
+
+        return write
+
+    def _publish(self, outputs: list[Output]) -> None:
+        counts: dict[str, int] = {}
+        encode, add = self.codec.encode, self.sender.add
+        for output in outputs:
+            topic = topic_name(self.settings, output.topic_key)
+            try:
+                data = encode(output.record_name, output.value, topic=topic)
+            except (CodecError, KeyError) as exc:
+                # A processor produced a record that does not fit its schema: keep it, with why.
+                self._dead_letter_output(output, topic, exc)
+                continue
+            add(topic, None, output.key.encode(), data)
+            counts[output.topic_key] = counts.get(output.topic_key, 0) + 1
+        for key, count in counts.items():
+            self.metrics.outputs.labels(key).inc(count)
+
+    def _dead_letter(self, message: Any, reason: str, kind: str, route: _Route) -> None:
+        """Dead-letter a consumed record (an aiokafka ConsumerRecord)."""
+        record = {
+            "time": int(self.clock() * 1000),
+            "stage": "stream",
+            "origin_topic": message.topic,
+            "origin_partition": message.partition,
+            "origin_offset": message.offset,
+            "key": message.key,
+            "value": message.value,
+            "reason": reason,
+            "error_type": kind,
+            "source": "stream",
+        }
+        self._send_dead_letter(record, message.topic)
+        self.metrics.dead_letters.labels(route.spec.key, kind).inc()
+
+    def _dead_letter_output(self, output: Output, topic: str, exc: Exception) -> None:
+        record = {
+            "time": int(self.clock() * 1000),
+            "stage": "stream",
+            "origin_topic": topic,
+            "origin_partition": None,
+            "origin_offset": None,
+            "key": output.key.encode(),
+            "value": json.dumps(output.value, default=str).encode(),
+            "reason": f"output does not fit {output.record_name}: {exc}",
+            "error_type": type(exc).__name__,
+            "source": "stream",
+        }
+        self._send_dead_letter(record, topic)
+        self.metrics.dead_letters.labels(output.topic_key, type(exc).__name__).inc()
+
+    def _send_dead_letter(self, record: dict[str, Any], origin: str) -> None:
+        topic = topic_name(self.settings, "deadletter")
+        self.sender.add(
+            topic, None, origin.encode(), self.codec.encode(DEADLETTER_RECORD, record, topic=topic)
+        )
+
+
+def _partition_of(key: str) -> int:
+    """The partition a table key belongs to: ``3|...`` or ``3#progress``."""
+    end = min((i for i in (key.find("|"), key.find("#")) if i >= 0), default=len(key))
+    return int(key[:end])
+
+
+def _store_url(options: StreamOptions) -> str:
+    if options.store:
+        return options.store
+    return "rocksdb://" if importlib.util.find_spec("rocksdict") else "memory://"
+
+
+def _credentials(settings: Settings) -> Any:
+    """Faust's credentials object for the broker settings (TLS and SASL, P2); None for plaintext."""
+    config = aiokafka_config(settings)
+    protocol = config["security_protocol"]
+    if protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=config.get("sasl_plain_username"),
+            password=config.get("sasl_plain_password"),
+            ssl_context=config.get("ssl_context"),
+            mechanism=config.get("sasl_mechanism", "PLAIN"),
+        )
+    if protocol == "SSL":
+        return config["ssl_context"]
+    return None
+
+
+def create_app(
+    settings: Settings,
+    processors: Sequence[Processor],
+    *,
+    options: StreamOptions | None = None,
+    registry: CollectorRegistry | None = None,
+    codec: Codec | None = None,
+) -> StreamsApp:
+    """The Faust app running ``processors``; start it with ``streams.transport.StreamsWorker(app)``
+    (streams/main.py does)."""
+    options = options or StreamOptions()
+    if not processors:
+        raise ValueError("the stream app needs at least one processor")
+    datadir = settings.state_dir / "streams" / options.app_id
+    datadir.parent.mkdir(parents=True, exist_ok=True)
+    brokers = [f"kafka://{host.strip()}" for host in settings.kafka_bootstrap.split(",") if host.strip()]
+    app = StreamsApp(
+        options.app_id,
+        broker=brokers,
+        broker_credentials=_credentials(settings),
+        store=_store_url(options),
+        datadir=str(datadir),
+        autodiscover=False,
+        web_enabled=options.web_port is not None,
+        web_port=options.web_port or 6066,
+        topic_replication_factor=settings.topic_replication,
+        table_standby_replicas=0,
+        broker_max_poll_records=options.batch_max,
+        broker_commit_interval=options.commit_interval_s,
+        broker_session_timeout=options.session_timeout_s,
+        consumer_auto_offset_reset="earliest",
+        producer_linger=0.005,
+        producer_max_batch_size=512 * 1024,
+        consumer_max_fetch_size=4 * 1024 * 1024,
+    )
+    metrics = StreamMetrics(registry if registry is not None else CollectorRegistry())
+    dispatcher = Dispatcher(
+        app, settings, processors, codec or Codec.from_settings(settings), metrics, options
+    )
+    app.batch_topics = frozenset(dispatcher.routes)
+    app.batch_handler = dispatcher.handle
+    app.dispatcher = dispatcher  # type: ignore[attr-defined]
+    for route in dispatcher.routes.values():
+        # Subscribed as raw bytes; the dispatcher decodes.
+        app.topics.add(app.topic(route.name, key_serializer="raw", value_serializer="raw"))
+
+    @app.on_partitions_revoked.connect
+    async def _on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
+        dispatcher.on_revocation()
+
+    @app.on_partitions_assigned.connect
+    async def _on_assigned(sender: Any, assigned: set[TP], **kwargs: Any) -> None:
+        dispatcher.on_assignment(assigned)
+
+    return app

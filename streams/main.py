@@ -1,0 +1,168 @@
+"""One worker of the stream app (``aima-metrics stream``, ``python -m streams.main``): every processor in
+one Faust app. Run several with the same app id and they share the partitions. SIGTERM or SIGINT stops a
+worker cleanly: it finishes the batch in hand, flushes its outputs and changelogs, commits, and exits 0.
+
+Configuration (read by :func:`run`, never at import), besides the ``AIMA_*`` settings of bus/settings.py:
+
+| variable | default | meaning |
+|---|---|---|
+| ``AIMA_STREAMS_APP_ID`` | ``aima-streams`` | consumer group and prefix of the app's internal topics |
+| ``AIMA_STREAMS_BATCH_MAX`` | ``10000`` | most records per fetched batch |
+| ``AIMA_STREAMS_COMMIT_INTERVAL_S`` | ``2.8`` | how often acknowledged offsets are committed |
+| ``AIMA_STREAMS_SESSION_TIMEOUT_S`` | ``30`` | how long the group waits for a silent (killed) worker |
+| ``AIMA_STREAMS_WEB_PORT`` | unset (off) | port of Faust's own web server |
+| ``AIMA_STREAMS_LOG_LEVEL`` | ``info`` | crit, error, warn, info or debug |
+| ``AIMA_STREAMS_LATENESS_S`` | ``600`` | rollups: allowed lateness behind the partition's watermark |
+| ``AIMA_STREAMS_EMIT_INTERVAL_S`` | ``60`` | event time between two non-final upserts of one bucket |
+
+Self-metrics are served on ``AIMA_METRICS_PORT`` when it is set (bus/runtime.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from prometheus_client import CollectorRegistry
+
+from bus.kafka import ensure_topics, wait_for_broker
+from bus.runtime import Service
+from bus.settings import Settings
+from streams.alerts import alert_processors_from_environ
+from streams.anomaly import AnomalyConfig, AnomalyProcessor
+from streams.app import StreamOptions, create_app
+from streams.costs import cost_processors_from_environ
+from streams.processor import Processor
+from streams.rollups import RollupProcessor
+from streams.transport import StreamsWorker
+
+__all__ = ["StreamsConfig", "default_processors", "main", "run"]
+
+log = logging.getLogger(__name__)
+_LOG_LEVELS = ("crit", "error", "warn", "info", "debug")
+
+
+@dataclass(frozen=True)
+class StreamsConfig:
+    app_id: str = "aima-streams"
+    batch_max: int = 10000
+    commit_interval_s: float = 2.8
+    session_timeout_s: float = 30.0
+    web_port: int | None = None
+    log_level: str = "info"
+    lateness: timedelta = timedelta(minutes=10)
+    emit_interval: timedelta = timedelta(seconds=60)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> StreamsConfig:
+        def number(name: str, default: float) -> float:
+            raw = environ.get(name)
+            if raw is None or raw == "":
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ValueError(f"{name} must be a number, got {raw!r}") from None
+            if value < 0:
+                raise ValueError(f"{name} must not be negative, got {raw!r}")
+            return value
+
+        level = environ.get("AIMA_STREAMS_LOG_LEVEL", "info").lower()
+        if level not in _LOG_LEVELS:
+            raise ValueError(f"AIMA_STREAMS_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {level!r}")
+        web = environ.get("AIMA_STREAMS_WEB_PORT")
+        return cls(
+            app_id=environ.get("AIMA_STREAMS_APP_ID") or cls.app_id,
+            batch_max=max(1, int(number("AIMA_STREAMS_BATCH_MAX", cls.batch_max))),
+            commit_interval_s=number("AIMA_STREAMS_COMMIT_INTERVAL_S", cls.commit_interval_s),
+            session_timeout_s=number("AIMA_STREAMS_SESSION_TIMEOUT_S", cls.session_timeout_s),
+            web_port=int(web) if web else None,
+            log_level=level,
+            lateness=timedelta(seconds=number("AIMA_STREAMS_LATENESS_S", 600)),
+            emit_interval=timedelta(seconds=number("AIMA_STREAMS_EMIT_INTERVAL_S", 60)),
+        )
+
+
+def default_processors(settings: Settings, config: StreamsConfig | None = None) -> list[Processor]:
+    """Every processor the stream app runs by default (``config`` defaults to the environment's)."""
+    config = config or StreamsConfig.from_env(os.environ)
+    processors: list[Processor] = [
+        RollupProcessor(lateness=config.lateness, emit_interval=config.emit_interval),
+        *cost_processors_from_environ(),
+        *alert_processors_from_environ(),
+        AnomalyProcessor(AnomalyConfig.from_environ()),
+    ]
+    names = [p.name for p in processors]
+    if len(set(names)) != len(names):
+        raise ValueError(f"processor names must be unique: {names}")
+    return processors
+
+
+def run(
+    settings: Settings,
+    *,
+    processors: Sequence[Processor] | None = None,
+    app_id: str | None = None,
+    service: Service | None = None,
+    config: StreamsConfig | None = None,
+) -> int:
+    """Run one worker until SIGTERM or SIGINT; returns the exit code (0 after a clean stop).
+    ``app_id`` defaults to ``AIMA_STREAMS_APP_ID``, then ``aima-streams``; ``processors`` to
+    :func:`default_processors`; ``service`` (its registry carries the self-metrics) to a new one."""
+    config = config or StreamsConfig.from_env(os.environ)
+    app_id = app_id or config.app_id
+    service = service or Service("streams", settings, registry=CollectorRegistry())
+    service.start(log_level=config.log_level.replace("crit", "critical").replace("warn", "warning"))
+    wait_for_broker(settings)
+    ensure_topics(settings)
+    chosen = list(processors) if processors is not None else default_processors(settings, config)
+    options = StreamOptions(
+        app_id=app_id,
+        batch_max=config.batch_max,
+        commit_interval_s=config.commit_interval_s,
+        session_timeout_s=config.session_timeout_s,
+        web_port=config.web_port,
+    )
+    app = create_app(settings, chosen, options=options, registry=service.registry)
+    log.info("stream app starting", extra={"app_id": app_id, "processors": [p.name for p in chosen]})
+    worker = StreamsWorker(
+        app,
+        loglevel=config.log_level,
+        quiet=True,
+        redirect_stdouts=False,
+        logging_config=_logging_config(config.log_level),
+    )
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    else:  # pragma: no cover - execute_from_commandline always exits
+        code = 0
+    service.stopped()
+    return code
+
+
+def _logging_config(level: str) -> dict[str, object]:
+    """Faust's worker sets logging up itself; this makes it write bus/logs.py's JSON lines."""
+    names = {"crit": "CRITICAL", "error": "ERROR", "warn": "WARNING", "info": "INFO", "debug": "DEBUG"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "bus.logs.JsonFormatter"}},
+        "handlers": {
+            "default": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+        },
+        "root": {"level": names[level], "handlers": ["default"]},
+    }
+
+
+def main() -> None:
+    sys.exit(run(Settings()))
+
+
+if __name__ == "__main__":
+    main()

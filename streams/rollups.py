@@ -1,0 +1,575 @@
+"""S1 rollups: count, min, max, sum, avg and p95 per series (metric + labels) in hour, day, month and year
+buckets of event time, cascading hour -> day -> month -> year.
+
+State, per topic partition (see streams/processor.py), one entry per (tier, bucket start, entity): an entity
+is what one record describes (a GPU, a host, a job's timing kind, ...), so one sample causes one state write
+per batch, however many metrics it carries. An entry holds, per series, ``[count, sum, min, max, zeros,
+bins]``: ``bins`` maps DDSketch bin keys (``ddsketch.LogarithmicMapping`` of ``relative_accuracy``, the
+mapping of bus/sketch.py) to counts, and ``zeros`` counts values the mapping cannot index (zero; negative
+values too, which the Avro ``Sketch`` cannot carry). Merging adds counts per key, so a month's p95 is the p95
+of all its samples within the sketch's relative accuracy (1 % by default), not an average of p95s.
+
+Lifecycle of a bucket, driven only by event time: samples fold into their hour entry while the partition's
+watermark (the largest event time seen so far, record by record in offset order) is before the hour's end
+plus ``lateness``; once the watermark passes it, the hour is final: its final Rollup is emitted, it is merged
+into its day (the day remembers which hours it holds, so a replayed finalisation does not merge twice), and so
+on up: a day, month or year closes when its last hour does. A sample for a final hour goes to
+``Result.late`` with the reason. Non-final upserts of an hour go out at most once per ``emit_interval`` of
+event time; an upper tier's go out when an hour merges into it. Final rollups depend only on the records in
+offset order: not on where batches end, on replays or on the wall clock (the ``watermark`` field aside,
+which says how far the emitting partition's watermark was when the record went out).
+
+Crash safety (at-least-once input, a changelog that is a prefix of the writes in order):
+- every entry remembers the offset of the last record folded into it (``o``) and skips replays at or
+  below it, before judging lateness, so a replayed record is neither counted twice nor dead-lettered;
+- writes go parents first (year, month, day, hour), so a child is never marked final before its parent
+  holds it;
+- a final entry keeps ``f``, the last offset of the batch that finalised it, and stays until that offset is
+  committed (``PartitionBatch.committed_offset``); on a resumed partition, finals with ``f`` at or after the
+  committed offset are emitted again, since their output may not have been flushed before a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from math import ceil, log
+from typing import Any
+
+from ddsketch.mapping import LogarithmicMapping
+
+from bus.catalogue import METRICS, Metric
+from bus.sketch import DEFAULT_RELATIVE_ACCURACY
+from bus.topics import TOPICS
+from streams.buckets import HOUR_MS, PARENT, TIERS, Tier, bucket_end, bucket_start, iso, parse_series, to_ms
+from streams.processor import Output, PartitionBatch, Result
+from streams.series import series_id
+
+__all__ = ["ROLLUP_RECORD", "RollupProcessor", "quantile_of_bins", "rollup_topics"]
+
+ROLLUP_RECORD = "aima.metrics.Rollup"
+_LETTER: Mapping[Tier, str] = {"hour": "h", "day": "d", "month": "m", "year": "y"}
+_TIER_OF = {letter: tier for tier, letter in _LETTER.items()}
+_NO_WATERMARK = -(2**62)
+
+# An aggregate: [count, sum, min, max, zeros, {bin key: count}]
+Agg = list[Any]
+
+
+def rollup_topics() -> tuple[str, ...]:
+    """Every public catalogue topic whose records carry a catalogue metric."""
+    records = {metric.record for metric in METRICS}
+    return tuple(spec.key for spec in TOPICS if spec.schema in records and not spec.internal)
+
+
+def quantile_of_bins(
+    mapping: LogarithmicMapping, zeros: float, keys: list[int], counts: list[float], q: float
+) -> float | None:
+    """The ``q`` quantile of a sketch given as ascending bin keys and their counts, exactly as
+    ``ddsketch.DDSketch.get_quantile_value`` (and so ``bus.sketch.quantile``) answers for the same bins:
+    the first bin whose running count exceeds the rank ``q * (n - 1)``. Walked from the top, where a high
+    quantile is found sooner."""
+    stored = sum(counts)
+    total = zeros + stored
+    if total <= 0:
+        return None
+    rank = q * (total - 1)
+    if rank < zeros or not keys:
+        return 0.0
+    # running(i) > rank - zeros  <=>  (counts above i) < stored - (rank - zeros)
+    limit = stored - (rank - zeros)
+    above = 0.0
+    found = len(keys) - 1
+    for index in range(len(keys) - 1, -1, -1):
+        if above >= limit:
+            break
+        found = index
+        above += counts[index]
+    return float(mapping.value(keys[found]))
+
+
+@dataclass(slots=True)
+class _Group:
+    """The metrics of an entity that share one ``where`` selector."""
+
+    scalars: list[tuple[str, str]] = field(default_factory=list)
+    """(field, series id) of every top-level metric."""
+    arrays: list[tuple[str, str, str, dict[str, str], tuple[str, ...]]] = field(default_factory=list)
+    """(metric, array field, item field, record-level labels, item label names) of every array metric."""
+    summaries: list[str] = field(default_factory=list)
+    """Series id of every summary metric."""
+
+
+@dataclass(slots=True)
+class _Entity:
+    """What the records of one source share: the entity's state-key part and its metrics' series."""
+
+    key: str
+    always: _Group
+    """Metrics without a selector."""
+    selected: dict[Any, _Group]
+    """Metrics selected by the plan's selector field, by the value that selects them."""
+    other: list[tuple[tuple[tuple[str, Any], ...], _Group]]
+    """Metrics with any other selector."""
+    item_series: dict[tuple[str, tuple[str | None, ...]], str] = field(default_factory=dict)
+    hour_keys: dict[int, str] = field(default_factory=dict)
+
+
+class _RecordPlan:
+    """How to read one record type: which fields name its entity, and its metrics."""
+
+    def __init__(self, record: str, metrics: Iterable[Metric]) -> None:
+        self.record = record
+        self.metrics = tuple(metrics)
+        names: set[str] = set()
+        for metric in self.metrics:
+            names.update(path for path in metric.label_fields if "[]." not in path)
+        self.entity_fields = tuple(sorted(names))
+        self.signature: Callable[[Mapping[str, Any]], Any] = (
+            operator.itemgetter(*self.entity_fields) if self.entity_fields else (lambda value: ())
+        )
+        self.always = any(not metric.where for metric in self.metrics)
+        # The catalogue selects by one field per record type (JobTimings.kind, JobEvent.event,
+        # CostRecord.kind): index those selectors by value instead of testing each per record.
+        fields = {metric.where[0][0] for metric in self.metrics if len(metric.where) == 1}
+        self.selector = fields.pop() if len(fields) == 1 else None
+        self.selected_values = frozenset(
+            metric.where[0][1] for metric in self.metrics if self._indexed(metric.where)
+        )
+        self._other = tuple(
+            metric.where for metric in self.metrics if metric.where and not self._indexed(metric.where)
+        )
+        self.entities: dict[Any, _Entity] = {}
+
+    def _indexed(self, where: tuple[tuple[str, Any], ...]) -> bool:
+        return len(where) == 1 and where[0][0] == self.selector
+
+    def relevant(self, value: Mapping[str, Any]) -> bool:
+        """Whether the record may carry any of the metrics (``where`` selectors)."""
+        if self.always or (self.selector is not None and value.get(self.selector) in self.selected_values):
+            return True
+        return any(all(value.get(k) == v for k, v in where) for where in self._other)
+
+    def entity(self, value: Mapping[str, Any]) -> _Entity:
+        signature = self.signature(value)
+        found = self.entities.get(signature)
+        if found is None:
+            if len(self.entities) > 100_000:  # a cache, bounded; rebuilding an entry is cheap
+                self.entities.clear()
+            found = self.entities[signature] = self._new_entity(value)
+        return found
+
+    def _new_entity(self, value: Mapping[str, Any]) -> _Entity:
+        record_labels = {name: _label(value.get(name)) for name in self.entity_fields}
+        key = json.dumps([self.record.rsplit(".", 1)[-1], *record_labels.values()], separators=(",", ":"))
+        entity = _Entity(key, _Group(), {}, [])
+        others: dict[tuple[tuple[str, Any], ...], _Group] = {}
+        for metric in self.metrics:
+            if not metric.where:
+                group = entity.always
+            elif self._indexed(metric.where):
+                group = entity.selected.setdefault(metric.where[0][1], _Group())
+            else:
+                group = others.setdefault(metric.where, _Group())
+            own = {
+                name: record_labels[path]
+                for name, path in zip(metric.labels, metric.label_fields, strict=True)
+                if "[]." not in path and record_labels[path] is not None
+            }
+            array, _, leaf = metric.field.rpartition("[].")
+            if metric.type == "summary":
+                group.summaries.append(series_id(metric.name, own))
+            elif array:
+                item_labels = tuple(
+                    name
+                    for name, path in zip(metric.labels, metric.label_fields, strict=True)
+                    if "[]." in path
+                )
+                group.arrays.append((metric.name, array, leaf, own, item_labels))
+            else:
+                group.scalars.append((metric.field, series_id(metric.name, own)))
+        entity.other = list(others.items())
+        return entity
+
+
+def _label(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+class RollupProcessor:
+    """The rollup processor of S1 (see the module doc)."""
+
+    name = "rollups"
+
+    def __init__(
+        self,
+        *,
+        topics: Iterable[str] | None = None,
+        lateness: timedelta = timedelta(minutes=10),
+        emit_interval: timedelta = timedelta(seconds=60),
+        relative_accuracy: float = DEFAULT_RELATIVE_ACCURACY,
+        source: str = "stream",
+    ) -> None:
+        if lateness < timedelta(0) or emit_interval < timedelta(0):
+            raise ValueError("lateness and emit_interval must not be negative")
+        self.topics = tuple(topics) if topics is not None else rollup_topics()
+        self.lateness = lateness
+        self.emit_interval = emit_interval
+        self.source = source
+        self._lateness_ms = int(lateness.total_seconds() * 1000)
+        self._emit_ms = int(emit_interval.total_seconds() * 1000)
+        self.mapping = LogarithmicMapping(relative_accuracy)
+        # ddsketch's own key, inlined for speed: ceil(log(x, 2) * multiplier), the same float operations as
+        # LogarithmicMapping.key, so every bin matches what bus/sketch.py would produce.
+        self._multiplier = self.mapping._multiplier
+        self._min_indexable = self.mapping.min_possible
+        self._accuracy = float(relative_accuracy)
+        by_record: dict[str, list[Metric]] = {}
+        for metric in METRICS:
+            by_record.setdefault(metric.record, []).append(metric)
+        self._plans = {record: _RecordPlan(record, metrics) for record, metrics in by_record.items()}
+        self._parsed: dict[str, tuple[str, dict[str, str]]] = {}
+
+    # -- the batch ------------------------------------------------------------------------------------------
+
+    def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
+        result = Result()
+        if not batch.inputs:
+            return result
+        previous = to_ms(batch.previous_watermark) if batch.previous_watermark is not None else None
+        watermark = previous if previous is not None else _NO_WATERMARK
+        work: dict[str, dict[str, Any]] = {}
+        folded: set[str] = set()
+        hour_span = HOUR_MS + self._lateness_ms
+
+        for record in batch.inputs:
+            event_ms = to_ms(record.event_time)
+            plan = self._plans.get(record.record_name)
+            if plan is not None and plan.relevant(record.value):
+                entity = plan.entity(record.value)
+                hour = event_ms - event_ms % HOUR_MS
+                key = entity.hour_keys.get(hour)
+                if key is None:
+                    if len(entity.hour_keys) > 8:
+                        entity.hour_keys.clear()
+                    key = entity.hour_keys[hour] = f"h|{hour}|{entity.key}"
+                entry = work.get(key)
+                if entry is None:
+                    entry = self._load(state, key)
+                if entry is not None and record.offset <= entry["o"]:
+                    pass  # a replay of a record already folded in
+                elif hour + hour_span <= watermark or (entry is not None and "f" in entry):
+                    result.late.append((record, self._late_reason(event_ms, watermark, hour)))
+                else:
+                    if entry is None:
+                        entry = {"o": -1, "s": {}, "e": None}
+                    work[key] = entry
+                    self._fold(plan, entity, record.value, entry["s"])
+                    entry["o"] = record.offset
+                    folded.add(key)
+            if event_ms > watermark:
+                watermark = event_ms
+
+        dirty = set(folded)
+        outputs = result.outputs
+        deletes: list[str] = []
+        if batch.resumed or previous is None or self._deadline_crossed(previous, watermark):
+            self._close(batch, state, work, dirty, deletes, outputs, watermark)
+        for key in folded:
+            entry = work[key]
+            last = entry["e"]
+            if "f" not in entry and (last is None or watermark - last >= self._emit_ms):
+                entry["e"] = watermark
+                _, start, _ = key.split("|", 2)
+                self._emit(outputs, "hour", int(start), entry, final=False, watermark=watermark)
+
+        # Parents before children: a child is marked final only after its parent holds it.
+        for letter in "ymdh":
+            for key in dirty:
+                if key[0] == letter:
+                    state[key] = work[key]
+        for key in deletes:
+            del state[key]
+        return result
+
+    # -- folding --------------------------------------------------------------------------------------------
+
+    def _fold(
+        self, plan: _RecordPlan, entity: _Entity, value: Mapping[str, Any], aggs: dict[str, Agg]
+    ) -> None:
+        self._fold_group(entity, entity.always, value, aggs)
+        if plan.selector is not None:
+            group = entity.selected.get(value.get(plan.selector))
+            if group is not None:
+                self._fold_group(entity, group, value, aggs)
+        for where, group in entity.other:
+            if all(value.get(k) == v for k, v in where):
+                self._fold_group(entity, group, value, aggs)
+
+    def _fold_group(
+        self, entity: _Entity, group: _Group, value: Mapping[str, Any], aggs: dict[str, Agg]
+    ) -> None:
+        multiplier, smallest = self._multiplier, self._min_indexable
+        for name, series in group.scalars:
+            raw = value[name]
+            if raw is None:
+                continue
+            x = float(raw)
+            agg = aggs.get(series)
+            if agg is None:
+                aggs[series] = agg = [0, 0.0, x, x, 0, {}]
+            agg[0] += 1
+            agg[1] += x
+            if x < agg[2]:
+                agg[2] = x
+            elif x > agg[3]:
+                agg[3] = x
+            if x > smallest:
+                bins = agg[5]
+                key = ceil(log(x, 2) * multiplier)  # ddsketch's LogarithmicMapping.key, inlined
+                bins[key] = bins.get(key, 0) + 1
+            else:
+                agg[4] += 1
+        for metric, array, leaf, own, item_labels in group.arrays:
+            items = value.get(array)
+            if not items:
+                continue
+            for item in items:
+                raw = item.get(leaf)
+                if raw is None:
+                    continue
+                labels_key = (metric, tuple(_label(item.get(name)) for name in item_labels))
+                series = entity.item_series.get(labels_key)
+                if series is None:
+                    labels = dict(own)
+                    for name, label in zip(item_labels, labels_key[1], strict=True):
+                        if label is not None:
+                            labels[name] = label
+                    series = entity.item_series[labels_key] = series_id(metric, labels)
+                self._add(aggs, series, float(raw))
+        for series in group.summaries:
+            if value["count"] > 0:
+                self._add_summary(aggs, series, value)
+
+    def _add(self, aggs: dict[str, Agg], series: str, x: float) -> None:
+        agg = aggs.get(series)
+        if agg is None:
+            aggs[series] = agg = [0, 0.0, x, x, 0, {}]
+        agg[0] += 1
+        agg[1] += x
+        if x < agg[2]:
+            agg[2] = x
+        elif x > agg[3]:
+            agg[3] = x
+        if x > self._min_indexable:
+            bins = agg[5]
+            key = ceil(log(x, 2) * self._multiplier)
+            bins[key] = bins.get(key, 0) + 1
+        else:
+            agg[4] += 1
+
+    def _add_summary(self, aggs: dict[str, Agg], series: str, value: Mapping[str, Any]) -> None:
+        """A JobTimings summary: its count, sum, min and max merge directly, its sketch by bins."""
+        low, high = float(value["min_seconds"]), float(value["max_seconds"])
+        agg = aggs.get(series)
+        if agg is None:
+            agg = aggs[series] = [0, 0.0, low, high, 0, {}]
+        agg[0] += int(value["count"])
+        agg[1] += float(value["sum_seconds"])
+        if low < agg[2]:
+            agg[2] = low
+        if high > agg[3]:
+            agg[3] = high
+        sketch = value["sketch"]
+        agg[4] += sketch["zero_count"]
+        bins = agg[5]
+        get = bins.get
+        if sketch["relative_accuracy"] == self._accuracy:
+            for key, count in zip(sketch["keys"], sketch["counts"], strict=False):  # equal lengths: validated
+                bins[key] = get(key, 0) + count
+        else:
+            # Bins of another width do not line up: re-bin each at its representative value, which adds
+            # that sketch's own error to ours (documented; the SDK writes our accuracy).
+            other = LogarithmicMapping(float(sketch["relative_accuracy"]))
+            for key, count in zip(sketch["keys"], sketch["counts"], strict=True):
+                mine = self.mapping.key(other.value(key))
+                bins[mine] = get(mine, 0) + count
+
+    @staticmethod
+    def _merge(into: dict[str, Agg], aggs: Mapping[str, Agg]) -> None:
+        for series, agg in aggs.items():
+            target = into.get(series)
+            if target is None:
+                into[series] = [agg[0], agg[1], agg[2], agg[3], agg[4], dict(agg[5])]
+                continue
+            target[0] += agg[0]
+            target[1] += agg[1]
+            target[2] = min(target[2], agg[2])
+            target[3] = max(target[3], agg[3])
+            target[4] += agg[4]
+            bins = target[5]
+            for key, count in agg[5].items():
+                bins[key] = bins.get(key, 0) + count
+
+    # -- closing buckets ------------------------------------------------------------------------------------
+
+    def _deadline_crossed(self, previous: int, watermark: int) -> bool:
+        """Whether the watermark passed an hour end plus the lateness (every tier's deadline is one)."""
+        return (watermark - self._lateness_ms) // HOUR_MS > (previous - self._lateness_ms) // HOUR_MS
+
+    def _close(
+        self,
+        batch: PartitionBatch,
+        state: MutableMapping[str, Any],
+        work: dict[str, dict[str, Any]],
+        dirty: set[str],
+        deletes: list[str],
+        outputs: list[Output],
+        watermark: int,
+    ) -> None:
+        """Finalise every open bucket whose deadline the watermark passed, tier by tier; on a resumed
+        partition emit again the finals that may not have been flushed; drop finals whose offset is
+        committed."""
+        last_offset = batch.inputs[-1].offset
+        committed = batch.committed_offset
+        # Finals at or after the committed position may have been lost with the outputs of a crash.
+        unproven = committed if committed is not None else -1
+        by_tier: dict[str, set[tuple[int, str]]] = {letter: set() for letter in "hdmy"}
+        for key in {*state.keys(), *work}:
+            letter, start, _ = key.split("|", 2)
+            if letter in by_tier:
+                by_tier[letter].add((int(start), key))
+        for tier in TIERS:
+            letter = _LETTER[tier]
+            # Parents land in a later tier's set, which is sorted only when its turn comes.
+            for start, key in sorted(by_tier[letter]):
+                entry = work.get(key)
+                if entry is None:
+                    entry = self._load(state, key)
+                    if entry is None:
+                        continue
+                final_offset = entry.get("f")
+                if final_offset is not None:
+                    if batch.resumed and final_offset >= unproven:
+                        self._emit(outputs, tier, start, entry, final=True, watermark=watermark)
+                    if committed is not None and final_offset < committed and key not in dirty:
+                        deletes.append(key)
+                    continue
+                if bucket_end(tier, start) + self._lateness_ms > watermark:
+                    continue
+                parent = PARENT[tier]
+                if parent is not None:
+                    parent_key = self._merge_into_parent(state, work, key, tier, parent, start, entry)
+                    dirty.add(parent_key)
+                    by_tier[_LETTER[parent]].add((int(parent_key.split("|", 2)[1]), parent_key))
+                entry["f"] = last_offset
+                work[key] = entry
+                dirty.add(key)
+                self._emit(outputs, tier, start, entry, final=True, watermark=watermark)
+        for letter in "dmy":
+            for key in dirty:
+                if key[0] == letter and "f" not in work[key]:
+                    _, start, _ = key.split("|", 2)
+                    self._emit(
+                        outputs, _TIER_OF[letter], int(start), work[key], final=False, watermark=watermark
+                    )
+
+    def _merge_into_parent(
+        self,
+        state: MutableMapping[str, Any],
+        work: dict[str, dict[str, Any]],
+        key: str,
+        tier: Tier,
+        parent: Tier,
+        start: int,
+        entry: dict[str, Any],
+    ) -> str:
+        _, _, entity = key.split("|", 2)
+        parent_start = bucket_start(parent, start)
+        parent_key = f"{_LETTER[parent]}|{parent_start}|{entity}"
+        target = work.get(parent_key)
+        if target is None:
+            target = self._load(state, parent_key) or {"o": -1, "s": {}, "c": []}
+            work[parent_key] = target
+        if start not in target["c"]:
+            self._merge(target["s"], entry["s"])
+            target["c"].append(start)
+            target["o"] = max(target["o"], entry["o"])
+        return parent_key
+
+    # -- state and outputs ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _load(state: MutableMapping[str, Any], key: str) -> dict[str, Any] | None:
+        """The stored entry; after a restore from the changelog (JSON) its bin keys are strings again."""
+        entry = state.get(key)
+        if entry is None:
+            return None
+        for agg in entry["s"].values():
+            bins = agg[5]
+            if bins and isinstance(next(iter(bins)), str):
+                agg[5] = {int(k): count for k, count in bins.items()}
+        return entry
+
+    def _emit(
+        self,
+        outputs: list[Output],
+        tier: Tier,
+        start: int,
+        entry: dict[str, Any],
+        *,
+        final: bool,
+        watermark: int,
+    ) -> None:
+        end = bucket_end(tier, start)
+        start_iso = iso(start)
+        for series, agg in entry["s"].items():
+            count, total, low, high, zeros, bins = agg
+            parsed = self._parsed.get(series)
+            if parsed is None:
+                if len(self._parsed) > 200_000:
+                    self._parsed.clear()
+                parsed = self._parsed[series] = parse_series(series)
+            keys = sorted(bins)
+            counts = [float(bins[k]) for k in keys]
+            p95 = quantile_of_bins(self.mapping, zeros, keys, counts, 0.95)
+            # The true p95 lies within [min, max]; clamping only brings the estimate closer.
+            p95 = high if p95 is None else min(max(p95, low), high)
+            value = {
+                "series": series,
+                "metric": parsed[0],
+                "labels": parsed[1],
+                "tier": tier,
+                "bucket_start": start,
+                "bucket_end": end,
+                "count": int(count),
+                "min": float(low),
+                "max": float(high),
+                "sum": float(total),
+                "avg": float(total) / count if count else 0.0,
+                "p95": p95,
+                "sketch": {
+                    "relative_accuracy": self._accuracy,
+                    "zero_count": float(zeros),
+                    "keys": keys,
+                    "counts": counts,
+                },
+                "final": final,
+                "watermark": watermark,
+                "source": self.source,
+            }
+            outputs.append(Output("rollups", f"{series}|{tier}|{start_iso}", ROLLUP_RECORD, value))
+
+    def _late_reason(self, event_ms: int, watermark: int, hour: int) -> str:
+        behind = timedelta(milliseconds=watermark - event_ms)
+        return (
+            f"event time {iso(event_ms)} is {behind} behind the watermark {iso(watermark)}; "
+            f"allowed lateness {self.lateness} (hour bucket {iso(hour)} is final)"
+        )
