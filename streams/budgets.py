@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from streams.pricing import CatalogueError, load_yaml
+from streams.pricing import CatalogueError, load_yaml, read_config
 from streams.rules import fingerprint
 
 __all__ = [
@@ -82,12 +82,7 @@ class BudgetBook:
 
     @classmethod
     def load(cls, path: str | Path) -> BudgetBook:
-        path = Path(path)
-        try:
-            text = path.read_bytes()
-        except OSError as exc:
-            raise CatalogueError(str(path), [f"cannot read: {exc.strerror or exc}"]) from exc
-        return cls.parse(text, str(path))
+        return cls.parse(read_config(path), str(path))
 
     @classmethod
     def parse(cls, text: str | bytes, origin: str = "<budgets>") -> BudgetBook:

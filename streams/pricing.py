@@ -109,12 +109,7 @@ class PriceCatalogue:
 
     @classmethod
     def load(cls, path: str | Path) -> PriceCatalogue:
-        path = Path(path)
-        try:
-            text = path.read_bytes()
-        except OSError as exc:
-            raise CatalogueError(str(path), [f"cannot read: {exc.strerror or exc}"]) from exc
-        return cls.parse(text, str(path))
+        return cls.parse(read_config(path), str(path))
 
     @classmethod
     def parse(cls, text: str | bytes, origin: str = "<prices>") -> PriceCatalogue:
@@ -250,6 +245,14 @@ def _models(provider: str, models: Any, problems: list[str]) -> dict[str, ModelP
         if not bad and not unknown:
             out[model] = ModelPrice(model, prices.get("on_demand"), prices.get("spot"))
     return out
+
+
+def read_config(path: str | Path) -> bytes:
+    """The bytes of a configuration file, or a :class:`CatalogueError` that names it."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CatalogueError(str(path), [f"cannot read: {exc.strerror or exc}"]) from exc
 
 
 def load_yaml(text: str | bytes, origin: str) -> Any:
