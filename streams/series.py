@@ -8,6 +8,7 @@ are left out; a null value is no sample (null never means 0).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,24 +37,42 @@ def _escape(value: str) -> str:
 
 def series_id(metric: str, labels: Mapping[str, str]) -> str:
     """``name{a="x",b="y"}`` with labels sorted by name; ``name{}`` without labels."""
-    body = ",".join(f'{name}="{_escape(labels[name])}"' for name in sorted(labels))
+    return _series_id(metric, tuple(labels.items()))
+
+
+# A fleet has a bounded number of series, each seen on every sample: build each id once.
+@functools.lru_cache(maxsize=1 << 16)
+def _series_id(metric: str, items: tuple[tuple[str, str], ...]) -> str:
+    body = ",".join(f'{name}="{_escape(value)}"' for name, value in sorted(items))
     return f"{metric}{{{body}}}"
 
 
-def _label(value: Any) -> str | None:
-    if value is None:
-        return None
+def _label(value: Any) -> str:
+    if isinstance(value, str):
+        return value
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
 
 
+@functools.cache
+def _plan(metric: Metric) -> tuple[str, str, tuple[tuple[str, bool, str], ...]]:
+    """Where ``metric`` lives in a record, worked out once per metric: this runs for every sample.
+    (array field or "", value key, ((label, read from the array item?, key), ...))."""
+    array, _, leaf = metric.field.rpartition("[].")
+    labels = tuple(
+        (name, bool(array) and path.startswith(f"{array}[]."), path.rpartition("[].")[2])
+        for name, path in zip(metric.labels, metric.label_fields, strict=True)
+    )
+    return array, leaf, labels
+
+
 def extract(metric: Metric, record: Mapping[str, Any]) -> list[tuple[dict[str, str], float]]:
     """(labels, value) for every series of ``metric`` in a decoded ``metric.record`` record: none when the
     record does not carry it (``where``, a null value), one per array item for an array field."""
-    if not metric.selects(record):
+    if metric.where and not metric.selects(record):
         return []
-    array, _, leaf = metric.field.rpartition("[].")
+    array, leaf, plan = _plan(metric)
     items: Iterable[Mapping[str, Any]] = (record.get(array) or ()) if array else (record,)
     out = []
     for item in items:
@@ -61,11 +80,10 @@ def extract(metric: Metric, record: Mapping[str, Any]) -> list[tuple[dict[str, s
         if raw is None:
             continue
         labels = {}
-        for name, path in zip(metric.labels, metric.label_fields, strict=True):
-            source = item if path.startswith(f"{array}[].") and array else record
-            value = _label(source.get(path.rpartition("[].")[2]))
+        for name, from_item, key in plan:
+            value = (item if from_item else record).get(key)
             if value is not None:
-                labels[name] = value
+                labels[name] = _label(value)
         out.append((labels, float(raw)))
     return out
 
