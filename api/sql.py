@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -87,24 +87,48 @@ def _columns(*first: str, metric: Metric) -> sql.Composable:
     return sql.SQL(", ").join(sql.Identifier(name) for name in (*first, *metric.labels))
 
 
+LabelExpression = Callable[[str], tuple[sql.Composable, list[Any]]]
+
+
+def _label_filters(
+    metric: Metric, labels: Mapping[str, str], projects: Projects, label: LabelExpression
+) -> tuple[list[sql.Composable], list[Any]]:
+    """Conditions for label equality (an empty value asks for a missing label) and, for a user token, its
+    projects. ``label(name)`` is the SQL expression of a label with its own parameters: a view column, or
+    a key of the rollups' jsonb labels."""
+    conditions: list[sql.Composable] = []
+    params: list[Any] = []
+
+    def add(name: str, test: sql.Composable, values: list[Any]) -> None:
+        expression, expression_params = label(name)
+        conditions.append(expression + test)
+        params.extend([*expression_params, *values])
+
+    for name, value in labels.items():
+        if value == "":
+            add(name, sql.SQL(" IS NULL"), [])
+        else:
+            add(name, sql.SQL(" = %s"), [value])
+    if projects is not None:
+        if "project" in metric.labels:
+            add("project", sql.SQL(" = ANY(%s)"), [list(projects)])
+        elif "job_id" in metric.labels:
+            add("job_id", sql.SQL(" IN ") + _JOBS_OF_PROJECTS, [list(projects)] * 3)
+    return conditions, params
+
+
+def _rollup_label(name: str) -> tuple[sql.Composable, list[Any]]:
+    return sql.SQL("labels ->> %s"), [name]
+
+
 def _view_filters(
     metric: Metric, start: datetime, end: datetime, labels: Mapping[str, str], projects: Projects
 ) -> tuple[sql.Composable, list[Any]]:
     conditions: list[sql.Composable] = [sql.SQL("time >= %s"), sql.SQL("time < %s")]
     params: list[Any] = [start, end]
-    for name, value in labels.items():
-        if value == "":
-            conditions.append(sql.SQL("{} IS NULL").format(sql.Identifier(name)))
-        else:
-            conditions.append(sql.SQL("{} = %s").format(sql.Identifier(name)))
-            params.append(value)
-    if projects is not None:
-        if "project" in metric.labels:
-            conditions.append(sql.SQL("project = ANY(%s)"))
-            params.append(list(projects))
-        elif "job_id" in metric.labels:
-            conditions.append(sql.SQL("job_id IN ") + _JOBS_OF_PROJECTS)
-            params += [list(projects)] * 3
+    more, more_params = _label_filters(metric, labels, projects, lambda name: (sql.Identifier(name), []))
+    conditions += more
+    params += more_params
     return sql.SQL(" AND ").join(conditions), params
 
 
@@ -192,20 +216,9 @@ def aggregate_rollups(
         sql.SQL("bucket_start < %s"),
     ]
     params: list[Any] = [metric.name, tier, start, end]
-    for name, value in labels.items():
-        if value == "":
-            conditions.append(sql.SQL("labels ->> %s IS NULL"))
-            params.append(name)
-        else:
-            conditions.append(sql.SQL("labels ->> %s = %s"))
-            params += [name, value]
-    if projects is not None:
-        if "project" in metric.labels:
-            conditions.append(sql.SQL("labels ->> 'project' = ANY(%s)"))
-            params.append(list(projects))
-        elif "job_id" in metric.labels:
-            conditions.append(sql.SQL("labels ->> 'job_id' IN ") + _JOBS_OF_PROJECTS)
-            params += [list(projects)] * 3
+    more, more_params = _label_filters(metric, labels, projects, _rollup_label)
+    conditions += more
+    params += more_params
     query = sql.SQL(
         """SELECT bucket_start, bucket_end, labels, min, max, avg, p95, count, final
              FROM rollups WHERE {where} ORDER BY bucket_start, series LIMIT %s"""
