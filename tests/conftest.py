@@ -7,6 +7,7 @@ Each test gets its own topic prefix and database schema, so tests never collide.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import uuid
@@ -117,15 +118,28 @@ def settings(services: _Services, unique: str, tmp_path: Path) -> Settings:
     )
 
 
+def _delete_topics(bootstrap: str, marker: str) -> None:
+    """Drop every topic whose name holds the test's unique marker (its prefix, and the internal topics of
+    Faust apps named after it), so a developer's long-lived broker does not pile up partitions."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    names = [name for name in admin.list_topics(timeout=10).topics if marker in name]
+    if names:
+        for future in admin.delete_topics(names, operation_timeout=30).values():
+            with contextlib.suppress(Exception):  # already gone, or deleted by the test itself
+                future.result(30)
+
+
 @pytest.fixture
-def topics(settings: Settings) -> Settings:
-    """Creates the whole topic catalogue under the test's own prefix."""
+def topics(settings: Settings, unique: str) -> Iterator[Settings]:
+    """Creates the whole topic catalogue under the test's own prefix; afterwards deletes every topic the
+    test made."""
     ensure_topics(settings)
-    return settings
+    yield settings
+    _delete_topics(settings.kafka_bootstrap, unique)
 
 
 @pytest.fixture
-def new_topic(kafka_bootstrap: str, unique: str) -> Callable[..., str]:
+def new_topic(kafka_bootstrap: str, unique: str) -> Iterator[Callable[..., str]]:
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
     counter = iter(range(1000))
 
@@ -136,7 +150,8 @@ def new_topic(kafka_bootstrap: str, unique: str) -> Callable[..., str]:
         )
         return topic
 
-    return create
+    yield create
+    _delete_topics(kafka_bootstrap, unique)
 
 
 @pytest.fixture
