@@ -7,8 +7,10 @@ checked without anyone remembering to add it here."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+
+from bus import schemas
 
 # Fields whose name alone would mislead: a budget can be used beyond 100 %.
 _EXACT: dict[str, tuple[float | None, float | None]] = {"budget_utilization_percent": (0.0, None)}
@@ -71,17 +73,129 @@ def _walk(value: Mapping[str, Any], path: str) -> Iterator[str]:
             if isinstance(item, float) and not math.isfinite(item):
                 yield f"{where}: {item} is not a finite number"
                 continue
-            low, high = _bounds(name)
+            low, high = bounds(name)
             if low is not None and item < low:
                 yield f"{where}: {item} is below {low:g}"
             elif high is not None and item > high:
                 yield f"{where}: {item} is above {high:g}"
 
 
-def _bounds(name: str) -> tuple[float | None, float | None]:
+def bounds(name: str) -> tuple[float | None, float | None]:
+    """The (low, high) bounds the rules give a field of this name; None leaves a side open."""
     if name in _EXACT:
         return _EXACT[name]
     for suffix, low, high in _BOUNDS:
         if name.endswith(suffix):
             return low, high
     return None, None
+
+
+_Check = Callable[[Mapping[str, Any]], bool]
+_NUMBERS = {"int": False, "long": False, "float": True, "double": True}  # Avro type -> decoded as float
+_PRIMITIVES = {*_NUMBERS, "string", "boolean", "bytes"}
+
+
+class Validator:
+    """:func:`problems` answered fast for valid records, for the hot paths (publisher, stream app). Per
+    record schema it checks only the fields the rules can apply to (numbers, nested records, arrays of
+    records), with each field's bounds looked up once; a record with a schema shape it does not handle is
+    walked field by field instead. Either way a record that breaks a rule goes through :func:`problems`
+    itself for the message."""
+
+    def __init__(self) -> None:
+        self._bounds: dict[str, tuple[float | None, float | None]] = {}
+        self._checks: dict[str, _Check] = {}
+
+    def problems(self, record_name: str, value: Mapping[str, Any]) -> list[str]:
+        check = self._checks.get(record_name)
+        if check is None:
+            try:
+                check = self._compile(schemas.load(record_name))
+            except (KeyError, TypeError, ValueError):
+                check = self._ok
+            self._checks[record_name] = check
+        return [] if check(value) else problems(value)
+
+    def check(self, record_name: str, value: Mapping[str, Any]) -> None:
+        """Raise :class:`InvalidRecord` when ``value`` breaks any rule (as :func:`check` does)."""
+        found = self.problems(record_name, value)
+        if found:
+            raise InvalidRecord(record_name, found)
+
+    def _bound(self, name: str) -> tuple[float | None, float | None]:
+        found = self._bounds.get(name)
+        if found is None:
+            # The rule table problems() applies, looked up once per field name.
+            found = self._bounds[name] = bounds(name)
+        return found
+
+    def _compile(self, schema: Mapping[str, Any]) -> _Check:
+        numbers: list[tuple[str, float | None, float | None, bool]] = []
+        records: list[tuple[str, _Check]] = []
+        arrays: list[tuple[str, _Check]] = []
+        for spec in schema["fields"]:
+            name, kind = spec["name"], spec["type"]
+            if isinstance(kind, list):
+                branches = [branch for branch in kind if branch != "null"]
+                if len(branches) != 1:
+                    raise ValueError(f"union {kind!r}: walked field by field")
+                kind = branches[0]
+            if isinstance(kind, dict) and "logicalType" not in kind and kind["type"] in _NUMBERS:
+                kind = kind["type"]
+            if isinstance(kind, str):
+                if kind in _NUMBERS:
+                    low, high = self._bound(name)
+                    if low is not None or high is not None or _NUMBERS[kind]:
+                        numbers.append((name, low, high, _NUMBERS[kind]))
+                elif kind not in ("string", "boolean", "bytes", "null"):
+                    raise ValueError(f"named type {kind!r}: walked field by field")
+            elif kind["type"] == "record":
+                records.append((name, self._compile(kind)))
+            elif kind["type"] == "array" and isinstance(kind["items"], dict):
+                if kind["items"].get("type") != "record":
+                    raise ValueError(f"array of {kind['items']!r}: walked field by field")
+                arrays.append((name, self._compile(kind["items"])))
+            elif kind["type"] == "array" and kind["items"] not in _PRIMITIVES:
+                raise ValueError(f"array of {kind['items']!r}: walked field by field")
+            elif kind["type"] == "map" and name not in ("labels", "annotations"):
+                raise ValueError("a map the rules walk into: walked field by field")
+
+        def check(value: Mapping[str, Any]) -> bool:
+            for name, low, high, floating in numbers:
+                item = value.get(name)
+                if item is None:
+                    continue
+                if floating and item - item != 0.0:  # NaN or infinity
+                    return False
+                if (low is not None and item < low) or (high is not None and item > high):
+                    return False
+            for name, inner in records:
+                item = value.get(name)
+                if item is not None and not inner(item):
+                    return False
+            for name, inner in arrays:
+                for item in value.get(name) or ():
+                    if not inner(item):
+                        return False
+            return True
+
+        return check
+
+    def _ok(self, value: Mapping[str, Any]) -> bool:
+        """The field-by-field walk, for schemas :meth:`_compile` does not handle."""
+        for name, item in value.items():
+            kind = type(item)
+            if kind is float or kind is int:
+                if kind is float and not math.isfinite(item):
+                    return False
+                low, high = self._bound(name)
+                if (low is not None and item < low) or (high is not None and item > high):
+                    return False
+            elif kind is dict and name not in ("labels", "annotations") and not self._ok(item):
+                return False
+            elif kind is list and item and type(item[0]) is dict:
+                # Avro arrays hold one type: records (dicts) are walked, primitives need no walk.
+                for element in item:
+                    if type(element) is dict and not self._ok(element):
+                        return False
+        return True

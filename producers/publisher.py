@@ -20,7 +20,7 @@ from bus.errors import CodecError
 from bus.kafka import client_config
 from bus.settings import Settings
 from bus.topics import topic_name
-from bus.validation import InvalidRecord, check
+from bus.validation import InvalidRecord, Validator
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class Publisher:
         config.update(producer_config)
         self._producer = Producer(config)
         self._deadletter = topic_name(settings, "deadletter")
+        self._validator = Validator()
         self.delivered = 0
         self.failed = 0
         self.invalid = 0
@@ -85,7 +86,7 @@ class Publisher:
         dead-lettered) or dropped because the buffer is full."""
         topic = topic_name(self.settings, topic_key)
         try:
-            check(record_name, value)
+            self._validator.check(record_name, value)
             data = self.codec.encode(record_name, value, topic)
         except (InvalidRecord, CodecError) as exc:
             self._reject(topic, key, value, exc)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import math
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
@@ -36,7 +35,7 @@ from faust.types import TP
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from bus import schemas, validation
+from bus import validation
 from bus.codec import Codec
 from bus.errors import CodecError
 from bus.kafka import aiokafka_config
@@ -205,110 +204,6 @@ class _Route:
     bindings: list[_Binding] = field(default_factory=list)
 
 
-_Check = Callable[[Mapping[str, Any]], bool]
-_NUMBERS = {"int": False, "long": False, "float": True, "double": True}  # Avro type -> decoded as float
-_PRIMITIVES = {*_NUMBERS, "string", "boolean", "bytes"}
-
-
-class _FastValidation:
-    """``bus.validation.problems`` answered fast for valid records. Per record schema it checks only the
-    fields the rules can apply to (numbers, nested records, arrays of records), with each field's bounds
-    looked up once; a record with a schema shape it does not handle is walked field by field instead.
-    Either way a record that breaks a rule goes through ``problems`` itself for the message."""
-
-    def __init__(self) -> None:
-        self._bounds: dict[str, tuple[float | None, float | None]] = {}
-        self._checks: dict[str, _Check] = {}
-
-    def problems(self, record_name: str, value: Mapping[str, Any]) -> list[str]:
-        check = self._checks.get(record_name)
-        if check is None:
-            try:
-                check = self._compile(schemas.load(record_name))
-            except (KeyError, TypeError, ValueError):
-                check = self._ok
-            self._checks[record_name] = check
-        return [] if check(value) else validation.problems(value)
-
-    def _bound(self, name: str) -> tuple[float | None, float | None]:
-        bounds = self._bounds.get(name)
-        if bounds is None:
-            # The rule table validation.problems applies, looked up once per field name.
-            bounds = self._bounds[name] = validation._bounds(name)
-        return bounds
-
-    def _compile(self, schema: Mapping[str, Any]) -> _Check:
-        numbers: list[tuple[str, float | None, float | None, bool]] = []
-        records: list[tuple[str, _Check]] = []
-        arrays: list[tuple[str, _Check]] = []
-        for spec in schema["fields"]:
-            name, kind = spec["name"], spec["type"]
-            if isinstance(kind, list):
-                branches = [branch for branch in kind if branch != "null"]
-                if len(branches) != 1:
-                    raise ValueError(f"union {kind!r}: walked field by field")
-                kind = branches[0]
-            if isinstance(kind, dict) and "logicalType" not in kind and kind["type"] in _NUMBERS:
-                kind = kind["type"]
-            if isinstance(kind, str):
-                if kind in _NUMBERS:
-                    low, high = self._bound(name)
-                    if low is not None or high is not None or _NUMBERS[kind]:
-                        numbers.append((name, low, high, _NUMBERS[kind]))
-                elif kind not in ("string", "boolean", "bytes", "null"):
-                    raise ValueError(f"named type {kind!r}: walked field by field")
-            elif kind["type"] == "record":
-                records.append((name, self._compile(kind)))
-            elif kind["type"] == "array" and isinstance(kind["items"], dict):
-                if kind["items"].get("type") != "record":
-                    raise ValueError(f"array of {kind['items']!r}: walked field by field")
-                arrays.append((name, self._compile(kind["items"])))
-            elif kind["type"] == "array" and kind["items"] not in _PRIMITIVES:
-                raise ValueError(f"array of {kind['items']!r}: walked field by field")
-            elif kind["type"] == "map" and name not in ("labels", "annotations"):
-                raise ValueError("a map the rules walk into: walked field by field")
-
-        def check(value: Mapping[str, Any]) -> bool:
-            for name, low, high, floating in numbers:
-                item = value.get(name)
-                if item is None:
-                    continue
-                if floating and item - item != 0.0:  # NaN or infinity
-                    return False
-                if (low is not None and item < low) or (high is not None and item > high):
-                    return False
-            for name, inner in records:
-                item = value.get(name)
-                if item is not None and not inner(item):
-                    return False
-            for name, inner in arrays:
-                for item in value.get(name) or ():
-                    if not inner(item):
-                        return False
-            return True
-
-        return check
-
-    def _ok(self, value: Mapping[str, Any]) -> bool:
-        """The field-by-field walk, for schemas :meth:`_compile` does not handle."""
-        for name, item in value.items():
-            kind = type(item)
-            if kind is float or kind is int:
-                if kind is float and not math.isfinite(item):
-                    return False
-                low, high = self._bound(name)
-                if (low is not None and item < low) or (high is not None and item > high):
-                    return False
-            elif kind is dict and name not in ("labels", "annotations") and not self._ok(item):
-                return False
-            elif kind is list and item and type(item[0]) is dict:
-                # Avro arrays hold one type: records (dicts) are walked, primitives need no walk.
-                for element in item:
-                    if type(element) is dict and not self._ok(element):
-                        return False
-        return True
-
-
 def _json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
@@ -333,7 +228,7 @@ class Dispatcher:
         self.options = options
         self.clock = clock
         self.sender = Sender(app)
-        self.validation = _FastValidation()
+        self.validation = validation.Validator()
         self.routes: dict[str, _Route] = {}
         self._fresh: set[tuple[str, TP]] = set()
         """(processor, partition) pairs that have had a batch since the last rebalance."""

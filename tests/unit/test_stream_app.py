@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from bus import validation
-from streams.app import PartitionView, StreamOptions, _FastValidation, _partition_of
+from bus.validation import Validator
+from streams.app import PartitionView, StreamOptions, _partition_of
 from streams.main import StreamsConfig
 
 
@@ -142,7 +143,7 @@ def _cases() -> list[tuple[str, dict[str, Any]]]:
 
 
 def test_fast_validation_agrees_with_bus_validation() -> None:
-    fast = _FastValidation()
+    fast = Validator()
     for record_name, record in _cases():
         assert fast.problems(record_name, record) == validation.problems(record), record
     for name in ("GpuSample", "JobTimings", "SystemSample", "JobEvent", "PodStatus", "CostRecord"):
