@@ -74,6 +74,7 @@ def processes(settings: Settings, gpu: bool | None = None) -> tuple[Process, ...
     api_port = int(os.environ.get("AIMA_API_PORT", "8000"))
     receiver_port = base + 9
     receiver_url = f"http://127.0.0.1:{receiver_port}/alerts"
+    key = webhook_key(settings)
     listed = [
         Process("stream", ("stream",), base + 1),
         Process("sink", ("sink",), base + 2),
@@ -82,7 +83,7 @@ def processes(settings: Settings, gpu: bool | None = None) -> tuple[Process, ...
             ("webhook-receiver", "--port", str(receiver_port)),
             base + 8,
             address=f"{receiver_url} -> {settings.state_dir}/webhook/received.jsonl",
-            env={"AIMA_WEBHOOK_KEY": webhook_key(settings)},
+            env={"AIMA_WEBHOOK_KEY": key},
         ),
         Process(
             "notify",
@@ -93,7 +94,7 @@ def processes(settings: Settings, gpu: bool | None = None) -> tuple[Process, ...
                     "AIMA_NOTIFY_CONFIG", str(INFRA / "notify" / "local.yaml")
                 ),
                 "AIMA_LOCAL_WEBHOOK_URL": receiver_url,
-                "AIMA_WEBHOOK_KEY": webhook_key(settings),
+                "AIMA_WEBHOOK_KEY": key,
             },
         ),
         Process("api", ("api",), base + 4, address=f"http://127.0.0.1:{api_port}/docs"),
