@@ -35,6 +35,7 @@ from prometheus_client import CollectorRegistry
 from psycopg import sql
 
 from bus.codec import Codec
+from bus.frames import FrameDecoder
 from bus.kafka import admin, ensure_topics
 from bus.runtime import Service
 from bus.settings import REPO_ROOT, Settings
@@ -108,22 +109,32 @@ def produce(settings: Settings, codec: Codec, records: list[dict[str, Any]]) -> 
     return time.perf_counter() - started
 
 
-def bare_copy(conn: psycopg.Connection, rows: list[tuple[Any, ...]], unlogged: bool) -> float:
-    """COPY the rows into a fresh plain table of gpu_samples' columns; seconds for COPY + commit."""
+def bare_copy(conn: psycopg.Connection, rows: list[tuple[Any, ...]], target: str, schema: str) -> float:
+    """COPY the rows with psycopg's binary COPY; seconds for COPY + commit. ``target``: ``unlogged`` or
+    ``logged`` (a fresh plain table of gpu_samples' columns, no partitions, no indexes) or ``sink`` (the
+    migrated gpu_samples table the sink writes, with its daily partitions, natural-key and BRIN indexes;
+    emptied before and after)."""
     table = BY_NAME["gpu_samples"]
-    name = sql.Identifier(f"bench_copy_{'unlogged' if unlogged else 'logged'}")
     columns = sql.SQL(", ").join(map(sql.Identifier, table.column_names))
-    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(name))
-    conn.execute(
-        sql.SQL("CREATE {} TABLE {} AS SELECT {} FROM gpu_samples WITH NO DATA").format(
-            sql.SQL("UNLOGGED" if unlogged else ""), name, columns
+    if target == "sink":
+        name = sql.Identifier(schema, "gpu_samples")
+        conn.execute(sql.SQL("TRUNCATE {}").format(name))
+    else:
+        name = sql.Identifier(f"bench_copy_{target}")
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(name))
+        conn.execute(
+            sql.SQL("CREATE {} TABLE {} AS SELECT {} FROM {} WITH NO DATA").format(
+                sql.SQL("UNLOGGED" if target == "unlogged" else ""),
+                name,
+                columns,
+                sql.Identifier(schema, "gpu_samples"),
+            )
         )
-    )
     types = [
         oid
         for (_, oid) in conn.execute(
             "SELECT attname, atttypid::integer FROM pg_attribute "
-            "WHERE attrelid = %s::regclass AND attnum > 0 ORDER BY attnum",
+            "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
             (name.as_string(conn),),
         )
     ]
@@ -136,12 +147,16 @@ def bare_copy(conn: psycopg.Connection, rows: list[tuple[Any, ...]], unlogged: b
     elapsed = time.perf_counter() - started
     count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(name)).fetchone()[0]
     assert count == len(rows), count
-    conn.execute(sql.SQL("DROP TABLE {}").format(name))
+    conn.execute(sql.SQL("TRUNCATE {}" if target == "sink" else "DROP TABLE {}").format(name))
     return elapsed
 
 
-def run_sink(settings: Settings, schema: str, n: int, batch_max: int) -> tuple[float, float, sink.SinkStats]:
-    """Seconds from the start of run() to the last row committed, and from the first row committed."""
+def run_sink(
+    settings: Settings, schema: str, n: int, batch_max: int
+) -> tuple[float, float, sink.SinkStats, dict[str, float]]:
+    """Seconds from the start of run() to the last row committed, and from the first row committed; the
+    sink's stats; and the seconds its batches spent filling (consumer thread: reading, decoding),
+    writing (writer thread: CSV, COPY, commit) and committing offsets, summed over the batches."""
     registry = CollectorRegistry()
     service = Service("bench-sink", settings, registry=registry)
     outcome: dict[str, Any] = {}
@@ -178,14 +193,18 @@ def run_sink(settings: Settings, schema: str, n: int, batch_max: int) -> tuple[f
                 first = time.perf_counter()
             if time.perf_counter() - started > 900:
                 raise TimeoutError(f"only {stored():.0f} of {n} rows stored after 900 s")
-            time.sleep(0.01)
+            time.sleep(0.05)  # reading the registry costs the sink's thread some of its time
         done = time.perf_counter()
     finally:
         service.stopping.set()
         thread.join(120)
     if "error" in outcome:
         raise outcome["error"]
-    return done - started, done - (first or started), outcome["stats"]
+    phases = {
+        phase: registry.get_sample_value("aima_sink_batch_duration_seconds_sum", {"phase": phase}) or 0.0
+        for phase in ("fill", "write", "commit")
+    }
+    return done - started, done - (first or started), outcome["stats"], phases
 
 
 def _row(what: str, seconds: dict[str, float], rate: dict[str, float], key: str) -> str:
@@ -239,16 +258,27 @@ def main(argv: list[str] | None = None) -> int:
     encoded = [codec.encode("GpuSample", r) for r in records]
     del records
     origin = Origin("bench", 0, 0, int(now.timestamp() * 1000))
-    decode_s = rows_s = 0.0
+    decode_s = rows_s = frame_s = frame_rows_s = 0.0
     rows: list[tuple[Any, ...]] = []
+    frames = FrameDecoder(codec, "GpuSample")
+    table = BY_NAME["gpu_samples"]
     for start in range(0, n, args.batch_max):
+        chunk = encoded[start : start + args.batch_max]
         started = time.perf_counter()
-        decoded = [codec.decode(data) for data in encoded[start : start + args.batch_max]]
+        decoded = [codec.decode(data) for data in chunk]
         decode_s += time.perf_counter() - started
         started = time.perf_counter()
         rows += [row for name, record in decoded for _, row in rows_for(name, record, origin)]
         rows_s += time.perf_counter() - started
-    del decoded, encoded
+        started = time.perf_counter()
+        frame = frames.decode(chunk)
+        frame_s += time.perf_counter() - started
+        assert frame.columns is not None and not frame.rest
+        started = time.perf_counter()
+        columnar = table.rows_from_columns(frame.columns, [origin] * len(frame.rows))
+        frame_rows_s += time.perf_counter() - started
+        assert columnar == rows[start : start + args.batch_max]
+    del decoded, encoded, frame, columnar
     # The bench's own copy of the rows is no garbage of the sink's: keep the collector off it.
     gc.collect()
     gc.freeze()
@@ -260,18 +290,18 @@ def main(argv: list[str] | None = None) -> int:
         server = conn.execute("SHOW server_version").fetchone()[0]
         try:
             print("bare COPY ...", flush=True)
-            results["copy_unlogged_1"] = bare_copy(conn, rows, unlogged=True)
-            results["copy_logged_1"] = bare_copy(conn, rows, unlogged=False)
+            for target in ("unlogged", "logged", "sink"):
+                results[f"copy_{target}_1"] = bare_copy(conn, rows, target, schema)
             print("sink ...", flush=True)
-            total_s, steady_s, stats = run_sink(settings, schema, n, args.batch_max)
+            total_s, steady_s, stats, phases = run_sink(settings, schema, n, args.batch_max)
             results["sink_total"], results["sink_steady"] = total_s, steady_s
             stored = conn.execute(
                 sql.SQL("SELECT count(*) FROM {}.gpu_samples").format(sql.Identifier(schema))
             )
             assert stored.fetchone()[0] == n
             print("bare COPY again ...", flush=True)
-            results["copy_unlogged_2"] = bare_copy(conn, rows, unlogged=True)
-            results["copy_logged_2"] = bare_copy(conn, rows, unlogged=False)
+            for target in ("unlogged", "logged", "sink"):
+                results[f"copy_{target}_2"] = bare_copy(conn, rows, target, schema)
         finally:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
             names = [topic_name(settings, key) for key in ("gpu.samples", "deadletter")]
@@ -282,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     rate = {k: n / v for k, v in results.items()}
     copy_logged = max(rate["copy_logged_1"], rate["copy_logged_2"])
     copy_unlogged = max(rate["copy_unlogged_1"], rate["copy_unlogged_2"])
+    copy_sink = max(rate["copy_sink_1"], rate["copy_sink_2"])
     ratio = rate["sink_total"] / copy_logged
     info = machine()
     date = datetime.now(UTC).strftime("%Y-%m-%d")
@@ -298,16 +329,24 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---:|---:|",
         _row("bare COPY, unlogged table, no index (1st / 2nd)", results, rate, "copy_unlogged"),
         _row("bare COPY, logged table, no index (1st / 2nd)", results, rate, "copy_logged"),
+        _row("bare COPY into the sink's table (partitions, indexes; 1st / 2nd)", results, rate, "copy_sink"),
         f"| sink, Kafka to committed rows, from start (group join included) | {results['sink_total']:.2f} | "
         f"{rate['sink_total']:,.0f} |",
         f"| sink, from first committed batch to last | {results['sink_steady']:.2f} | "
         f"{(n - args.batch_max) / results['sink_steady']:,.0f} |",
+        f"| sink, per batch: filling (consumer thread) / writing (writer thread) / committing offsets | "
+        f"{phases['fill'] / stats.batches:.3f} / {phases['write'] / stats.batches:.3f} / "
+        f"{phases['commit'] / stats.batches:.3f} | |",
         f"| one core, Codec.decode only (no Kafka, no database) | {decode_s:.2f} | {n / decode_s:,.0f} |",
         f"| one core, record to row tuples only | {rows_s:.2f} | {n / rows_s:,.0f} |",
+        f"| one core, FrameDecoder (native columnar read, lengths checked) | {frame_s:.2f} | "
+        f"{n / frame_s:,.0f} |",
+        f"| one core, columns to row tuples | {frame_rows_s:.2f} | {n / frame_rows_s:,.0f} |",
         "",
-        f"**Sink / bare COPY (logged): {ratio:.0%}** (target >= 70 %); "
-        f"sink / bare COPY (unlogged): {rate['sink_total'] / copy_unlogged:.0%}. "
-        f"Batches: {stats.batches}.",
+        f"**Sink / bare COPY into the same table: {rate['sink_total'] / copy_sink:.0%}**; "
+        f"sink / bare COPY into a plain logged table: {ratio:.0%}; "
+        f"sink / bare COPY into a plain unlogged table: {rate['sink_total'] / copy_unlogged:.0%} "
+        f"(target >= 70 %). Batches: {stats.batches}.",
         "",
     ]
     text = "\n".join(lines)

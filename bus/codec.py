@@ -64,7 +64,7 @@ class RegistryClient(Protocol):
 
 
 @dataclass(frozen=True)
-class _Writer:
+class WriterSchema:
     name: str
     parsed: dict[str, Any]
     fingerprint: bytes
@@ -101,19 +101,21 @@ class Codec:
         self._validate = validate
         if schemas is None:
             own = [
-                _Writer(name, contract.load(name), contract.fingerprint(name), contract.schema_json(name))
+                WriterSchema(
+                    name, contract.load(name), contract.fingerprint(name), contract.schema_json(name)
+                )
                 for name in contract.names()
             ]
             earlier = [_writer_from_json(json.dumps(schema)) for schema in contract.history()]
         else:
             own, earlier = [_writer_from_json(json.dumps(schema)) for schema in schemas], []
-        self._local: dict[str, _Writer] = {}
+        self._local: dict[str, WriterSchema] = {}
         for writer in own:
             self._local[writer.name] = writer
             self._local[writer.name.rsplit(".", 1)[-1]] = writer  # short names too, for a fast encode lookup
-        self._by_fingerprint: dict[bytes, _Writer] = {w.fingerprint: w for w in earlier}
+        self._by_fingerprint: dict[bytes, WriterSchema] = {w.fingerprint: w for w in earlier}
         self._by_fingerprint.update((w.fingerprint, w) for w in own)
-        self._by_id: dict[int, _Writer] = {}
+        self._by_id: dict[int, WriterSchema] = {}
         self._confluent_headers: dict[tuple[str, str], bytes] = {}
 
     @classmethod
@@ -138,6 +140,20 @@ class Codec:
         self._by_fingerprint[writer.fingerprint] = writer
         return writer.fingerprint
 
+    def local_writer(self, record_name: str) -> WriterSchema:
+        """Our own schema of that name (short or full); UnknownSchema otherwise."""
+        writer = self._local.get(record_name)
+        if writer is None:
+            raise UnknownSchema(f"unknown Avro record {record_name!r}; known: {self._known_names()}")
+        return writer
+
+    def schema_ids_of(self, record_name: str) -> frozenset[int]:
+        """Schema Registry ids known to name our own schema of that name (Confluent framing)."""
+        writer = self._local.get(record_name)
+        return frozenset(
+            i for i, w in self._by_id.items() if writer is not None and w.fingerprint == writer.fingerprint
+        )
+
     # -- encode ------------------------------------------------------------------------------------------
 
     def encode(self, record_name: str, value: dict[str, Any], topic: str | None = None) -> bytes:
@@ -160,7 +176,7 @@ class Codec:
             raise EncodeError(f"{writer.name}: {exc}" + (f" ({problems})" if problems else "")) from exc
         return out.getvalue()
 
-    def _confluent_header(self, writer: _Writer, topic: str | None) -> bytes:
+    def _confluent_header(self, writer: WriterSchema, topic: str | None) -> bytes:
         if topic is None:
             raise EncodeError(f"{writer.name}: the Confluent wire format needs the topic (for <topic>-value)")
         header = self._confluent_headers.get((topic, writer.name))
@@ -171,7 +187,7 @@ class Codec:
             self._by_id[schema_id] = writer  # our own records decode without asking the registry
         return header
 
-    def _register(self, subject: str, writer: _Writer) -> int:
+    def _register(self, subject: str, writer: WriterSchema) -> int:
         from confluent_kafka.schema_registry import Schema
 
         if self._registry is None:  # unreachable through __init__, which ties confluent to a registry
@@ -230,7 +246,7 @@ class Codec:
             raise NotAvro(f"{len(data) - body.tell()} bytes left after a {writer.name} record")
         return target.name, value
 
-    def _reader_for(self, writer: _Writer, reader: str | None) -> _Writer:
+    def _reader_for(self, writer: WriterSchema, reader: str | None) -> WriterSchema:
         if reader is None:
             return self._local.get(writer.name, writer)
         target = self._local.get(reader)
@@ -241,7 +257,7 @@ class Codec:
     def _known_names(self) -> str:
         return ", ".join(sorted({writer.name for writer in self._local.values()}))
 
-    def _writer_for_id(self, schema_id: int) -> _Writer:
+    def _writer_for_id(self, schema_id: int) -> WriterSchema:
         writer = self._by_id.get(schema_id)
         if writer is not None:
             return writer
@@ -266,15 +282,15 @@ class Codec:
         return writer
 
 
-def _writer_from_json(text: str) -> _Writer:
+def _writer_from_json(text: str) -> WriterSchema:
     """A writer schema from its JSON text; the fingerprint is taken over the text, not fastavro's parsed
     form, which carries private keys."""
     raw = json.loads(text)
     parsed = fastavro.parse_schema(raw)
-    return _Writer(parsed["name"], parsed, contract.fingerprint_of(raw), text)
+    return WriterSchema(parsed["name"], parsed, contract.fingerprint_of(raw), text)
 
 
-def _problems(writer: _Writer, value: dict[str, Any]) -> str:
+def _problems(writer: WriterSchema, value: dict[str, Any]) -> str:
     """What fastavro's validator finds wrong, one entry per named field; empty when it names none (a
     missing or unknown field, which the writer's own message names better)."""
     try:

@@ -41,13 +41,15 @@ from prometheus_client import CollectorRegistry
 
 from bus.codec import Codec
 from bus.errors import CodecError
+from bus.frames import FrameDecoder, UnsupportedSchema
 from bus.kafka import client_config
 from bus.runtime import Service
 from bus.settings import Settings
 from bus.topics import BY_KEY, topic_name
+from consumers.sink_chunks import Chunk
 from consumers.sink_metrics import SinkMetrics
 from consumers.sink_writer import Aborted, Entry, Writer, WriteResult, now_ms
-from consumers.tables import BY_NAME, Origin, Table, dead_letter_row, rows_for
+from consumers.tables import BY_NAME, BY_RECORD, Origin, Table, dead_letter_row, rows_for
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,8 @@ _BLOCKED_BEFORE_PAUSE_S = 1.0
 """A full batch waits this long for a busy (healthy) writer before the partitions are paused; pausing
 discards what librdkafka prefetched, so it is kept for real stalls."""
 _DEAD_LETTER_FLUSH_S = 10.0
+_COLUMNAR_MIN = 64
+"""Fewer records than this from one consume are decoded one by one: the native read would not pay."""
 
 
 @dataclass
@@ -159,6 +163,7 @@ class Sink:
         self._pause_state_unknown = False
         self._lag_at = 0.0
         self._closing = False
+        self._frame_decoders: dict[str, FrameDecoder | None] = {}
         self.stats = SinkStats()
 
     # -- the loop ----------------------------------------------------------------------------------------
@@ -177,10 +182,12 @@ class Sink:
         return self.stats
 
     def _step(self) -> None:
-        self._collect()
+        self._collect(commit=False)
         now = self._clock()
         if self._inflight is None and self._batch_due(now):
             self._submit()
+        if self._ready_to_commit:  # after the hand-over: the writer works on while offsets commit
+            self._commit()
         full = len(self._batch) >= self._batch_max
         if full and self._full_since is None:
             self._full_since = now
@@ -191,8 +198,7 @@ class Sink:
             wait([self._inflight.future], timeout=0.05)
         else:
             wanted = max(1, self._batch_max - len(self._batch))
-            for message in self._consumer.consume(num_messages=wanted, timeout=self._poll_timeout(now)):
-                self._accept(message)
+            self._accept_many(self._consumer.consume(num_messages=wanted, timeout=self._poll_timeout(now)))
             self._retry_held()
         self._report_lag()
 
@@ -210,12 +216,72 @@ class Sink:
 
     # -- records in --------------------------------------------------------------------------------------
 
-    def _accept(self, message: Message) -> None:
+    def _accept_many(self, messages: list[Message]) -> None:
+        """Decode what one consume returned: per topic, the records of a columnar-capable schema in one
+        native read (``bus.frames``); every other record, and each one that read leaves out, one by one
+        (:meth:`_accept`, which also knows the exact dead-letter reasons)."""
+        if self._held or len(messages) < _COLUMNAR_MIN:
+            for message in messages:
+                self._accept(message)
+            return
+        by_topic: dict[str, list[Message]] = {}
+        for message in messages:
+            if self._kafka_error(message):
+                continue
+            by_topic.setdefault(message.topic(), []).append(message)
+        for topic, batch in by_topic.items():
+            for message, place in zip(batch, self._columnar(topic, batch), strict=True):
+                if place is None or self._held:
+                    self._accept(message)
+                else:
+                    self._append(message, None, *place)
+
+    def _columnar(self, topic: str, messages: list[Message]) -> list[tuple[Chunk, int] | None]:
+        """For each message read natively, its chunk and row; None for those to decode one by one."""
+        places: list[tuple[Chunk, int] | None] = [None] * len(messages)
+        decoder = self._frame_decoder(self._expected[topic])
+        if decoder is None:
+            return places
+        frame = decoder.decode([message.value() for message in messages])
+        if frame.columns is None:
+            return places
+        tables = BY_RECORD[frame.record_name]
+        origins = None
+        if Chunk.needs_origins(tables):
+            origins = [_origin(messages[position]) for position in frame.rows]
+        chunk = Chunk(tables, frame.columns, origins)
+        # Its CSV is made now, while the writer copies the previous batch (polars works without the GIL):
+        # the writer thread is the narrowest stage of the sink.
+        chunk.prepare()
+        for index, position in enumerate(frame.rows):
+            places[position] = (chunk, index)
+        return places
+
+    def _frame_decoder(self, record_name: str) -> FrameDecoder | None:
+        """A columnar decoder for records whose every table takes one row per record; None otherwise."""
+        if record_name not in self._frame_decoders:
+            decoder = None
+            tables = BY_RECORD.get(record_name, ())
+            if tables and all(table.items is None for table in tables):
+                try:
+                    decoder = FrameDecoder(self._codec, record_name)
+                except UnsupportedSchema as exc:
+                    log.debug("no columnar decoding", extra={"record": record_name, "reason": str(exc)})
+            self._frame_decoders[record_name] = decoder
+        return self._frame_decoders[record_name]
+
+    def _kafka_error(self, message: Message) -> bool:
+        """True for a consumer error instead of a record (logged; a fatal one raises)."""
         error = message.error()
-        if error is not None:
-            if error.fatal():
-                raise KafkaException(error)
-            log.warning("consumer error", extra={"error": str(error)})
+        if error is None:
+            return False
+        if error.fatal():
+            raise KafkaException(error)
+        log.warning("consumer error", extra={"error": str(error)})
+        return True
+
+    def _accept(self, message: Message) -> None:
+        if self._kafka_error(message):
             return
         if self._held:  # keep order behind a record waiting for the schema registry
             self._held.append(message)
@@ -245,10 +311,9 @@ class Sink:
     def _add(self, message: Message) -> None:
         """Decode one record into the batch; poison becomes a dead letter. Raises only a transient
         CodecError (the record must wait)."""
-        topic, partition, offset = message.topic(), message.partition(), message.offset()
-        value = message.value()
+        topic = message.topic()
         try:
-            name, record = self._codec.decode(value)
+            name, record = self._codec.decode(message.value())
         except CodecError as exc:
             if exc.transient:
                 raise
@@ -258,16 +323,25 @@ class Sink:
             if name != expected:
                 rows = self._poison(message, f"{topic} carries {expected} records, not {name}", "WrongRecord")
             else:
-                kind, millis = message.timestamp()
-                origin = Origin(topic, partition, offset, None if kind == TIMESTAMP_NOT_AVAILABLE else millis)
                 try:
-                    rows = rows_for(name, record, origin)
+                    rows = rows_for(name, record, _origin(message))
                 except (KeyError, TypeError, ValueError, AttributeError) as exc:
                     rows = self._poison(message, f"{name} does not fit its tables: {exc}", type(exc).__name__)
+        self._append(message, rows)
+
+    def _append(
+        self,
+        message: Message,
+        rows: list[tuple[Table, tuple[Any, ...]]] | None,
+        chunk: Chunk | None = None,
+        index: int = 0,
+    ) -> None:
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
         self.stats.records += 1
         if not self._batch:
             self._batch_started = self._clock()
-        self._batch.append(Entry(topic, partition, offset, message.key(), value, rows))
+        entry = Entry(topic, partition, offset, message.key(), message.value(), rows, chunk, index)
+        self._batch.append(entry)
         self._batch_offsets[(topic, partition)] = offset
 
     def _poison(self, message: Message, reason: str, error_type: str) -> list[tuple[Table, tuple[Any, ...]]]:
@@ -324,8 +398,9 @@ class Sink:
         future = self._executor.submit(self._writer.write, entries)
         self._inflight = _InFlight(future, offsets, len(entries), started)
 
-    def _collect(self) -> None:
-        """Once the batch in flight is stored: publish its dead letters, flush them, commit its offsets."""
+    def _collect(self, commit: bool = True) -> None:
+        """Once the batch in flight is stored: publish its dead letters, flush them, and (unless the
+        caller does it later) commit its offsets."""
         inflight = self._inflight
         if inflight is not None and inflight.future.done():
             self._inflight = None
@@ -334,7 +409,7 @@ class Sink:
                 self._publish_letter(letter)
             self._account(inflight, result)
             self._ready_to_commit.append(inflight)
-        if self._ready_to_commit:
+        if commit and self._ready_to_commit:
             self._commit()
 
     def _account(self, inflight: _InFlight, result: WriteResult) -> None:
@@ -476,6 +551,16 @@ class Sink:
                 if position >= 0 and high >= 0:
                     offsets[(tp.topic, tp.partition)] = (high, position)
         self._metrics.lag.update(offsets)
+
+
+def _origin(message: Message) -> Origin:
+    kind, millis = message.timestamp()
+    return Origin(
+        message.topic(),
+        message.partition(),
+        message.offset(),
+        None if kind == TIMESTAMP_NOT_AVAILABLE else millis,
+    )
 
 
 def _on_delivery(error: KafkaError | None, message: Message) -> None:

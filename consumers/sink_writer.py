@@ -22,11 +22,13 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from consumers.sink_chunks import Chunk
 from consumers.tables import BY_NAME, TABLES, Table, dead_letter_row
 
 log = logging.getLogger(__name__)
@@ -70,16 +72,27 @@ class Aborted(Exception):
     """The sink stopped waiting for the database; the batch was not stored (and not committed)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
-    """One Kafka message of a batch and the rows it becomes."""
+    """One Kafka message of a batch and the rows it becomes: ``own_rows``, or (never both) row ``index``
+    of ``chunk`` (records decoded together, written as columns when the batch holds the whole chunk)."""
 
     topic: str
     partition: int
     offset: int
     key: bytes | None
     value: bytes | None
-    rows: list[tuple[Table, tuple[Any, ...]]]
+    own_rows: list[tuple[Table, tuple[Any, ...]]] | None
+    chunk: Chunk | None = None
+    index: int = 0
+
+    @property
+    def rows(self) -> list[tuple[Table, tuple[Any, ...]]]:
+        if self.own_rows is not None:
+            return self.own_rows
+        if self.chunk is None:
+            raise ValueError("an entry needs rows or a chunk")
+        return self.chunk.rows(self.index)
 
 
 @dataclass
@@ -227,39 +240,67 @@ class Writer:
     def _transaction(
         self, conn: psycopg.Connection, entries: list[Entry]
     ) -> tuple[Counter[str], Counter[str]]:
-        by_table: dict[Table, list[tuple[Any, ...]]] = {}
-        for entry in entries:
+        by_table: dict[Table, list[tuple[Any, ...] | Chunk]] = {}
+        chunks, single = _whole_chunks(entries)
+        for chunk in chunks:
+            for table in chunk.tables:
+                if table.newest:  # rows must be reduced to the newest per key first
+                    rows = by_table.setdefault(table, [])
+                    for index in range(len(chunk)):
+                        rows.extend(row for t, row in chunk.rows(index) if t is table)
+                else:
+                    by_table.setdefault(table, []).append(chunk)
+        for entry in single:
             for table, row in entry.rows:
                 by_table.setdefault(table, []).append(row)
         staged: Counter[str] = Counter()
         stored: Counter[str] = Counter()
         with conn.transaction(), conn.cursor() as cursor:
-            for table, rows in by_table.items():
+            for table, parts in by_table.items():
+                whole = [part for part in parts if isinstance(part, Chunk)]
+                rows = [part for part in parts if not isinstance(part, Chunk)]
                 if table.newest:
                     rows = _newest_per_key(table, rows)
-                staged[table.name] += len(rows)
+                payload = b"".join(chunk.csv(table) for chunk in whole)
+                staged[table.name] += len(rows) + sum(map(len, whole))
                 if table.key and not table.newest:
                     # Most batches hold no row stored before: COPY straight into the table, and take the
                     # staged upsert only when the natural key says some row is there already.
                     try:
                         with conn.transaction():
-                            self._copy(cursor, _COPY_DIRECT[table.name], table, rows)
-                        stored[table.name] += max(cursor.rowcount, 0)
+                            stored[table.name] += self._copy(cursor, table, rows, payload, stage=False)
                         continue
                     except psycopg.errors.UniqueViolation:
                         pass
-                self._copy(cursor, _COPY_STAGE[table.name], table, rows)
+                self._copy(cursor, table, rows, payload, stage=True)
                 cursor.execute(_UPSERT[table.name])
                 stored[table.name] += max(cursor.rowcount, 0)
         return staged, stored
 
     def _copy(
-        self, cursor: psycopg.Cursor[Any], statement: sql.Composed, table: Table, rows: list[tuple[Any, ...]]
-    ) -> None:
-        with cursor.copy(statement) as copy:
-            copy.set_types(self._types[table.name])
-            for row in rows:
-                copy.write_row(row)
+        self,
+        cursor: psycopg.Cursor[Any],
+        table: Table,
+        rows: list[tuple[Any, ...]],
+        csv: bytes,
+        *,
+        stage: bool,
+    ) -> int:
+        """COPY the rows (binary) and the CSV rows into the table or its staging table; rows copied."""
+        copied = 0
+        if rows:
+            statement = (_COPY_STAGE if stage else _COPY_DIRECT)[table.name]
+            with cursor.copy(statement) as copy:
+                copy.set_types(self._types[table.name])
+                for row in rows:
+                    copy.write_row(row)
+            copied += max(cursor.rowcount, 0)
+        if csv:
+            statement = (_COPY_STAGE_CSV if stage else _COPY_DIRECT_CSV)[table.name]
+            with cursor.copy(statement) as copy:
+                copy.write(csv)
+            copied += max(cursor.rowcount, 0)
+        return copied
 
     # -- connection --------------------------------------------------------------------------------------
 
@@ -356,8 +397,23 @@ def _column_list(table: Table) -> sql.Composed:
     return sql.SQL(", ").join(map(sql.Identifier, table.column_names))
 
 
-def _copy_sql(table: Table, target: sql.Identifier) -> sql.Composed:
-    return sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(target, _column_list(table))
+def _copy_sql(table: Table, target: sql.Identifier, form: str = "BINARY") -> sql.Composed:
+    return sql.SQL("COPY {} ({}) FROM STDIN (FORMAT {})").format(target, _column_list(table), sql.SQL(form))
+
+
+def _whole_chunks(entries: Sequence[Entry]) -> tuple[list[Chunk], list[Entry]]:
+    """The chunks ``entries`` hold all of (written as columns), and the other entries (one by one).
+    Runs per batch over every entry, so the loops are the C-level ones of Counter and comprehensions."""
+    counts = Counter(map(_chunk_of, entries))
+    counts.pop(None, None)
+    whole = [chunk for chunk, held in counts.items() if held == len(chunk)]
+    if not whole:
+        return [], list(entries)
+    done = set(whole)
+    return whole, [entry for entry in entries if entry.chunk not in done]
+
+
+_chunk_of = attrgetter("chunk")
 
 
 def _upsert_sql(table: Table) -> sql.Composed:
@@ -387,4 +443,6 @@ def _upsert_sql(table: Table) -> sql.Composed:
 
 _COPY_STAGE = {table.name: _copy_sql(table, _stage(table)) for table in TABLES}
 _COPY_DIRECT = {table.name: _copy_sql(table, sql.Identifier(table.name)) for table in TABLES}
+_COPY_STAGE_CSV = {table.name: _copy_sql(table, _stage(table), "CSV") for table in TABLES}
+_COPY_DIRECT_CSV = {table.name: _copy_sql(table, sql.Identifier(table.name), "CSV") for table in TABLES}
 _UPSERT = {table.name: _upsert_sql(table) for table in TABLES}

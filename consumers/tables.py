@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any
 
+import polars as pl
+
 __all__ = ["BY_NAME", "BY_RECORD", "TABLES", "Column", "Origin", "Table", "rows_for"]
 
 NS = "aima.metrics"
@@ -46,7 +48,7 @@ class Column:
     distinct, which would let a redelivered row in twice)."""
 
 
-_ORIGIN: Mapping[str, Callable[[Origin], Any]] = {
+ORIGIN_FIELDS: Mapping[str, Callable[[Origin], Any]] = {
     "@timestamp": lambda origin: origin.timestamp,
     "@topic": lambda origin: origin.topic,
     "@partition": lambda origin: origin.partition,
@@ -54,7 +56,7 @@ _ORIGIN: Mapping[str, Callable[[Origin], Any]] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one object per table: identity hashing, which the writer does per row
 class Table:
     name: str
     record: str
@@ -92,6 +94,23 @@ class Table:
     def rows(self, record: Mapping[str, Any], origin: Origin) -> list[tuple[Any, ...]]:
         return self._make(record, origin)
 
+    def rows_from_columns(self, columns: pl.DataFrame, origins: Sequence[Origin]) -> list[tuple[Any, ...]]:
+        """The rows of decoded records given as columns (one row per record, ``origins`` alike): the
+        same tuples :meth:`rows` makes one record at a time. Tables with ``items`` are not columnar."""
+        if self.items is not None:
+            raise ValueError(f"{self.name}: one row per item of {self.items}; use rows()")
+        values: list[Sequence[Any]] = []
+        for column in self.columns:
+            if column.source in ORIGIN_FIELDS:
+                get = ORIGIN_FIELDS[column.source]
+                values.append([get(origin) for origin in origins])
+            else:
+                series = columns.get_column(column.source)
+                if column.null_as_empty:
+                    series = series.fill_null("")
+                values.append(series.to_list())
+        return list(zip(*values, strict=True))
+
 
 def _row_maker(table: Table) -> Callable[[Mapping[str, Any], Origin], list[tuple[Any, ...]]]:
     """A fast record-to-rows function: a row is the record's fields (one C-level itemgetter), then the
@@ -99,7 +118,7 @@ def _row_maker(table: Table) -> Callable[[Mapping[str, Any], Origin], list[tuple
     prefix = f"{table.items}[]." if table.items else None
     kinds = []
     for column in table.columns:
-        if column.source in _ORIGIN:
+        if column.source in ORIGIN_FIELDS:
             kinds.append(2)
         elif prefix and column.source.startswith(prefix):
             kinds.append(1)
@@ -113,7 +132,7 @@ def _row_maker(table: Table) -> Callable[[Mapping[str, Any], Origin], list[tuple
     get_item = _getter(
         [c.source.removeprefix(prefix or "") for c, k in zip(table.columns, kinds, strict=True) if k == 1]
     )
-    get_origin = [_ORIGIN[c.source] for c, k in zip(table.columns, kinds, strict=True) if k == 2]
+    get_origin = [ORIGIN_FIELDS[c.source] for c, k in zip(table.columns, kinds, strict=True) if k == 2]
     empty = [i for i, column in enumerate(table.columns) if column.null_as_empty]
 
     def finish(row: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -303,4 +322,4 @@ def dead_letter_row(letter: Mapping[str, Any]) -> tuple[Any, ...]:
     """A dead_letters row for a letter the sink writes itself rather than reads from the dead-letter topic:
     the letter's own topic coordinates stay null."""
     columns = BY_NAME["dead_letters"].columns
-    return tuple(None if c.source in _ORIGIN else letter[c.source] for c in columns)
+    return tuple(None if c.source in ORIGIN_FIELDS else letter[c.source] for c in columns)

@@ -1,0 +1,146 @@
+"""bus.frames: the native columnar read gives exactly what Codec.decode gives, record for record, and leaves
+every record it cannot vouch for to Codec.decode."""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+
+import fastavro
+import polars as pl
+import pytest
+
+from bus import schemas
+from bus.codec import Codec
+from bus.frames import FrameDecoder, UnsupportedSchema, _varint_size
+from producers.simulator import Fleet, generate
+from tests.unit.test_codec import GPU, QUEUE, FakeRegistry
+
+START = datetime(2026, 11, 29, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def simulated() -> dict[str, list[bytes]]:
+    """Ten simulated minutes of a 16-GPU fleet, encoded, by record name."""
+    codec = Codec()
+    by_name: dict[str, list[bytes]] = defaultdict(list)
+    fleet = Fleet(seed=7, hosts=2, gpus_per_host=8, start=START)
+    for _topic, _key, name, value in generate(fleet, START, START + timedelta(minutes=10), 5):
+        by_name[name].append(codec.encode(name, value))
+    return by_name
+
+
+@pytest.mark.parametrize("name", ["GpuSample", "SystemSample", "QueueSample", "PodStatus", "DeadLetter"])
+def test_columns_equal_codec_decode(name: str, simulated: dict[str, list[bytes]]) -> None:
+    codec = Codec()
+    values = simulated.get(name) or [
+        codec.encode(name, _dead_letter(i)) for i in range(50)
+    ]  # the simulator makes no dead letters
+    frame = FrameDecoder(codec, name).decode(values)
+    assert frame.columns is not None and frame.rest == []
+    assert frame.rows == list(range(len(values)))
+    assert frame.columns.to_dicts() == [codec.decode(value)[1] for value in values]
+
+
+def _dead_letter(i: int) -> dict[str, object]:
+    return {
+        "time": START + timedelta(seconds=i),
+        "stage": "stream",
+        "origin_topic": "aima.gpu.samples",
+        "origin_partition": i % 4,
+        "origin_offset": i * 1000,
+        "key": None if i % 3 else f"k{i}".encode(),
+        "value": bytes(range(i % 256)) if i % 2 else None,
+        "reason": "é" * i,
+        "error_type": "LateSample",
+        "source": "test",
+    }
+
+
+def test_schemas_polars_cannot_read_are_unsupported() -> None:
+    codec = Codec()
+    supported = set()
+    for name in schemas.names():
+        try:
+            FrameDecoder(codec, name)
+        except UnsupportedSchema:
+            continue
+        supported.add(name.rsplit(".", 1)[-1])
+    # Maps (AlertEvent, Anomaly, Rollup) and enums (CostRecord, JobEvent, JobTimings) are left to fastavro.
+    assert supported == {"GpuSample", "SystemSample", "QueueSample", "PodStatus", "DeadLetter"}
+
+
+def _gpu(i: int) -> bytes:
+    value = dict(GPU, time=GPU["time"] + timedelta(seconds=i), gpu=i, utilization_percent=float(i))
+    return Codec().encode("GpuSample", value)
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        pytest.param(lambda data: data + b"\x00", id="a byte left over"),
+        pytest.param(lambda data: data[:-1], id="a byte missing"),
+        pytest.param(lambda data: data[:10] + b"\xff" * (len(data) - 10), id="garbage body"),
+        pytest.param(lambda data: data[:-9] + b"\x02" + data[-8:], id="a null made a value"),
+    ],
+)
+def test_one_bad_record_sends_the_batch_to_codec_decode(spoil) -> None:  # type: ignore[no-untyped-def]
+    values = [_gpu(i) for i in range(40)]
+    values[17] = spoil(values[17])
+    frame = FrameDecoder(Codec(), "GpuSample").decode(values)
+    # Never wrong values: either nothing was read here, or (when the spoilt bytes still are a valid
+    # record of the same length) every row equals what Codec.decode reads.
+    if frame.columns is None:
+        assert frame.rest == list(range(40))
+    else:
+        assert frame.columns.to_dicts() == [Codec().decode(value)[1] for value in values]
+
+
+def test_other_framings_and_writers_are_left_to_codec_decode() -> None:
+    codec = Codec()
+    values = [_gpu(i) for i in range(20)]
+    values[3] = b""
+    values[5] = codec.encode("QueueSample", QUEUE)  # another writer schema
+    values[8] = b"\x00\x00\x00\x00\x63" + values[8][10:]  # Confluent frame of an id nobody registered
+    values[9] = None  # type: ignore[call-overload]
+    frame = FrameDecoder(codec, "GpuSample").decode(values)
+    assert frame.rest == [3, 5, 8, 9]
+    assert frame.rows == [i for i in range(20) if i not in (3, 5, 8, 9)]
+    assert frame.columns is not None
+    assert frame.columns["gpu"].to_list() == frame.rows
+
+
+def test_confluent_frames_of_our_own_schema_are_read() -> None:
+    registry = FakeRegistry()
+    codec = Codec(registry)
+    values = [
+        codec.encode("GpuSample", dict(GPU, gpu=i), topic="aima.gpu.samples") for i in range(12)
+    ]
+    frame = FrameDecoder(codec, "GpuSample").decode(values)
+    assert frame.rest == [] and frame.columns is not None
+    assert frame.columns["gpu"].to_list() == list(range(12))
+
+
+def test_small_batches_are_left_to_codec_decode() -> None:
+    frame = FrameDecoder(Codec(), "GpuSample").decode([_gpu(i) for i in range(3)])
+    assert frame.columns is None and frame.rest == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "value", [0, 1, -1, 63, -64, 64, -65, 8191, 8192, -8193, 2**31 - 1, -(2**31), 2**62, 2**63 - 1, -(2**63)]
+)
+def test_varint_size_matches_the_encoder(value: int) -> None:
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, fastavro.parse_schema("long"), value)
+    size = pl.select(_varint_size(pl.lit(value, pl.Int64))).item()
+    assert size == len(out.getvalue())
+
+
+@pytest.mark.parametrize("where", [0, 17, 39])
+def test_a_record_with_a_byte_left_over_is_caught_anywhere(where: int) -> None:
+    """polars' reader ignores what is left at the end of a block; the length check does not."""
+    values = [_gpu(i) for i in range(40)]
+    values[where] += b"\x00"
+    frame = FrameDecoder(Codec(), "GpuSample").decode(values)
+    assert frame.columns is None and frame.rest == list(range(40))
