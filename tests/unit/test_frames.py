@@ -114,9 +114,7 @@ def test_other_framings_and_writers_are_left_to_codec_decode() -> None:
 def test_confluent_frames_of_our_own_schema_are_read() -> None:
     registry = FakeRegistry()
     codec = Codec(registry)
-    values = [
-        codec.encode("GpuSample", dict(GPU, gpu=i), topic="aima.gpu.samples") for i in range(12)
-    ]
+    values = [codec.encode("GpuSample", dict(GPU, gpu=i), topic="aima.gpu.samples") for i in range(12)]
     frame = FrameDecoder(codec, "GpuSample").decode(values)
     assert frame.rest == [] and frame.columns is not None
     assert frame.columns["gpu"].to_list() == list(range(12))
