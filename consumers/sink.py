@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,16 +96,21 @@ class _InFlight:
     offsets: dict[tuple[str, int], int]
     records: int
     started: float
+    writer: int
 
 
 class Sink:
     """One consumer in group ``group_id``. :meth:`run` until ``stopping`` is set; it then stores and
-    commits what it holds and closes."""
+    commits what it holds and closes.
+
+    ``writer``: one Writer, or several (each its own connection and thread): batch N+1 may be written
+    while batch N still is; offsets are committed in batch order, each once every batch before it is
+    stored."""
 
     def __init__(
         self,
         settings: Settings,
-        writer: Writer,
+        writer: Writer | Sequence[Writer],
         metrics: SinkMetrics,
         *,
         codec: Codec | None = None,
@@ -119,7 +124,9 @@ class Sink:
     ) -> None:
         if batch_max < 1 or batch_timeout_s <= 0:
             raise ValueError("batch_max must be >= 1 and batch_timeout_s > 0")
-        self._writer = writer
+        self._writers = [writer] if isinstance(writer, Writer) else list(writer)
+        if not self._writers:
+            raise ValueError("a sink needs at least one writer")
         self._metrics = metrics
         self._codec = codec or Codec.from_settings(settings)
         self._expected = {topic_name(settings, key): BY_KEY[key].schema for key in topics}
@@ -147,12 +154,16 @@ class Sink:
                 **{"acks": "all", "enable.idempotence": True, "linger.ms": 20, "client.id": "aima-sink-dlq"},
             )
         )
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aima-sink-writer")
+        self._executors = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"aima-sink-writer-{i}")
+            for i in range(len(self._writers))
+        ]
         self._batch: list[Entry] = []
         self._batch_offsets: dict[tuple[str, int], int] = {}
         self._batch_started: float | None = None
         self._full_since: float | None = None
-        self._inflight: _InFlight | None = None
+        self._inflight: deque[_InFlight] = deque()
+        """Batches handed to writers, oldest first; each leaves once it and every one before it is done."""
         self._ready_to_commit: list[_InFlight] = []
         self._held: deque[Message] = deque()
         self._held_retry_at = 0.0
@@ -184,7 +195,7 @@ class Sink:
     def _step(self) -> None:
         self._collect(commit=False)
         now = self._clock()
-        if self._inflight is None and self._batch_due(now):
+        if self._batch_due(now) and self._free_writer() is not None:
             self._submit()
         if self._ready_to_commit:  # after the hand-over: the writer works on while offsets commit
             self._commit()
@@ -192,10 +203,11 @@ class Sink:
         if full and self._full_since is None:
             self._full_since = now
         stalled = self._full_since is not None and now - self._full_since >= _BLOCKED_BEFORE_PAUSE_S
-        busy = self._inflight is not None and (self._writer.retrying or stalled)
+        retrying = any(writer.retrying for writer in self._writers)
+        busy = bool(self._inflight) and (retrying or stalled)
         self._set_paused(bool(self._held) or busy)
-        if full and not self._paused and self._inflight is not None:
-            wait([self._inflight.future], timeout=0.05)
+        if full and not self._paused and self._inflight:
+            wait([inflight.future for inflight in self._inflight], timeout=0.05, return_when=FIRST_COMPLETED)
         else:
             wanted = max(1, self._batch_max - len(self._batch))
             self._accept_many(self._consumer.consume(num_messages=wanted, timeout=self._poll_timeout(now)))
@@ -208,7 +220,7 @@ class Sink:
         return len(self._batch) >= self._batch_max or now - self._batch_started >= self._batch_timeout_s
 
     def _poll_timeout(self, now: float) -> float:
-        if self._inflight is not None or self._paused or self._held:
+        if self._inflight or self._paused or self._held:
             return 0.05
         if self._batch_started is not None:
             return max(0.0, min(self._batch_timeout_s - (now - self._batch_started), 0.5))
@@ -395,15 +407,22 @@ class Sink:
         for topic, count in per_topic.items():
             self._metrics.records.labels(topic).inc(count)
         self._batch, self._batch_offsets, self._batch_started, self._full_since = [], {}, None, None
-        future = self._executor.submit(self._writer.write, entries)
-        self._inflight = _InFlight(future, offsets, len(entries), started)
+        index = self._free_writer()
+        if index is None:  # callers check first
+            raise RuntimeError("no writer is free")
+        future = self._executors[index].submit(self._writers[index].write, entries)
+        self._inflight.append(_InFlight(future, offsets, len(entries), started, index))
+
+    def _free_writer(self) -> int | None:
+        """A writer with no batch still being written (its last one may wait for an older batch)."""
+        busy = {inflight.writer for inflight in self._inflight if not inflight.future.done()}
+        return next((i for i in range(len(self._writers)) if i not in busy), None)
 
     def _collect(self, commit: bool = True) -> None:
         """Once the batch in flight is stored: publish its dead letters, flush them, and (unless the
         caller does it later) commit its offsets."""
-        inflight = self._inflight
-        if inflight is not None and inflight.future.done():
-            self._inflight = None
+        while self._inflight and self._inflight[0].future.done():
+            inflight = self._inflight.popleft()
             result = inflight.future.result()  # a fatal database error ends the sink here, uncommitted
             for letter in result.letters:
                 self._publish_letter(letter)
@@ -462,21 +481,25 @@ class Sink:
         database; what is not stored by then is not committed (it comes again on the next start)."""
         deadline = self._clock() + self._shutdown_timeout_s
         self._set_paused(True)
-        while self._inflight is not None or self._batch:
+        while self._inflight or self._batch:
             self._collect()
-            if self._inflight is None and self._batch:
+            if self._batch and self._free_writer() is not None:
                 self._submit()
-            if self._inflight is None:
+            if not self._inflight:
                 break
             remaining = deadline - self._clock()
             if remaining <= 0:
                 log.warning("database still unavailable at shutdown; batch left uncommitted")
-                self._writer.abort.set()
-                with contextlib.suppress(Aborted):
-                    self._inflight.future.result(timeout=60)
-                self._inflight = None
+                for writer in self._writers:
+                    writer.abort.set()
+                for inflight in self._inflight:
+                    with contextlib.suppress(Aborted):
+                        inflight.future.result(timeout=60)
+                # Batches stored after an older one failed to be stay uncommitted: they come again.
+                self._inflight.clear()
                 break
-            wait([self._inflight.future], timeout=min(remaining, 0.5))
+            futures = [inflight.future for inflight in self._inflight]
+            wait(futures, timeout=min(remaining, 0.5), return_when=FIRST_COMPLETED)
             self._set_paused(True)
             self._consumer.consume(num_messages=1, timeout=0)  # paused: serves callbacks; nothing is read
         if self._ready_to_commit:
@@ -487,10 +510,13 @@ class Sink:
         try:
             self._consumer.close()
         finally:
-            if self._inflight is not None:  # an error left a batch in flight: stop its retries
-                self._writer.abort.set()
-            self._executor.shutdown(wait=True)
-            self._writer.close()
+            if self._inflight:  # an error left batches in flight: stop their retries
+                for writer in self._writers:
+                    writer.abort.set()
+            for executor in self._executors:
+                executor.shutdown(wait=True)
+            for writer in self._writers:
+                writer.close()
             self._producer.flush(_DEAD_LETTER_FLUSH_S)
             self._metrics.paused.set(0)
             self._metrics.lag.update({})
@@ -519,8 +545,8 @@ class Sink:
         """Commit what is stored before the partitions go; records held or unwritten are simply read
         again by their next owner (the upserts store them once)."""
         if not self._closing:
-            if self._inflight is not None:
-                wait([self._inflight.future], timeout=10.0)
+            if self._inflight:
+                wait([inflight.future for inflight in self._inflight], timeout=10.0)
             self._collect()
         self._forget(partitions)
 
@@ -584,6 +610,7 @@ def run(
     shutdown_timeout_s: float = 30.0,
     retry_max_s: float = 5.0,
     consumer_config: dict[str, Any] | None = None,
+    writers: int = 2,
 ) -> SinkStats:
     """Run the sink until ``service.stopping`` is set, then store and commit the batch in hand and close.
 
@@ -593,23 +620,31 @@ def run(
     here; a caller's service is left for the caller to stop.
     ``maintenance_every_s``: how often daily partitions are created ahead (plain PostgreSQL).
     ``retention_every_s``: also apply retention this often (None: leave it to ``db retention`` or, with
-    TimescaleDB, to its policies)."""
+    TimescaleDB, to its policies).
+    ``writers``: database connections writing batches side by side (PostgreSQL's COPY is the sink's
+    narrowest stage; two nearly double what one stores on a 2-core machine)."""
     own_service = service is None
     if service is None:
         service = Service("sink", settings)
         service.start()
     metrics = SinkMetrics(registry or service.registry)
-    writer = Writer(
-        settings.database_dsn(),
-        schema=schema,
-        on_retry=lambda reason: metrics.db_retries.labels(reason).inc(),
-        retry_max_s=retry_max_s,
-        maintenance_every_s=maintenance_every_s,
-        retention_every_s=retention_every_s,
-    )
+    if writers < 1:
+        raise ValueError("writers must be at least 1")
+    # Partition upkeep and retention are one writer's job: two doing it at once would race on the DDL.
+    pool = [
+        Writer(
+            settings.database_dsn(),
+            schema=schema,
+            on_retry=lambda reason: metrics.db_retries.labels(reason).inc(),
+            retry_max_s=retry_max_s,
+            maintenance_every_s=maintenance_every_s if i == 0 else None,
+            retention_every_s=retention_every_s if i == 0 else None,
+        )
+        for i in range(writers)
+    ]
     sink = Sink(
         settings,
-        writer,
+        pool,
         metrics,
         codec=codec,
         topics=tuple(topics) if topics is not None else DEFAULT_TOPICS,
