@@ -20,6 +20,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC
 from functools import reduce
 from typing import Any
 
@@ -50,6 +51,21 @@ class Frame:
     """For each row of ``columns``, the position of its record in the input."""
     rest: list[int] = field(default_factory=list)
     """Positions this path did not read: decode them one by one with ``Codec.decode``."""
+
+    def records(self) -> list[dict[str, Any]]:
+        """The rows as the values ``Codec.decode`` returns for them (timestamps UTC-aware with
+        ``datetime.UTC``), in the order of :attr:`rows`."""
+        if self.columns is None:
+            return []
+        values = []
+        for series in self.columns.get_columns():
+            if isinstance(series.dtype, pl.Datetime) and series.dtype.time_zone is not None:
+                naive = series.dt.replace_time_zone(None).to_list()
+                values.append([None if v is None else v.replace(tzinfo=UTC) for v in naive])
+            else:
+                values.append(series.to_list())
+        names = self.columns.columns
+        return [dict(zip(names, row, strict=True)) for row in zip(*values, strict=True)]
 
 
 class FrameDecoder:

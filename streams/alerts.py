@@ -40,7 +40,7 @@ from bus.topics import TOPICS
 from streams.buckets import from_ms, to_ms
 from streams.processor import Input, Output, PartitionBatch, Result
 from streams.rules import Rule, fingerprint, load_rules
-from streams.series import extract
+from streams.series import SeriesIndex
 
 __all__ = [
     "ALERT_RECORD",
@@ -63,6 +63,8 @@ _NO_DATA_INDEX = "~no-data"
 Rule names cannot start with '~', so it never collides with an entry."""
 _CORE = ("status", "since", "starts_at", "cleared_at")
 _MAX_SENT = 16
+_TARGETS_MAX = 1 << 16
+"""Most (rule, series) pairs whose alert labels and fingerprint are kept worked out."""
 """Most outputs an entry remembers for the re-send after a restart (a flapping alert keeps the latest)."""
 
 
@@ -217,6 +219,33 @@ class AlertProcessor:
             topics.add(topic_of_record(metric.record))
         self._ratio_rules = tuple(rule for rule in self.rules if rule.ratio is not None)
         self.topics = tuple(sorted(topics))
+        self._series = {
+            record: SeriesIndex(dict.fromkeys(metric for _, metric in pairs))
+            for record, pairs in self._by_record.items()
+        }
+        self._rules_of: dict[str, list[Rule]] = {}
+        for pairs in self._by_record.values():
+            for rule, metric in pairs:
+                self._rules_of.setdefault(metric.name, []).append(rule)
+        self._targets: dict[tuple[str, str], tuple[dict[str, str], str, str] | None] = {}
+
+    def _target(
+        self, rule: Rule, series: str, series_labels: dict[str, str]
+    ) -> tuple[dict[str, str], str, str] | None:
+        """For a series the rule matches: the alert's labels, fingerprint and state key (None when it does
+        not match); worked out once per rule and series, since every sample asks again."""
+        cache_key = (rule.name, series)
+        if cache_key in self._targets:
+            return self._targets[cache_key]
+        if len(self._targets) >= _TARGETS_MAX:
+            self._targets.clear()
+        target = None
+        if rule.matches(series_labels):
+            labels = rule.alert_labels(series_labels)
+            fp = fingerprint(rule.name, labels)
+            target = (labels, fp, f"{rule.name}/{fp}")
+        self._targets[cache_key] = target
+        return target
 
     @property
     def outcome_events(self) -> frozenset[str]:
@@ -275,13 +304,15 @@ class AlertProcessor:
 
     def _sample(self, record: Input, work: _Batch, index: dict[str, int]) -> None:
         t = to_ms(record.event_time)
-        for rule, metric in self._by_record.get(record.record_name, ()):
-            for series_labels, value in extract(metric, record.value):
-                if not rule.matches(series_labels):
+        series_index = self._series.get(record.record_name)
+        if series_index is None:
+            return
+        for metric, series, series_labels, value in series_index.series(record.value):
+            for rule in self._rules_of[metric.name]:
+                target = self._target(rule, series, series_labels)
+                if target is None:
                     continue
-                labels = rule.alert_labels(series_labels)
-                fp = fingerprint(rule.name, labels)
-                key = f"{rule.name}/{fp}"
+                labels, fp, key = target
                 entry = work.get(key)
                 if entry is not None and record.offset <= entry["offset"]:
                     continue  # applied before a restart

@@ -32,7 +32,7 @@ from streams.alerts import alert_event, topic_of_record
 from streams.buckets import from_ms, to_ms
 from streams.processor import Output, PartitionBatch, Result
 from streams.rules import fingerprint, format_value
-from streams.series import extract, series_id
+from streams.series import SeriesIndex
 
 __all__ = ["ANOMALY_RECORD", "AnomalyConfig", "AnomalyProcessor", "default_metrics"]
 
@@ -137,6 +137,7 @@ class AnomalyProcessor:
             metric = catalogue.get(name)
             self._by_record.setdefault(metric.record, []).append(metric)
         self.topics = tuple(sorted({topic_of_record(record) for record in self._by_record}))
+        self._index = {record: SeriesIndex(metrics) for record, metrics in self._by_record.items()}
 
     def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
         committed = batch.committed_offset
@@ -146,25 +147,26 @@ class AnomalyProcessor:
         touched: dict[str, dict[str, Any]] = {}
         for record in batch.inputs:
             t = to_ms(record.event_time)
-            for metric in self._by_record.get(record.record_name, ()):
-                for labels, value in extract(metric, record.value):
-                    key = series_id(metric.name, labels)
-                    entry = touched.get(key)
-                    if entry is None:
-                        stored = state.get(key)
-                        entry = dict(stored) if stored else {"n": 0, "mean": 0.0, "mad": 0.0, "offset": -1}
-                        if entry.get("alert"):
-                            entry["alert"] = dict(entry["alert"])  # never change the stored value in place
-                    if record.offset <= entry["offset"]:
-                        continue
-                    entry["offset"] = record.offset
-                    touched[key] = entry
-                    for finding in self._observe(metric, labels, value, t, entry):
-                        outputs.append(self._output(key, finding))
-                        kept = [
-                            old for old in entry.get("sent", ()) if committed is None or old["o"] >= committed
-                        ]
-                        entry["sent"] = [*kept, {"o": record.offset, **finding}][-_MAX_SENT:]
+            index = self._index.get(record.record_name)
+            if index is None:
+                continue
+            for metric, key, labels, value in index.series(record.value):
+                entry = touched.get(key)
+                if entry is None:
+                    stored = state.get(key)
+                    entry = dict(stored) if stored else {"n": 0, "mean": 0.0, "mad": 0.0, "offset": -1}
+                    if entry.get("alert"):
+                        entry["alert"] = dict(entry["alert"])  # never change the stored value in place
+                if record.offset <= entry["offset"]:
+                    continue
+                entry["offset"] = record.offset
+                touched[key] = entry
+                for finding in self._observe(metric, labels, value, t, entry):
+                    outputs.append(self._output(key, finding))
+                    kept = [
+                        old for old in entry.get("sent", ()) if committed is None or old["o"] >= committed
+                    ]
+                    entry["sent"] = [*kept, {"o": record.offset, **finding}][-_MAX_SENT:]
         for key, entry in touched.items():
             if entry.get("sent") and committed is not None:
                 entry["sent"] = [old for old in entry["sent"] if old["o"] >= committed]
@@ -200,45 +202,64 @@ class AnomalyProcessor:
         if n == 0:
             entry.update(n=1, mean=value, mad=0.0)
             return []
-        expected, scale = entry["mean"], self._scale(metric, entry)
+        expected, mad = entry["mean"], entry["mad"]
+        # _scale, inlined: this runs for every metric of every sample.
+        floor = config.min_scale.get(metric.unit, 0.0)
+        relative = config.relative_floor * abs(expected)
+        scale = _MAD_TO_SIGMA * mad
+        if relative > floor:
+            floor = relative
+        if floor > scale:
+            scale = floor
+        if config.eps > scale:
+            scale = config.eps
         deviation = value - expected
         z = abs(deviation) / scale
         warm = n >= config.warmup
-        findings = []
+        findings: list[dict[str, Any]] = []
         if warm:
-            base = {
-                "t": t,
-                "metric": metric.name,
-                "labels": labels,
-                "value": value,
-                "expected": expected,
-                "z": z,
-            }
-            if z >= config.threshold:
-                findings.append({"kind": "anomaly", **base})
             alert = entry.get("alert")
-            if alert is None and z >= config.alert_threshold:
-                fp = fingerprint(RULE, {**labels, "metric": metric.name})
-                entry["alert"] = {"fingerprint": fp, "starts_at": t, "normal": 0}
-                findings.append({"kind": "firing", "fingerprint": fp, "starts_at": t, **base})
-            elif alert is not None:
-                alert["normal"] = 0 if z >= config.threshold else alert["normal"] + 1
-                if alert["normal"] >= config.resolve_after:
-                    entry["alert"] = None
-                    findings.append(
-                        {
-                            "kind": "resolved",
-                            "fingerprint": alert["fingerprint"],
-                            "starts_at": alert["starts_at"],
-                        }
-                        | base
-                    )
+            if z >= config.threshold or alert is not None:
+                findings = self._findings(metric, labels, value, t, entry, expected, z, alert)
             limit = config.threshold * scale
             deviation = max(-limit, min(limit, deviation))
-        alpha = config.alpha if warm else max(config.alpha, 1.0 / (n + 1))
+            alpha = config.alpha
+        else:
+            alpha = max(config.alpha, 1.0 / (n + 1))
         entry["mean"] = expected + alpha * deviation
-        entry["mad"] = entry["mad"] + alpha * (abs(deviation) - entry["mad"])
+        entry["mad"] = mad + alpha * (abs(deviation) - mad)
         entry["n"] = n + 1
+        return findings
+
+    def _findings(
+        self,
+        metric: catalogue.Metric,
+        labels: dict[str, str],
+        value: float,
+        t: int,
+        entry: dict[str, Any],
+        expected: float,
+        z: float,
+        alert: dict[str, Any] | None,
+    ) -> list[dict[str, Any]]:
+        """What a warm series' sample publishes: an anomaly from ``threshold``, and its alert's changes."""
+        config = self.config
+        base = {"t": t, "metric": metric.name, "labels": labels, "value": value, "expected": expected, "z": z}
+        findings = []
+        if z >= config.threshold:
+            findings.append({"kind": "anomaly", **base})
+        if alert is None and z >= config.alert_threshold:
+            fp = fingerprint(RULE, {**labels, "metric": metric.name})
+            entry["alert"] = {"fingerprint": fp, "starts_at": t, "normal": 0}
+            findings.append({"kind": "firing", "fingerprint": fp, "starts_at": t, **base})
+        elif alert is not None:
+            alert["normal"] = 0 if z >= config.threshold else alert["normal"] + 1
+            if alert["normal"] >= config.resolve_after:
+                entry["alert"] = None
+                findings.append(
+                    {"kind": "resolved", "fingerprint": alert["fingerprint"], "starts_at": alert["starts_at"]}
+                    | base
+                )
         return findings
 
     def _output(self, series: str, finding: Mapping[str, Any]) -> Output:

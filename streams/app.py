@@ -38,6 +38,7 @@ from prometheus_client.core import GaugeMetricFamily
 from bus import validation
 from bus.codec import Codec
 from bus.errors import CodecError
+from bus.frames import FrameDecoder, UnsupportedSchema
 from bus.kafka import aiokafka_config
 from bus.settings import Settings
 from bus.topics import BY_KEY, TopicSpec, topic_name
@@ -229,6 +230,7 @@ class Dispatcher:
         self.clock = clock
         self.sender = Sender(app)
         self.validation = validation.Validator()
+        self._frames: dict[str, FrameDecoder | None] = {}
         self.routes: dict[str, _Route] = {}
         self._fresh: set[tuple[str, TP]] = set()
         """(processor, partition) pairs that have had a batch since the last rebalance."""
@@ -318,9 +320,10 @@ class Dispatcher:
         decode, problems, schema = self.codec.decode, self.validation.problems, route.spec.schema
         key = route.spec.key
         inputs: list[Input] = []
-        for message in batch:
+        fast = self._decode_together(schema, batch)
+        for position, message in enumerate(batch):
             try:
-                name, value = decode(message.value)
+                name, value = fast[position] if position in fast else decode(message.value)
             except CodecError as exc:
                 if not exc.transient:
                     self._dead_letter(message, exc.reason, type(exc).__name__, route)
@@ -346,6 +349,21 @@ class Dispatcher:
                 continue
             inputs.append(Input(key, message.partition, message.offset, name, value, event_time))
         return inputs
+
+    def _decode_together(self, schema: str, batch: list[Any]) -> dict[int, tuple[str, dict[str, Any]]]:
+        """Records of the batch read in one native pass (``bus.frames``), by position; the others, and
+        every record of a schema that path does not read, are decoded one by one."""
+        if schema not in self._frames:
+            try:
+                self._frames[schema] = FrameDecoder(self.codec, schema)
+            except UnsupportedSchema:
+                self._frames[schema] = None
+        decoder = self._frames[schema]
+        if decoder is None:
+            return {}
+        frame = decoder.decode([message.value for message in batch])
+        records = zip(frame.rows, frame.records(), strict=True)
+        return {position: (frame.record_name, value) for position, value in records}
 
     async def _decode_transient(self, message: Any) -> tuple[str, dict[str, Any]] | None:
         """Retry a record whose decoding failed for a passing reason (a registry outage); None when the app

@@ -17,7 +17,7 @@ from typing import Any
 from bus import catalogue
 from bus.catalogue import Metric
 
-__all__ = ["Point", "extract", "metrics_of", "points", "series_id"]
+__all__ = ["Point", "SeriesIndex", "extract", "metrics_of", "points", "series_id", "series_of"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +86,77 @@ def extract(metric: Metric, record: Mapping[str, Any]) -> list[tuple[dict[str, s
                 labels[name] = _label(value)
         out.append((labels, float(raw)))
     return out
+
+
+_SCALARS: dict[tuple[str, tuple[Any, ...]], tuple[str, dict[str, str]]] = {}
+_SCALARS_MAX = 1 << 16
+
+
+def series_of(metric: Metric, record: Mapping[str, Any]) -> list[tuple[str, dict[str, str], float]]:
+    """(series id, labels, value) for every series of ``metric`` in ``record``: :func:`extract` with the
+    id, for the processors that run this for every metric of every sample. A scalar metric's labels and id
+    are made once per distinct set of label values and then shared between calls: read them, never
+    change them."""
+    array, leaf, plan = _plan(metric)
+    if array:
+        return [(series_id(metric.name, labels), labels, value) for labels, value in extract(metric, record)]
+    if metric.where and not metric.selects(record):
+        return []
+    raw = record.get(leaf)
+    if raw is None:
+        return []
+    key = (metric.name, tuple(record.get(field) for _, _, field in plan))
+    known = _SCALARS.get(key)
+    if known is None:
+        if len(_SCALARS) >= _SCALARS_MAX:  # a fleet's series are bounded; a runaway label is not
+            _SCALARS.clear()
+        values = zip((name for name, _, _ in plan), key[1], strict=True)
+        labels = {name: _label(value) for name, value in values if value is not None}
+        known = _SCALARS[key] = (series_id(metric.name, labels), labels)
+    return [(known[0], known[1], float(raw))]
+
+
+class SeriesIndex:
+    """The series of a fixed set of metrics in records of one kind, for processors that look at every
+    metric of every sample: the label values are read once per record for all metrics that share them,
+    and each distinct set of label values is turned into labels and series ids once. What it returns is
+    shared between calls: read the labels, never change them."""
+
+    def __init__(self, metrics: Iterable[Metric]) -> None:
+        self._groups: dict[tuple[str, ...], list[Metric]] = {}
+        self._other: list[Metric] = []
+        for metric in metrics:
+            array, _, plan = _plan(metric)
+            if array or metric.where:
+                self._other.append(metric)
+            else:
+                self._groups.setdefault(tuple(field for _, _, field in plan), []).append(metric)
+        self._known: dict[tuple[Any, ...], list[tuple[Metric, str, dict[str, str], str]]] = {}
+
+    def series(self, record: Mapping[str, Any]) -> list[tuple[Metric, str, dict[str, str], float]]:
+        """(metric, series id, labels, value) for every series the record carries."""
+        out = []
+        for fields, metrics in self._groups.items():
+            key = (fields, tuple(map(record.get, fields)))
+            known = self._known.get(key)
+            if known is None:
+                if len(self._known) >= _SCALARS_MAX:  # a fleet's series are bounded; a runaway label is not
+                    self._known.clear()
+                known = self._known[key] = [self._describe(metric, key[1]) for metric in metrics]
+            for metric, series, labels, leaf in known:
+                raw = record.get(leaf)
+                if raw is not None:
+                    out.append((metric, series, labels, float(raw)))
+        for metric in self._other:
+            out.extend((metric, series, labels, value) for series, labels, value in series_of(metric, record))
+        return out
+
+    @staticmethod
+    def _describe(metric: Metric, values: tuple[Any, ...]) -> tuple[Metric, str, dict[str, str], str]:
+        _, leaf, plan = _plan(metric)
+        named = zip((name for name, _, _ in plan), values, strict=True)
+        labels = {name: _label(value) for name, value in named if value is not None}
+        return metric, series_id(metric.name, labels), labels, leaf
 
 
 def metrics_of(record_name: str, names: Iterable[str] | None = None) -> tuple[Metric, ...]:

@@ -41,6 +41,9 @@ def test_columns_equal_codec_decode(name: str, simulated: dict[str, list[bytes]]
     assert frame.columns is not None and frame.rest == []
     assert frame.rows == list(range(len(values)))
     assert frame.columns.to_dicts() == [codec.decode(value)[1] for value in values]
+    records = frame.records()
+    assert records == [codec.decode(value)[1] for value in values]
+    assert all(record["time"].tzinfo is UTC for record in records)
 
 
 def _dead_letter(i: int) -> dict[str, object]:
