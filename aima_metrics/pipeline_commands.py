@@ -25,14 +25,23 @@ def stream() -> None:
 @click.command()
 @click.option("--batch-max", default=5000, show_default=True, help="records per database batch at most")
 @click.option("--batch-timeout-s", default=1.0, show_default=True, help="seconds a batch waits to fill")
-def sink(batch_max: int, batch_timeout_s: float) -> None:
+@click.option(
+    "--writers",
+    default=2,
+    show_default=True,
+    envvar="AIMA_SINK_WRITERS",
+    help="database connections writing batches side by side (env AIMA_SINK_WRITERS)",
+)
+def sink(batch_max: int, batch_timeout_s: float, writers: int) -> None:
     """Store samples, rollups, costs, alerts, anomalies and dead letters in PostgreSQL/TimescaleDB."""
     from consumers.sink import run
 
+    if writers < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--writers")
     settings = Settings()
     service = Service("sink", settings)
     service.start()
-    run(settings, service=service, batch_max=batch_max, batch_timeout_s=batch_timeout_s)
+    run(settings, service=service, batch_max=batch_max, batch_timeout_s=batch_timeout_s, writers=writers)
     service.stopped()
 
 

@@ -6,11 +6,13 @@ batch are framed as one block of an Avro object container file (header, schema, 
 and read by polars' Avro reader, about ten times faster.
 
 A block has no per-record boundaries, so a record with bytes missing or left over would shift every record
-after it. Each decoded row's canonical encoded size is therefore computed back from its values (with polars
-expressions derived from the schema) and compared with the record's own length: a batch whose sizes all
-match was read record for record at the right boundaries. Anything else, and every record this path does
-not take (another writer schema, a schema with maps or wider unions, a failed check), is left to
-``Codec.decode`` one by one, which knows the exact errors; so the fast path changes speed, never results.
+after it (and polars ignores what is left at the end of a block). So each record is followed, inside the
+block, by a marker: 8 random bytes drawn for the batch, read as one more field (an Avro ``fixed``) of the
+record. A batch whose markers all read back was read record for record at the right boundaries (a
+misaligned read matching 64 random bits by chance is as good as impossible). Anything else, and every
+record this path does not take (another writer schema, a schema with maps, enums or wider unions, a failed
+check), is left to ``Codec.decode`` one by one, which knows the exact errors; so the fast path changes
+speed, never results.
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
-from functools import reduce
 from typing import Any
 
 import polars as pl
@@ -34,6 +35,8 @@ _SINGLE_HEADER_LEN = len(SINGLE_OBJECT_MAGIC) + 8
 _CONFLUENT_HEADER_LEN = len(CONFLUENT_MAGIC) + 4
 _MIN_ROWS = 8
 """Below this many records the container framing costs more than it saves."""
+_MARKER = "__aima_frame_end"
+_MARKER_TYPE = {"type": "fixed", "name": "AimaFrameEnd", "namespace": "aima.frames", "size": 8}
 
 
 class UnsupportedSchema(ValueError):
@@ -76,11 +79,14 @@ class FrameDecoder:
         writer = codec.local_writer(record_name)
         self.record_name = writer.name
         schema = json.loads(writer.json)
-        self._size = _fields_size(schema, pl.col, _names(schema))
-        self._header = _container_header(writer.json)
+        _check_supported(schema, _names(schema))
+        fields = [f["name"] for f in schema["fields"]]
+        schema["fields"] = [*schema["fields"], {"name": _MARKER, "type": _MARKER_TYPE}]
+        self._header = _container_header(json.dumps(schema))
+        self._fields = fields
         self._fingerprint = writer.fingerprint
         try:
-            pl.read_avro(io.BytesIO(self._container([])))
+            pl.read_avro(io.BytesIO(self._container([], b"\0" * 8)))
         except (pl.exceptions.PolarsError, pl.exceptions.PanicException) as exc:
             raise UnsupportedSchema(f"polars cannot read {self.record_name}: {exc}") from exc
 
@@ -113,29 +119,27 @@ class FrameDecoder:
             return Frame(self.record_name, None, [], sorted(rest + rows))
         return Frame(self.record_name, columns, rows, rest)
 
-    def _container(self, bodies: list[bytes]) -> bytes:
-        block = b"".join(bodies)
+    def _container(self, bodies: list[bytes], marker: bytes) -> bytes:
+        block = marker.join(bodies) + marker if bodies else b""
         sync = os.urandom(16)
         return b"".join((self._header, sync, _long(len(bodies)), _long(len(block)), block, sync))
 
     def _read(self, bodies: list[bytes]) -> pl.DataFrame | None:
         """The bodies as columns, or None when they do not read back record for record."""
+        marker = os.urandom(8)
         try:
-            frame = pl.read_avro(io.BytesIO(self._container(bodies)))
+            frame = pl.read_avro(io.BytesIO(self._container(bodies, marker)))
             if frame.height != len(bodies):
                 return None
-            sizes = frame.select(self._size.alias("size")).to_series()
+            aligned = frame.select((pl.col(_MARKER) == pl.lit(marker)).all()).item()
         except (pl.exceptions.PolarsError, pl.exceptions.PanicException, OSError, ValueError, OverflowError):
             # Garbage, a truncated record or invalid UTF-8 somewhere in the batch (polars' reader panics
             # on some malformed input rather than raising).
             return None
-        expected = pl.Series(values=[len(body) for body in bodies], dtype=pl.Int64)
-        if sizes.null_count() or not (sizes.cast(pl.Int64) == expected).all():
-            return None
-        return frame
+        return frame.select(self._fields) if aligned else None
 
 
-# -- canonical encoded sizes ------------------------------------------------------------------------------
+# -- what this path reads ---------------------------------------------------------------------------------
 
 
 def _names(schema: Any, found: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -156,78 +160,29 @@ def _names(schema: Any, found: dict[str, Any] | None = None) -> dict[str, Any]:
     return found
 
 
-def _varint_size(zigzag_source: pl.Expr) -> pl.Expr:
-    """Bytes of the zigzag varint of an integer expression: ceil(bits(z) / 7), at least 1. With
-    u = v for v >= 0, else -(v + 1), the zigzag value z = 2u + sign has bits(u) + 1 bits (u > 0), so the
-    size is (bits(u) + 7) // 7, which is 1 for u = 0 as well."""
-    v = zigzag_source.cast(pl.Int64)
-    u = pl.when(v >= 0).then(v).otherwise(-(v + 1))
-    bits = 64 - u.bitwise_leading_zeros().cast(pl.Int64)
-    return (bits + 7) // 7
-
-
-def _size(schema: Any, value: pl.Expr, names: dict[str, Any]) -> pl.Expr:
+def _check_supported(schema: Any, names: dict[str, Any]) -> None:
+    """UnsupportedSchema for what polars' Avro reader cannot read (maps; enums, on which it panics) or
+    this path does not vouch for (unions other than null and one type)."""
     if isinstance(schema, str):
         if schema in names:
-            return _size(names[schema], value, names)
-        return _primitive_size(schema, value)
+            _check_supported(names[schema], {k: v for k, v in names.items() if v is not names[schema]})
+        return
     if isinstance(schema, list):
         branches = [branch for branch in schema if branch != "null"]
         if len(schema) != 2 or len(branches) != 1:
             raise UnsupportedSchema(f"union {schema}")
-        # A union index below 64 is one varint byte; null adds nothing.
-        present = _size(branches[0], value, names)
-        return pl.lit(1, pl.Int64) + pl.when(value.is_null()).then(0).otherwise(present)
+        _check_supported(branches[0], names)
+        return
     kind = schema["type"]
+    if kind in ("map", "enum"):
+        raise UnsupportedSchema(kind)
     if kind == "record":
-        return _record_size(schema, value, names)
-    if kind == "array":
-        item = _size(schema["items"], pl.element(), names)
-        count = value.list.len()
-        items = value.list.eval(item).list.sum().cast(pl.Int64)
-        # One block (count, items) then the zero that ends the array; an empty array is the zero alone.
-        return pl.when(count == 0).then(1).otherwise(_varint_size(count * 1) + items + 1)
-    if kind == "enum":
-        # polars' reader panics on enum values (it reads the schema, not the data).
-        raise UnsupportedSchema(f"enum {schema['name']}")
-    if kind == "fixed":
-        return pl.lit(int(schema["size"]), pl.Int64)
-    if kind in ("map",):
-        raise UnsupportedSchema("map")
-    return _primitive_size(kind, value)
-
-
-def _primitive_size(kind: str, value: pl.Expr) -> pl.Expr:
-    if kind == "null":
-        return pl.lit(0, pl.Int64)
-    if kind == "boolean":
-        return pl.lit(1, pl.Int64)
-    if kind in ("int", "long"):
-        return _varint_size(value)
-    if kind == "float":
-        return pl.lit(4, pl.Int64)
-    if kind == "double":
-        return pl.lit(8, pl.Int64)
-    if kind == "string":
-        length = value.str.len_bytes().cast(pl.Int64)
-        return _varint_size(length) + length
-    if kind == "bytes":
-        length = value.bin.size().cast(pl.Int64)
-        return _varint_size(length) + length
-    raise UnsupportedSchema(f"type {kind}")
-
-
-def _record_size(schema: dict[str, Any], value: pl.Expr, names: dict[str, Any]) -> pl.Expr:
-    return _fields_size(schema, value.struct.field, names)
-
-
-def _fields_size(
-    schema: dict[str, Any], field_of: Callable[[str], pl.Expr], names: dict[str, Any]
-) -> pl.Expr:
-    """Sum of the record's field sizes; ``field_of`` names a field (a column at the top level, a struct
-    field below it)."""
-    parts = [_size(f["type"], field_of(f["name"]), names) for f in schema["fields"]]
-    return reduce(lambda total, part: total + part, parts, pl.lit(0, pl.Int64))
+        for f in schema["fields"]:
+            _check_supported(f["type"], names)
+    elif kind == "array":
+        _check_supported(schema["items"], names)
+    elif isinstance(kind, dict | list):
+        _check_supported(kind, names)
 
 
 # -- container framing -----------------------------------------------------------------------------------

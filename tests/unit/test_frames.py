@@ -3,17 +3,14 @@ every record it cannot vouch for to Codec.decode."""
 
 from __future__ import annotations
 
-import io
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 
-import fastavro
-import polars as pl
 import pytest
 
 from bus import schemas
 from bus.codec import Codec
-from bus.frames import FrameDecoder, UnsupportedSchema, _varint_size
+from bus.frames import FrameDecoder, UnsupportedSchema
 from producers.simulator import Fleet, generate
 from tests.unit.test_codec import GPU, QUEUE, FakeRegistry
 
@@ -128,19 +125,9 @@ def test_small_batches_are_left_to_codec_decode() -> None:
     assert frame.columns is None and frame.rest == [0, 1, 2]
 
 
-@pytest.mark.parametrize(
-    "value", [0, 1, -1, 63, -64, 64, -65, 8191, 8192, -8193, 2**31 - 1, -(2**31), 2**62, 2**63 - 1, -(2**63)]
-)
-def test_varint_size_matches_the_encoder(value: int) -> None:
-    out = io.BytesIO()
-    fastavro.schemaless_writer(out, fastavro.parse_schema("long"), value)
-    size = pl.select(_varint_size(pl.lit(value, pl.Int64))).item()
-    assert size == len(out.getvalue())
-
-
 @pytest.mark.parametrize("where", [0, 17, 39])
 def test_a_record_with_a_byte_left_over_is_caught_anywhere(where: int) -> None:
-    """polars' reader ignores what is left at the end of a block; the length check does not."""
+    """polars' reader ignores what is left at the end of a block; the marker after each record does not."""
     values = [_gpu(i) for i in range(40)]
     values[where] += b"\x00"
     frame = FrameDecoder(Codec(), "GpuSample").decode(values)
