@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{phases['commit'] / stats.batches:.3f} | |",
         f"| one core, Codec.decode only (no Kafka, no database) | {decode_s:.2f} | {n / decode_s:,.0f} |",
         f"| one core, record to row tuples only | {rows_s:.2f} | {n / rows_s:,.0f} |",
-        f"| one core, FrameDecoder (native columnar read, lengths checked) | {frame_s:.2f} | "
+        f"| one core, FrameDecoder (native columnar read, boundaries checked) | {frame_s:.2f} | "
         f"{n / frame_s:,.0f} |",
         f"| one core, columns to row tuples | {frame_rows_s:.2f} | {n / frame_rows_s:,.0f} |",
         "",

@@ -40,7 +40,8 @@ _MARKER_TYPE = {"type": "fixed", "name": "AimaFrameEnd", "namespace": "aima.fram
 
 
 class UnsupportedSchema(ValueError):
-    """The schema uses a type this path does not size (maps, unions of more than null and one type)."""
+    """The schema uses a type polars cannot read (maps, enums) or this path does not vouch for (unions of
+    more than null and one type)."""
 
 
 @dataclass

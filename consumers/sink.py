@@ -27,6 +27,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+import polars as pl
 from confluent_kafka import (
     OFFSET_INVALID,
     TIMESTAMP_NOT_AVAILABLE,
@@ -264,7 +265,11 @@ class Sink:
         chunk = Chunk(tables, frame.columns, origins)
         # Its CSV is made now, while the writer copies the previous batch (polars works without the GIL):
         # the writer thread is the narrowest stage of the sink.
-        chunk.prepare()
+        try:
+            chunk.prepare()
+        except (pl.exceptions.PolarsError, TypeError, ValueError) as exc:
+            log.warning("no CSV for these records; storing them one by one", extra={"error": str(exc)})
+            return places
         for index, position in enumerate(frame.rows):
             places[position] = (chunk, index)
         return places

@@ -76,6 +76,8 @@ unix_socket_directories = '/tmp'
 shared_buffers = 256MB
 max_connections = 200
 logging_collector = off
+# The sink writes in bulk: checkpoints every 4 GB of WAL rather than every 1 GB.
+max_wal_size = 4GB
 CONF
 }
 
