@@ -10,17 +10,20 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import polars as pl
 import psycopg
 import pytest
 from psycopg import sql
 
 from bus.codec import Codec
 from bus.frames import FrameDecoder
+from bus.settings import Settings
 from consumers.migrate import migrate
 from consumers.sink_chunks import Chunk
 from consumers.sink_writer import Entry, Writer
 from consumers.tables import BY_RECORD, Origin, rows_for
 from producers.simulator import Fleet, generate
+from tests.integration.test_db_sink import gpu_sample, produce, running_sink, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -217,3 +220,35 @@ def test_a_chunk_written_in_parts_or_twice_is_stored_once(
             sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(db_schema, "gpu_samples"))
         ).fetchone()[0]
     assert count == len(values)
+
+
+def test_the_sink_stores_one_by_one_when_a_chunk_has_no_csv(
+    topics: Settings, db_schema: str, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk polars cannot turn into CSV is not lost: its records take the row-by-row path."""
+
+    refused: list[int] = []
+
+    def refuse(self: Chunk) -> None:
+        refused.append(len(self))
+        raise pl.exceptions.ComputeError("no CSV for this chunk")
+
+    monkeypatch.setattr(Chunk, "prepare", refuse)
+    records = [("gpu.samples", f"k{i}", "GpuSample", gpu_sample(i)) for i in range(300)]
+    produce(topics, records)
+    with running_sink(topics, db_schema, topics=("gpu.samples",), batch_max=1000) as (_, outcome):
+        wait_until(lambda: outcome_stored(outcome) >= 300, 60, "every row stored")
+    with psycopg.connect(database_url) as conn:
+        count = conn.execute(
+            sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(db_schema, "gpu_samples"))
+        ).fetchone()[0]
+    assert count == 300
+    assert sum(refused) >= 64  # the records did reach the columnar path, and left it
+
+
+def outcome_stored(outcome: dict[str, Any]) -> float:
+    registry = outcome["registry"]
+    return (
+        registry.get_sample_value("aima_sink_rows_total", {"table": "gpu_samples", "outcome": "stored"})
+        or 0.0
+    )
