@@ -94,10 +94,10 @@ class Chunk:
         return payload
 
 
-def _as_text(value: pl.Expr, dtype: pl.DataType | None) -> pl.Expr:
-    """``value`` (of polars type ``dtype``; None for a message property) in the form PostgreSQL's CSV
-    input reads for the column the Avro field fills (checked against the binary COPY by a test): lists of
-    strings and of numbers are text[] and integer arrays, lists of records and records are jsonb."""
+def _as_text(value: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    """``value`` (of polars type ``dtype``) in the form PostgreSQL's CSV input reads for the column the
+    Avro field fills (checked against the binary COPY by a test): lists of strings and of numbers are
+    text[] and number arrays, lists of records and records are jsonb, bytes are bytea."""
     if isinstance(dtype, pl.List):
         inner = dtype.inner
         if isinstance(inner, pl.Struct):
