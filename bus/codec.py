@@ -39,12 +39,21 @@ from bus.errors import (
 if TYPE_CHECKING:
     from bus.settings import Settings
 
-__all__ = ["CONFLUENT_MAGIC", "SINGLE_OBJECT_MAGIC", "Codec", "RegistryClient"]
+__all__ = [
+    "CONFLUENT_HEADER_LEN",
+    "CONFLUENT_MAGIC",
+    "SINGLE_OBJECT_HEADER_LEN",
+    "SINGLE_OBJECT_MAGIC",
+    "Codec",
+    "RegistryClient",
+]
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = b"\x00"
-_SINGLE_HEADER_LEN = len(SINGLE_OBJECT_MAGIC) + 8
-_CONFLUENT_HEADER_LEN = len(CONFLUENT_MAGIC) + 4
+SINGLE_OBJECT_HEADER_LEN = len(SINGLE_OBJECT_MAGIC) + 8
+"""Magic and the 8-byte fingerprint: the body starts here."""
+CONFLUENT_HEADER_LEN = len(CONFLUENT_MAGIC) + 4
+"""Magic and the 4-byte schema id: the body starts here."""
 
 # What fastavro raises for a value that does not fit (wrong type, missing or extra field, bad enum symbol).
 _WRITE_ERRORS = (TypeError, ValueError, KeyError, AttributeError, OverflowError)
@@ -160,9 +169,7 @@ class Codec:
         """Frame and write ``value`` as ``record_name`` (short or full name). ``topic`` picks the registry
         subject in the Confluent format and is ignored otherwise. Timestamps may be tz-aware datetimes or
         epoch milliseconds."""
-        writer = self._local.get(record_name)
-        if writer is None:
-            raise UnknownSchema(f"unknown Avro record {record_name!r}; known: {self._known_names()}")
+        writer = self.local_writer(record_name)
         if self._validate and (problems := _problems(writer, value)):
             raise EncodeError(f"{writer.name}: {problems}")
         out = BytesIO()
@@ -209,20 +216,22 @@ class Codec:
         if not data:  # an empty value or a compaction tombstone (None) is no record either
             raise NotAvro("empty value")
         if data[:2] == SINGLE_OBJECT_MAGIC:
-            if len(data) < _SINGLE_HEADER_LEN:
-                raise TruncatedRecord(f"single-object header is {_SINGLE_HEADER_LEN} bytes, got {len(data)}")
-            fingerprint = bytes(data[2:_SINGLE_HEADER_LEN])
+            if len(data) < SINGLE_OBJECT_HEADER_LEN:
+                raise TruncatedRecord(
+                    f"single-object header is {SINGLE_OBJECT_HEADER_LEN} bytes, got {len(data)}"
+                )
+            fingerprint = bytes(data[2:SINGLE_OBJECT_HEADER_LEN])
             writer = self._by_fingerprint.get(fingerprint)
             if writer is None:
                 raise UnknownFingerprint(
                     f"no known writer schema has fingerprint {fingerprint.hex()}", fingerprint
                 )
-            start = _SINGLE_HEADER_LEN
+            start = SINGLE_OBJECT_HEADER_LEN
         elif data[:1] == CONFLUENT_MAGIC:
-            if len(data) < _CONFLUENT_HEADER_LEN:
-                raise TruncatedRecord(f"Confluent header is {_CONFLUENT_HEADER_LEN} bytes, got {len(data)}")
-            writer = self._writer_for_id(int.from_bytes(data[1:_CONFLUENT_HEADER_LEN], "big"))
-            start = _CONFLUENT_HEADER_LEN
+            if len(data) < CONFLUENT_HEADER_LEN:
+                raise TruncatedRecord(f"Confluent header is {CONFLUENT_HEADER_LEN} bytes, got {len(data)}")
+            writer = self._writer_for_id(int.from_bytes(data[1:CONFLUENT_HEADER_LEN], "big"))
+            start = CONFLUENT_HEADER_LEN
         else:
             raise NotAvro(
                 f"neither Avro single-object nor Confluent framing (starts {bytes(data[:4]).hex()!r})"

@@ -27,12 +27,16 @@ from typing import Any
 
 import polars as pl
 
-from bus.codec import CONFLUENT_MAGIC, SINGLE_OBJECT_MAGIC, Codec
+from bus.codec import (
+    CONFLUENT_HEADER_LEN,
+    CONFLUENT_MAGIC,
+    SINGLE_OBJECT_HEADER_LEN,
+    SINGLE_OBJECT_MAGIC,
+    Codec,
+)
 
 __all__ = ["Frame", "FrameDecoder", "UnsupportedSchema"]
 
-_SINGLE_HEADER_LEN = len(SINGLE_OBJECT_MAGIC) + 8
-_CONFLUENT_HEADER_LEN = len(CONFLUENT_MAGIC) + 4
 _MIN_ROWS = 8
 """Below this many records the container framing costs more than it saves."""
 _MARKER = "__aima_frame_end"
@@ -101,15 +105,15 @@ class FrameDecoder:
         for position, value in enumerate(values):
             if not value:
                 rest.append(position)
-            elif value[:2] == SINGLE_OBJECT_MAGIC and value[2:_SINGLE_HEADER_LEN] == self._fingerprint:
-                bodies.append(value[_SINGLE_HEADER_LEN:])
+            elif value[:2] == SINGLE_OBJECT_MAGIC and value[2:SINGLE_OBJECT_HEADER_LEN] == self._fingerprint:
+                bodies.append(value[SINGLE_OBJECT_HEADER_LEN:])
                 rows.append(position)
             elif (
                 value[:1] == CONFLUENT_MAGIC
-                and len(value) > _CONFLUENT_HEADER_LEN
-                and int.from_bytes(value[1:_CONFLUENT_HEADER_LEN], "big") in own_ids
+                and len(value) > CONFLUENT_HEADER_LEN
+                and int.from_bytes(value[1:CONFLUENT_HEADER_LEN], "big") in own_ids
             ):
-                bodies.append(value[_CONFLUENT_HEADER_LEN:])
+                bodies.append(value[CONFLUENT_HEADER_LEN:])
                 rows.append(position)
             else:
                 rest.append(position)
