@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bus.codec import Codec  # noqa: E402
-from bus.frames import FrameDecoder, UnsupportedSchema  # noqa: E402
+from bus.frames import FrameDecoders  # noqa: E402
 from bus.kafka import admin, client_config, ensure_topics  # noqa: E402
 from bus.settings import Settings  # noqa: E402
 from bus.topics import TOPICS, topic_name  # noqa: E402
@@ -92,7 +92,8 @@ def plain(settings: Settings, topics: list[str], total: int, together: bool = Fa
     one with ``Codec.decode``, or (``together``) each topic's records of a consume in one native pass of
     ``bus.frames`` into the same dicts, as the stream app now decodes."""
     codec = Codec()
-    frames: dict[str, FrameDecoder | None] = {}
+    frames = FrameDecoders(codec)
+    records = {topic_name(settings, spec.key): spec.schema for spec in TOPICS}
     consumer = Consumer(
         client_config(
             settings,
@@ -116,13 +117,7 @@ def plain(settings: Settings, topics: list[str], total: int, together: bool = Fa
         for message in messages:
             by_topic.setdefault(message.topic(), []).append(message.value())
         for topic, values in by_topic.items():
-            if topic not in frames:
-                record = next(spec.schema for spec in TOPICS if topic_name(settings, spec.key) == topic)
-                try:
-                    frames[topic] = FrameDecoder(codec, record)
-                except UnsupportedSchema:
-                    frames[topic] = None
-            decoder = frames[topic]
+            decoder = frames.get(records[topic])
             rest = range(len(values))
             if decoder is not None:
                 frame = decoder.decode(values)

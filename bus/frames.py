@@ -35,7 +35,7 @@ from bus.codec import (
     Codec,
 )
 
-__all__ = ["Frame", "FrameDecoder", "UnsupportedSchema"]
+__all__ = ["Frame", "FrameDecoder", "FrameDecoders", "UnsupportedSchema"]
 
 _MIN_ROWS = 8
 """Below this many records the container framing costs more than it saves."""
@@ -142,6 +142,23 @@ class FrameDecoder:
             # on some malformed input rather than raising).
             return None
         return frame.select(self._fields) if aligned else None
+
+
+class FrameDecoders:
+    """One :class:`FrameDecoder` per record name, made at first need; None for a schema this path does
+    not read (its records are decoded one by one)."""
+
+    def __init__(self, codec: Codec) -> None:
+        self._codec = codec
+        self._made: dict[str, FrameDecoder | None] = {}
+
+    def get(self, record_name: str) -> FrameDecoder | None:
+        if record_name not in self._made:
+            try:
+                self._made[record_name] = FrameDecoder(self._codec, record_name)
+            except UnsupportedSchema:
+                self._made[record_name] = None
+        return self._made[record_name]
 
 
 # -- what this path reads ---------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from prometheus_client import CollectorRegistry
 
 from bus.codec import Codec
 from bus.errors import CodecError
-from bus.frames import FrameDecoder, UnsupportedSchema
+from bus.frames import FrameDecoder, FrameDecoders
 from bus.kafka import client_config
 from bus.runtime import Service
 from bus.settings import Settings
@@ -175,7 +175,7 @@ class Sink:
         self._pause_state_unknown = False
         self._lag_at = 0.0
         self._closing = False
-        self._frame_decoders: dict[str, FrameDecoder | None] = {}
+        self._frames = FrameDecoders(self._codec)
         self.stats = SinkStats()
 
     # -- the loop ----------------------------------------------------------------------------------------
@@ -276,16 +276,10 @@ class Sink:
 
     def _frame_decoder(self, record_name: str) -> FrameDecoder | None:
         """A columnar decoder for records whose every table takes one row per record; None otherwise."""
-        if record_name not in self._frame_decoders:
-            decoder = None
-            tables = BY_RECORD.get(record_name, ())
-            if tables and all(table.items is None for table in tables):
-                try:
-                    decoder = FrameDecoder(self._codec, record_name)
-                except UnsupportedSchema as exc:
-                    log.debug("no columnar decoding", extra={"record": record_name, "reason": str(exc)})
-            self._frame_decoders[record_name] = decoder
-        return self._frame_decoders[record_name]
+        tables = BY_RECORD.get(record_name, ())
+        if not tables or any(table.items is not None for table in tables):
+            return None
+        return self._frames.get(record_name)
 
     def _kafka_error(self, message: Message) -> bool:
         """True for a consumer error instead of a record (logged; a fatal one raises)."""

@@ -38,7 +38,7 @@ from prometheus_client.core import GaugeMetricFamily
 from bus import validation
 from bus.codec import Codec
 from bus.errors import CodecError
-from bus.frames import FrameDecoder, UnsupportedSchema
+from bus.frames import FrameDecoders
 from bus.kafka import aiokafka_config
 from bus.settings import Settings
 from bus.topics import BY_KEY, TopicSpec, topic_name
@@ -230,7 +230,7 @@ class Dispatcher:
         self.clock = clock
         self.sender = Sender(app)
         self.validation = validation.Validator()
-        self._frames: dict[str, FrameDecoder | None] = {}
+        self._frames = FrameDecoders(codec)
         self.routes: dict[str, _Route] = {}
         self._fresh: set[tuple[str, TP]] = set()
         """(processor, partition) pairs that have had a batch since the last rebalance."""
@@ -353,12 +353,7 @@ class Dispatcher:
     def _decode_together(self, schema: str, batch: list[Any]) -> dict[int, tuple[str, dict[str, Any]]]:
         """Records of the batch read in one native pass (``bus.frames``), by position; the others, and
         every record of a schema that path does not read, are decoded one by one."""
-        if schema not in self._frames:
-            try:
-                self._frames[schema] = FrameDecoder(self.codec, schema)
-            except UnsupportedSchema:
-                self._frames[schema] = None
-        decoder = self._frames[schema]
+        decoder = self._frames.get(schema)
         if decoder is None:
             return {}
         frame = decoder.decode([message.value for message in batch])

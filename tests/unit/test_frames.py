@@ -10,7 +10,7 @@ import pytest
 
 from bus import schemas
 from bus.codec import Codec
-from bus.frames import FrameDecoder, UnsupportedSchema
+from bus.frames import FrameDecoder, FrameDecoders, UnsupportedSchema
 from producers.simulator import Fleet, generate
 from tests.unit.test_codec import GPU, QUEUE, FakeRegistry
 
@@ -132,3 +132,10 @@ def test_a_record_with_a_byte_left_over_is_caught_anywhere(where: int) -> None:
     values[where] += b"\x00"
     frame = FrameDecoder(Codec(), "GpuSample").decode(values)
     assert frame.columns is None and frame.rest == list(range(40))
+
+
+def test_frame_decoders_make_each_once_and_none_where_unsupported() -> None:
+    decoders = FrameDecoders(Codec())
+    gpu = decoders.get("aima.metrics.GpuSample")
+    assert isinstance(gpu, FrameDecoder) and decoders.get("aima.metrics.GpuSample") is gpu
+    assert decoders.get("aima.metrics.Rollup") is None  # a map: decoded one by one
