@@ -206,6 +206,11 @@ def app(
             time.sleep(0.1)
         if done_at is None or first_at is None:
             raise RuntimeError(f"the app processed {events} of {total} records in time; see {log_dir}")
+        if done_at <= first_at:
+            raise RuntimeError(
+                f"the app took all {total} records in one reading of its counters: too few to time; "
+                "give it more (--gpu-samples)"
+            )
         result = dict(last)
         result["seconds"] = done_at - first_at
         result["measured_events"] = total - (first_count or 0)
