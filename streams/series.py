@@ -88,32 +88,15 @@ def extract(metric: Metric, record: Mapping[str, Any]) -> list[tuple[dict[str, s
     return out
 
 
-_SCALARS: dict[tuple[str, tuple[Any, ...]], tuple[str, dict[str, str]]] = {}
-_SCALARS_MAX = 1 << 16
+_KNOWN_MAX = 1 << 16
+"""Most distinct label-value sets a SeriesIndex keeps worked out (a fleet's are bounded; a runaway label
+is not)."""
 
 
 def series_of(metric: Metric, record: Mapping[str, Any]) -> list[tuple[str, dict[str, str], float]]:
     """(series id, labels, value) for every series of ``metric`` in ``record``: :func:`extract` with the
-    id, for the processors that run this for every metric of every sample. A scalar metric's labels and id
-    are made once per distinct set of label values and then shared between calls: read them, never
-    change them."""
-    array, leaf, plan = _plan(metric)
-    if array:
-        return [(series_id(metric.name, labels), labels, value) for labels, value in extract(metric, record)]
-    if metric.where and not metric.selects(record):
-        return []
-    raw = record.get(leaf)
-    if raw is None:
-        return []
-    key = (metric.name, tuple(record.get(field) for _, _, field in plan))
-    known = _SCALARS.get(key)
-    if known is None:
-        if len(_SCALARS) >= _SCALARS_MAX:  # a fleet's series are bounded; a runaway label is not
-            _SCALARS.clear()
-        values = zip((name for name, _, _ in plan), key[1], strict=True)
-        labels = {name: _label(value) for name, value in values if value is not None}
-        known = _SCALARS[key] = (series_id(metric.name, labels), labels)
-    return [(known[0], known[1], float(raw))]
+    id."""
+    return [(series_id(metric.name, labels), labels, value) for labels, value in extract(metric, record)]
 
 
 class SeriesIndex:
@@ -124,11 +107,11 @@ class SeriesIndex:
 
     def __init__(self, metrics: Iterable[Metric]) -> None:
         self._groups: dict[tuple[str, ...], list[Metric]] = {}
-        self._other: list[Metric] = []
+        self._arrays: list[Metric] = []
         for metric in metrics:
             array, _, plan = _plan(metric)
-            if array or metric.where:
-                self._other.append(metric)
+            if array:
+                self._arrays.append(metric)
             else:
                 self._groups.setdefault(tuple(field for _, _, field in plan), []).append(metric)
         self._known: dict[tuple[Any, ...], list[tuple[Metric, str, dict[str, str], str]]] = {}
@@ -140,14 +123,14 @@ class SeriesIndex:
             key = (fields, tuple(map(record.get, fields)))
             known = self._known.get(key)
             if known is None:
-                if len(self._known) >= _SCALARS_MAX:  # a fleet's series are bounded; a runaway label is not
+                if len(self._known) >= _KNOWN_MAX:
                     self._known.clear()
                 known = self._known[key] = [self._describe(metric, key[1]) for metric in metrics]
             for metric, series, labels, leaf in known:
                 raw = record.get(leaf)
-                if raw is not None:
+                if raw is not None and (not metric.where or metric.selects(record)):
                     out.append((metric, series, labels, float(raw)))
-        for metric in self._other:
+        for metric in self._arrays:
             out.extend((metric, series, labels, value) for series, labels, value in series_of(metric, record))
         return out
 
