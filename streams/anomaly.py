@@ -188,9 +188,17 @@ class AnomalyProcessor:
         return abs(value - entry["mean"]) / self._scale(metric, entry)
 
     def _scale(self, metric: catalogue.Metric, entry: Mapping[str, Any]) -> float:
+        """max(1.4826 * MAD, floor, eps), floor the larger of the unit's minimum and relative_floor * |mean|;
+        written with comparisons rather than max(), since it runs for every metric of every sample."""
         config = self.config
-        floor = max(config.min_scale.get(metric.unit, 0.0), config.relative_floor * abs(entry["mean"]))
-        return max(_MAD_TO_SIGMA * entry["mad"], floor, config.eps)
+        floor = config.min_scale.get(metric.unit, 0.0)
+        relative = config.relative_floor * abs(entry["mean"])
+        if relative > floor:
+            floor = relative
+        scale = _MAD_TO_SIGMA * entry["mad"]
+        if floor > scale:
+            scale = floor
+        return scale if scale > config.eps else config.eps
 
     def _observe(
         self, metric: catalogue.Metric, labels: dict[str, str], value: float, t: int, entry: dict[str, Any]
@@ -203,16 +211,7 @@ class AnomalyProcessor:
             entry.update(n=1, mean=value, mad=0.0)
             return []
         expected, mad = entry["mean"], entry["mad"]
-        # _scale, inlined: this runs for every metric of every sample.
-        floor = config.min_scale.get(metric.unit, 0.0)
-        relative = config.relative_floor * abs(expected)
-        scale = _MAD_TO_SIGMA * mad
-        if relative > floor:
-            floor = relative
-        if floor > scale:
-            scale = floor
-        if config.eps > scale:
-            scale = config.eps
+        scale = self._scale(metric, entry)
         deviation = value - expected
         z = abs(deviation) / scale
         warm = n >= config.warmup
