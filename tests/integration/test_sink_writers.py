@@ -1,6 +1,6 @@
-"""The sink with two writers on the real broker: a batch stored early by the second writer does not get its
-offsets committed while an older batch is still being written by the first (or a crash then would skip the
-older batch's records). The writers here stand in for the database, which is not the subject."""
+"""The sink with two writers on the real broker and PostgreSQL: a batch stored early by the second writer
+does not get its offsets committed while an older batch is still being written by the first (or a crash
+then would skip the older batch's records). The first writer is held back before it writes."""
 
 from __future__ import annotations
 
@@ -9,43 +9,42 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client import CollectorRegistry
+from psycopg import sql
 
 from bus.codec import Codec
 from bus.settings import Settings
 from bus.topics import topic_name
 from consumers.sink import Sink
 from consumers.sink_metrics import SinkMetrics
-from consumers.sink_writer import Entry, WriteResult
+from consumers.sink_writer import Entry, Writer, WriteResult
 from tests.integration.test_db_sink import gpu_sample, wait_until
 
 pytestmark = pytest.mark.integration
 
 
-class GatedWriter:
-    """Takes batches like consumers.sink_writer.Writer; the first one waits for ``gate``."""
+class GatedWriter(Writer):
+    """A real writer that notes the offsets of each batch it is given; with a ``gate``, its first batch
+    waits for the gate before it is written."""
 
-    def __init__(self, gate: threading.Event | None = None) -> None:
+    def __init__(self, dsn: str, schema: str, gate: threading.Event | None = None) -> None:
+        super().__init__(dsn, schema=schema, maintenance_every_s=None)
         self.gate = gate
-        self.abort = threading.Event()
-        self.retrying = False
         self.batches: list[list[int]] = []
 
     def write(self, entries: Sequence[Entry]) -> WriteResult:
         if self.gate is not None and not self.batches:
             self.batches.append([])  # taken, not yet stored
             assert self.gate.wait(60), "the test never opened the gate"
+            result = super().write(entries)
             self.batches[0] = [e.offset for e in entries]
-        else:
-            self.batches.append([e.offset for e in entries])
-        result = WriteResult()
-        result.staged["gpu_samples"] = result.stored["gpu_samples"] = len(entries)
+            return result
+        result = super().write(entries)
+        self.batches.append([e.offset for e in entries])
         return result
-
-    def close(self) -> None:
-        pass
 
 
 def _committed(settings: Settings, group: str, topic: str) -> int:
@@ -57,7 +56,7 @@ def _committed(settings: Settings, group: str, topic: str) -> int:
         consumer.close()
 
 
-def test_offsets_commit_in_batch_order(topics: Settings) -> None:
+def test_offsets_commit_in_batch_order(topics: Settings, database_url: str, db_schema: str) -> None:
     settings = topics
     topic = topic_name(settings, "gpu.samples")
     codec = Codec()
@@ -69,11 +68,12 @@ def test_offsets_commit_in_batch_order(topics: Settings) -> None:
     assert producer.flush(30) == 0
 
     gate = threading.Event()
-    first, second = GatedWriter(gate), GatedWriter()
+    first = GatedWriter(database_url, db_schema, gate)
+    second = GatedWriter(database_url, db_schema)
     group = f"sink-{settings.topic_prefix}order"
     sink = Sink(
         settings,
-        [first, second],  # type: ignore[list-item]
+        [first, second],
         SinkMetrics(CollectorRegistry()),
         topics=("gpu.samples",),
         group_id=group,
@@ -97,3 +97,8 @@ def test_offsets_commit_in_batch_order(topics: Settings) -> None:
         thread.join(60)
     assert first.batches == [list(range(10))]
     assert sorted(o for batch in second.batches for o in batch) == list(range(10, 30))
+    with psycopg.connect(database_url) as conn:
+        stored = conn.execute(
+            sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(db_schema, "gpu_samples"))
+        ).fetchone()[0]
+    assert stored == 30
