@@ -35,7 +35,7 @@ from bus.codec import (
     Codec,
 )
 
-__all__ = ["Frame", "FrameDecoder", "FrameDecoders", "UnsupportedSchema"]
+__all__ = ["Frame", "FrameDecoder", "FrameDecoders", "UnsupportedSchema", "python_values"]
 
 _MIN_ROWS = 8
 """Below this many records the container framing costs more than it saves."""
@@ -65,15 +65,17 @@ class Frame:
         ``datetime.UTC``), in the order of :attr:`rows`."""
         if self.columns is None:
             return []
-        values = []
-        for series in self.columns.get_columns():
-            if isinstance(series.dtype, pl.Datetime) and series.dtype.time_zone is not None:
-                naive = series.dt.replace_time_zone(None).to_list()
-                values.append([None if v is None else v.replace(tzinfo=UTC) for v in naive])
-            else:
-                values.append(series.to_list())
+        values = [python_values(series) for series in self.columns.get_columns()]
         names = self.columns.columns
         return [dict(zip(names, row, strict=True)) for row in zip(*values, strict=True)]
+
+
+def python_values(series: pl.Series) -> list[Any]:
+    """A column's values as ``Codec.decode`` gives them (timestamps UTC-aware with ``datetime.UTC``)."""
+    if isinstance(series.dtype, pl.Datetime) and series.dtype.time_zone is not None:
+        naive = series.dt.replace_time_zone(None).to_list()
+        return [None if v is None else v.replace(tzinfo=UTC) for v in naive]
+    return series.to_list()
 
 
 class FrameDecoder:

@@ -10,6 +10,8 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import polars as pl
+
 from bus import schemas
 
 # Fields whose name alone would mislead: a budget can be used beyond 100 %.
@@ -199,3 +201,73 @@ class Validator:
                     if type(element) is dict and not self._ok(element):
                         return False
         return True
+
+
+class ColumnValidator:
+    """:func:`problems` for a whole batch of decoded columns (``bus.frames``) at once: whether every row
+    passes. A batch that does not is checked record by record for the messages; a schema shape it does not
+    handle (named types other than records, unions beyond null and one type) answers None."""
+
+    def __init__(self) -> None:
+        self._checks: dict[str, pl.Expr | None] = {}
+
+    def all_valid(self, record_name: str, frame: pl.DataFrame) -> bool | None:
+        if record_name not in self._checks:
+            try:
+                self._checks[record_name] = _frame_check(schemas.load(record_name), None)
+            except (KeyError, TypeError, ValueError):
+                self._checks[record_name] = None
+        check = self._checks[record_name]
+        if check is None:
+            return None
+        if frame.height == 0:
+            return True
+        try:
+            return bool(frame.select(check).item())
+        except pl.exceptions.PolarsError:
+            return None
+
+
+def _frame_check(schema: Mapping[str, Any], inside: pl.Expr | None) -> pl.Expr:
+    """One boolean expression: every numeric field of every row (and of nested records and arrays of
+    records) within the bounds of :func:`bounds` and finite. ``inside`` is the struct expression the
+    fields belong to (None: the frame's own columns)."""
+    parts: list[pl.Expr] = [pl.lit(True)]
+    for spec in schema["fields"]:
+        name, kind = spec["name"], spec["type"]
+        if isinstance(kind, list):
+            branches = [branch for branch in kind if branch != "null"]
+            if len(branches) != 1:
+                raise ValueError(f"union {kind!r}")
+            kind = branches[0]
+        if isinstance(kind, dict) and "logicalType" not in kind and kind["type"] in _NUMBERS:
+            kind = kind["type"]
+        column = pl.col(name) if inside is None else inside.struct.field(name)
+        if isinstance(kind, str):
+            if kind in _NUMBERS:
+                parts.append(_number_check(column, name, _NUMBERS[kind]))
+            elif kind not in _PRIMITIVES and kind != "null":
+                raise ValueError(f"named type {kind!r}")
+        elif kind["type"] == "record":
+            parts.append(column.is_null() | _frame_check(kind, column))
+        elif kind["type"] == "array" and isinstance(kind["items"], dict):
+            if kind["items"].get("type") != "record":
+                raise ValueError(f"array of {kind['items']!r}")
+            items = _frame_check(kind["items"], pl.element())
+            parts.append(column.list.eval(items).list.all().fill_null(True))
+        elif kind["type"] == "array" and kind["items"] not in _PRIMITIVES:
+            raise ValueError(f"array of {kind['items']!r}")
+        elif kind["type"] == "map" and name not in ("labels", "annotations"):
+            raise ValueError("a map the rules walk into")
+    check = pl.all_horizontal(parts)
+    return check.all() if inside is None else check
+
+
+def _number_check(column: pl.Expr, name: str, floating: bool) -> pl.Expr:
+    low, high = bounds(name)
+    ok = column.is_finite() if floating else pl.lit(True)
+    if low is not None:
+        ok = ok & (column >= low)
+    if high is not None:
+        ok = ok & (column <= high)
+    return (column.is_null() | ok).fill_null(True)

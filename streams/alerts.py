@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,9 @@ from streams.buckets import from_ms, to_ms
 from streams.processor import Input, Output, PartitionBatch, Result
 from streams.rules import Rule, fingerprint, load_rules
 from streams.series import SeriesIndex
+
+Sample = tuple[catalogue.Metric, str, dict[str, str], float]
+"""(metric, series id, series labels, value): what ``SeriesIndex.series`` lists."""
 
 __all__ = [
     "ALERT_RECORD",
@@ -156,7 +159,7 @@ class _Batch:
     def __init__(self, state: MutableMapping[str, Any], batch: PartitionBatch) -> None:
         self.state = state
         self.committed = batch.committed_offset
-        self.last_offset = batch.inputs[-1].offset if batch.inputs else -1
+        self.last_offset = batch.last_offset
         self.outputs: list[Output] = []
         self.loaded: dict[str, dict[str, Any] | None] = {}
         self.entries: dict[str, dict[str, Any]] = {}
@@ -265,8 +268,8 @@ class AlertProcessor:
         else:
             index = dict(state.get(_NO_DATA_INDEX) or {})
             before = dict(index)
-            for record in batch.inputs:
-                self._sample(record, work, index)
+            for offset, t, found in self._samples(batch):
+                self._sample(offset, t, found, work, index)
             self._no_data(to_ms(batch.watermark), work, index)
             if index != before:  # before the entries: a restored index never misses a firing entry
                 state[_NO_DATA_INDEX] = index
@@ -302,26 +305,39 @@ class AlertProcessor:
 
     # -- threshold rules -----------------------------------------------------------------------------------
 
-    def _sample(self, record: Input, work: _Batch, index: dict[str, int]) -> None:
-        t = to_ms(record.event_time)
-        series_index = self._series.get(record.record_name)
-        if series_index is None:
-            return
-        for metric, series, series_labels, value in series_index.series(record.value):
+    def _samples(self, batch: PartitionBatch) -> Iterator[tuple[int, int, list[Sample]]]:
+        """(offset, event ms, the series values the rules watch) of each record, in offset order; read
+        from the batch's columns when it has them."""
+        columns = batch.columns
+        if columns is not None:
+            series_index = self._series.get(columns.record_name)
+            if series_index is None:
+                return
+            rows = series_index.rows(columns)
+            if rows is not None:
+                yield from zip(columns.offsets, columns.event_ms, rows, strict=True)
+                return
+        for record in batch.inputs:
+            series_index = self._series.get(record.record_name)
+            if series_index is not None:
+                yield record.offset, to_ms(record.event_time), series_index.series(record.value)
+
+    def _sample(self, offset: int, t: int, found: list[Sample], work: _Batch, index: dict[str, int]) -> None:
+        for metric, series, series_labels, value in found:
             for rule in self._rules_of[metric.name]:
                 target = self._target(rule, series, series_labels)
                 if target is None:
                     continue
                 labels, fp, key = target
                 entry = work.get(key)
-                if entry is not None and record.offset <= entry["offset"]:
+                if entry is not None and offset <= entry["offset"]:
                     continue  # applied before a restart
                 if entry is None:
                     entry = _new_entry(rule, fp, labels)
-                entry["offset"] = record.offset
+                entry["offset"] = offset
                 if entry["last_seen"] is None or t >= entry["last_seen"]:
                     entry["last_seen"], entry["value"], entry["no_data"] = t, value, False
-                    self._step(rule, entry, t, value, rule.holds(value), work, record.offset)
+                    self._step(rule, entry, t, value, rule.holds(value), work, offset)
                 work.put(key, entry, force=rule.no_data == "alert")
                 if rule.no_data == "alert" or (rule.no_data == "resolve" and entry["status"] != "inactive"):
                     index[key] = entry["last_seen"]

@@ -29,6 +29,7 @@ from datetime import datetime
 from typing import Any
 
 import faust
+import polars as pl
 from faust.events import Event
 from faust.streams import _current_event
 from faust.types import TP
@@ -38,11 +39,12 @@ from prometheus_client.core import GaugeMetricFamily
 from bus import validation
 from bus.codec import Codec
 from bus.errors import CodecError
-from bus.frames import FrameDecoders
+from bus.frames import Frame, FrameDecoders
 from bus.kafka import aiokafka_config
 from bus.settings import Settings
 from bus.topics import BY_KEY, TopicSpec, topic_name
 from streams.buckets import from_ms, to_ms
+from streams.columns import Columns, LazyInputs
 from streams.processor import Input, Output, PartitionBatch, Processor
 from streams.transport import BatchConsumer, Sender, StreamsApp
 
@@ -230,6 +232,7 @@ class Dispatcher:
         self.clock = clock
         self.sender = Sender(app)
         self.validation = validation.Validator()
+        self.column_validation = validation.ColumnValidator()
         self._frames = FrameDecoders(codec)
         self.routes: dict[str, _Route] = {}
         self._fresh: set[tuple[str, TP]] = set()
@@ -316,11 +319,20 @@ class Dispatcher:
     def _still_ours(self, generation: int) -> bool:
         return self.app.consumer_generation_id == generation and self.app.flow_control.is_active()
 
-    async def _decode(self, route: _Route, batch: list[Any]) -> list[Input] | None:
+    async def _decode(self, route: _Route, batch: list[Any]) -> Sequence[Input] | None:
         decode, problems, schema = self.codec.decode, self.validation.problems, route.spec.schema
         key = route.spec.key
+        frame = self._decode_together(schema, batch)
+        columns = self._columns(frame, batch)
+        if columns is not None:
+            return LazyInputs(key, batch[0].partition, columns)
         inputs: list[Input] = []
-        fast = self._decode_together(schema, batch)
+        fast: dict[int, tuple[str, dict[str, Any]]] = {}
+        if frame is not None:
+            fast = {
+                row: (frame.record_name, value)
+                for row, value in zip(frame.rows, frame.records(), strict=True)
+            }
         for position, message in enumerate(batch):
             try:
                 name, value = fast[position] if position in fast else decode(message.value)
@@ -350,15 +362,25 @@ class Dispatcher:
             inputs.append(Input(key, message.partition, message.offset, name, value, event_time))
         return inputs
 
-    def _decode_together(self, schema: str, batch: list[Any]) -> dict[int, tuple[str, dict[str, Any]]]:
-        """Records of the batch read in one native pass (``bus.frames``), by position; the others, and
-        every record of a schema that path does not read, are decoded one by one."""
+    def _decode_together(self, schema: str, batch: list[Any]) -> Frame | None:
+        """The records of the batch read in one native pass (``bus.frames``); the others (``rest``), and
+        every record of a schema that path does not read (None), are decoded one by one."""
         decoder = self._frames.get(schema)
-        if decoder is None:
-            return {}
-        frame = decoder.decode([message.value for message in batch])
-        records = zip(frame.rows, frame.records(), strict=True)
-        return {position: (frame.record_name, value) for position, value in records}
+        return None if decoder is None else decoder.decode([message.value for message in batch])
+
+    def _columns(self, frame: Frame | None, batch: list[Any]) -> Columns | None:
+        """The batch as columns for the processors, when every record was read natively, every one is
+        valid and has an event time; otherwise None, and the records are checked one by one (which
+        dead-letters the bad ones with their reasons)."""
+        if frame is None or frame.columns is None or frame.rest:
+            return None
+        if "time" not in frame.columns.columns or frame.columns.get_column("time").null_count():
+            return None
+        if not isinstance(frame.columns.schema["time"], pl.Datetime):
+            return None
+        if not self.column_validation.all_valid(frame.record_name, frame.columns):
+            return None
+        return Columns(frame.record_name, frame.columns, [message.offset for message in batch])
 
     async def _decode_transient(self, message: Any) -> tuple[str, dict[str, Any]] | None:
         """Retry a record whose decoding failed for a passing reason (a registry outage); None when the app
@@ -377,13 +399,22 @@ class Dispatcher:
         return None
 
     def _run(
-        self, route: _Route, tp: TP, batch: list[Any], inputs: list[Input], committed: int | None
+        self, route: _Route, tp: TP, batch: list[Any], inputs: Sequence[Input], committed: int | None
     ) -> None:
         last = self.app.consumer._to_message(tp, batch[-1])
         event = Event(self.app, last.key, last.value, last.headers, last)
         token = _current_event.set(weakref.ref(event))  # the partition any Faust table write would use
         try:
-            newest = max(to_ms(record.event_time) for record in inputs)
+            columns = inputs.columns if isinstance(inputs, LazyInputs) else None
+            if columns is not None:
+                newest, first_offset, last_offset = (
+                    max(columns.event_ms),
+                    columns.offsets[0],
+                    columns.offsets[-1],
+                )
+            else:
+                newest = max(to_ms(record.event_time) for record in inputs)
+                first_offset, last_offset = inputs[0].offset, inputs[-1].offset
             progress_key = f"{tp.partition}{_PROGRESS}"
             watermark = newest
             for binding in route.bindings:
@@ -400,7 +431,7 @@ class Dispatcher:
                             "processor": binding.processor.name,
                             "topic": tp.topic,
                             "partition": tp.partition,
-                            "first_offset": inputs[0].offset,
+                            "first_offset": first_offset,
                             "committed_offset": committed,
                             "watermark_ms": previous,
                         },
@@ -413,11 +444,12 @@ class Dispatcher:
                     None if previous is None else from_ms(previous),
                     committed_offset=committed,
                     resumed=fresh not in self._fresh,
+                    columns=columns,
                 )
                 changelog = self._changelog_writer(binding.changelog, tp.partition)
                 view = PartitionView(store, tp.partition, changelog)
                 result = binding.processor.process(partition_batch, view)
-                progress = {"wm": mark, "o": inputs[-1].offset}
+                progress = {"wm": mark, "o": last_offset}
                 store[progress_key] = progress
                 changelog(progress_key, progress)
                 self._fresh.add(fresh)

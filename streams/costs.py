@@ -48,7 +48,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -310,7 +310,7 @@ class _CostRun:
         self.index = self.e.get(_INDEX) or {"offset": None, "now_ms": None, "running": [], "months": []}
         self.now_ms = max(_ms(batch.watermark), self.index["now_ms"] or 0)
         self.horizon = _hour(self.now_ms - processor.retention_ms)
-        self.offset = batch.inputs[-1].offset if batch.inputs else self.index["offset"]
+        self.offset = batch.last_offset if len(batch.inputs) else self.index["offset"]
         self.outputs: list[Output] = []
         self.buckets: dict[str, dict[str, Any]] = {}
         self.months: set[str] = set()
@@ -687,31 +687,46 @@ class DeviceHoursProcessor:
                 device = e.get(key)
                 if device is not None and _after(device, batch.committed_offset):
                     changed[key] = (device, {int(hour) for hour in device["hours"]})
-        for record in batch.inputs:
-            value = record.value
-            if value.get("mig_instance") is not None:
+        devices: dict[str, dict[str, Any]] = {}  # each entry the batch touches, read once
+        applied: dict[str, None] = {}
+        gap = self._max_gap_ms
+        for row, offset, t, mig_instance, uuid, model in _gpu_samples(batch):
+            if mig_instance is not None:
                 continue  # counted through its physical GPU
-            uuid = value["gpu_uuid"]
             key = f"dev|{uuid}"
-            device = e.get(key) or {"gpu_uuid": uuid, "last_ms": None, "hours": {}, "offset": -1}
-            if record.offset <= device["offset"]:
+            device = devices.get(key)
+            if device is None:
+                device = devices[key] = e.get(key) or {
+                    "gpu_uuid": uuid,
+                    "last_ms": None,
+                    "hours": {},
+                    "offset": -1,
+                }
+            if offset <= device["offset"]:
                 continue
-            t = _ms(value["time"])
             if t < horizon:
-                result.late.append(
-                    (record, f"sample older than the {self._retention_ms // HOUR_MS} h retention")
-                )
+                reason = f"sample older than the {self._retention_ms // HOUR_MS} h retention"
+                result.late.append((_input(batch, row), reason))
                 continue
+            if key not in applied:
+                # Drop hours past the retention once a batch: the hours added below start at the
+                # (hour-aligned) horizon or later.
+                device["hours"] = {h: ms for h, ms in device["hours"].items() if int(h) >= horizon}
+                applied[key] = None
             last = device["last_ms"]
             if last is not None and t > last:
-                for hour, overlap in split_by_hour(max(last, horizon), min(t, last + self._max_gap_ms)):
-                    device["hours"][str(hour)] = device["hours"].get(str(hour), 0) + overlap
-                    changed.setdefault(key, (device, set()))[1].add(hour)
+                hours = device["hours"]
+                for hour, overlap in split_by_hour(max(last, horizon), min(t, last + gap)):
+                    label = str(hour)
+                    hours[label] = hours.get(label, 0) + overlap
+                    if key not in changed:
+                        changed[key] = (device, set())
+                    changed[key][1].add(hour)
             if last is None or t > last:
                 device["last_ms"] = t
-            device.update(gpu_model=value["gpu_model"], offset=record.offset)
-            device["hours"] = {h: ms for h, ms in device["hours"].items() if int(h) >= horizon}
-            e.put(key, device)
+            device["gpu_model"], device["offset"] = model, offset
+        for key in applied:
+            e.put(key, devices[key])
         for device, hours in changed.values():
             for hour in sorted(hours):
                 if str(hour) not in device["hours"]:
@@ -732,6 +747,38 @@ class DeviceHoursProcessor:
                     e.delete(key)  # not seen for the whole retention
         e.flush()
         return result
+
+
+def _gpu_samples(batch: PartitionBatch) -> Iterator[tuple[int, int, int, str | None, str, str]]:
+    """(row, offset, event ms, mig_instance, gpu_uuid, gpu_model) of each GpuSample of the batch, read
+    from its columns when it has them."""
+    columns = batch.columns
+    if columns is not None:
+        yield from zip(
+            range(len(columns)),
+            columns.offsets,
+            columns.event_ms,
+            columns.values("mig_instance"),
+            columns.values("gpu_uuid"),
+            columns.values("gpu_model"),
+            strict=True,
+        )
+        return
+    for row, record in enumerate(batch.inputs):
+        value = record.value
+        yield (
+            row,
+            record.offset,
+            _ms(value["time"]),
+            value.get("mig_instance"),
+            value["gpu_uuid"],
+            value["gpu_model"],
+        )
+
+
+def _input(batch: PartitionBatch, row: int) -> Input:
+    columns = batch.columns
+    return batch.inputs[row] if columns is None else columns.input(batch.topic_key, batch.partition, row)
 
 
 class IdleHoursProcessor:

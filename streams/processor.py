@@ -24,7 +24,10 @@ from __future__ import annotations
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from streams.columns import Columns
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,16 @@ class PartitionBatch:
     """True on the partition's first batch since this worker was assigned it (start, restart, rebalance):
     state was just restored, inputs may replay records already folded in, and outputs sent before a crash
     may be missing (a processor re-sends what it cannot prove was committed)."""
+    columns: Columns | None = None
+    """The same records as columns (streams/columns.py), when every one was read natively; a processor
+    may fold these instead of ``inputs`` and must then give the same state and outputs."""
+
+    @property
+    def last_offset(self) -> int:
+        """Offset of the batch's last record; -1 for an empty batch."""
+        if self.columns is not None:
+            return self.columns.offsets[-1] if len(self.columns) else -1
+        return self.inputs[-1].offset if self.inputs else -1
 
 
 @dataclass(slots=True)

@@ -12,12 +12,24 @@ import functools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bus import catalogue
 from bus.catalogue import Metric
 
-__all__ = ["Point", "SeriesIndex", "extract", "metrics_of", "points", "series_id", "series_of"]
+if TYPE_CHECKING:
+    from streams.columns import Columns
+
+__all__ = [
+    "MetricColumn",
+    "Point",
+    "SeriesIndex",
+    "extract",
+    "metrics_of",
+    "points",
+    "series_id",
+    "series_of",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,12 +146,78 @@ class SeriesIndex:
             out.extend((metric, series, labels, value) for series, labels, value in series_of(metric, record))
         return out
 
+    def by_metric(self, columns: Columns) -> list[MetricColumn] | None:
+        """What :meth:`series` gives for every row of ``columns``, metric by metric (in the order
+        :meth:`series` lists them within a record); None when some metric reads an array field."""
+        if self._arrays:
+            return None
+        size = len(columns)
+        out: list[MetricColumn] = []
+        for fields, metrics in self._groups.items():
+            label_values = [columns.values(name) for name in fields]
+            keys = list(zip(*label_values, strict=True)) if fields else [()] * size
+            described: dict[tuple[Any, ...], list[tuple[Metric, str, dict[str, str], str]]] = {}
+            for key in set(keys):
+                known = self._known.get((fields, key))
+                if known is None:
+                    if len(self._known) >= _KNOWN_MAX:
+                        self._known.clear()
+                    known = self._known[(fields, key)] = [self._describe(metric, key) for metric in metrics]
+                described[key] = known
+            for position, metric in enumerate(metrics):
+                leaf = _plan(metric)[1]
+                raw = columns.values(leaf) if leaf in columns.names else [None] * size
+                selected = _selected(metric, columns, size)
+                rows = [
+                    row
+                    for row, value in enumerate(raw)
+                    if value is not None and (selected is None or selected[row])
+                ]
+                series = [described[keys[row]][position][1:3] for row in rows]
+                out.append(MetricColumn(metric, rows, series, [float(raw[row]) for row in rows]))
+        return out
+
+    def rows(self, columns: Columns) -> list[list[tuple[Metric, str, dict[str, str], float]]] | None:
+        """:meth:`series` of every row of ``columns``, row by row; None as for :meth:`by_metric`."""
+        found = self.by_metric(columns)
+        if found is None:
+            return None
+        out: list[list[tuple[Metric, str, dict[str, str], float]]] = [[] for _ in range(len(columns))]
+        for column in found:
+            metric = column.metric
+            for row, (series, labels), value in zip(column.rows, column.series, column.values, strict=True):
+                out[row].append((metric, series, labels, value))
+        return out
+
     @staticmethod
     def _describe(metric: Metric, values: tuple[Any, ...]) -> tuple[Metric, str, dict[str, str], str]:
         _, leaf, plan = _plan(metric)
         named = zip((name for name, _, _ in plan), values, strict=True)
         labels = {name: _label(value) for name, value in named if value is not None}
         return metric, series_id(metric.name, labels), labels, leaf
+
+
+@dataclass(frozen=True, slots=True)
+class MetricColumn:
+    """One metric's samples in a batch of columns (:meth:`SeriesIndex.by_metric`)."""
+
+    metric: Metric
+    rows: list[int]
+    """The rows that carry a value, ascending."""
+    series: list[tuple[str, dict[str, str]]]
+    """Each such row's series id and labels (shared: read them, never change them)."""
+    values: list[float]
+
+
+def _selected(metric: Metric, columns: Columns, size: int) -> list[bool] | None:
+    """Per row whether the metric's ``where`` selector holds; None when it has none."""
+    if not metric.where:
+        return None
+    tests = [
+        (columns.values(name) if name in columns.names else [None] * size, wanted)
+        for name, wanted in metric.where
+    ]
+    return [all(values[row] == wanted for values, wanted in tests) for row in range(size)]
 
 
 def metrics_of(record_name: str, names: Iterable[str] | None = None) -> tuple[Metric, ...]:
