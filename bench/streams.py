@@ -145,11 +145,14 @@ def _scrape(port: int) -> dict[str, float]:
     found: dict[str, float] = {}
     for line in text.splitlines():
         match = re.match(
-            r"(aima_stream_(?:events|outputs|dead_letters|late_records)_total)\{(.*?)\} (\S+)", line
+            r"(aima_stream_(?:events|outputs|dead_letters|late_records|partition_batches)_total)"
+            r"\{(.*?)\} (\S+)",
+            line,
         )
         if match:
             topic = re.search(r'topic="([^"]*)"', match[2])
-            name = f"{match[1]}:{topic[1] if topic else ''}"
+            form = re.search(r'form="([^"]*)"', match[2])
+            name = f"{match[1]}:{topic[1] if topic else ''}" + (f":{form[1]}" if form else "")
             found[name] = found.get(name, 0.0) + float(match[3])
     return found
 
@@ -299,6 +302,8 @@ def main() -> None:
     outputs = {k.split(":", 1)[1]: int(v) for k, v in measured.items() if k.startswith("aima_stream_outputs")}
     dead = sum(v for k, v in measured.items() if k.startswith("aima_stream_dead_letters"))
     late = sum(v for k, v in measured.items() if k.startswith("aima_stream_late_records"))
+    batches = {k: v for k, v in measured.items() if k.startswith("aima_stream_partition_batches")}
+    columnar = sum(v for k, v in batches.items() if k.endswith(":columns"))
     command = (
         f".venv/bin/python bench/streams.py --gpu-samples {args.gpu_samples} --hosts {args.hosts} "
         f"--gpus-per-host {args.gpus_per_host} --step-s {args.step_s:g} --workers {args.workers} "
@@ -328,7 +333,8 @@ Input: simulator fleet of {args.hosts} hosts x {args.gpus_per_host} GPUs, {args.
 App / plain: **{ratio:.0%}** (target at least 25 %); app / plain with batch decoding: \
 {app_rate / together_rate:.0%}. GPU samples per second: **{gpu_rate:,.0f}** (target 50,000).
 
-The app's outputs in the run: {produced}; dead letters {dead:.0f}, late records {late:.0f}.
+The app's outputs in the run: {produced}; dead letters {dead:.0f}, late records {late:.0f}. Partition \
+batches handed to the processors as columns: {columnar:,.0f} of {sum(batches.values()):,.0f}.
 """
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.append and args.out.exists():

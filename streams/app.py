@@ -100,6 +100,13 @@ class StreamMetrics:
             registry=registry,
             buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
         )
+        self.batch_forms = Counter(
+            "aima_stream_partition_batches_total",
+            "Partition batches by how the processors got them: columns (every record read natively and "
+            "valid) or records (one by one)",
+            ["topic", "form"],
+            registry=registry,
+        )
         self.batch_seconds = Histogram(
             "aima_stream_batch_seconds",
             "Time to process one fetched batch, outputs handed to the producer",
@@ -305,6 +312,8 @@ class Dispatcher:
                     break  # a rebalance or a stop came in between: not acknowledged, so fetched again
                 if inputs:
                     self._run(route, tp, records, inputs, committed)
+                    form = "columns" if isinstance(inputs, LazyInputs) else "records"
+                    self.metrics.batch_forms.labels(route.spec.key, form).inc()
                 done.append((tp, records))
             await self.sender.flush()
             for tp, records in done:
