@@ -38,6 +38,7 @@ from typing import Any
 from bus import catalogue
 from bus.topics import TOPICS
 from streams.buckets import from_ms, to_ms
+from streams.columns import Columns
 from streams.processor import Input, Output, PartitionBatch, Result
 from streams.rules import Rule, fingerprint, load_rules
 from streams.series import SeriesIndex
@@ -188,7 +189,9 @@ class _Batch:
         entry["sent"] = [*kept, {"offset": offset, **item}][-_MAX_SENT:]
 
     def flush(self) -> None:
-        for key, entry in self.entries.items():
+        # By key: entries are independent, and a fixed order makes the writes the same however the
+        # batch was walked (record by record, or series by series from columns).
+        for key, entry in sorted(self.entries.items()):
             before = self.loaded.get(key)
             if entry.get("sent") and self.committed is not None:
                 entry["sent"] = [old for old in entry["sent"] if old["offset"] >= self.committed]
@@ -268,8 +271,9 @@ class AlertProcessor:
         else:
             index = dict(state.get(_NO_DATA_INDEX) or {})
             before = dict(index)
-            for offset, t, found in self._samples(batch):
-                self._sample(offset, t, found, work, index)
+            if batch.columns is None or not self._sample_columns(batch.columns, work, index):
+                for offset, t, found in self._samples(batch):
+                    self._sample(offset, t, found, work, index)
             self._no_data(to_ms(batch.watermark), work, index)
             if index != before:  # before the entries: a restored index never misses a firing entry
                 state[_NO_DATA_INDEX] = index
@@ -306,21 +310,61 @@ class AlertProcessor:
     # -- threshold rules -----------------------------------------------------------------------------------
 
     def _samples(self, batch: PartitionBatch) -> Iterator[tuple[int, int, list[Sample]]]:
-        """(offset, event ms, the series values the rules watch) of each record, in offset order; read
-        from the batch's columns when it has them."""
-        columns = batch.columns
-        if columns is not None:
-            series_index = self._series.get(columns.record_name)
-            if series_index is None:
-                return
-            rows = series_index.rows(columns)
-            if rows is not None:
-                yield from zip(columns.offsets, columns.event_ms, rows, strict=True)
-                return
+        """(offset, event ms, the series values the rules watch) of each record, in offset order."""
         for record in batch.inputs:
             series_index = self._series.get(record.record_name)
             if series_index is not None:
                 yield record.offset, to_ms(record.event_time), series_index.series(record.value)
+
+    def _sample_columns(self, columns: Columns, work: _Batch, index: dict[str, int]) -> bool:
+        """:meth:`_sample` for every row of ``columns``, taken series by series: each (rule, series) entry
+        is looked up and written once per batch, not once per sample. A series' samples keep their row
+        order, and the outputs are put back in the order the record-by-record path makes them (row, metric
+        within the row, rule). False when the columns cannot be read this way (array metrics)."""
+        series_index = self._series.get(columns.record_name)
+        if series_index is None:
+            return True
+        found = series_index.by_metric(columns)
+        if found is None:
+            return False
+        offsets, times, outputs = columns.offsets, columns.event_ms, work.outputs
+        first_output = len(outputs)
+        order: list[tuple[int, int, int]] = []
+        for position, column in enumerate(found):
+            by_series: dict[str, list[int]] = {}
+            for item, (series, _) in enumerate(column.series):
+                by_series.setdefault(series, []).append(item)
+            for series, items in by_series.items():
+                series_labels = column.series[items[0]][1]
+                for rank, rule in enumerate(self._rules_of[column.metric.name]):
+                    target = self._target(rule, series, series_labels)
+                    if target is None:
+                        continue
+                    labels, fp, key = target
+                    entry = work.get(key)
+                    applied = False
+                    for item in items:
+                        row = column.rows[item]
+                        offset = offsets[row]
+                        if entry is not None and offset <= entry["offset"]:
+                            continue  # applied before a restart
+                        if entry is None:
+                            entry = _new_entry(rule, fp, labels)
+                        entry["offset"] = offset
+                        applied = True
+                        t, value = times[row], column.values[item]
+                        if entry["last_seen"] is None or t >= entry["last_seen"]:
+                            entry["last_seen"], entry["value"], entry["no_data"] = t, value, False
+                            made = len(outputs)
+                            self._step(rule, entry, t, value, rule.holds(value), work, offset)
+                            if len(outputs) > made:
+                                order += [(row, position, rank)] * (len(outputs) - made)
+                    if applied and entry is not None:
+                        self._applied(rule, key, entry, work, index)
+        if order:
+            ranked = sorted(zip(order, outputs[first_output:], strict=True), key=lambda pair: pair[0])
+            outputs[first_output:] = [output for _, output in ranked]
+        return True
 
     def _sample(self, offset: int, t: int, found: list[Sample], work: _Batch, index: dict[str, int]) -> None:
         for metric, series, series_labels, value in found:
@@ -338,11 +382,16 @@ class AlertProcessor:
                 if entry["last_seen"] is None or t >= entry["last_seen"]:
                     entry["last_seen"], entry["value"], entry["no_data"] = t, value, False
                     self._step(rule, entry, t, value, rule.holds(value), work, offset)
-                work.put(key, entry, force=rule.no_data == "alert")
-                if rule.no_data == "alert" or (rule.no_data == "resolve" and entry["status"] != "inactive"):
-                    index[key] = entry["last_seen"]
-                else:
-                    index.pop(key, None)
+                self._applied(rule, key, entry, work, index)
+
+    @staticmethod
+    def _applied(rule: Rule, key: str, entry: dict[str, Any], work: _Batch, index: dict[str, int]) -> None:
+        """After samples were applied to an entry: keep it, and its place in the no-data index."""
+        work.put(key, entry, force=rule.no_data == "alert")
+        if rule.no_data == "alert" or (rule.no_data == "resolve" and entry["status"] != "inactive"):
+            index[key] = entry["last_seen"]
+        else:
+            index.pop(key, None)
 
     def _no_data(self, watermark: int, work: _Batch, index: dict[str, int]) -> None:
         for key, last_seen in sorted(index.items()):
