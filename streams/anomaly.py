@@ -22,17 +22,23 @@ offset is committed, and is sent again on a resumed partition when it may have b
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
+from operator import itemgetter
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from bus import catalogue
 from streams.alerts import alert_event, topic_of_record
 from streams.buckets import from_ms, to_ms
-from streams.processor import Output, PartitionBatch, Result
+from streams.processor import Input, Output, PartitionBatch, Result
 from streams.rules import fingerprint, format_value
-from streams.series import SeriesIndex
+from streams.series import MetricColumn, SeriesIndex
+
+if TYPE_CHECKING:
+    from streams.columns import Columns
 
 __all__ = ["ANOMALY_RECORD", "AnomalyConfig", "AnomalyProcessor", "default_metrics"]
 
@@ -43,6 +49,13 @@ DEFAULT_TOPICS = ("gpu.samples", "system.samples", "queue.samples")
 _MAD_TO_SIGMA = 1.4826
 _MAX_SENT = 16
 """Most findings a series remembers for the re-send after a restart."""
+_MIN_WIDTH = 16
+"""Fewest samples per step, on average, from which a batch of columns is folded across series with numpy:
+a step costs some tens of numpy calls however few series it folds, about what as many samples cost in
+Python."""
+
+_Sample = tuple[catalogue.Metric, str, dict[str, str], float]
+"""(metric, series id, labels, value), as ``SeriesIndex.series`` lists them."""
 
 
 def default_metrics(topics: Iterable[str] = DEFAULT_TOPICS) -> tuple[str, ...]:
@@ -91,6 +104,8 @@ class AnomalyConfig:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
         if self.warmup < 1 or self.resolve_after < 1:
             raise ValueError("warmup and resolve_after must be at least 1")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be positive (the scale divides), got {self.eps}")
         if not 0 < self.threshold <= self.alert_threshold:
             raise ValueError(
                 f"need 0 < threshold <= alert_threshold, got {self.threshold} and {self.alert_threshold}"
@@ -144,34 +159,80 @@ class AnomalyProcessor:
         outputs: list[Output] = []
         if batch.resumed:
             outputs.extend(self._resend(state, committed))
-        touched: dict[str, dict[str, Any]] = {}
-        for record in batch.inputs:
-            t = to_ms(record.event_time)
-            index = self._index.get(record.record_name)
-            if index is None:
-                continue
-            for metric, key, labels, value in index.series(record.value):
-                entry = touched.get(key)
-                if entry is None:
-                    stored = state.get(key)
-                    entry = dict(stored) if stored else {"n": 0, "mean": 0.0, "mad": 0.0, "offset": -1}
-                    if entry.get("alert"):
-                        entry["alert"] = dict(entry["alert"])  # never change the stored value in place
-                if record.offset <= entry["offset"]:
-                    continue
-                entry["offset"] = record.offset
-                touched[key] = entry
-                for finding in self._observe(metric, labels, value, t, entry):
-                    outputs.append(self._output(key, finding))
-                    kept = [
-                        old for old in entry.get("sent", ()) if committed is None or old["o"] >= committed
-                    ]
-                    entry["sent"] = [*kept, {"o": record.offset, **finding}][-_MAX_SENT:]
+        columns = batch.columns
+        if columns is None:
+            touched = self._fold(self._records(batch.inputs), state, committed, outputs)
+        elif (index := self._index.get(columns.record_name)) is None:
+            touched = {}  # a kind of record it watches no metric of
+        elif (found := index.by_metric(columns)) is None:  # an array field: read per record
+            touched = self._fold(self._records(batch.inputs), state, committed, outputs)
+        else:
+            touched = self._fold_columns(columns, found, state, committed, outputs)
         for key, entry in touched.items():
             if entry.get("sent") and committed is not None:
                 entry["sent"] = [old for old in entry["sent"] if old["o"] >= committed]
             state[key] = entry
         return Result(outputs)
+
+    def _records(self, inputs: Iterable[Input]) -> Iterator[tuple[int, int, list[_Sample]]]:
+        for record in inputs:
+            index = self._index.get(record.record_name)
+            if index is not None:
+                yield record.offset, to_ms(record.event_time), index.series(record.value)
+
+    def _fold(
+        self,
+        records: Iterable[tuple[int, int, list[_Sample]]],
+        state: Mapping[str, Any],
+        committed: int | None,
+        outputs: list[Output],
+    ) -> dict[str, dict[str, Any]]:
+        """Folds (offset, event ms, samples) record by record; returns the entries it changed, in the
+        order it first changed them."""
+        touched: dict[str, dict[str, Any]] = {}
+        for offset, t, samples in records:
+            for metric, key, labels, value in samples:
+                entry = touched.get(key)
+                if entry is None:
+                    entry = _open(state, key)
+                if offset <= entry["offset"]:
+                    continue
+                entry["offset"] = offset
+                touched[key] = entry
+                findings = self._observe(metric, labels, value, t, entry)
+                if findings:
+                    outputs.extend(self._publish(key, entry, offset, findings, committed))
+        return touched
+
+    def _fold_columns(
+        self,
+        columns: Columns,
+        found: list[MetricColumn],
+        state: Mapping[str, Any],
+        committed: int | None,
+        outputs: list[Output],
+    ) -> dict[str, dict[str, Any]]:
+        """:meth:`_fold` over columns, without the per-record dicts."""
+        steps = _Steps(columns, found, state)
+        if steps.samples < _MIN_WIDTH * steps.depth:  # few series, many samples each: numpy would lose
+            return self._fold(_by_row(columns, found), state, committed, outputs)
+        return steps.fold(self, committed, outputs)
+
+    def _publish(
+        self,
+        key: str,
+        entry: dict[str, Any],
+        offset: int,
+        findings: list[dict[str, Any]],
+        committed: int | None,
+    ) -> list[Output]:
+        """The outputs of a sample's findings, remembered in ``entry`` for the re-send until committed."""
+        published = []
+        for finding in findings:
+            published.append(self._output(key, finding))
+            kept = [old for old in entry.get("sent", ()) if committed is None or old["o"] >= committed]
+            entry["sent"] = [*kept, {"o": offset, **finding}][-_MAX_SENT:]
+        return published
 
     def _resend(self, state: MutableMapping[str, Any], committed: int | None) -> list[Output]:
         """After a restart or rebalance: what was published for records not yet committed, again (the
@@ -301,3 +362,182 @@ class AnomalyProcessor:
             channels=self.config.channels,
             source=self.source,
         )
+
+
+def _open(state: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """A series' entry to change: a copy of the stored one, or a new one."""
+    stored = state.get(key)
+    entry = dict(stored) if stored else {"n": 0, "mean": 0.0, "mad": 0.0, "offset": -1}
+    if entry.get("alert"):
+        entry["alert"] = dict(entry["alert"])  # never change the stored value in place
+    return entry
+
+
+def _by_row(columns: Columns, found: list[MetricColumn]) -> Iterator[tuple[int, int, list[_Sample]]]:
+    """(offset, event ms, samples) of every row, as :meth:`AnomalyProcessor._records` gives them."""
+    rows: list[list[_Sample]] = [[] for _ in range(len(columns))]
+    for column in found:
+        metric = column.metric
+        for row, (key, labels), value in zip(column.rows, column.series, column.values, strict=True):
+            rows[row].append((metric, key, labels, value))
+    return zip(columns.offsets, columns.event_ms, rows, strict=True)
+
+
+class _Steps:
+    """A batch of columns laid out to fold every series at once. The recurrence is sequential within a
+    series, so step ``k`` folds the ``k``-th new sample of every series. Slots hold the series by sample
+    count, most first, so the series still folding at step ``k`` are the first ``widths[k]`` slots and a
+    step works on slices; ``value`` and ``row`` are (step, slot) matrices."""
+
+    def __init__(self, columns: Columns, found: list[MetricColumn], state: Mapping[str, Any]) -> None:
+        self.columns = columns
+        self.metrics_per_row = len(found)
+        keys: list[str] = []
+        labels: list[dict[str, str]] = []
+        metrics: list[catalogue.Metric] = []
+        positions: list[int] = []
+        codes: list[int] = []
+        rows: list[int] = []
+        values: list[float] = []
+        for position, column in enumerate(found):
+            described = dict(column.series)  # series id -> labels, in order of first sample
+            number = {key: code for code, key in enumerate(described, len(keys))}
+            keys.extend(described)
+            labels.extend(described.values())
+            metrics.extend([column.metric] * len(described))
+            positions.extend([position] * len(described))
+            codes.extend([number[key] for key, _ in column.series])
+            rows.extend(column.rows)
+            values.extend(column.values)
+        entries = [_open(state, key) for key in keys]
+        code = np.fromiter(codes, np.intp, len(codes))
+        row = np.fromiter(rows, np.intp, len(rows))
+        value = np.fromiter(values, np.float64, len(values))
+        # Replays: what a series has already folded is a prefix of its samples here (offsets ascend).
+        done = np.array([entry["offset"] for entry in entries], dtype=np.int64)
+        if len(done) and done.max() >= columns.offsets[0]:
+            new = np.asarray(columns.offsets, dtype=np.int64)[row] > done[code]
+            code, row, value = code[new], row[new], value[new]
+        # A stable sort by series keeps each series' samples in row order (rows ascend per metric).
+        order = np.argsort(code, kind="stable")
+        code, row, value = code[order], row[order], value[order]
+        counts = np.bincount(code, minlength=len(keys))
+        series = np.argsort(-counts, kind="stable")[: np.count_nonzero(counts)]
+        self.samples = len(code)
+        self.depth = int(counts[series[0]]) if len(series) else 0
+        slot = np.empty(len(keys), np.intp)
+        slot[series] = np.arange(len(series))
+        step = np.arange(len(code)) - (np.cumsum(counts) - counts)[code]
+        self.value = np.empty((self.depth, len(series)))
+        self.value[step, slot[code]] = value
+        self.row = np.empty((self.depth, len(series)), np.intp)
+        self.row[step, slot[code]] = row
+        self.counts = counts[series]
+        self.widths: list[int] = np.searchsorted(-self.counts, -np.arange(self.depth)).tolist()
+        order = series.tolist()
+        self.keys = [keys[s] for s in order]
+        self.labels = [labels[s] for s in order]
+        self.metrics = [metrics[s] for s in order]
+        self.positions = [positions[s] for s in order]
+        self.entries = [entries[s] for s in order]
+
+    def fold(
+        self, processor: AnomalyProcessor, committed: int | None, outputs: list[Output]
+    ) -> dict[str, dict[str, Any]]:
+        """What :meth:`AnomalyProcessor._fold` does with these samples: :meth:`AnomalyProcessor._observe`
+        in numpy, with the same float operations in the same order, so every value comes out bit for bit
+        (samples are finite: validation refuses NaN and infinity). Where ``_scale`` and the clip compare,
+        np.maximum and np.minimum pick the same operand, or an equal one: a tie between a zero and a
+        negative zero can only happen below eps, which the last maximum replaces by eps."""
+        config = processor.config
+        entries = self.entries
+        before = np.array([entry["n"] for entry in entries], dtype=np.int64)
+        mean = np.array([entry["mean"] for entry in entries], dtype=np.float64)
+        mad = np.array([entry["mad"] for entry in entries], dtype=np.float64)
+        alert = np.array([entry.get("alert") is not None for entry in entries], dtype=bool)
+        minimum = np.array([config.min_scale.get(metric.unit, 0.0) for metric in self.metrics])
+        # A series' n at step k is its n before the batch plus k: the first m slots are all warm from
+        # the step where the coldest of them is.
+        coldest = np.minimum.accumulate(before) if len(before) else before
+        threshold, alpha, eps = config.threshold, config.alpha, config.eps
+        published: list[tuple[int, list[Output]]] = []
+        for k, m in enumerate(self.widths):
+            value, expected, spread = self.value[k, :m], mean[:m], mad[:m]
+            relative = np.abs(expected)
+            relative *= config.relative_floor
+            scale = spread * _MAD_TO_SIGMA
+            np.maximum(scale, np.maximum(minimum[:m], relative), out=scale)
+            np.maximum(scale, eps, out=scale)
+            deviation = value - expected
+            magnitude = np.abs(deviation)
+            z = magnitude / scale
+            # max(-limit, min(limit, deviation)) is min(|deviation|, limit) with the deviation's sign.
+            bounded = np.minimum(magnitude, scale * threshold)
+            rate: float | np.ndarray
+            if coldest[m - 1] + k >= config.warmup:
+                flagged = z >= threshold
+                flagged |= alert[:m]
+                deviation, magnitude, rate = np.copysign(bounded, deviation), bounded, alpha
+            else:
+                n = before[:m] + k
+                warm = n >= config.warmup
+                flagged = warm & ((z >= threshold) | alert[:m])
+                deviation = np.where(warm, np.copysign(bounded, deviation), deviation)
+                magnitude = np.where(warm, bounded, magnitude)
+                rate = np.where(warm, alpha, np.maximum(alpha, 1.0 / (n + 1)))
+            hits = np.flatnonzero(flagged)
+            if hits.size:
+                published.extend(self._flagged(processor, k, hits, value, expected, z, alert, committed))
+            change = magnitude - spread
+            change *= rate
+            np.add(spread, change, out=spread)
+            np.add(expected, deviation * rate, out=expected)
+            if k == 0 and coldest[m - 1] == 0:
+                first = before[:m] == 0  # a new series starts at its first value, without a spread
+                expected[first] = value[first]
+                spread[first] = 0.0
+        published.sort(key=itemgetter(0))
+        outputs.extend(output for _, found in published for output in found)
+        return self._touched((before + self.counts).tolist(), mean.tolist(), mad.tolist())
+
+    def _flagged(
+        self,
+        processor: AnomalyProcessor,
+        k: int,
+        hits: np.ndarray,
+        value: np.ndarray,
+        expected: np.ndarray,
+        z: np.ndarray,
+        alert: np.ndarray,
+        committed: int | None,
+    ) -> Iterator[tuple[int, list[Output]]]:
+        """What the flagged samples of step ``k`` publish, each with its place in the per-record order (by
+        row, then by metric within the row); a finding can open or close the series' alert."""
+        event_ms, offsets, entries = self.columns.event_ms, self.columns.offsets, self.entries
+        rows = self.row[k, hits].tolist()
+        values, expecteds, zs = value[hits].tolist(), expected[hits].tolist(), z[hits].tolist()
+        for slot, row, x, mean, score in zip(hits.tolist(), rows, values, expecteds, zs, strict=True):
+            entry = entries[slot]
+            metric, labels = self.metrics[slot], self.labels[slot]
+            findings = processor._findings(
+                metric, labels, x, event_ms[row], entry, mean, score, entry.get("alert")
+            )
+            alert[slot] = entry.get("alert") is not None
+            if findings:
+                place = row * self.metrics_per_row + self.positions[slot]
+                yield place, processor._publish(self.keys[slot], entry, offsets[row], findings, committed)
+
+    def _touched(self, n: list[int], mean: list[float], mad: list[float]) -> dict[str, dict[str, Any]]:
+        """The entries with their new baselines, in the order the per-record fold first changes them (by
+        row, then by metric within the row): the order it writes them in."""
+        if not self.entries:
+            return {}
+        offsets = self.columns.offsets
+        first = self.row[0] * self.metrics_per_row + np.array(self.positions, dtype=np.intp)
+        last = self.row[self.counts - 1, np.arange(len(self.counts))].tolist()
+        touched: dict[str, dict[str, Any]] = {}
+        for slot in np.argsort(first, kind="stable").tolist():
+            entry = self.entries[slot]
+            entry.update(n=n[slot], mean=mean[slot], mad=mad[slot], offset=offsets[last[slot]])
+            touched[self.keys[slot]] = entry
+        return touched

@@ -64,7 +64,7 @@ class Columns:
         found = self._numbers.get(name)
         if found is None:
             column = self.frame.get_column(name)
-            found = column.cast(pl.Float64).fill_null(float("nan")).to_numpy()
+            found = column.cast(pl.Float64).to_numpy()  # nulls come out as NaN
             self._numbers[name] = found
         return found
 

@@ -27,26 +27,38 @@ Crash safety (at-least-once input, a changelog that is a prefix of the writes in
 - a final entry keeps ``f``, the last offset of the batch that finalised it, and stays until that offset is
   committed (``PartitionBatch.committed_offset``); on a resumed partition, finals with ``f`` at or after the
   committed offset are emitted again, since their output may not have been flushed before a crash.
+
+Columnar batches: when a batch comes with ``columns`` (streams/columns.py) and every metric of its record
+type is a top-level scalar (GpuSample, QueueSample, PodStatus, JobEvent, CostRecord; not SystemSample,
+whose disks and networks are arrays, nor JobTimings, a summary), the records are routed one by one as above
+(replay, late or folded into which hour entry), then folded metric by metric from the columns into the same
+aggregates, bit for bit and in the same series order, without building the per-record dicts.
 """
 
 from __future__ import annotations
 
 import json
 import operator
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import reduce
+from itertools import accumulate, repeat
 from math import ceil, log
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from ddsketch.mapping import LogarithmicMapping
 
 from bus.catalogue import METRICS, Metric
 from bus.sketch import DEFAULT_RELATIVE_ACCURACY
 from bus.topics import TOPICS
 from streams.buckets import HOUR_MS, PARENT, TIERS, Tier, bucket_end, bucket_start, iso, parse_series, to_ms
-from streams.processor import Output, PartitionBatch, Result
+from streams.processor import Input, Output, PartitionBatch, Result
 from streams.series import series_id
+
+if TYPE_CHECKING:
+    from streams.columns import Columns
 
 __all__ = ["ROLLUP_RECORD", "RollupProcessor", "quantile_of_bins", "rollup_topics"]
 
@@ -54,6 +66,7 @@ ROLLUP_RECORD = "aima.metrics.Rollup"
 _LETTER: Mapping[Tier, str] = {"hour": "h", "day": "d", "month": "m", "year": "y"}
 _TIER_OF = {letter: tier for tier, letter in _LETTER.items()}
 _NO_WATERMARK = -(2**62)
+_LOG2 = log(2)  # the denominator of math.log(x, 2)
 
 # An aggregate: [count, sum, min, max, zeros, {bin key: count}]
 Agg = list[Any]
@@ -116,6 +129,9 @@ class _Entity:
     """Metrics with any other selector."""
     item_series: dict[tuple[str, tuple[str | None, ...]], str] = field(default_factory=dict)
     hour_keys: dict[int, str] = field(default_factory=dict)
+    scalar_series: list[str | None] = field(default_factory=list)
+    """Series id of every metric of the plan, by its position in ``_RecordPlan.metrics``; None for an array
+    or summary metric."""
 
 
 class _RecordPlan:
@@ -143,6 +159,19 @@ class _RecordPlan:
             metric.where for metric in self.metrics if metric.where and not self._indexed(metric.where)
         )
         self.entities: dict[Any, _Entity] = {}
+        # The columnar path (RollupProcessor._fold_columns) folds metric by metric: it serves plans whose
+        # metrics are all top-level scalars of distinct names (so of distinct series per entity).
+        self.columnar = len({metric.name for metric in self.metrics}) == len(self.metrics) and all(
+            metric.type != "summary" and "[]." not in metric.field for metric in self.metrics
+        )
+        # The order _fold visits the metrics of a record: no selector, the indexed selector, then the
+        # other selectors in order of first appearance (ties in metric order).
+        others = list(dict.fromkeys(self._other))
+        rank = [
+            0 if not metric.where else 1 if self._indexed(metric.where) else 2 + others.index(metric.where)
+            for metric in self.metrics
+        ]
+        self.fold_order = sorted(range(len(self.metrics)), key=lambda index: (rank[index], index))
 
     def _indexed(self, where: tuple[tuple[str, Any], ...]) -> bool:
         return len(where) == 1 and where[0][0] == self.selector
@@ -152,6 +181,35 @@ class _RecordPlan:
         if self.always or (self.selector is not None and value.get(self.selector) in self.selected_values):
             return True
         return any(all(value.get(k) == v for k, v in where) for where in self._other)
+
+    def relevant_rows(self, columns: Columns) -> Iterable[bool]:
+        """:meth:`relevant` of every row of ``columns``."""
+        if self.always:
+            return repeat(True, len(columns))
+        found = [False] * len(columns)
+        if self.selector is not None:
+            chosen = self.selected_values
+            found = [value in chosen for value in _column(columns, self.selector)]
+        for where in dict.fromkeys(self._other):
+            found = [a or b for a, b in zip(found, _matches(columns, where), strict=True)]
+        return found
+
+    def signatures(self, columns: Columns) -> Iterable[Any]:
+        """``signature`` of every row of ``columns``: the keys of :attr:`entities`."""
+        fields = self.entity_fields
+        if not fields:
+            return repeat((), len(columns))
+        if len(fields) == 1:  # itemgetter of one field gives the value, not a tuple
+            return columns.values(fields[0])
+        return zip(*(columns.values(name) for name in fields), strict=True)
+
+    def entity_of(self, signature: Any) -> _Entity:
+        """The entity of a row with this ``signature`` (:meth:`signatures`)."""
+        found = self.entities.get(signature)
+        if found is None:
+            values = (signature,) if len(self.entity_fields) == 1 else signature
+            found = self.entity(dict(zip(self.entity_fields, values, strict=True)))
+        return found
 
     def entity(self, value: Mapping[str, Any]) -> _Entity:
         signature = self.signature(value)
@@ -167,6 +225,7 @@ class _RecordPlan:
         key = json.dumps([self.record.rsplit(".", 1)[-1], *record_labels.values()], separators=(",", ":"))
         entity = _Entity(key, _Group(), {}, [])
         others: dict[tuple[tuple[str, Any], ...], _Group] = {}
+        series: str | None
         for metric in self.metrics:
             if not metric.where:
                 group = entity.always
@@ -180,6 +239,7 @@ class _RecordPlan:
                 if "[]." not in path and record_labels[path] is not None
             }
             array, _, leaf = metric.field.rpartition("[].")
+            series = None
             if metric.type == "summary":
                 group.summaries.append(series_id(metric.name, own))
             elif array:
@@ -190,9 +250,31 @@ class _RecordPlan:
                 )
                 group.arrays.append((metric.name, array, leaf, own, item_labels))
             else:
-                group.scalars.append((metric.field, series_id(metric.name, own)))
+                series = series_id(metric.name, own)
+                group.scalars.append((metric.field, series))
+            entity.scalar_series.append(series)
         entity.other = list(others.items())
         return entity
+
+
+def _column(columns: Columns, name: str) -> list[Any]:
+    """A field's values, as ``value.get(name)`` gives them per record."""
+    return columns.values(name) if name in columns.names else [None] * len(columns)
+
+
+def _matches(columns: Columns, where: tuple[tuple[str, Any], ...]) -> list[bool]:
+    """Whether each row satisfies a metric's ``where`` selector (as ``_fold`` tests it per record)."""
+    found = [True] * len(columns)
+    for name, wanted in where:
+        found = [ok and value == wanted for ok, value in zip(found, _column(columns, name), strict=True)]
+    return found
+
+
+def _cumulative(mask: np.ndarray) -> np.ndarray:
+    """How many of ``mask`` are set before each position (``len(mask) + 1`` counts)."""
+    counts = np.zeros(len(mask) + 1, dtype=np.int64)
+    np.cumsum(mask, out=counts[1:])
+    return counts
 
 
 def _label(value: Any) -> str | None:
@@ -241,41 +323,39 @@ class RollupProcessor:
 
     def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
         result = Result()
-        if not batch.inputs:
+        columns = batch.columns
+        plan = None
+        if columns is not None:
+            plan = self._plans.get(columns.record_name)
+            if plan is not None and not plan.columnar:
+                columns = None  # array or summary metrics: folded record by record
+        if (len(columns) if columns is not None else len(batch.inputs)) == 0:
             return result
         previous = to_ms(batch.previous_watermark) if batch.previous_watermark is not None else None
         watermark = previous if previous is not None else _NO_WATERMARK
         work: dict[str, dict[str, Any]] = {}
         folded: set[str] = set()
-        hour_span = HOUR_MS + self._lateness_ms
 
-        for record in batch.inputs:
-            event_ms = to_ms(record.event_time)
-            plan = self._plans.get(record.record_name)
-            if plan is not None and plan.relevant(record.value):
-                entity = plan.entity(record.value)
-                hour = event_ms - event_ms % HOUR_MS
-                key = entity.hour_keys.get(hour)
-                if key is None:
-                    if len(entity.hour_keys) > 8:
-                        entity.hour_keys.clear()
-                    key = entity.hour_keys[hour] = f"h|{hour}|{entity.key}"
-                entry = work.get(key)
-                if entry is None:
-                    entry = self._load(state, key)
-                if entry is not None and record.offset <= entry["o"]:
-                    pass  # a replay of a record already folded in
-                elif hour + hour_span <= watermark or (entry is not None and "f" in entry):
-                    result.late.append((record, self._late_reason(event_ms, watermark, hour)))
+        if columns is None:
+            watermark = self._route(
+                self._records(batch.inputs), state, work, folded, result.late, watermark, self._fold
+            )
+        else:
+            targets: dict[str, tuple[_Entity, dict[str, Any], list[int]]] = {}
+
+            def collect(plan: Any, entity: _Entity, row: int, entry: dict[str, Any], key: str) -> None:
+                found = targets.get(key)
+                if found is None:
+                    targets[key] = (entity, entry, [row])
                 else:
-                    if entry is None:
-                        entry = {"o": -1, "s": {}, "e": None}
-                    work[key] = entry
-                    self._fold(plan, entity, record.value, entry["s"])
-                    entry["o"] = record.offset
-                    folded.add(key)
-            if event_ms > watermark:
-                watermark = event_ms
+                    found[2].append(row)
+
+            late: list[tuple[int, str]] = []
+            watermark = self._route(self._rows(plan, columns), state, work, folded, late, watermark, collect)
+            if plan is not None:
+                self._fold_columns(plan, columns, list(targets.values()))
+            topic, partition = batch.topic_key, batch.partition
+            result.late = [(columns.input(topic, partition, row), reason) for row, reason in late]
 
         dirty = set(folded)
         outputs = result.outputs
@@ -299,11 +379,91 @@ class RollupProcessor:
             del state[key]
         return result
 
+    def _route(
+        self,
+        rows: Iterable[tuple[int, int, Any, _Entity | None, Any]],
+        state: MutableMapping[str, Any],
+        work: dict[str, dict[str, Any]],
+        folded: set[str],
+        late: list[Any],
+        watermark: int,
+        fold: Callable[[Any, _Entity, Any, dict[str, Any], str], None],
+    ) -> int:
+        """Decide, record by record in offset order, what becomes of each: skipped as a replay, late (its
+        ``item`` and the reason appended to ``late``) or handed to ``fold`` with its hour entry, which then
+        enters ``work`` and ``folded``. ``rows`` gives (offset, event ms, plan, entity or None when the
+        record carries no metric, item). Returns the watermark after the last record."""
+        hour_span = HOUR_MS + self._lateness_ms
+        for offset, event_ms, plan, entity, item in rows:
+            if entity is not None:
+                hour = event_ms - event_ms % HOUR_MS
+                key = entity.hour_keys.get(hour)
+                if key is None:
+                    if len(entity.hour_keys) > 8:
+                        entity.hour_keys.clear()
+                    key = entity.hour_keys[hour] = f"h|{hour}|{entity.key}"
+                entry = work.get(key)
+                if entry is None:
+                    entry = self._load(state, key)
+                if entry is not None and offset <= entry["o"]:
+                    pass  # a replay of a record already folded in
+                elif hour + hour_span <= watermark or (entry is not None and "f" in entry):
+                    late.append((item, self._late_reason(event_ms, watermark, hour)))
+                else:
+                    if entry is None:
+                        entry = {"o": -1, "s": {}, "e": None}
+                    work[key] = entry
+                    fold(plan, entity, item, entry, key)
+                    entry["o"] = offset
+                    folded.add(key)
+            if event_ms > watermark:
+                watermark = event_ms
+        return watermark
+
+    def _records(self, inputs: Iterable[Input]) -> Iterator[tuple[int, int, Any, _Entity | None, Input]]:
+        """``_route``'s rows of the per-record path."""
+        records = list(inputs)
+        plans = [self._plans.get(record.record_name) for record in records]
+        entities = [
+            plan.entity(record.value) if plan is not None and plan.relevant(record.value) else None
+            for plan, record in zip(plans, records, strict=True)
+        ]
+        return zip(
+            [record.offset for record in records],
+            [to_ms(record.event_time) for record in records],
+            plans,
+            entities,
+            records,
+            strict=True,
+        )
+
+    @staticmethod
+    def _rows(
+        plan: _RecordPlan | None, columns: Columns
+    ) -> Iterator[tuple[int, int, Any, _Entity | None, int]]:
+        """``_route``'s rows of the columnar path: the item is the row number."""
+        count = len(columns)
+        if plan is None:
+            entities: Iterable[_Entity | None] = repeat(None, count)
+        else:
+            get, make = plan.entities.get, plan.entity_of
+            entities = [
+                (get(signature) or make(signature)) if relevant else None
+                for relevant, signature in zip(
+                    plan.relevant_rows(columns), plan.signatures(columns), strict=True
+                )
+            ]
+        return zip(
+            columns.offsets, columns.event_ms, repeat(plan, count), entities, range(count), strict=True
+        )
+
     # -- folding --------------------------------------------------------------------------------------------
 
     def _fold(
-        self, plan: _RecordPlan, entity: _Entity, value: Mapping[str, Any], aggs: dict[str, Agg]
+        self, plan: _RecordPlan, entity: _Entity, record: Input, entry: dict[str, Any], key: str
     ) -> None:
+        value = record.value
+        aggs = entry["s"]
         self._fold_group(entity, entity.always, value, aggs)
         if plan.selector is not None:
             group = entity.selected.get(value.get(plan.selector))
@@ -312,6 +472,96 @@ class RollupProcessor:
         for where, group in entity.other:
             if all(value.get(k) == v for k, v in where):
                 self._fold_group(entity, group, value, aggs)
+
+    def _fold_columns(
+        self,
+        plan: _RecordPlan,
+        columns: Columns,
+        targets: list[tuple[_Entity, dict[str, Any], list[int]]],
+    ) -> None:
+        """Fold the rows ``_route`` gave each hour entry (``targets``: entity, entry, rows), metric by
+        metric, into exactly the aggregates ``_fold`` makes record by record: sums added in row order, min
+        and max kept as its comparisons keep them, bins by ``math.log`` (``_bin_keys``), and new series
+        inserted in the order the records bring them (record by record, in ``_fold``'s metric order)."""
+        if not targets:
+            return
+        order = np.array([row for _, _, rows in targets for row in rows], dtype=np.int64)
+        size = len(order)
+        # One row per metric (in _fold's order), one column per folded record (grouped by entry, in row
+        # order within each); flattened row-major, the present values of metric m for target t are
+        # xs[edges[m][t]:edges[m][t + 1]].
+        metrics = [plan.metrics[index] for index in plan.fold_order]
+        values = np.stack([columns.numbers(metric.field) for metric in metrics])[:, order]
+        present = ~np.isnan(values)
+        selected: dict[tuple[tuple[str, Any], ...], np.ndarray] = {}
+        for position, metric in enumerate(metrics):
+            if metric.where:
+                mask = selected.get(metric.where)
+                if mask is None:
+                    mask = np.array(_matches(columns, metric.where), dtype=bool)[order]
+                    selected[metric.where] = mask
+                present[position] &= mask
+        found = values[present]
+        indexable = found > self._min_indexable
+        keys = self._bin_keys(found[indexable])
+        starts = np.fromiter(accumulate((len(rows) for _, _, rows in targets), initial=0), np.int64)
+        edges = _cumulative(present.ravel())[np.arange(len(metrics))[:, None] * size + starts]
+        key_edges = _cumulative(indexable)[edges].tolist()
+        edges_of = edges.tolist()
+        xs = found.tolist()
+        aggs_of = [entry["s"] for _, entry, _ in targets]
+        rows_present: list[int] | None = None
+        added: dict[int, list[tuple[int, int, str]]] = {}
+        for position, index in enumerate(plan.fold_order):
+            bounds, key_bounds = edges_of[position], key_edges[position]
+            if bounds[0] == bounds[-1]:
+                continue
+            for number, (entity, _, _) in enumerate(targets):
+                low, high = bounds[number], bounds[number + 1]
+                if low == high:
+                    continue
+                chunk = xs[low:high]
+                series = entity.scalar_series[index]
+                aggs = aggs_of[number]
+                agg = aggs.get(series)
+                if agg is None:
+                    first = chunk[0]
+                    aggs[series] = agg = [0, 0.0, first, first, 0, {}]
+                    if rows_present is None:
+                        rows_present = np.broadcast_to(order, values.shape)[present].tolist()
+                    added.setdefault(number, []).append((rows_present[low], position, series))
+                agg[0] += high - low
+                agg[1] = reduce(operator.add, chunk, agg[1])
+                least = min(chunk)
+                if least < agg[2]:
+                    agg[2] = least
+                most = max(chunk)
+                if most > agg[3]:
+                    agg[3] = most
+                first_key, end_key = key_bounds[number], key_bounds[number + 1]
+                agg[4] += (high - low) - (end_key - first_key)
+                bins = agg[5]
+                get = bins.get
+                for key in keys[first_key:end_key]:
+                    bins[key] = get(key, 0) + 1
+        for number, new in added.items():
+            if len(new) > 1:  # inserted metric by metric: reinsert them as the records brought them
+                new.sort()
+                aggs = targets[number][1]["s"]
+                aggs.update([(series, aggs.pop(series)) for _, _, series in new])
+
+    def _bin_keys(self, xs: np.ndarray) -> list[int]:
+        """``ceil(log(x, 2) * multiplier)`` of every x (each above ``min_indexable``), as ``_fold_group``
+        computes it. numpy's log may differ from ``math.log`` in the last bits, which moves a key only when
+        the product lies that close to an integer: those are computed again with ``math.log``."""
+        multiplier = self._multiplier
+        with np.errstate(all="ignore"):
+            scaled = np.log(xs) / _LOG2 * multiplier
+            keys = np.ceil(scaled).astype(np.int64).tolist()
+            clear = np.abs(scaled - np.rint(scaled)) > 1e-6 + 1e-9 * np.abs(scaled)
+        for number in np.flatnonzero(~clear).tolist():  # also NaN and infinities: math raises as _fold does
+            keys[number] = ceil(log(float(xs[number]), 2) * multiplier)
+        return keys
 
     def _fold_group(
         self, entity: _Entity, group: _Group, value: Mapping[str, Any], aggs: dict[str, Agg]
@@ -437,7 +687,7 @@ class RollupProcessor:
         """Finalise every open bucket whose deadline the watermark passed, tier by tier; on a resumed
         partition emit again the finals that may not have been flushed; drop finals whose offset is
         committed."""
-        last_offset = batch.inputs[-1].offset
+        last_offset = batch.last_offset
         committed = batch.committed_offset
         # Finals at or after the committed position may have been lost with the outputs of a crash.
         unproven = committed if committed is not None else -1
