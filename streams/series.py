@@ -156,24 +156,25 @@ class SeriesIndex:
         for fields, metrics in self._groups.items():
             label_values = [columns.values(name) for name in fields]
             keys = list(zip(*label_values, strict=True)) if fields else [()] * size
-            described: dict[tuple[Any, ...], list[tuple[Metric, str, dict[str, str], str]]] = {}
+            # Each distinct set of label values gets its (series id, labels) pairs once; rows share them.
+            pairs: dict[tuple[Any, ...], list[tuple[str, dict[str, str]]]] = {}
             for key in set(keys):
                 known = self._known.get((fields, key))
                 if known is None:
                     if len(self._known) >= _KNOWN_MAX:
                         self._known.clear()
                     known = self._known[(fields, key)] = [self._describe(metric, key) for metric in metrics]
-                described[key] = known
+                pairs[key] = [(series, labels) for _, series, labels, _ in known]
+            row_pairs = [pairs[key] for key in keys]
             for position, metric in enumerate(metrics):
                 leaf = _plan(metric)[1]
                 raw = columns.values(leaf) if leaf in columns.names else [None] * size
                 selected = _selected(metric, columns, size)
-                rows = [
-                    row
-                    for row, value in enumerate(raw)
-                    if value is not None and (selected is None or selected[row])
-                ]
-                series = [described[keys[row]][position][1:3] for row in rows]
+                if selected is None:
+                    rows = [row for row, value in enumerate(raw) if value is not None]
+                else:
+                    rows = [row for row, value in enumerate(raw) if value is not None and selected[row]]
+                series = [row_pairs[row][position] for row in rows]
                 out.append(MetricColumn(metric, rows, series, [float(raw[row]) for row in rows]))
         return out
 
