@@ -20,6 +20,7 @@ Self-metrics are served on ``AIMA_METRICS_PORT`` when it is set (bus/runtime.py)
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -56,6 +57,10 @@ class StreamsConfig:
     log_level: str = "info"
     lateness: timedelta = timedelta(minutes=10)
     emit_interval: timedelta = timedelta(seconds=60)
+    gc_threshold: tuple[int, int, int] = (50_000, 20, 100)
+    """Python's collector thresholds (gc.set_threshold). The worker allocates a few objects per sample and
+    keeps large state; at Python's default (700, 10, 10) the young-generation passes took about a third
+    of the rollup processor's time in the bench. Cycles are rare here, so passes can be rarer."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> StreamsConfig:
@@ -75,6 +80,7 @@ class StreamsConfig:
         if level not in _LOG_LEVELS:
             raise ValueError(f"AIMA_STREAMS_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {level!r}")
         web = environ.get("AIMA_STREAMS_WEB_PORT")
+        gc_raw = environ.get("AIMA_STREAMS_GC_THRESHOLD", "").strip()
         return cls(
             app_id=environ.get("AIMA_STREAMS_APP_ID") or cls.app_id,
             batch_max=max(1, int(number("AIMA_STREAMS_BATCH_MAX", cls.batch_max))),
@@ -84,7 +90,18 @@ class StreamsConfig:
             log_level=level,
             lateness=timedelta(seconds=number("AIMA_STREAMS_LATENESS_S", 600)),
             emit_interval=timedelta(seconds=number("AIMA_STREAMS_EMIT_INTERVAL_S", 60)),
+            gc_threshold=_gc_threshold(gc_raw) if gc_raw else cls.gc_threshold,
         )
+
+
+def _gc_threshold(raw: str) -> tuple[int, int, int]:
+    try:
+        values = [int(part) for part in raw.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3 or min(values) < 1:
+        raise ValueError(f"AIMA_STREAMS_GC_THRESHOLD must be three positive integers a,b,c, got {raw!r}")
+    return values[0], values[1], values[2]
 
 
 def default_processors(settings: Settings, config: StreamsConfig | None = None) -> list[Processor]:
@@ -128,6 +145,9 @@ def run(
         web_port=config.web_port,
     )
     app = create_app(settings, chosen, options=options, registry=service.registry)
+    # What start-up made lives as long as the worker: out of the collector's sight, and rarer passes.
+    gc.freeze()
+    gc.set_threshold(*config.gc_threshold)
     log.info("stream app starting", extra={"app_id": app_id, "processors": [p.name for p in chosen]})
     worker = StreamsWorker(
         app,

@@ -163,3 +163,11 @@ def test_config_from_environment() -> None:
         StreamsConfig.from_env({"AIMA_STREAMS_LOG_LEVEL": "loud"})
     with pytest.raises(ValueError, match="AIMA_STREAMS_BATCH_MAX"):
         StreamsConfig.from_env({"AIMA_STREAMS_BATCH_MAX": "many"})
+
+
+def test_gc_threshold_from_environment() -> None:
+    assert StreamsConfig.from_env({"AIMA_STREAMS_GC_THRESHOLD": "700,10,10"}).gc_threshold == (700, 10, 10)
+    assert StreamsConfig.from_env({}).gc_threshold == (50_000, 20, 100)
+    for bad in ("1,2", "a,b,c", "0,10,10", "1,2,3,4"):
+        with pytest.raises(ValueError, match="AIMA_STREAMS_GC_THRESHOLD"):
+            StreamsConfig.from_env({"AIMA_STREAMS_GC_THRESHOLD": bad})
