@@ -100,10 +100,10 @@ class StreamMetrics:
             registry=registry,
             buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
         )
-        self.batch_forms = Counter(
-            "aima_stream_partition_batches_total",
-            "Partition batches by how the processors got them: columns (every record read natively and "
-            "valid) or records (one by one)",
+        self.forms = Counter(
+            "aima_stream_handed_records_total",
+            "Records handed to the processors, by form: columns (the partition batch was read natively and "
+            "is all valid) or records (decoded and checked one by one)",
             ["topic", "form"],
             registry=registry,
         )
@@ -313,7 +313,7 @@ class Dispatcher:
                 if inputs:
                     self._run(route, tp, records, inputs, committed)
                     form = "columns" if isinstance(inputs, LazyInputs) else "records"
-                    self.metrics.batch_forms.labels(route.spec.key, form).inc()
+                    self.metrics.forms.labels(route.spec.key, form).inc(len(inputs))
                 done.append((tp, records))
             await self.sender.flush()
             for tp, records in done:
