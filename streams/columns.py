@@ -24,7 +24,7 @@ __all__ = ["Columns", "LazyInputs"]
 class Columns:
     """Row ``i`` is the record at ``offsets[i]`` of one topic partition; every record has an event time."""
 
-    __slots__ = ("_event_ms", "_lists", "_numbers", "frame", "offsets", "record_name")
+    __slots__ = ("_event_ms", "_lists", "_numbers", "frame", "memo", "offsets", "record_name")
 
     def __init__(self, record_name: str, frame: pl.DataFrame, offsets: list[int]) -> None:
         if frame.height != len(offsets):
@@ -35,6 +35,8 @@ class Columns:
         self._event_ms: list[int] | None = None
         self._lists: dict[str, list[Any]] = {}
         self._numbers: dict[str, np.ndarray] = {}
+        self.memo: dict[Any, Any] = {}
+        """What processors derive from the batch and share (e.g. ``SeriesIndex.by_metric``'s columns)."""
 
     def __len__(self) -> int:
         return len(self.offsets)

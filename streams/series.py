@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import polars as pl
+
 from bus import catalogue
 from bus.catalogue import Metric
 
@@ -151,32 +153,41 @@ class SeriesIndex:
         :meth:`series` lists them within a record); None when some metric reads an array field."""
         if self._arrays:
             return None
-        size = len(columns)
         out: list[MetricColumn] = []
+        # Every processor with a SeriesIndex asks about the same batch: each metric's column is made once.
+        memo: dict[Any, Any] = columns.memo
         for fields, metrics in self._groups.items():
-            label_values = [columns.values(name) for name in fields]
-            keys = list(zip(*label_values, strict=True)) if fields else [()] * size
-            # Each distinct set of label values gets its (series id, labels) pairs once; rows share them.
-            pairs: dict[tuple[Any, ...], list[tuple[str, dict[str, str]]]] = {}
-            for key in set(keys):
-                known = self._known.get((fields, key))
-                if known is None:
-                    if len(self._known) >= _KNOWN_MAX:
-                        self._known.clear()
-                    known = self._known[(fields, key)] = [self._describe(metric, key) for metric in metrics]
-                pairs[key] = [(series, labels) for _, series, labels, _ in known]
-            row_pairs = [pairs[key] for key in keys]
+            row_pairs: list[list[tuple[str, dict[str, str]]]] | None = None
             for position, metric in enumerate(metrics):
-                leaf = _plan(metric)[1]
-                raw = columns.values(leaf) if leaf in columns.names else [None] * size
-                selected = _selected(metric, columns, size)
-                if selected is None:
-                    rows = [row for row, value in enumerate(raw) if value is not None]
-                else:
-                    rows = [row for row, value in enumerate(raw) if value is not None and selected[row]]
-                series = [row_pairs[row][position] for row in rows]
-                out.append(MetricColumn(metric, rows, series, [float(raw[row]) for row in rows]))
+                found = memo.get(("series", metric.name))
+                if found is None:
+                    if row_pairs is None:
+                        row_pairs = self._row_pairs(fields, metrics, columns)
+                    rows, values = _present(metric, columns)
+                    series = [row_pairs[row][position] for row in rows]
+                    found = memo[("series", metric.name)] = MetricColumn(metric, rows, series, values)
+                out.append(found)
         return out
+
+    def _row_pairs(
+        self, fields: tuple[str, ...], metrics: list[Metric], columns: Columns
+    ) -> list[list[tuple[str, dict[str, str]]]]:
+        """For each row, the (series id, labels) of every metric of the group: each distinct set of label
+        values is described once, and its rows share the pairs."""
+        keys = (
+            list(zip(*(columns.values(name) for name in fields), strict=True))
+            if fields
+            else [()] * len(columns)
+        )
+        pairs: dict[tuple[Any, ...], list[tuple[str, dict[str, str]]]] = {}
+        for key in set(keys):
+            known = self._known.get((fields, key))
+            if known is None:
+                if len(self._known) >= _KNOWN_MAX:
+                    self._known.clear()
+                known = self._known[(fields, key)] = [self._describe(metric, key) for metric in metrics]
+            pairs[key] = [(series, labels) for _, series, labels, _ in known]
+        return [pairs[key] for key in keys]
 
     def rows(self, columns: Columns) -> list[list[tuple[Metric, str, dict[str, str], float]]] | None:
         """:meth:`series` of every row of ``columns``, row by row; None as for :meth:`by_metric`."""
@@ -208,6 +219,23 @@ class MetricColumn:
     series: list[tuple[str, dict[str, str]]]
     """Each such row's series id and labels (shared: read them, never change them)."""
     values: list[float]
+
+
+def _present(metric: Metric, columns: Columns) -> tuple[list[int], list[float]]:
+    """The rows of ``columns`` that carry ``metric`` (a value, and its ``where`` selector holds), and
+    those values as floats."""
+    leaf = _plan(metric)[1]
+    if leaf not in columns.names:
+        return [], []
+    if not metric.where:
+        # Native for the common case: a few polars calls instead of Python loops over every row.
+        column = columns.frame.get_column(leaf)
+        rows = column.is_not_null().arg_true().to_list()
+        return rows, column.drop_nulls().cast(pl.Float64).to_list()
+    raw = columns.values(leaf)
+    selected = _selected(metric, columns, len(columns))
+    rows = [row for row, value in enumerate(raw) if value is not None and (selected is None or selected[row])]
+    return rows, [float(raw[row]) for row in rows]
 
 
 def _selected(metric: Metric, columns: Columns, size: int) -> list[bool] | None:

@@ -163,3 +163,15 @@ def test_device_hours_from_columns_equal_device_hours_from_records(
         replay_every=2,
     )
     assert rows.outputs and rows.late
+
+
+def test_indexes_sharing_a_batch_share_its_metric_columns(gpu_values: list[dict[str, Any]]) -> None:
+    metrics = metrics_of(GPU)
+    first, second = SeriesIndex(metrics[:6]), SeriesIndex(metrics[3:])
+    shared = next(deliveries(gpu_values[:200], batch_size=200)).columnar.columns
+    fresh = next(deliveries(gpu_values[:200], batch_size=200)).columnar.columns
+    assert shared is not None and fresh is not None
+    one, two = first.by_metric(shared), second.by_metric(shared)
+    assert one is not None and two is not None
+    assert one[3] is two[0]  # made once, for the first index
+    assert two == SeriesIndex(metrics[3:]).by_metric(fresh)
