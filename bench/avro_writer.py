@@ -8,7 +8,7 @@ encoded in a loop, once by a plain ``Codec()`` and once by one whose writers hav
 compiled writer, which is exactly the codec before it; the two take turns, and each one's best of
 ``--repeat`` rounds counts. Needs no services.
 
-    .venv/bin/python bench/avro_writer.py [--records 100000] [--repeat 5] [--pool 8192]
+    .venv/bin/python bench/avro_writer.py [--records 100000] [--repeat 5] [--pool 8192] [--append] [--out F]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -184,15 +185,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=100_000, help="values encoded per round and codec")
     parser.add_argument("--repeat", type=int, default=5, help="rounds; the fastest counts")
     parser.add_argument("--pool", type=int, default=8192, help="distinct values per record kind")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "bench" / "results" / f"avro_writer-{date.today()}.md"
+    )
+    parser.add_argument("--append", action="store_true", help="add the report to --out, not replace it")
     args = parser.parse_args(argv)
 
     fast, plain = Codec(), fastavro_only()
-    print(f"machine: {machine()}")
-    print(
-        f"{args.records:,} records per round, best of {args.repeat}, {args.pool:,} distinct values per kind\n"
-    )
-    print("| record | fastavro µs | compiled µs | speed-up |")
-    print("|---|---:|---:|---:|")
+    lines = [
+        f"## Codec.encode, compiled writers against fastavro, {date.today()}",
+        "",
+        f"Machine: {machine()}.",
+        f"Command: `.venv/bin/python bench/avro_writer.py --records {args.records} --repeat {args.repeat} "
+        f"--pool {args.pool}`: {args.records:,} records per round, best of {args.repeat}, "
+        f"{args.pool:,} distinct values per kind.",
+        "",
+        "| record | fastavro µs | compiled µs | speed-up |",
+        "|---|---:|---:|---:|",
+    ]
+    print("\n".join(lines))
     for label, name, make in CASES:
         rng = random.Random(1)
         pool = [make(rng, i) for i in range(args.pool)]
@@ -203,7 +214,14 @@ def main(argv: list[str] | None = None) -> int:
             if fast.encode(name, value) != plain.encode(name, value):
                 raise SystemExit(f"{label}: the compiled writer's bytes differ from fastavro's")
         baseline, compiled = per_record_us((plain, fast), name, pool, args.records, args.repeat)
-        print(f"| {label} | {baseline:.2f} | {compiled:.2f} | {baseline / compiled:.1f}x |")
+        lines.append(f"| {label} | {baseline:.2f} | {compiled:.2f} | {baseline / compiled:.1f}x |")
+        print(lines[-1])
+    report = "\n".join(lines) + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and args.out.exists():
+        report = args.out.read_text() + "\n" + report
+    args.out.write_text(report)
+    print(f"written to {args.out}")
     return 0
 
 
