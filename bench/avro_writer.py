@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import platform
 import random
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +26,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.machine import machine  # noqa: E402
 from bus import schemas  # noqa: E402
 from bus.codec import Codec  # noqa: E402
 
@@ -163,21 +161,6 @@ def per_record_us(
         for i, codec in enumerate(codecs):
             best[i] = min(best[i], seconds(codec, name, pool, rounds))
     return best[0] / (rounds * len(pool)) * 1e6, best[1] / (rounds * len(pool)) * 1e6
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1])
-    except (OSError, TypeError):
-        mem_kb = 0
-    return (
-        f"{os.cpu_count()} CPUs ({cpu}), {mem_kb / 1024**2:.1f} GiB RAM, Python {platform.python_version()}"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

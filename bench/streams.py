@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import signal
 import socket
@@ -41,6 +40,7 @@ from confluent_kafka import Consumer, Producer
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.machine import machine  # noqa: E402
 from bus.codec import Codec  # noqa: E402
 from bus.frames import FrameDecoders  # noqa: E402
 from bus.kafka import admin, client_config, ensure_topics  # noqa: E402
@@ -252,21 +252,6 @@ def drop_topics(settings: Settings, app_id: str) -> None:
     ]
     for future in client.delete_topics(names, operation_timeout=30).values():
         future.result()
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1])
-    except (OSError, TypeError):
-        mem_kb = 0
-    return (
-        f"{os.cpu_count()} CPUs ({cpu}), {mem_kb / 1024**2:.1f} GiB RAM, Python {platform.python_version()}"
-    )
 
 
 def main() -> None:

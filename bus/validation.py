@@ -136,14 +136,7 @@ class Validator:
         records: list[tuple[str, _Check]] = []
         arrays: list[tuple[str, _Check]] = []
         for spec in schema["fields"]:
-            name, kind = spec["name"], spec["type"]
-            if isinstance(kind, list):
-                branches = [branch for branch in kind if branch != "null"]
-                if len(branches) != 1:
-                    raise ValueError(f"union {kind!r}: walked field by field")
-                kind = branches[0]
-            if isinstance(kind, dict) and "logicalType" not in kind and kind["type"] in _NUMBERS:
-                kind = kind["type"]
+            name, kind = spec["name"], _field_kind(spec)
             if isinstance(kind, str):
                 if kind in _NUMBERS:
                     low, high = self._bound(name)
@@ -203,6 +196,20 @@ class Validator:
         return True
 
 
+def _field_kind(spec: Mapping[str, Any]) -> Any:
+    """A field's type without its null branch, a plain number type by name; ValueError for unions of more
+    than null and one type (the record is then walked field by field)."""
+    kind = spec["type"]
+    if isinstance(kind, list):
+        branches = [branch for branch in kind if branch != "null"]
+        if len(branches) != 1:
+            raise ValueError(f"union {kind!r}: walked field by field")
+        kind = branches[0]
+    if isinstance(kind, dict) and "logicalType" not in kind and kind["type"] in _NUMBERS:
+        kind = kind["type"]
+    return kind
+
+
 class ColumnValidator:
     """:func:`problems` for a whole batch of decoded columns (``bus.frames``) at once: whether every row
     passes. A batch that does not is checked record by record for the messages; a schema shape it does not
@@ -234,14 +241,7 @@ def _frame_check(schema: Mapping[str, Any], inside: pl.Expr | None) -> pl.Expr:
     fields belong to (None: the frame's own columns)."""
     parts: list[pl.Expr] = [pl.lit(True)]
     for spec in schema["fields"]:
-        name, kind = spec["name"], spec["type"]
-        if isinstance(kind, list):
-            branches = [branch for branch in kind if branch != "null"]
-            if len(branches) != 1:
-                raise ValueError(f"union {kind!r}")
-            kind = branches[0]
-        if isinstance(kind, dict) and "logicalType" not in kind and kind["type"] in _NUMBERS:
-            kind = kind["type"]
+        name, kind = spec["name"], _field_kind(spec)
         column = pl.col(name) if inside is None else inside.struct.field(name)
         if isinstance(kind, str):
             if kind in _NUMBERS:
