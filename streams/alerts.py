@@ -41,7 +41,7 @@ from streams.buckets import from_ms, to_ms
 from streams.columns import Columns
 from streams.processor import Input, Output, PartitionBatch, Result
 from streams.rules import Rule, fingerprint, load_rules
-from streams.series import SeriesIndex
+from streams.series import MetricColumn, SeriesIndex
 
 Sample = tuple[catalogue.Metric, str, dict[str, str], float]
 """(metric, series id, series labels, value): what ``SeriesIndex.series`` lists."""
@@ -320,16 +320,18 @@ class AlertProcessor:
         """:meth:`_sample` for every row of ``columns``, taken series by series: each (rule, series) entry
         is looked up and written once per batch, not once per sample. A series' samples keep their row
         order, and the outputs are put back in the order the record-by-record path makes them (row, metric
-        within the row, rule). False when the columns cannot be read this way (array metrics)."""
+        within the row, rule). False, having changed nothing, when the columns cannot be read this way
+        (array metrics, or several series of the batch feeding one alert)."""
         series_index = self._series.get(columns.record_name)
         if series_index is None:
             return True
         found = series_index.by_metric(columns)
         if found is None:
             return False
-        offsets, times, outputs = columns.offsets, columns.event_ms, work.outputs
-        first_output = len(outputs)
-        order: list[tuple[int, int, int]] = []
+        # Each (rule, series) with its samples; the walk below keeps row order only within one entry, so
+        # rule labels that fold several series into one alert send the batch record by record.
+        plan: list[tuple[int, int, Rule, tuple[dict[str, str], str, str], list[int], MetricColumn]] = []
+        keys: set[str] = set()
         for position, column in enumerate(found):
             by_series: dict[str, list[int]] = {}
             for item, (series, _) in enumerate(column.series):
@@ -338,29 +340,35 @@ class AlertProcessor:
                 series_labels = column.series[items[0]][1]
                 for rank, rule in enumerate(self._rules_of[column.metric.name]):
                     target = self._target(rule, series, series_labels)
-                    if target is None:
-                        continue
-                    labels, fp, key = target
-                    entry = work.get(key)
-                    applied = False
-                    for item in items:
-                        row = column.rows[item]
-                        offset = offsets[row]
-                        if entry is not None and offset <= entry["offset"]:
-                            continue  # applied before a restart
-                        if entry is None:
-                            entry = _new_entry(rule, fp, labels)
-                        entry["offset"] = offset
-                        applied = True
-                        t, value = times[row], column.values[item]
-                        if entry["last_seen"] is None or t >= entry["last_seen"]:
-                            entry["last_seen"], entry["value"], entry["no_data"] = t, value, False
-                            made = len(outputs)
-                            self._step(rule, entry, t, value, rule.holds(value), work, offset)
-                            if len(outputs) > made:
-                                order += [(row, position, rank)] * (len(outputs) - made)
-                    if applied and entry is not None:
-                        self._applied(rule, key, entry, work, index)
+                    if target is not None:
+                        if target[2] in keys:
+                            return False
+                        keys.add(target[2])
+                        plan.append((position, rank, rule, target, items, column))
+        offsets, times, outputs = columns.offsets, columns.event_ms, work.outputs
+        first_output = len(outputs)
+        order: list[tuple[int, int, int]] = []
+        for position, rank, rule, (labels, fp, key), items, column in plan:
+            entry = work.get(key)
+            applied = False
+            for item in items:
+                row = column.rows[item]
+                offset = offsets[row]
+                if entry is not None and offset <= entry["offset"]:
+                    continue  # applied before a restart
+                if entry is None:
+                    entry = _new_entry(rule, fp, labels)
+                entry["offset"] = offset
+                applied = True
+                t, value = times[row], column.values[item]
+                if entry["last_seen"] is None or t >= entry["last_seen"]:
+                    entry["last_seen"], entry["value"], entry["no_data"] = t, value, False
+                    made = len(outputs)
+                    self._step(rule, entry, t, value, rule.holds(value), work, offset)
+                    if len(outputs) > made:
+                        order += [(row, position, rank)] * (len(outputs) - made)
+            if applied and entry is not None:
+                self._applied(rule, key, entry, work, index)
         if order:
             ranked = sorted(zip(order, outputs[first_output:], strict=True), key=lambda pair: pair[0])
             outputs[first_output:] = [output for _, output in ranked]

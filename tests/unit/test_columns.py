@@ -175,3 +175,19 @@ def test_indexes_sharing_a_batch_share_its_metric_columns(gpu_values: list[dict[
     assert one is not None and two is not None
     assert one[3] is two[0]  # made once, for the first index
     assert two == SeriesIndex(metrics[3:]).by_metric(fresh)
+
+
+def test_alerts_folding_several_series_into_one_fall_back_to_records(
+    gpu_values: list[dict[str, Any]],
+) -> None:
+    # The rule's labels override the series' gpu and gpu_uuid: every GPU of a host feeds one alert, whose
+    # samples must come in row order, so the batch goes record by record.
+    folding = BUSY_RULES.replace(
+        "    no_data: resolve\n", "    no_data: resolve\n    labels: {gpu: all, gpu_uuid: all}\n"
+    )
+    rows, columnar = run_both(
+        lambda: AlertProcessor(parse_rules(folding)), list(deliveries(gpu_values, batch_size=250))
+    )
+    assert columnar.built_inputs > 0
+    assert columnar.outputs == rows.outputs and columnar.state.log == rows.state.log
+    assert any(output.value["labels"].get("gpu") == "all" for output in rows.outputs)
