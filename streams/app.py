@@ -1,11 +1,13 @@
 """The Faust app that runs every stream processor (the contract is streams/processor.py).
 
 Per fetched batch (streams/transport.py says how Faust hands it over, and the at-least-once steps): group
-the records by topic partition, decode and validate each (what fails goes to the dead-letter topic with its
-reason and origin), advance the partition's event-time watermark, call every processor of the topic once
-with the partition's inputs and a view of its table restricted to that partition, publish the outputs,
-dead-letter the late records, and acknowledge the offsets. A processor that raises stops the worker with
-the batch unacknowledged (at-least-once: a fixed worker processes it again).
+the records by topic partition, decode and validate them (a partition batch that ``bus.frames`` reads whole
+and that is all valid reaches the processors as columns, streams/columns.py; otherwise each record is
+decoded and checked alone, and what fails goes to the dead-letter topic with its reason and origin), advance
+the partition's event-time watermark, call every processor of the topic once with the partition's inputs and
+a view of its table restricted to that partition, publish the outputs, dead-letter the late records, and
+acknowledge the offsets. A processor that raises stops the worker with the batch unacknowledged
+(at-least-once: a fixed worker processes it again).
 
 Tables: one Faust table per (processor, topic), with the topic's partition count, so that Faust
 co-partitions it with the topic and restores it where the topic partition goes. Keys are
