@@ -86,6 +86,7 @@ class FrameDecoder:
         writer = codec.local_writer(record_name)
         self.record_name = writer.name
         schema = json.loads(writer.json)
+        self._enums = _enums_as_ints(schema)
         _check_supported(schema, _names(schema))
         fields = [f["name"] for f in schema["fields"]]
         schema["fields"] = [*schema["fields"], {"name": _MARKER, "type": _MARKER_TYPE}]
@@ -138,12 +139,20 @@ class FrameDecoder:
             frame = pl.read_avro(io.BytesIO(self._container(bodies, marker)))
             if frame.height != len(bodies):
                 return None
-            aligned = frame.select((pl.col(_MARKER) == pl.lit(marker)).all()).item()
+            if not frame.select((pl.col(_MARKER) == pl.lit(marker)).all()).item():
+                return None
+            frame = frame.select(self._fields)
+            if self._enums:
+                # Back from each enum's index to its symbol; an index out of range is a bad record.
+                frame = frame.with_columns(
+                    pl.col(name).replace_strict(list(range(len(symbols))), symbols, return_dtype=pl.String)
+                    for name, symbols in self._enums
+                )
         except (pl.exceptions.PolarsError, pl.exceptions.PanicException, OSError, ValueError, OverflowError):
-            # Garbage, a truncated record or invalid UTF-8 somewhere in the batch (polars' reader panics
-            # on some malformed input rather than raising).
+            # Garbage, a truncated record, invalid UTF-8 or an enum index out of range somewhere in the
+            # batch (polars' reader panics on some malformed input rather than raising).
             return None
-        return frame.select(self._fields) if aligned else None
+        return frame
 
 
 class FrameDecoders:
@@ -181,6 +190,23 @@ def _names(schema: Any, found: dict[str, Any] | None = None) -> dict[str, Any]:
     elif isinstance(schema, list):
         for value in schema:
             _names(value, found)
+    return found
+
+
+def _enums_as_ints(schema: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """Make the record's own enum fields (or null-or-enum) read as ints: polars' reader panics on enums,
+    and an enum is written as its symbol's index, exactly as an int. Returns (field, symbols) of each, to
+    map the indexes back. Enums deeper down stay, and make the schema unsupported."""
+    found = []
+    for spec in schema["fields"]:
+        kind = spec["type"]
+        branches = kind if isinstance(kind, list) else [kind]
+        for index, branch in enumerate(branches):
+            if isinstance(branch, dict) and branch.get("type") == "enum":
+                found.append((spec["name"], list(branch["symbols"])))
+                branches[index] = "int"
+        spec["type"] = branches if isinstance(kind, list) else branches[0]
+        spec.pop("default", None)  # the writer's schema reads no defaults; an enum's is not an int
     return found
 
 

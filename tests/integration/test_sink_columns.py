@@ -1,6 +1,6 @@
 """The sink's columnar write (bus.frames + consumers/sink_chunks.py, CSV COPY) stores exactly what its
 row-by-row write (Codec.decode + binary COPY) stores, on the real PostgreSQL: every column of every table,
-including nulls, '' keys, arrays with quotes and backslashes, JSON, bytes and non-ASCII text."""
+including nulls, '' keys, arrays with quotes and backslashes, JSON, bytes, enums and non-ASCII text."""
 
 from __future__ import annotations
 
@@ -24,12 +24,13 @@ from consumers.sink_writer import Entry, Writer
 from consumers.tables import BY_RECORD, Origin, rows_for
 from producers.simulator import Fleet, generate
 from tests.integration.test_db_sink import gpu_sample, produce, running_sink, wait_until
+from tests.unit.test_frames import cost_record
 
 pytestmark = pytest.mark.integration
 
 CODEC = Codec()
 START = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
-COLUMNAR = ("GpuSample", "QueueSample", "PodStatus", "DeadLetter")
+COLUMNAR = ("GpuSample", "QueueSample", "PodStatus", "DeadLetter", "JobTimings", "JobEvent", "CostRecord")
 
 
 def _odd_gpu_samples() -> list[dict[str, Any]]:
@@ -104,6 +105,7 @@ def encoded() -> dict[str, list[bytes]]:
             by_name[short].append(CODEC.encode(name, value))
     by_name["GpuSample"] += [CODEC.encode("GpuSample", value) for value in _odd_gpu_samples()]
     by_name["DeadLetter"] = [CODEC.encode("DeadLetter", value) for value in _dead_letters()]
+    by_name["CostRecord"] = [CODEC.encode("CostRecord", cost_record(i)) for i in range(60)]
     return by_name
 
 
@@ -120,8 +122,13 @@ def two_schemas(database_url: str, unique: str) -> Iterator[tuple[str, str]]:
 
 
 def _origins(name: str, n: int) -> list[Origin]:
+    """Some without a broker timestamp, except where a table stores it: there it is the writer's clock,
+    which two writes do not share."""
     millis = int(START.timestamp() * 1000)
-    return [Origin(f"aima.{name}", i % 3, i, None if i % 5 == 0 else millis + i) for i in range(n)]
+    stamped = any(c.source == "@timestamp" for t in BY_RECORD[f"aima.metrics.{name}"] for c in t.columns)
+    return [
+        Origin(f"aima.{name}", i % 3, i, None if i % 5 == 0 and not stamped else millis + i) for i in range(n)
+    ]
 
 
 def _chunk_entries(name: str, values: list[bytes]) -> list[Entry]:

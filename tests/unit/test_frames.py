@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from bus import schemas
-from bus.codec import Codec
-from bus.frames import FrameDecoder, FrameDecoders, UnsupportedSchema
+from bus.codec import SINGLE_OBJECT_HEADER_LEN, Codec
+from bus.frames import FrameDecoder, FrameDecoders, UnsupportedSchema, _long
 from producers.simulator import Fleet, generate
 from tests.unit.test_codec import GPU, QUEUE, FakeRegistry
 
@@ -28,12 +28,24 @@ def simulated() -> dict[str, list[bytes]]:
     return by_name
 
 
-@pytest.mark.parametrize("name", ["GpuSample", "SystemSample", "QueueSample", "PodStatus", "DeadLetter"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "GpuSample",
+        "SystemSample",
+        "QueueSample",
+        "PodStatus",
+        "DeadLetter",
+        "JobTimings",
+        "JobEvent",
+        "CostRecord",
+    ],
+)
 def test_columns_equal_codec_decode(name: str, simulated: dict[str, list[bytes]]) -> None:
     codec = Codec()
-    values = simulated.get(name) or [
-        codec.encode(name, _dead_letter(i)) for i in range(50)
-    ]  # the simulator makes no dead letters
+    made = {"DeadLetter": _dead_letter, "CostRecord": cost_record}  # the simulator makes neither
+    values = simulated.get(name) or [codec.encode(name, made[name](i)) for i in range(50)]
+    assert len(values) >= 8
     frame = FrameDecoder(codec, name).decode(values)
     assert frame.columns is not None and frame.rest == []
     assert frame.rows == list(range(len(values)))
@@ -41,6 +53,24 @@ def test_columns_equal_codec_decode(name: str, simulated: dict[str, list[bytes]]
     records = frame.records()
     assert records == [codec.decode(value)[1] for value in values]
     assert all(record["time"].tzinfo is UTC for record in records)
+
+
+def cost_record(i: int) -> dict[str, object]:
+    """Every kind, and the nullable pricing enum null and set."""
+    kinds = next(f["type"]["symbols"] for f in schemas.load("CostRecord")["fields"] if f["name"] == "kind")
+    fields = [f["name"] for f in schemas.load("CostRecord")["fields"]]
+    value: dict[str, object] = dict.fromkeys(fields)
+    value.update(
+        time=START + timedelta(hours=i),
+        period_end=START + timedelta(hours=i + 1),
+        kind=kinds[i % len(kinds)],
+        pricing=[None, "on_demand", "spot"][i % 3],
+        project=f"p{i % 4}" if i % 5 else None,
+        gpu_hours=i / 7 if i % 2 else None,
+        currency="EUR",
+        source="test",
+    )
+    return value
 
 
 def _dead_letter(i: int) -> dict[str, object]:
@@ -67,8 +97,34 @@ def test_schemas_polars_cannot_read_are_unsupported() -> None:
         except UnsupportedSchema:
             continue
         supported.add(name.rsplit(".", 1)[-1])
-    # Maps (AlertEvent, Anomaly, Rollup) and enums (CostRecord, JobEvent, JobTimings) are left to fastavro.
-    assert supported == {"GpuSample", "SystemSample", "QueueSample", "PodStatus", "DeadLetter"}
+    # Maps (AlertEvent, Anomaly, Rollup) are left to fastavro; the record's own enums are read as ints.
+    assert supported == {
+        "GpuSample",
+        "SystemSample",
+        "QueueSample",
+        "PodStatus",
+        "DeadLetter",
+        "JobTimings",
+        "JobEvent",
+        "CostRecord",
+    }
+
+
+def test_an_enum_index_out_of_range_sends_the_batch_to_codec_decode() -> None:
+    codec = Codec()
+    values = [codec.encode("CostRecord", cost_record(i)) for i in range(20)]
+    body = bytearray(values[3])
+    assert FrameDecoder(codec, "CostRecord").decode(values).columns is not None
+    good = codec.decode(values[3])[1]
+    # Rewrite the kind's index (the varint after time and period_end) to one past the last symbol.
+    prefix = _long(int(good["time"].timestamp() * 1000)) + _long(int(good["period_end"].timestamp() * 1000))
+    kind_at = SINGLE_OBJECT_HEADER_LEN + len(prefix)
+    assert bytes(body[SINGLE_OBJECT_HEADER_LEN:kind_at]) == prefix
+    kinds = next(f["type"]["symbols"] for f in schemas.load("CostRecord")["fields"] if f["name"] == "kind")
+    body[kind_at : kind_at + 1] = _long(len(kinds))
+    values[3] = bytes(body)
+    frame = FrameDecoder(codec, "CostRecord").decode(values)
+    assert frame.columns is None and frame.rest == list(range(20))
 
 
 def _gpu(i: int) -> bytes:
