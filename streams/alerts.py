@@ -41,10 +41,7 @@ from streams.buckets import from_ms, to_ms
 from streams.columns import Columns
 from streams.processor import Input, Output, PartitionBatch, Result
 from streams.rules import Rule, fingerprint, load_rules
-from streams.series import MetricColumn, SeriesIndex
-
-Sample = tuple[catalogue.Metric, str, dict[str, str], float]
-"""(metric, series id, series labels, value): what ``SeriesIndex.series`` lists."""
+from streams.series import MetricColumn, Sample, SeriesIndex
 
 __all__ = [
     "ALERT_RECORD",

@@ -35,7 +35,7 @@ from streams.alerts import alert_event, topic_of_record
 from streams.buckets import from_ms, to_ms
 from streams.processor import Input, Output, PartitionBatch, Result
 from streams.rules import fingerprint, format_value
-from streams.series import MetricColumn, SeriesIndex
+from streams.series import MetricColumn, Sample, SeriesIndex, by_row
 
 if TYPE_CHECKING:
     from streams.columns import Columns
@@ -53,9 +53,6 @@ _MIN_WIDTH = 16
 """Fewest samples per step, on average, from which a batch of columns is folded across series with numpy:
 a step costs some tens of numpy calls however few series it folds, about what as many samples cost in
 Python."""
-
-_Sample = tuple[catalogue.Metric, str, dict[str, str], float]
-"""(metric, series id, labels, value), as ``SeriesIndex.series`` lists them."""
 
 
 def default_metrics(topics: Iterable[str] = DEFAULT_TOPICS) -> tuple[str, ...]:
@@ -174,7 +171,7 @@ class AnomalyProcessor:
             state[key] = entry
         return Result(outputs)
 
-    def _records(self, inputs: Iterable[Input]) -> Iterator[tuple[int, int, list[_Sample]]]:
+    def _records(self, inputs: Iterable[Input]) -> Iterator[tuple[int, int, list[Sample]]]:
         for record in inputs:
             index = self._index.get(record.record_name)
             if index is not None:
@@ -182,7 +179,7 @@ class AnomalyProcessor:
 
     def _fold(
         self,
-        records: Iterable[tuple[int, int, list[_Sample]]],
+        records: Iterable[tuple[int, int, list[Sample]]],
         state: Mapping[str, Any],
         committed: int | None,
         outputs: list[Output],
@@ -373,14 +370,9 @@ def _open(state: Mapping[str, Any], key: str) -> dict[str, Any]:
     return entry
 
 
-def _by_row(columns: Columns, found: list[MetricColumn]) -> Iterator[tuple[int, int, list[_Sample]]]:
+def _by_row(columns: Columns, found: list[MetricColumn]) -> Iterator[tuple[int, int, list[Sample]]]:
     """(offset, event ms, samples) of every row, as :meth:`AnomalyProcessor._records` gives them."""
-    rows: list[list[_Sample]] = [[] for _ in range(len(columns))]
-    for column in found:
-        metric = column.metric
-        for row, (key, labels), value in zip(column.rows, column.series, column.values, strict=True):
-            rows[row].append((metric, key, labels, value))
-    return zip(columns.offsets, columns.event_ms, rows, strict=True)
+    return zip(columns.offsets, columns.event_ms, by_row(len(columns), found), strict=True)
 
 
 class _Steps:

@@ -189,17 +189,10 @@ class SeriesIndex:
             pairs[key] = [(series, labels) for _, series, labels, _ in known]
         return [pairs[key] for key in keys]
 
-    def rows(self, columns: Columns) -> list[list[tuple[Metric, str, dict[str, str], float]]] | None:
+    def rows(self, columns: Columns) -> list[list[Sample]] | None:
         """:meth:`series` of every row of ``columns``, row by row; None as for :meth:`by_metric`."""
         found = self.by_metric(columns)
-        if found is None:
-            return None
-        out: list[list[tuple[Metric, str, dict[str, str], float]]] = [[] for _ in range(len(columns))]
-        for column in found:
-            metric = column.metric
-            for row, (series, labels), value in zip(column.rows, column.series, column.values, strict=True):
-                out[row].append((metric, series, labels, value))
-        return out
+        return None if found is None else by_row(len(columns), found)
 
     @staticmethod
     def _describe(metric: Metric, values: tuple[Any, ...]) -> tuple[Metric, str, dict[str, str], str]:
@@ -207,6 +200,10 @@ class SeriesIndex:
         named = zip((name for name, _, _ in plan), values, strict=True)
         labels = {name: _label(value) for name, value in named if value is not None}
         return metric, series_id(metric.name, labels), labels, leaf
+
+
+Sample = tuple[Metric, str, dict[str, str], float]
+"""(metric, series id, labels, value): one entry of what :meth:`SeriesIndex.series` lists."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +216,17 @@ class MetricColumn:
     series: list[tuple[str, dict[str, str]]]
     """Each such row's series id and labels (shared: read them, never change them)."""
     values: list[float]
+
+
+def by_row(size: int, found: list[MetricColumn]) -> list[list[Sample]]:
+    """:meth:`SeriesIndex.by_metric`'s columns turned back into each row's samples, in the order
+    :meth:`SeriesIndex.series` lists them."""
+    out: list[list[Sample]] = [[] for _ in range(size)]
+    for column in found:
+        metric = column.metric
+        for row, (series, labels), value in zip(column.rows, column.series, column.values, strict=True):
+            out[row].append((metric, series, labels, value))
+    return out
 
 
 def _present(metric: Metric, columns: Columns) -> tuple[list[int], list[float]]:
