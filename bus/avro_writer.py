@@ -61,6 +61,13 @@ def _uvarint(n: int) -> bytes:
     return b"".join(parts)
 
 
+def _remember(cache: dict[Any, bytes], key: Any, encoded: bytes) -> None:
+    """Keep an encoding in a bounded cache, emptied when full."""
+    if len(cache) >= _CACHE_MAX:
+        cache.clear()
+    cache[key] = encoded
+
+
 def _length(n: int) -> bytes:
     return _LEN[n] if n < 0x2000 else _uvarint(n << 1)
 
@@ -79,9 +86,7 @@ def _new_long(x: int) -> bytes:
         b = _uvarint((x << 1) ^ (x >> 63))
     else:
         raise OverflowError(f"{x} does not fit a long")
-    if len(_BIG) >= _CACHE_MAX:
-        _BIG.clear()
-    _BIG[x] = b
+    _remember(_BIG, x, b)
     return b
 
 
@@ -128,12 +133,9 @@ def _timestamp_micros(x: Any) -> bytes:
 
 def _text(x: Any) -> bytes:
     b = x.encode()  # what fastavro calls, whatever x is
-    n = len(b)
-    b = (_LEN[n] if n < 0x2000 else _uvarint(n << 1)) + b
+    b = _length(len(b)) + b
     if x.__class__ is str and len(x) <= _TEXT_MAX_CHARS:
-        if len(_TEXT) >= _CACHE_MAX:
-            _TEXT.clear()
-        _TEXT[x] = b
+        _remember(_TEXT, x, b)
     return b
 
 
