@@ -13,17 +13,19 @@ from typing import Any
 from bus.codec import Codec
 from bus.frames import _MIN_ROWS, FrameDecoders
 from producers.simulator import Fleet, generate
+from streams.alerts import topic_of_record
 from streams.buckets import from_ms, to_ms
 from streams.columns import Columns, LazyInputs
 from streams.processor import Input, Output, PartitionBatch, Processor
 
 START = datetime(2026, 1, 5, tzinfo=UTC)
-TOPIC_OF = {
-    "aima.metrics.GpuSample": "gpu.samples",
-    "aima.metrics.SystemSample": "system.samples",
-    "aima.metrics.QueueSample": "queue.samples",
-    "aima.metrics.PodStatus": "k8s.pods",
-}
+SAMPLE_RECORDS = (
+    "aima.metrics.GpuSample",
+    "aima.metrics.PodStatus",
+    "aima.metrics.QueueSample",
+    "aima.metrics.SystemSample",
+)
+"""The sample kinds the simulator writes and the columnar tests walk."""
 
 
 def simulated_values(
@@ -66,7 +68,7 @@ def deliveries(
     codec = Codec()
     decoder = FrameDecoders(codec).get(record_name)
     assert decoder is not None, f"bus.frames does not read {record_name}"
-    topic_key = TOPIC_OF[record_name]
+    topic_key = topic_of_record(record_name)
     encoded = [codec.encode(record_name, value) for value in values]
     watermark: int | None = None
     plan: list[tuple[int, int, bool]] = []

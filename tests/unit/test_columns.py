@@ -19,7 +19,7 @@ from streams.alerts import AlertProcessor
 from streams.costs import DeviceHoursProcessor
 from streams.rules import default_rules, parse_rules
 from streams.series import SeriesIndex, metrics_of
-from tests.unit.columnar import TOPIC_OF, deliveries, run_both, simulated_values
+from tests.unit.columnar import SAMPLE_RECORDS, deliveries, run_both, simulated_values
 
 GPU = "aima.metrics.GpuSample"
 
@@ -86,7 +86,7 @@ def test_lazy_inputs_build_the_dicts_once_and_only_when_asked(gpu_values: list[d
     assert inputs[-1] is inputs[-1]
 
 
-@pytest.mark.parametrize("record_name", sorted(TOPIC_OF))
+@pytest.mark.parametrize("record_name", SAMPLE_RECORDS)
 def test_series_index_rows_equal_series(record_name: str) -> None:
     values = simulated_values(record_name, duration=timedelta(minutes=30))
     index = SeriesIndex(metrics_of(record_name))
