@@ -1,12 +1,20 @@
 """The lifecycle every long-running process shares: structured logs, a Prometheus endpoint about itself,
-and a clean stop on SIGTERM or SIGINT (the process flushes what it holds, then exits)."""
+and a bounded stop on SIGTERM or SIGINT: the process flushes what it holds and exits; if it is still there
+when ``stop_timeout_s`` (AIMA_STOP_TIMEOUT_S) has passed, whatever it is doing (blocked on a broker or a
+database that is away, stuck in a library), :class:`StopBound` ends it. Nothing unsafe has been committed
+at that point (offsets follow writes), so the next start resumes from what was committed. A second stop
+request ends the process at once."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge, Info, start_http_server
@@ -17,8 +25,64 @@ from bus.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def exit_now(code: int = 0) -> None:
+    """End the process at once (no cleanup beyond flushing the log handlers and standard streams)."""
+    # A broken log pipe must not keep the process alive.
+    for flushable in [*logging.getLogger().handlers, sys.stdout, sys.stderr]:
+        with contextlib.suppress(Exception):
+            flushable.flush()
+    os._exit(code)
+
+
+class StopBound:
+    """Once :meth:`request` is called, the process has ``timeout_s`` to stop by itself; a daemon thread ends
+    it when that passes (a little before, so the bound holds as seen from outside). A second request ends
+    it at once. ``on_overdue`` (tests) replaces the exit."""
+
+    _MARGIN_S = 1.0
+
+    def __init__(self, timeout_s: float, on_overdue: Callable[[int], None] = exit_now) -> None:
+        self.timeout_s = timeout_s
+        self._exit = on_overdue
+        self._requested = threading.Event()
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self._requested.is_set()
+
+    def request(self, why: str) -> bool:
+        """The first request arms the bound and returns True; a later one exits at once."""
+        with self._lock:
+            if self._requested.is_set():
+                log.warning("second stop request: exiting now", extra={"why": why})
+                self._exit(0)
+                return False
+            self._requested.set()
+            delay = max(0.0, self.timeout_s - self._MARGIN_S)
+            self._timer = threading.Timer(delay, self._overdue, args=(why,))
+            self._timer.daemon = True
+            self._timer.name = "stop-bound"
+            self._timer.start()
+            return True
+
+    def cancel(self) -> None:
+        """The process stopped in time (tests that run a service in-process call this)."""
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _overdue(self, why: str) -> None:
+        log.warning(
+            "still running when the stop bound passed: exiting without waiting further",
+            extra={"why": why, "stop_timeout_s": self.timeout_s},
+        )
+        self._exit(0)
+
+
 class Service:
-    """Call :meth:`start` once in the main thread; loop until :attr:`stopping` is set; then flush."""
+    """Call :meth:`start` once in the main thread; loop until :attr:`stopping` is set; then flush.
+    :meth:`stopped` ends the stop bound's watch."""
 
     def __init__(
         self, name: str, settings: Settings, registry: CollectorRegistry = REGISTRY, host: str = "0.0.0.0"
@@ -28,6 +92,7 @@ class Service:
         self.registry = registry
         self.host = host
         self.stopping = threading.Event()
+        self.bound = StopBound(settings.stop_timeout_s)
         self.metrics_port: int | None = None
         self._up = Gauge("aima_service_up", "1 while the service runs", ["service"], registry=registry)
         self._started = Gauge(
@@ -48,7 +113,13 @@ class Service:
         log.info("started", extra={"metrics_port": self.metrics_port, "kafka": self.settings.kafka_bootstrap})
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        log.info("stop requested", extra={"signal": signal.Signals(signum).name})
+        self.request_stop(signal.Signals(signum).name)
+
+    def request_stop(self, why: str) -> None:
+        """What SIGTERM and SIGINT do: set :attr:`stopping` and arm the stop bound (a second request exits
+        at once). Processes whose framework owns the signals (the Faust worker) call it from there."""
+        if self.bound.request(why):
+            log.info("stop requested", extra={"signal": why, "stop_timeout_s": self.bound.timeout_s})
         self.stopping.set()
 
     def wait(self, seconds: float) -> bool:
@@ -56,6 +127,7 @@ class Service:
         return self.stopping.wait(seconds)
 
     def stopped(self) -> None:
+        self.bound.cancel()
         self._up.labels(self.name).set(0)
         log.info("stopped")
 

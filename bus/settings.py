@@ -40,6 +40,14 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         0, description="Prometheus self-metrics port of this process; 0 picks a free one"
     )
+    stop_timeout_s: float = Field(
+        30.0, gt=0, description="after SIGTERM or SIGINT a process exits within this bound, whatever it does"
+    )
+    max_clock_skew_s: float = Field(
+        300.0,
+        gt=0,
+        description="records whose event time is further ahead of this process's clock are dead-lettered",
+    )
 
     @model_validator(mode="after")
     def _local_broker_follows_port(self) -> Settings:

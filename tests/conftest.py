@@ -22,6 +22,7 @@ from psycopg import sql
 from bus.kafka import ensure_topics, wait_for_broker
 from bus.settings import REPO_ROOT, Settings
 from consumers.migrate import migrate
+from tests.private_stack import PrivateStack
 
 INFRA = REPO_ROOT / "infra"
 
@@ -170,3 +171,13 @@ def db(database_url: str, db_schema: str) -> Iterator[psycopg.Connection]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(db_schema)))
         yield conn
+
+
+@pytest.fixture
+def private_stack(tmp_path: Path) -> Iterator[PrivateStack]:
+    """A broker and PostgreSQL of the test's own (tests/private_stack.py), for outages and restarts."""
+    stack = PrivateStack(tmp_path / "private")
+    try:
+        yield stack.start()
+    finally:
+        stack.close()
