@@ -1,18 +1,32 @@
-"""Value checks beyond the Avro types, shared by producers (before sending) and processors (on receipt):
-no NaN or infinity, percentages within 0-100, no negative durations, counts or sizes.
+"""Value checks beyond the Avro types, shared by every writer (before sending) and every reader (the stream
+app, the sink) on receipt: no NaN or infinity, percentages within 0-100, no negative durations, counts or
+sizes, label values of at most :data:`MAX_LABEL_LENGTH` characters, and (:class:`EventTimeGuard`) no event
+time further ahead of the checking process's clock than the allowed skew.
 
-The rules follow the field names of the contract, so a new field named ``*_percent`` or ``*_seconds`` is
-checked without anyone remembering to add it here."""
+The rules follow the field names of the contract, so a new field named ``*_percent`` or ``*_seconds``, or a
+new label of the metric catalogue, is checked without anyone remembering to add it here."""
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime
+from functools import cache
 from typing import Any
 
 import polars as pl
 
 from bus import schemas
+from bus.catalogue import METRICS
+
+MAX_LABEL_LENGTH = 256
+"""Most characters a label value may have: a field the metric catalogue names as a label (``host``,
+``gpu_uuid``, ``project``, ``disks[].mountpoint``, ...) and every value of a ``labels`` map. A longer value
+would make every series, rollup and alert that carries it as large, up to records the broker refuses."""
+
+FUTURE_EVENT_TIME = "FutureEventTime"
+"""The dead-letter error type of a record whose event time is too far ahead of the reader's clock."""
 
 # Fields whose name alone would mislead: a budget can be used beyond 100 %.
 _EXACT: dict[str, tuple[float | None, float | None]] = {"budget_utilization_percent": (0.0, None)}
@@ -34,6 +48,53 @@ _BOUNDS: tuple[tuple[str, float | None, float | None], ...] = (
     ("gpu_count", 0.0, None),
     ("containers_running", 0.0, None),
 )
+
+
+@cache
+def label_names() -> frozenset[str]:
+    """Field names the catalogue uses as labels (the leaf of ``disks[].mountpoint`` is ``mountpoint``)."""
+    return frozenset(path.rpartition(".")[2] for metric in METRICS for path in metric.label_fields)
+
+
+def _too_long(value: Any) -> bool:
+    return isinstance(value, str) and len(value) > MAX_LABEL_LENGTH
+
+
+def _length_problem(where: str, value: str) -> str:
+    return f"{where}: a label value of {len(value)} characters is longer than {MAX_LABEL_LENGTH}"
+
+
+class EventTimeGuard:
+    """Rejects event times more than ``max_skew_s`` ahead of this process's ``clock``: a host whose clock
+    runs ahead would otherwise move watermarks past buckets that are still filling, and make every correct
+    sample after it late. Such records are dead-lettered with :data:`FUTURE_EVENT_TIME` and never move a
+    watermark. Records from the past (backfills) pass: lateness is the processors' business."""
+
+    __slots__ = ("_clock", "max_skew_s")
+
+    def __init__(self, max_skew_s: float, clock: Callable[[], float] = time.time) -> None:
+        if max_skew_s <= 0:
+            raise ValueError(f"the allowed clock skew must be positive, got {max_skew_s}")
+        self.max_skew_s = max_skew_s
+        self._clock = clock
+
+    def limit_ms(self) -> int:
+        """The latest event time (Unix ms) accepted now."""
+        return int((self._clock() + self.max_skew_s) * 1000)
+
+    def problem(self, event_time: datetime) -> str | None:
+        """Why ``event_time`` is refused, or None when it is not too far ahead."""
+        ahead = event_time.timestamp() - self._clock()
+        if ahead <= self.max_skew_s:
+            return None
+        return (
+            f"event time {event_time.isoformat()} is {ahead:.0f} s ahead of this process's clock, "
+            f"beyond the allowed skew of {self.max_skew_s:g} s (AIMA_MAX_CLOCK_SKEW_S)"
+        )
+
+    def columns_ok(self, newest_event_ms: int) -> bool:
+        """Whether a batch whose newest event time is ``newest_event_ms`` passes as a whole."""
+        return newest_event_ms <= self.limit_ms()
 
 
 class InvalidRecord(ValueError):
@@ -62,10 +123,18 @@ def check(record_name: str, value: Mapping[str, Any]) -> None:
 
 
 def _walk(value: Mapping[str, Any], path: str) -> Iterator[str]:
+    labels = label_names()
     for name, item in value.items():
         where = f"{path}{name}"
-        if isinstance(item, Mapping):
-            if name not in ("labels", "annotations"):
+        if isinstance(item, str):
+            if name in labels and len(item) > MAX_LABEL_LENGTH:
+                yield _length_problem(where, item)
+        elif isinstance(item, Mapping):
+            if name == "labels":
+                for key, label in item.items():
+                    if _too_long(label):
+                        yield _length_problem(f"{where}.{key}", label)
+            elif name != "annotations":
                 yield from _walk(item, f"{where}.")
         elif isinstance(item, list):
             for index, element in enumerate(item):
@@ -133,8 +202,11 @@ class Validator:
 
     def _compile(self, schema: Mapping[str, Any]) -> _Check:
         numbers: list[tuple[str, float | None, float | None, bool]] = []
+        strings: list[str] = []
+        label_maps: list[str] = []
         records: list[tuple[str, _Check]] = []
         arrays: list[tuple[str, _Check]] = []
+        labels = label_names()
         for spec in schema["fields"]:
             name, kind = spec["name"], _field_kind(spec)
             if isinstance(kind, str):
@@ -142,7 +214,10 @@ class Validator:
                     low, high = self._bound(name)
                     if low is not None or high is not None or _NUMBERS[kind]:
                         numbers.append((name, low, high, _NUMBERS[kind]))
-                elif kind not in ("string", "boolean", "bytes", "null"):
+                elif kind == "string":
+                    if name in labels:
+                        strings.append(name)
+                elif kind not in ("boolean", "bytes", "null"):
                     raise ValueError(f"named type {kind!r}: walked field by field")
             elif kind["type"] == "record":
                 records.append((name, self._compile(kind)))
@@ -154,8 +229,18 @@ class Validator:
                 raise ValueError(f"array of {kind['items']!r}: walked field by field")
             elif kind["type"] == "map" and name not in ("labels", "annotations"):
                 raise ValueError("a map the rules walk into: walked field by field")
+            elif kind["type"] == "map" and name == "labels":
+                label_maps.append(name)
 
         def check(value: Mapping[str, Any]) -> bool:
+            for name in strings:
+                item = value.get(name)
+                if item is not None and len(item) > MAX_LABEL_LENGTH:
+                    return False
+            for name in label_maps:
+                item = value.get(name)
+                if item and any(len(label) > MAX_LABEL_LENGTH for label in item.values()):
+                    return False
             for name, low, high, floating in numbers:
                 item = value.get(name)
                 if item is None:
@@ -178,9 +263,16 @@ class Validator:
 
     def _ok(self, value: Mapping[str, Any]) -> bool:
         """The field-by-field walk, for schemas :meth:`_compile` does not handle."""
+        labels = label_names()
         for name, item in value.items():
             kind = type(item)
-            if kind is float or kind is int:
+            if kind is str:
+                if name in labels and len(item) > MAX_LABEL_LENGTH:
+                    return False
+            elif kind is dict and name == "labels":
+                if any(_too_long(label) for label in item.values()):
+                    return False
+            elif kind is float or kind is int:
                 if kind is float and not math.isfinite(item):
                     return False
                 low, high = self._bound(name)
@@ -240,12 +332,15 @@ def _frame_check(schema: Mapping[str, Any], inside: pl.Expr | None) -> pl.Expr:
     records) within the bounds of :func:`bounds` and finite. ``inside`` is the struct expression the
     fields belong to (None: the frame's own columns)."""
     parts: list[pl.Expr] = [pl.lit(True)]
+    labels = label_names()
     for spec in schema["fields"]:
         name, kind = spec["name"], _field_kind(spec)
         column = pl.col(name) if inside is None else inside.struct.field(name)
         if isinstance(kind, str):
             if kind in _NUMBERS:
                 parts.append(_number_check(column, name, _NUMBERS[kind]))
+            elif kind == "string" and name in labels:
+                parts.append((column.str.len_chars() <= MAX_LABEL_LENGTH).fill_null(True))
             elif kind not in _PRIMITIVES and kind != "null":
                 raise ValueError(f"named type {kind!r}")
         elif kind["type"] == "record":
@@ -257,7 +352,7 @@ def _frame_check(schema: Mapping[str, Any], inside: pl.Expr | None) -> pl.Expr:
             parts.append(column.list.eval(items).list.all().fill_null(True))
         elif kind["type"] == "array" and kind["items"] not in _PRIMITIVES:
             raise ValueError(f"array of {kind['items']!r}")
-        elif kind["type"] == "map" and name not in ("labels", "annotations"):
+        elif kind["type"] == "map" and name != "annotations":
             raise ValueError("a map the rules walk into")
     check = pl.all_horizontal(parts)
     return check.all() if inside is None else check

@@ -114,6 +114,8 @@ def test_column_validator_agrees_with_the_per_record_validator(gpu_values: list[
         "memory_used_bytes": [-1, 0, None],
         "processes": [[{"pid": 1, "name": "x", "used_memory_bytes": -3}], [], None],
         "gpu": [-1, 7],
+        "host": ["h" * 257, "h" * 256],
+        "gpu_model": ["m" * 1000],
     }
     outcomes = set()
     for _ in range(40):

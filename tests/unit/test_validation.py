@@ -60,3 +60,41 @@ def test_check_raises_with_every_problem() -> None:
         "power_watts: -1.0 is below 0",
     ]
     assert "GpuSample" in raised.value.reason
+
+
+def test_label_values_have_a_bounded_length() -> None:
+    from bus.validation import MAX_LABEL_LENGTH, Validator
+
+    fine = {"host": "h" * MAX_LABEL_LENGTH, "reason": "r" * 10_000, "labels": {"a": "x" * MAX_LABEL_LENGTH}}
+    assert problems(fine) == []
+    long_host = problems({"host": "h" * (MAX_LABEL_LENGTH + 1)})
+    assert long_host == [f"host: a label value of 257 characters is longer than {MAX_LABEL_LENGTH}"]
+    assert problems({"labels": {"job": "j" * 1_000_000}})[0].startswith(
+        "labels.job: a label value of 1000000"
+    )
+    assert problems({"disks": [{"mountpoint": "/" * 300}]})[0].startswith("disks[0].mountpoint:")
+    validator = Validator()
+    gpu = {"time": 0, "host": "h", "gpu": 0, "gpu_uuid": "u", "gpu_model": "m", "source": "s"}
+    assert validator.problems("GpuSample", gpu) == []
+    assert validator.problems("GpuSample", dict(gpu, gpu_uuid="u" * 300)) != []
+    rollup = {"series": "s", "metric": "m", "labels": {"host": "h" * 300}}
+    assert validator.problems("Rollup", rollup) == [
+        "labels.host: a label value of 300 characters is longer than 256"
+    ]
+
+
+def test_event_times_too_far_ahead_are_refused_and_the_past_is_not() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from bus.validation import EventTimeGuard
+
+    now = datetime(2026, 12, 2, 12, tzinfo=UTC)
+    guard = EventTimeGuard(300.0, clock=now.timestamp)
+    assert guard.problem(now + timedelta(seconds=300)) is None
+    assert guard.problem(now - timedelta(days=400)) is None
+    reason = guard.problem(now + timedelta(days=365))
+    assert reason is not None and "ahead of this process's clock" in reason and "300 s" in reason
+    assert guard.columns_ok(int((now.timestamp() + 300) * 1000))
+    assert not guard.columns_ok(int((now.timestamp() + 301) * 1000))
+    with pytest.raises(ValueError):
+        EventTimeGuard(0)
