@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     kafka_ssl_ca_location: Path | None = None
     topic_prefix: str = "aima."
     topic_replication: int = 1
+    schema_dir: Path | None = Field(
+        default=None, description="folder of the .avsc schemas (and history/) to use instead of avro/"
+    )
     schema_registry_url: str | None = Field(
         default=None, validation_alias="SCHEMA_REGISTRY_URL", description="Confluent wire format when set"
     )
