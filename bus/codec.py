@@ -9,6 +9,11 @@ Encoding writes one of two framings, both naming the writer schema on the wire (
 Decoding accepts both framings whatever the configuration, and resolves the writer schema to the reader
 schema (by default our own schema of the same name), so a reader keeps working when a writer adds an
 optional field with a default, and a new reader fills the default when reading old records (T3).
+
+A single-object reader knows the writer schemas of ``avro/`` and ``avro/history/``; with a schema log
+(bus/schema_log.py, the compacted schemas topic; :meth:`Codec.from_settings` always gives one) it learns
+any other fingerprint from there, once, and every writer publishes a schema there before its first record
+written with it. Known fingerprints stay one dict lookup, and so does finding the writer to encode with.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from bus.errors import (
 )
 
 if TYPE_CHECKING:
+    from bus.schema_log import SchemaSource
     from bus.settings import Settings
 
 __all__ = [
@@ -103,6 +109,7 @@ class Codec:
         confluent: bool | None = None,
         validate: bool = False,
         schemas: Iterable[Mapping[str, Any]] | None = None,
+        schema_log: SchemaSource | None = None,
     ) -> None:
         """``registry``: a Schema Registry client; with one, encode writes the Confluent wire format unless
         ``confluent=False``. Without one, Confluent-framed input cannot be decoded.
@@ -110,7 +117,9 @@ class Codec:
         it, the writer still rejects wrong types, missing and unknown fields; only out-of-range ints slip
         through.
         ``schemas``: the record schemas to write and read as, instead of ``avro/`` and ``avro/history/``
-        (for tests and tools that work with another version of the contract)."""
+        (for tests and tools that work with another version of the contract).
+        ``schema_log``: where writers publish their schemas and readers learn unknown fingerprints
+        (bus/schema_log.py); without one, a fingerprint outside ``avro/`` is UnknownFingerprint."""
         if confluent and registry is None:
             raise ValueError("the Confluent wire format needs a schema registry client")
         self._registry = registry
@@ -134,16 +143,26 @@ class Codec:
         self._by_fingerprint.update((w.fingerprint, w) for w in own)
         self._by_id: dict[int, WriterSchema] = {}
         self._confluent_headers: dict[tuple[str, str], bytes] = {}
+        self._schema_log = schema_log
+        # What encode looks its writer up in: every local writer when nothing needs publishing first (the
+        # Confluent format registers instead), else those whose schema the log has acknowledged.
+        publishes = schema_log is not None and not self._confluent
+        self._ready: dict[str, WriterSchema] = {} if publishes else self._local
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Codec:
-        """Confluent wire format with a registry when ``schema_registry_url`` is set, else single-object."""
+        """Confluent wire format with a registry when ``schema_registry_url`` is set, else single-object;
+        either way with the settings' schemas topic as its schema log (its clients connect on first
+        need)."""
+        from bus.schema_log import SchemaLog
+
+        schema_log = SchemaLog.from_settings(settings)
         if not settings.schema_registry_url:
-            return cls()
+            return cls(schema_log=schema_log)
         # Imported here: the registry client needs the confluent-kafka[schemaregistry] extra.
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
-        return cls(SchemaRegistryClient({"url": settings.schema_registry_url}))
+        return cls(SchemaRegistryClient({"url": settings.schema_registry_url}), schema_log=schema_log)
 
     @property
     def wire_format(self) -> str:
@@ -177,7 +196,9 @@ class Codec:
         """Frame and write ``value`` as ``record_name`` (short or full name). ``topic`` picks the registry
         subject in the Confluent format and is ignored otherwise. Timestamps may be tz-aware datetimes or
         epoch milliseconds."""
-        writer = self.local_writer(record_name)
+        writer = self._ready.get(record_name)
+        if writer is None:
+            writer = self._publish(record_name)
         if self._validate and (problems := _problems(writer, value)):
             raise EncodeError(f"{writer.name}: {problems}")
         header = self._confluent_header(writer, topic) if self._confluent else writer.header
@@ -197,6 +218,14 @@ class Codec:
             problems = _problems(writer, value)
             raise EncodeError(f"{writer.name}: {exc}" + (f" ({problems})" if problems else "")) from exc
         return out.getvalue()
+
+    def _publish(self, record_name: str) -> WriterSchema:
+        """The writer to encode ``record_name`` with, its schema published to the schema log first (until
+        the log acknowledges it, every encode asks again, which costs no wait after the first)."""
+        writer = self.local_writer(record_name)
+        if self._schema_log is not None and self._schema_log.publish(writer.fingerprint, writer.json):
+            self._ready[record_name] = writer
+        return writer
 
     def _confluent_header(self, writer: WriterSchema, topic: str | None) -> bytes:
         if topic is None:
@@ -238,9 +267,7 @@ class Codec:
             fingerprint = bytes(data[2:SINGLE_OBJECT_HEADER_LEN])
             writer = self._by_fingerprint.get(fingerprint)
             if writer is None:
-                raise UnknownFingerprint(
-                    f"no known writer schema has fingerprint {fingerprint.hex()}", fingerprint
-                )
+                writer = self._learn(fingerprint)
             start = SINGLE_OBJECT_HEADER_LEN
         elif data[:1] == CONFLUENT_MAGIC:
             if len(data) < CONFLUENT_HEADER_LEN:
@@ -269,6 +296,29 @@ class Codec:
         if body.tell() != len(data):
             raise NotAvro(f"{len(data) - body.tell()} bytes left after a {writer.name} record")
         return target.name, value
+
+    def _learn(self, fingerprint: bytes) -> WriterSchema:
+        """The writer schema of a fingerprint outside ``avro/``, from the schema log (cached from then
+        on); UnknownFingerprint when the log has none, SchemaLogUnavailable (transient) when it cannot be
+        read."""
+        text = None if self._schema_log is None else self._schema_log.lookup(fingerprint)
+        if text is None:
+            where = "" if self._schema_log is None else " or on the schemas topic"
+            raise UnknownFingerprint(
+                f"no known writer schema has fingerprint {fingerprint.hex()} (not in avro/{where})",
+                fingerprint,
+            )
+        try:
+            writer = _writer_from_json(text)
+        except (ValueError, TypeError, KeyError, SchemaParseException) as exc:
+            raise UnknownFingerprint(
+                f"the schemas topic's schema for fingerprint {fingerprint.hex()} does not parse: {exc}",
+                fingerprint,
+            ) from exc
+        if writer.fingerprint != fingerprint:  # a log that checks its records never gives one
+            raise UnknownFingerprint(f"the schema found for {fingerprint.hex()} has another", fingerprint)
+        self._by_fingerprint[fingerprint] = writer
+        return writer
 
     def _reader_for(self, writer: WriterSchema, reader: str | None) -> WriterSchema:
         if reader is None:

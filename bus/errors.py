@@ -9,6 +9,7 @@ __all__ = [
     "EncodeError",
     "IncompatibleSchema",
     "NotAvro",
+    "SchemaLogUnavailable",
     "SchemaRegistryUnavailable",
     "TruncatedRecord",
     "UnknownFingerprint",
@@ -43,7 +44,8 @@ class TruncatedRecord(DecodeError):
 
 
 class UnknownFingerprint(DecodeError):
-    """A single-object record whose writer schema fingerprint matches no known or registered schema."""
+    """A single-object record whose writer schema fingerprint matches no schema in ``avro/``,
+    ``avro/history/``, the schemas topic (when the codec reads one) or :meth:`Codec.register_writer`."""
 
     def __init__(self, reason: str, fingerprint: bytes) -> None:
         super().__init__(reason)
@@ -69,6 +71,13 @@ class EncodeError(CodecError, ValueError):
 class SchemaRegistryUnavailable(DecodeError, EncodeError):
     """The Schema Registry could not be asked. Raised by both encode and decode. ``transient`` unless no
     registry is configured at all: an outage is retried, a missing configuration is not."""
+
+    transient = True
+
+
+class SchemaLogUnavailable(DecodeError, EncodeError):
+    """The schemas topic (bus/schema_log.py) could not be read to its end in time: the broker is away or
+    slow. Always ``transient``: the record is retried, not dead-lettered."""
 
     transient = True
 

@@ -3,8 +3,12 @@ CRC-64-AVRO fingerprints. Each ``.avsc`` file stands alone (named types used by 
 again in each file), so every file parses on its own.
 
 Single-object records carry only their writer's fingerprint, so a reader must still know a schema after it
-changed: before changing ``avro/X.avsc``, copy the old file to ``avro/history/X.<fingerprint hex>.avsc``;
-the codec accepts every schema found there as a writer."""
+changed: every released version of ``avro/X.avsc`` is kept as ``avro/history/X.<fingerprint hex>.avsc``
+(the current one too; copy it there when it is released), the codec accepts every schema found there as a
+writer, and tests/unit/test_schema_history.py fails when a schema changed incompatibly with one of them or
+its previous version is missing there. Readers deployed before a change learn the new schema from the
+schemas topic (bus/schema_log.py) instead. ``AIMA_SCHEMA_DIR`` points a process at another folder of
+schemas (tests, tools that work with another version of the contract)."""
 
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ __all__ = [
     "fingerprint_of",
     "full_name",
     "history",
+    "history_files",
     "load",
     "names",
     "raw",
@@ -39,8 +44,19 @@ NAMESPACE = "aima.metrics"
 
 
 def schema_dir() -> Path:
-    """Where the ``.avsc`` files are: inside the installed package (the wheel force-includes ``avro/`` as
-    ``bus/avro``), else the repository's top-level ``avro/`` (source checkout, editable install)."""
+    """Where the ``.avsc`` files are: ``AIMA_SCHEMA_DIR`` when set, else inside the installed package (the
+    wheel force-includes ``avro/`` as ``bus/avro``), else the repository's top-level ``avro/`` (source
+    checkout, editable install). Read once per process, as the schemas themselves are."""
+    return _schema_dir()
+
+
+@cache
+def _schema_dir() -> Path:
+    from bus.settings import Settings
+
+    configured = Settings().schema_dir
+    if configured is not None:
+        return configured
     packaged = Path(bus.__file__).resolve().parent / "avro"
     if packaged.is_dir():
         return packaged
@@ -64,9 +80,22 @@ def _raw_by_name() -> dict[str, dict[str, Any]]:
 
 @cache
 def history() -> tuple[dict[str, Any], ...]:
-    """Earlier versions of the schemas (``avro/history/*.avsc``), still decodable as writers."""
-    folder = schema_dir() / "history"
-    return tuple(json.loads(path.read_text(encoding="utf-8")) for path in sorted(folder.glob("*.avsc")))
+    """Every released version of the schemas (``avro/history/*.avsc``), still decodable as writers."""
+    return tuple(schema for _, schema in history_files())
+
+
+@cache
+def history_files() -> tuple[tuple[Path, dict[str, Any]], ...]:
+    """``avro/history/*.avsc`` with their schemas; ValueError for a file not named
+    ``<Name>.<fingerprint hex>.avsc`` after what it holds."""
+    found = []
+    for path in sorted((schema_dir() / "history").glob("*.avsc")):
+        schema = json.loads(path.read_text(encoding="utf-8"))
+        expected = f"{schema['name']}.{fingerprint_of(schema).hex()}.avsc"
+        if path.name != expected:
+            raise ValueError(f"{path} holds {schema['name']} with that fingerprint: name it {expected}")
+        found.append((path, schema))
+    return tuple(found)
 
 
 def full_name(name: str) -> str:

@@ -13,7 +13,8 @@ class TopicSpec:
     key: str
     """Short name, the part after the configurable prefix."""
     schema: str
-    """Full name of the Avro record every value on the topic carries."""
+    """Full name of the Avro record every value on the topic carries (:data:`SCHEMA_LOG_VALUES` for the
+    schemas topic, whose values are schemas)."""
     partitions: int
     retention: timedelta | None
     """None keeps records forever (compacted topics)."""
@@ -35,6 +36,8 @@ class TopicSpec:
 
 
 NS = "aima.metrics"
+SCHEMA_LOG_VALUES = "Avro schema (JSON text)"
+"""What the schemas topic carries instead of an Avro record: the writer schemas themselves."""
 TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("gpu.samples", f"{NS}.GpuSample", 8, timedelta(days=3), "host/gpu_uuid"),
     TopicSpec("system.samples", f"{NS}.SystemSample", 4, timedelta(days=3), "host"),
@@ -47,6 +50,9 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("alerts", f"{NS}.AlertEvent", 4, timedelta(days=30), "fingerprint"),
     TopicSpec("anomalies", f"{NS}.Anomaly", 4, timedelta(days=7), "series"),
     TopicSpec("deadletter", f"{NS}.DeadLetter", 2, timedelta(days=30), "origin topic"),
+    # Every writer schema in use, for readers that do not know it yet (bus/schema_log.py): one partition,
+    # so one read to its end sees them all; compacted and kept forever, one record per fingerprint.
+    TopicSpec("schemas", SCHEMA_LOG_VALUES, 1, None, "fingerprint (16 hex digits)", compacted=True),
     # Repartitions inside the stream app: state that spans sources must live on one partition.
     TopicSpec("streams.jobs-by-project", f"{NS}.JobEvent", 4, timedelta(days=7), "project", internal=True),
     TopicSpec("streams.device-hours", f"{NS}.CostRecord", 4, timedelta(days=7), "gpu_model", internal=True),
