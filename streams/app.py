@@ -245,6 +245,8 @@ class Dispatcher:
         self.sender = Sender(app)
         self.validation = validation.Validator()
         self.column_validation = validation.ColumnValidator()
+        self.event_times = validation.EventTimeGuard(settings.max_clock_skew_s, clock)
+        """Records too far ahead of this worker's clock are dead-lettered and never move a watermark."""
         self._frames = FrameDecoders(codec)
         self.routes: dict[str, _Route] = {}
         self._fresh: set[tuple[str, TP]] = set()
@@ -373,6 +375,10 @@ class Dispatcher:
             if not isinstance(event_time, datetime):
                 self._dead_letter(message, f"{name} has no event time", "NoEventTime", route)
                 continue
+            ahead = self.event_times.problem(event_time)
+            if ahead is not None:
+                self._dead_letter(message, f"{name}: {ahead}", validation.FUTURE_EVENT_TIME, route)
+                continue
             inputs.append(Input(key, message.partition, message.offset, name, value, event_time))
         return inputs
 
@@ -384,8 +390,8 @@ class Dispatcher:
 
     def _columns(self, frame: Frame | None, batch: list[Any]) -> Columns | None:
         """The batch as columns for the processors, when every record was read natively, every one is
-        valid and has an event time; otherwise None, and the records are checked one by one (which
-        dead-letters the bad ones with their reasons)."""
+        valid and has an event time not too far ahead; otherwise None, and the records are checked one by
+        one (which dead-letters the bad ones with their reasons)."""
         if frame is None or frame.columns is None or frame.rest:
             return None
         if "time" not in frame.columns.columns or frame.columns.get_column("time").null_count():
@@ -394,7 +400,10 @@ class Dispatcher:
             return None
         if not self.column_validation.all_valid(frame.record_name, frame.columns):
             return None
-        return Columns(frame.record_name, frame.columns, [message.offset for message in batch])
+        columns = Columns(frame.record_name, frame.columns, [message.offset for message in batch])
+        if not self.event_times.columns_ok(max(columns.event_ms)):
+            return None
+        return columns
 
     async def _decode_transient(self, message: Any) -> tuple[str, dict[str, Any]] | None:
         """Retry a record whose decoding failed for a passing reason (a registry outage); None when the app
