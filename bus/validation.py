@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
@@ -96,6 +96,17 @@ class EventTimeGuard:
         """Whether a batch whose newest event time is ``newest_event_ms`` passes as a whole."""
         return newest_event_ms <= self.limit_ms()
 
+    def check(self, record_name: str, value: Mapping[str, Any]) -> None:
+        """Raise :class:`FutureEventTime` when the record's ``time`` (a datetime, or Unix ms as the codec
+        also takes) is too far ahead; a record without a time passes (the schema decides whether it may)."""
+        event_time = value.get("time")
+        if isinstance(event_time, int) and not isinstance(event_time, bool):
+            event_time = datetime.fromtimestamp(event_time / 1000, UTC)
+        if isinstance(event_time, datetime):
+            found = self.problem(event_time)
+            if found is not None:
+                raise FutureEventTime(record_name, [f"time: {found}"])
+
 
 class InvalidRecord(ValueError):
     """A record whose values break the contract's rules; ``problems`` lists each as 'field: why'."""
@@ -108,6 +119,11 @@ class InvalidRecord(ValueError):
     @property
     def reason(self) -> str:
         return str(self)
+
+
+class FutureEventTime(InvalidRecord):
+    """A record whose event time is too far ahead of the checking process's clock (:class:`EventTimeGuard`);
+    its error type on the dead-letter topic is :data:`FUTURE_EVENT_TIME`."""
 
 
 def problems(value: Mapping[str, Any], path: str = "") -> list[str]:

@@ -1,8 +1,9 @@
 """Publishes contract records to Kafka: validated, Avro-encoded, keyed per source, idempotent.
 
 Never blocks its caller: records wait in librdkafka's bounded queue while the broker is away, and when
-that is full they are dropped and counted, so a job that publishes keeps running. Invalid records are not
-sent to their topic; they go to the dead-letter topic with the reason."""
+that is full they are dropped and counted, so a job that publishes keeps running. Invalid records (the
+rules of bus/validation.py, label lengths included, and event times further ahead of this host's clock than
+AIMA_MAX_CLOCK_SKEW_S) are not sent to their topic; they go to the dead-letter topic with the reason."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from bus.errors import CodecError
 from bus.kafka import client_config
 from bus.settings import Settings
 from bus.topics import topic_name
-from bus.validation import InvalidRecord, Validator
+from bus.validation import EventTimeGuard, InvalidRecord, Validator
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class Publisher:
         self._producer = Producer(config)
         self._deadletter = topic_name(settings, "deadletter")
         self._validator = Validator()
+        self._event_times = EventTimeGuard(settings.max_clock_skew_s)
         self.delivered = 0
         self.failed = 0
         self.invalid = 0
@@ -87,6 +89,7 @@ class Publisher:
         topic = topic_name(self.settings, topic_key)
         try:
             self._validator.check(record_name, value)
+            self._event_times.check(record_name, value)
             data = self.codec.encode(record_name, value, topic)
         except (InvalidRecord, CodecError) as exc:
             self._reject(topic, key, value, exc)

@@ -74,3 +74,22 @@ def test_valid_records_arrive_and_invalid_ones_are_dead_lettered(topics: Setting
         == 1
     )
     assert sample("aima_producer_send_latency_seconds_count") == 2
+
+
+def test_a_clock_far_ahead_and_an_overlong_label_are_refused_at_the_source(
+    topics: Settings, unique: str
+) -> None:
+    from datetime import timedelta
+
+    from bus.validation import FUTURE_EVENT_TIME, FutureEventTime
+
+    assert FutureEventTime.__name__ == FUTURE_EVENT_TIME
+    publisher = Publisher(topics, registry=CollectorRegistry(), source="test")
+    ahead = dict(_queue_sample(1), time=datetime.now(UTC) + timedelta(days=365))
+    assert not publisher.publish("queue.samples", "default", "QueueSample", ahead)
+    assert not publisher.publish("queue.samples", "q", "QueueSample", dict(_queue_sample(1), queue="q" * 300))
+    assert publisher.publish("queue.samples", "default", "QueueSample", _queue_sample(4))
+    assert publisher.flush(30) == 0
+    assert [value["length_jobs"] for _, value in _drain(topics, "queue.samples", f"s{unique}", 1)] == [4]
+    letters = sorted(letter["error_type"] for _, letter in _drain(topics, "deadletter", f"d{unique}", 2))
+    assert letters == [FUTURE_EVENT_TIME, "InvalidRecord"]
