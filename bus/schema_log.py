@@ -20,6 +20,7 @@ nothing; :meth:`SchemaLog.from_settings` builds confluent-kafka clients from the
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import threading
@@ -30,6 +31,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import OffsetSpec
 
 from bus import schemas as contract
 from bus.errors import SchemaLogUnavailable
@@ -68,6 +70,7 @@ class SchemaLog:
         topic: str,
         producer: Callable[[], Any],
         consumer: Callable[[], Any],
+        admin: Callable[[], Any],
         *,
         publish_wait_s: float = 5.0,
         read_wait_s: float = 5.0,
@@ -75,14 +78,16 @@ class SchemaLog:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        """``producer`` and ``consumer`` make confluent-kafka clients (or fakes of the same shape), called
-        at first need. ``publish_wait_s``: how long a first publish waits for its acknowledgement before
-        the writer goes on (the record stays queued). ``read_wait_s``: how long a lookup may take to read
-        the topic to its end before it is an outage. ``miss_grace_s``: the pause before the one re-read of
-        a fingerprint that was not found."""
+        """``producer``, ``consumer`` and ``admin`` make confluent-kafka clients (or fakes of the same
+        shape), called at first need; the admin client asks for the topic's end (a consumer's own request
+        would queue behind its waiting fetch). ``publish_wait_s``: how long a first publish waits for its
+        acknowledgement before the writer goes on (the record stays queued). ``read_wait_s``: how long a
+        lookup may take to read the topic to its end before it is an outage. ``miss_grace_s``: the pause
+        before the one re-read of a fingerprint that was not found."""
         self.topic = topic
         self._make_producer = producer
         self._make_consumer = consumer
+        self._make_admin = admin
         self._publish_wait_s = publish_wait_s
         self._read_wait_s = read_wait_s
         self._miss_grace_s = miss_grace_s
@@ -91,6 +96,7 @@ class SchemaLog:
         self._lock = threading.Lock()
         self._producer: Any = None
         self._consumer: Any = None
+        self._admin: Any = None
         self._sent: dict[bytes, str] = {}
         """Fingerprint -> 'pending', 'delivered' or 'failed' (what this process published)."""
         self._topic_absent = False
@@ -101,7 +107,7 @@ class SchemaLog:
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> SchemaLog:
         """The catalogue's schemas topic on the settings' broker."""
-        from bus.kafka import client_config
+        from bus.kafka import admin, client_config
         from bus.topics import topic_name
 
         def producer() -> Producer:
@@ -133,7 +139,7 @@ class SchemaLog:
                 )
             )
 
-        return cls(topic_name(settings, "schemas"), producer, consumer, **options)
+        return cls(topic_name(settings, "schemas"), producer, consumer, partial(admin, settings), **options)
 
     # -- writers -----------------------------------------------------------------------------------------
 
@@ -167,15 +173,20 @@ class SchemaLog:
                 )
             return delivered
 
+    def _missing(self, client: Any, timeout_s: float) -> bool:
+        """Whether the broker says the topic does not exist (False when it cannot be asked)."""
+        try:
+            metadata = client.list_topics(self.topic, timeout=max(timeout_s, 0.1))
+        except KafkaException:
+            return False
+        found = metadata.topics.get(self.topic)
+        return found is None or (found.error is not None and found.error.code() in _MISSING_TOPIC)
+
     def _topic_exists(self, producer: Any) -> bool:
         """False (and a warning) when the broker says the topic does not exist: the writer cannot tell
-        readers about its schemas, and waiting for an acknowledgement would only slow it down."""
-        try:
-            metadata = producer.list_topics(self.topic, timeout=self._publish_wait_s)
-        except KafkaException:
-            return True  # the broker is away: queue the schema, it is sent when the broker is back
-        found = metadata.topics.get(self.topic)
-        if found is not None and found.error is not None and found.error.code() in _MISSING_TOPIC:
+        readers about its schemas, and waiting for an acknowledgement would only slow it down. True when
+        the broker is away: the schema is queued and sent when it is back."""
+        if self._missing(producer, self._publish_wait_s):
             self._topic_absent = True
             log.warning(
                 "no schemas topic: readers that do not know this process's schemas cannot read its records",
@@ -217,13 +228,19 @@ class SchemaLog:
         deadline = self._clock() + self._read_wait_s
         consumer = self._consumer_client()
         partition = TopicPartition(self.topic, 0)
+        if self._admin is None:
+            self._admin = self._make_admin()
         try:
-            _, end = consumer.get_watermark_offsets(partition, timeout=self._read_wait_s, cached=False)
+            answer = self._admin.list_offsets(
+                {partition: OffsetSpec.latest()}, request_timeout=self._read_wait_s
+            )
+            end = answer[partition].result(timeout=self._read_wait_s).offset
         except KafkaException as exc:
-            error = exc.args[0] if exc.args else None
-            if isinstance(error, KafkaError) and error.code() in _MISSING_TOPIC:
+            if self._missing(self._admin, deadline - self._clock()):
                 return  # no topic: no writer published a schema there
             raise SchemaLogUnavailable(f"cannot read the schemas topic {self.topic}: {exc}") from exc
+        except (TimeoutError, concurrent.futures.TimeoutError) as exc:
+            raise SchemaLogUnavailable(f"the end of the schemas topic {self.topic} did not come") from exc
         while self._next_offset < end:
             remaining = deadline - self._clock()
             if remaining <= 0:
@@ -231,11 +248,12 @@ class SchemaLog:
                     f"read the schemas topic {self.topic} to offset {self._next_offset} of {end} within "
                     f"{self._read_wait_s} s"
                 )
-            for message in consumer.consume(num_messages=500, timeout=min(remaining, 1.0)):
-                if message.error() is not None:
-                    continue  # a passing fetch error: the deadline bounds how long that may go on
-                self._next_offset = max(self._next_offset, message.offset() + 1)
-                self._add(message.key(), message.value())
+            # poll, not consume: consume waits for its whole batch or the timeout, and the log is short.
+            message = consumer.poll(min(remaining, 1.0))
+            if message is None or message.error() is not None:
+                continue  # nothing yet, or a passing fetch error: the deadline bounds how long
+            self._next_offset = max(self._next_offset, message.offset() + 1)
+            self._add(message.key(), message.value())
 
     def _add(self, key: bytes | None, value: bytes | None) -> None:
         """Cache one record of the log, if it is what it claims: a schema whose fingerprint is its key."""
@@ -261,6 +279,7 @@ class SchemaLog:
     def _consumer_client(self) -> Any:
         if self._consumer is None:
             consumer = self._make_consumer()
+            # Fetched from now on in the background: a later lookup finds new schemas already here.
             consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
             self._consumer = consumer
         return self._consumer

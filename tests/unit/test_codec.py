@@ -16,6 +16,7 @@ from bus.errors import (
     EncodeError,
     IncompatibleSchema,
     NotAvro,
+    SchemaLogUnavailable,
     SchemaRegistryUnavailable,
     TruncatedRecord,
     UnknownFingerprint,
@@ -106,6 +107,88 @@ def test_new_reader_fills_the_default_for_an_older_writer() -> None:
     new.register_writer(schemas.raw("QueueSample"))
     _, value = new.decode(data)
     assert value == {**QUEUE, "priority": None}
+
+
+class FakeSchemaLog:
+    """The schema log's two calls, answered from memory (the real one: tests/integration)."""
+
+    def __init__(self, *, acknowledge: bool = True) -> None:
+        self.schemas: dict[bytes, str] = {}
+        self.published: list[bytes] = []
+        self.lookups: list[bytes] = []
+        self.acknowledge = acknowledge
+        self.down = False
+
+    def publish(self, fingerprint: bytes, schema_json: str) -> bool:
+        self.published.append(fingerprint)
+        self.schemas[fingerprint] = schema_json
+        return self.acknowledge
+
+    def lookup(self, fingerprint: bytes) -> str | None:
+        self.lookups.append(fingerprint)
+        if self.down:
+            raise SchemaLogUnavailable("schemas topic is away")
+        return self.schemas.get(fingerprint)
+
+
+def test_old_reader_learns_a_newer_writer_from_the_schema_log() -> None:
+    log = FakeSchemaLog()
+    new = Codec(schemas=[_queue_v2()], schema_log=log)
+    data = new.encode("QueueSample", {**QUEUE, "priority": "high"})
+    new.encode("QueueSample", {**QUEUE, "priority": "low"})
+    assert log.published == [data[2:10]]  # published once, before the first record
+    old = Codec(schema_log=log)
+    assert old.decode(data) == ("aima.metrics.QueueSample", QUEUE)
+    assert old.decode(data)[1] == QUEUE
+    assert log.lookups == [data[2:10]]  # then cached
+    old.decode(Codec().encode("QueueSample", QUEUE))
+    assert log.lookups == [data[2:10]]  # our own schemas never ask the log
+
+
+def test_new_reader_learns_an_older_writer_from_the_schema_log() -> None:
+    log = FakeSchemaLog()
+    data = Codec(schema_log=log).encode("QueueSample", QUEUE)
+    new = Codec(schemas=[_queue_v2()], schema_log=log)
+    assert new.decode(data)[1] == {**QUEUE, "priority": None}  # the new field's default
+
+
+def test_unacknowledged_schemas_are_published_again_until_they_are() -> None:
+    log = FakeSchemaLog(acknowledge=False)
+    codec = Codec(schema_log=log)
+    codec.encode("QueueSample", QUEUE)
+    codec.encode("QueueSample", QUEUE)
+    assert len(log.published) == 2
+    log.acknowledge = True
+    codec.encode("QueueSample", QUEUE)
+    codec.encode("aima.metrics.QueueSample", QUEUE)  # another spelling asks the log (it knows it) once
+    codec.encode("QueueSample", QUEUE)
+    assert len(log.published) == 4
+
+
+def test_a_fingerprint_the_log_lacks_is_unknown_and_an_outage_is_transient() -> None:
+    log = FakeSchemaLog()
+    data = b"\xc3\x01" + bytes(8) + Codec().encode("QueueSample", QUEUE)[10:]
+    with pytest.raises(UnknownFingerprint, match="schemas topic") as raised:
+        Codec(schema_log=log).decode(data)
+    assert not raised.value.transient
+    log.down = True
+    with pytest.raises(SchemaLogUnavailable) as outage:
+        Codec(schema_log=log).decode(data)
+    assert outage.value.transient and isinstance(outage.value, DecodeError)
+
+
+def test_a_log_schema_under_the_wrong_fingerprint_is_not_used() -> None:
+    log = FakeSchemaLog()
+    data = Codec(schemas=[_queue_v2()]).encode("QueueSample", QUEUE)
+    log.schemas[data[2:10]] = schemas.schema_json("QueueSample")  # a schema that is not that one
+    with pytest.raises(UnknownFingerprint):
+        Codec(schema_log=log).decode(data)
+
+
+def test_the_confluent_format_registers_instead_of_publishing() -> None:
+    log = FakeSchemaLog()
+    Codec(FakeRegistry(), schema_log=log).encode("QueueSample", QUEUE, topic="aima.queue.samples")
+    assert log.published == []
 
 
 def test_decode_as_a_named_reader() -> None:
