@@ -47,10 +47,18 @@ class StopBound:
         self._requested = threading.Event()
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
+        self._deadline: float | None = None
 
     @property
     def requested(self) -> bool:
         return self._requested.is_set()
+
+    def remaining_s(self) -> float:
+        """Seconds left before the bound ends the process; the whole bound while no stop is requested.
+        What a process spends on its way out (a final flush) is sized by this."""
+        if self._deadline is None:
+            return max(0.0, self.timeout_s - self._MARGIN_S)
+        return max(0.0, self._deadline - time.monotonic())
 
     def request(self, why: str) -> bool:
         """The first request arms the bound and returns True; a later one exits at once."""
@@ -61,6 +69,7 @@ class StopBound:
                 return False
             self._requested.set()
             delay = max(0.0, self.timeout_s - self._MARGIN_S)
+            self._deadline = time.monotonic() + delay
             self._timer = threading.Timer(delay, self._overdue, args=(why,))
             self._timer.daemon = True
             self._timer.name = "stop-bound"
@@ -121,6 +130,10 @@ class Service:
         if self.bound.request(why):
             log.info("stop requested", extra={"signal": why, "stop_timeout_s": self.bound.timeout_s})
         self.stopping.set()
+
+    def time_left_s(self) -> float:
+        """Seconds the process has left to stop by itself (see :meth:`StopBound.remaining_s`)."""
+        return self.bound.remaining_s()
 
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True when a stop was requested meanwhile."""

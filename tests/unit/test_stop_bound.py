@@ -30,3 +30,12 @@ def test_a_second_request_exits_at_once_and_a_clean_stop_cancels_the_watch() -> 
     calm.cancel()
     time.sleep(1.0)
     assert exits == [0]
+
+
+def test_remaining_counts_down_from_the_request() -> None:
+    bound = StopBound(10.0, on_overdue=lambda code: None)
+    assert bound.remaining_s() == 9.0  # the whole bound (less its margin) while nothing is asked
+    bound.request("SIGTERM")
+    time.sleep(0.2)
+    assert 8.0 < bound.remaining_s() < 8.9
+    bound.cancel()
