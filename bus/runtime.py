@@ -24,6 +24,9 @@ from bus.settings import Settings
 
 log = logging.getLogger(__name__)
 
+EXIT_RESERVE_S = 2.0
+"""Of the stop bound, what a process keeps for closing its clients and exiting after its last flush."""
+
 
 def exit_now(code: int = 0) -> None:
     """End the process at once (no cleanup beyond flushing the log handlers and standard streams)."""
@@ -132,8 +135,9 @@ class Service:
         self.stopping.set()
 
     def time_left_s(self) -> float:
-        """Seconds the process has left to stop by itself (see :meth:`StopBound.remaining_s`)."""
-        return self.bound.remaining_s()
+        """Seconds the process may still spend on its way out (a last flush): what the stop bound leaves
+        (:meth:`StopBound.remaining_s`) less ``EXIT_RESERVE_S`` for closing clients and exiting."""
+        return max(0.0, self.bound.remaining_s() - EXIT_RESERVE_S)
 
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True when a stop was requested meanwhile."""
