@@ -105,3 +105,4 @@ def test_a_broker_that_does_not_answer_is_a_transient_error(settings: Settings) 
     started = time.monotonic()
     assert Codec(schema_log=log).encode("QueueSample", QUEUE)[:2] == b"\xc3\x01"
     assert time.monotonic() - started < 15
+    log.close(timeout_s=0)
