@@ -4,8 +4,11 @@ publisher and one self-metrics endpoint, until SIGTERM."""
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -16,6 +19,7 @@ from bus.settings import Settings
 from producers.publisher import Publisher
 
 Records = list[tuple[str, dict[str, Any]]]
+log = logging.getLogger(__name__)
 
 
 def _env_float(name: str, default: float) -> float:
@@ -85,14 +89,47 @@ COLLECTORS: dict[str, Callable[[Settings, bool, Service | None, Publisher], Reco
 }
 
 
-def _missing_topics(settings: Settings) -> list[str]:
+def _missing_topics(settings: Settings, service: Service | None) -> list[str] | None:
+    """The collectors' topics the broker does not have. ``service`` None (``--once``): the broker has 15 s
+    to answer. Otherwise wait for it as long as it takes, backing off and watching the stop: None when a
+    stop came first."""
+    from confluent_kafka import KafkaException
+
     from bus.kafka import admin, wait_for_broker
     from bus.topics import BY_KEY
 
-    wait_for_broker(settings, timeout_s=15)
-    present = admin(settings).list_topics(timeout=10).topics
     wanted = [BY_KEY[key].name(settings.topic_prefix) for key in TOPICS_USED]
-    return [name for name in wanted if name not in present]
+    client = admin(settings)
+    if service is None:
+        wait_for_broker(settings, timeout_s=15)
+        present = client.list_topics(timeout=10).topics
+        return [name for name in wanted if name not in present]
+    delay_s, attempts, reported = BROKER_RETRY_S[0], 0, -math.inf
+    while not service.stopping.is_set():
+        try:
+            # Short enough that a stop asked for meanwhile is seen well within the bound.
+            present = client.list_topics(timeout=BROKER_PROBE_S).topics
+        except KafkaException as exc:
+            attempts += 1
+            if time.monotonic() - reported >= BROKER_REPORT_S:  # one line a minute, not one per try
+                reported = time.monotonic()
+                log.warning(
+                    "waiting for the broker",
+                    extra={"kafka": settings.kafka_bootstrap, "attempts": attempts, "error": str(exc)},
+                )
+            service.wait(delay_s)
+            delay_s = min(delay_s * 2, BROKER_RETRY_S[1])
+            continue
+        if attempts:
+            log.info("the broker answers", extra={"kafka": settings.kafka_bootstrap, "attempts": attempts})
+        return [name for name in wanted if name not in present]
+    return None
+
+
+BROKER_PROBE_S = 2.0
+BROKER_RETRY_S = (0.5, 10.0)
+"""The first and the longest pause between two tries while the broker is away."""
+BROKER_REPORT_S = 60.0
 
 
 TOPICS_USED = ("gpu.samples", "system.samples", "job.events", "job.timings", "queue.samples", "k8s.pods")
@@ -108,17 +145,24 @@ def _json_default(value: object) -> str:
 
 def run(names: list[str], once: bool, echo: Callable[[str], None]) -> int:
     settings = Settings()
-    if missing := _missing_topics(settings):
-        echo(f"topics missing on {settings.kafka_bootstrap}: {', '.join(missing)}")
-        echo("create them with `aima-metrics topics --create` (or start the stack with `aima-metrics up`)")
-        return 2
     service = Service(f"collect-{'+'.join(names)}", settings)
     if once:
         from bus import logs
 
         logs.configure("WARNING")
     else:
+        # First of all, so that a stop while it waits for the broker is a clean one.
         service.start()
+    missing = _missing_topics(settings, None if once else service)
+    if missing is None:
+        service.stopped()
+        return 0
+    if missing:
+        echo(f"topics missing on {settings.kafka_bootstrap}: {', '.join(missing)}")
+        echo("create them with `aima-metrics topics --create` (or start the stack with `aima-metrics up`)")
+        if not once:
+            service.stopped()
+        return 2
     publisher = Publisher(settings, registry=service.registry, source="+".join(names))
     results: dict[str, Records] = {}
     errors: dict[str, BaseException] = {}
@@ -136,7 +180,18 @@ def run(names: list[str], once: bool, echo: Callable[[str], None]) -> int:
     for thread in threads:
         while thread.is_alive():
             thread.join(0.5)
-    publisher.flush(30)
+    # What is not acknowledged when the bound's time is up (the broker away) was never on a topic.
+    publisher.flush(30.0 if once else service.time_left_s())
+    log.info(
+        "publisher closed",
+        extra={
+            "delivered": publisher.delivered,
+            "failed": publisher.failed,
+            "pending": publisher.pending(),
+            "dropped": publisher.dropped,
+            "invalid": publisher.invalid,
+        },
+    )
     if not once:
         service.stopped()
     for name, exc in errors.items():

@@ -487,5 +487,6 @@ def run(
         loop(collector, publisher, service, intervals or SystemIntervals())
         return []
     finally:
-        publisher.flush()
+        # Within what the stop bound leaves (with the broker away a full flush would outlast it).
+        publisher.flush(service.time_left_s() if service is not None else 30.0)
         collector.close()

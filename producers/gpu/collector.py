@@ -244,7 +244,7 @@ def run(
     )
     if once:
         return _run_once(settings, collector, publisher, registry, stopping)
-    _run_loop(settings, collector, publisher, registry, stopping, exporter, exporter_port)
+    _run_loop(settings, collector, publisher, registry, service, exporter, exporter_port)
     return []
 
 
@@ -279,10 +279,11 @@ def _run_loop(
     collector: GpuCollector,
     publisher: Publisher | None,
     registry: CollectorRegistry,
-    stopping: threading.Event,
+    service: Service | None,
     exporter: GpuExporter,
     exporter_port: int | None,
 ) -> None:
+    stopping = service.stopping if service is not None else threading.Event()
     server = _serve(exporter, registry, exporter_port)
     nvml_up = False
     init_attempts = 0
@@ -307,7 +308,8 @@ def _run_loop(
             stopping.wait(max(0.0, collector.next_due() - time.monotonic()))
     finally:
         if publisher is not None:
-            publisher.flush()
+            # Within what the stop bound leaves (with the broker away a full flush would outlast it).
+            publisher.flush(service.time_left_s() if service is not None else 30.0)
         collector.close()
         if nvml_up:
             _shutdown_nvml(collector.nvml)
