@@ -1,7 +1,9 @@
 """Runs the API under uvicorn as a long-running service (`aima-metrics api`): structured logs, the
 service's own metrics, HTTPS when AIMA_API_TLS_CERT and AIMA_API_TLS_KEY are set (P2), and a clean stop
-on SIGTERM or SIGINT: open alert streams end, requests in flight finish (up to ``GRACE_S``), the
-connection pool closes."""
+on SIGTERM or SIGINT: open alert streams end, requests in flight finish (up to ``GRACE_S``, or a third of
+the stop bound when that is shorter), the connection pool closes. A request still waiting on the database
+after that (it is away, or a query runs long) is abandoned rather than waited for: its thread cannot be
+cancelled, and the API holds nothing that needs it to finish."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import contextlib
 import logging
 import socket
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import uvicorn
@@ -18,7 +20,7 @@ from fastapi import FastAPI
 from api.app import create_app
 from api.config import ApiConfig
 from api.deps import ApiState
-from bus.runtime import Service
+from bus.runtime import Service, exit_now
 from bus.settings import Settings
 
 __all__ = ["ApiServer", "run"]
@@ -30,12 +32,20 @@ GRACE_S = 10.0
 class ApiServer(uvicorn.Server):
     """A uvicorn server that stops when ``stop`` is set (signals are the caller's: :class:`Service`
     turns them into that event) and ends the app's event streams before it waits for open connections,
-    which streams would otherwise hold forever."""
+    which streams would otherwise hold forever. ``abandon``: called when requests are still running once
+    the shutdown is done (their threads blocked on the database), instead of waiting for them."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        app: FastAPI,
+        stop: threading.Event | None = None,
+        abandon: Callable[[int], None] | None = None,
+    ) -> None:
         super().__init__(config)
         self.api: ApiState = app.state.api
         self.stop = stop or threading.Event()
+        self.abandon = abandon
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -49,10 +59,17 @@ class ApiServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.api.stopping.set()
         await super().shutdown(sockets)
+        left = [task for task in self.server_state.tasks if not task.done()]
+        if left and self.abandon is not None:
+            self.abandon(len(left))
 
 
 def server(
-    app: FastAPI, config: ApiConfig, stop: threading.Event | None = None, **uvicorn_options: Any
+    app: FastAPI,
+    config: ApiConfig,
+    stop: threading.Event | None = None,
+    abandon: Callable[[int], None] | None = None,
+    **uvicorn_options: Any,
 ) -> ApiServer:
     """An :class:`ApiServer` for ``app`` on ``config.host``:``config.port``, with TLS when configured."""
     options: dict[str, Any] = {
@@ -67,7 +84,7 @@ def server(
     if config.tls:
         options.update(ssl_certfile=str(config.tls_cert), ssl_keyfile=str(config.tls_key))
     options.update(uvicorn_options)
-    return ApiServer(uvicorn.Config(app, **options), app, stop)
+    return ApiServer(uvicorn.Config(app, **options), app, stop, abandon)
 
 
 def run(
@@ -91,5 +108,12 @@ def run(
     app = create_app(settings, config=config, registry=service.registry)
     scheme = "https" if config.tls else "http"
     log.info("serving the API", extra={"url": f"{scheme}://{config.host}:{config.port}", "docs": "/docs"})
-    server(app, config, service.stopping).run()
+
+    def abandon(requests: int) -> None:
+        log.warning("requests still waiting on the database are abandoned", extra={"requests": requests})
+        service.stopped()
+        exit_now(0)
+
+    grace_s = min(GRACE_S, settings.stop_timeout_s / 3)
+    server(app, config, service.stopping, abandon, timeout_graceful_shutdown=grace_s).run()
     service.stopped()
