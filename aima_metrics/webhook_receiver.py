@@ -5,9 +5,11 @@ service. `aima-metrics up` runs it; other teams' receivers do the same check (co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,6 +20,40 @@ from bus.runtime import Service
 from consumers.notify.channels.webhook import SIGNATURE_HEADER, verify
 
 log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT_S = 10.0
+DRAIN_S = 5.0
+
+
+class _InFlight:
+    """How many requests are being served, to wait for them (a bounded wait) on the way out."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def one(self) -> Iterator[None]:
+        with self._changed:
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._count -= 1
+                self._changed.notify_all()
+
+    def drain(self, timeout_s: float) -> int:
+        """Wait until none is left or ``timeout_s`` has passed; returns how many are left."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._count == 0, timeout=max(0.0, timeout_s))
+            return self._count
+
+
+class _Server(ThreadingHTTPServer):
+    # Request threads are waited for by _InFlight.drain, with a bound, not by server_close without one.
+    daemon_threads = True
+    block_on_close = False
 
 
 def serve(service: Service, host: str, port: int, key: str, out: Path) -> None:
@@ -30,8 +66,15 @@ def serve(service: Service, host: str, port: int, key: str, out: Path) -> None:
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = threading.Lock()
+    in_flight = _InFlight()
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_TIMEOUT_S  # the socket's: a client that stalls cannot hold a thread forever
+
+        def handle(self) -> None:
+            with in_flight.one():
+                super().handle()
+
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             valid = verify(body, key, self.headers.get(SIGNATURE_HEADER))
@@ -66,10 +109,12 @@ def serve(service: Service, host: str, port: int, key: str, out: Path) -> None:
         def log_message(self, format: str, *args: object) -> None:  # the structured lines above suffice
             return
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    server = _Server((host, port), Handler)
     thread = threading.Thread(target=server.serve_forever, name="webhook-receiver", daemon=True)
     thread.start()
     log.info("listening", extra={"url": f"http://{host}:{port}/alerts", "file": str(out)})
     service.stopping.wait()
     server.shutdown()
     server.server_close()
+    if left := in_flight.drain(min(DRAIN_S, service.time_left_s())):
+        log.warning("requests still in flight at the stop are abandoned", extra={"requests": left})
