@@ -67,14 +67,19 @@ _LETTER: Mapping[Tier, str] = {"hour": "h", "day": "d", "month": "m", "year": "y
 _TIER_OF = {letter: tier for tier, letter in _LETTER.items()}
 _NO_WATERMARK = -(2**62)
 _LOG2 = log(2)  # the denominator of math.log(x, 2)
+_OWN_SOURCES = frozenset({"cost_processor"})
+"""Catalogue sources that are the stream app's own outputs."""
 
 # An aggregate: [count, sum, min, max, zeros, {bin key: count}]
 Agg = list[Any]
 
 
 def rollup_topics() -> tuple[str, ...]:
-    """Every public catalogue topic whose records carry a catalogue metric."""
-    records = {metric.record for metric in METRICS}
+    """Every public catalogue topic whose records carry a catalogue metric measured outside the stream app.
+    The app's own cost figures (costs topic) are not rolled up again: each is already a figure per period
+    (hour, job, month), re-sent as an upsert while it changes and stamped with its period's start, so
+    folding them by event time would count every re-send and judge a month's budget record late."""
+    records = {metric.record for metric in METRICS if metric.source not in _OWN_SOURCES}
     return tuple(spec.key for spec in TOPICS if spec.schema in records and not spec.internal)
 
 
@@ -820,6 +825,6 @@ class RollupProcessor:
     def _late_reason(self, event_ms: int, watermark: int, hour: int) -> str:
         behind = timedelta(milliseconds=watermark - event_ms)
         return (
-            f"event time {iso(event_ms)} is {behind} behind the watermark {iso(watermark)}; "
-            f"allowed lateness {self.lateness} (hour bucket {iso(hour)} is final)"
+            f"rollups: event time {iso(event_ms)} is {behind} behind the watermark {iso(watermark)}; "
+            f"allowed lateness {self.lateness} (AIMA_STREAMS_LATENESS_S) (hour bucket {iso(hour)} is final)"
         )

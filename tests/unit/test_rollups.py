@@ -19,7 +19,7 @@ from ddsketch.mapping import LogarithmicMapping
 from bus import sketch
 from streams.buckets import PARENT, TIERS, bucket_end, bucket_start, iso, to_ms
 from streams.processor import Input, PartitionBatch, Result
-from streams.rollups import RollupProcessor, quantile_of_bins
+from streams.rollups import RollupProcessor, quantile_of_bins, rollup_topics
 from streams.series import series_id
 
 GPU_FIELDS = (
@@ -273,8 +273,8 @@ def test_late_samples_are_dead_lettered_with_the_reason_and_on_time_ones_count()
     assert [record.offset for record, _ in late] == [4]
     reason = late[0][1]
     assert re.fullmatch(
-        r"event time 2026-03-02T10:58:00Z is 0:16:00 behind the watermark 2026-03-02T11:14:00Z; "
-        r"allowed lateness 0:10:00 \(hour bucket 2026-03-02T10:00:00Z is final\)",
+        r"rollups: event time 2026-03-02T10:58:00Z is 0:16:00 behind the watermark 2026-03-02T11:14:00Z; "
+        r"allowed lateness 0:10:00 \(AIMA_STREAMS_LATENESS_S\) \(hour bucket 2026-03-02T10:00:00Z is final\)",
         reason,
     ), reason
     hour = partition.finals()[(util_series(), "hour", to_ms(at(2026, 3, 2, 10)))]
@@ -520,3 +520,9 @@ def test_parents_are_written_before_the_children_they_hold() -> None:
             if k == parent_key and v and int(start) in json.loads(v)["c"]
         ]
         assert holds and holds[0] < index, key
+
+
+def test_the_apps_own_cost_figures_are_not_rolled_up_again() -> None:
+    topics = rollup_topics()
+    assert "costs" not in topics  # upserts per period: re-folding them would count re-sends, judge them late
+    assert {"gpu.samples", "system.samples", "job.events", "job.timings"} <= set(topics)
