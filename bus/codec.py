@@ -164,6 +164,12 @@ class Codec:
 
         return cls(SchemaRegistryClient({"url": settings.schema_registry_url}), schema_log=schema_log)
 
+    def flush_schemas(self, timeout_s: float) -> int:
+        """Wait (bounded) until the schemas this codec published are on the schemas topic; a writer calls
+        it with its own flush, so that readers can learn every schema its records were written with.
+        Returns how many are still pending."""
+        return 0 if self._schema_log is None else self._schema_log.flush(timeout_s)
+
     @property
     def wire_format(self) -> str:
         return "confluent" if self._confluent else "single-object"

@@ -61,6 +61,10 @@ class SchemaSource(Protocol):
         Raises SchemaLogUnavailable when it cannot be read."""
         ...
 
+    def flush(self, timeout_s: float) -> int:
+        """Wait (bounded) for the schemas still unacknowledged; returns how many are still pending."""
+        ...
+
 
 class SchemaLog:
     """The schemas topic, for writers (:meth:`publish`) and readers (:meth:`lookup`). Thread-safe."""
@@ -283,6 +287,13 @@ class SchemaLog:
             consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
             self._consumer = consumer
         return self._consumer
+
+    def flush(self, timeout_s: float) -> int:
+        with self._lock:
+            if self._producer is None:
+                return 0
+            self._producer.flush(timeout_s)
+            return sum(1 for state in self._sent.values() if state != "delivered")
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Send what is still queued (bounded) and close the reader."""

@@ -151,7 +151,11 @@ class Publisher:
     def flush(self, timeout_s: float = 30.0) -> int:
         """Wait for everything queued to be acknowledged; returns what is still pending."""
         deadline = time.monotonic() + timeout_s
-        remaining = self._producer.flush(timeout_s)
+        # The schemas first: readers need them to read the records queued behind.
+        unpublished = self.codec.flush_schemas(timeout_s)
+        if unpublished:
+            log.warning("schemas not yet on the schemas topic after flush", extra={"pending": unpublished})
+        remaining = self._producer.flush(max(0.0, deadline - time.monotonic()))
         while remaining and time.monotonic() < deadline:
             remaining = self._producer.flush(max(0.0, deadline - time.monotonic()))
         if remaining:

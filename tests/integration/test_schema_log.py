@@ -48,7 +48,11 @@ def _log_records(settings: Settings) -> list[tuple[bytes, bytes]]:
 
 
 def test_a_reader_learns_the_schema_a_writer_published(topics: Settings) -> None:
+    deadline = time.monotonic() + 60
     [state] = describe_topics(topics, (BY_KEY["schemas"],))
+    while not state.exists and time.monotonic() < deadline:  # a just-created topic's metadata may lag
+        time.sleep(0.5)
+        [state] = describe_topics(topics, (BY_KEY["schemas"],))
     assert (state.partitions, state.cleanup_policy, state.retention_ms) == (1, "compact", -1)
 
     writer = Codec(schemas=[_queue_v2()], schema_log=SchemaLog.from_settings(topics))

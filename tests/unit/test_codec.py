@@ -130,6 +130,9 @@ class FakeSchemaLog:
             raise SchemaLogUnavailable("schemas topic is away")
         return self.schemas.get(fingerprint)
 
+    def flush(self, timeout_s: float) -> int:
+        return 0 if self.acknowledge else len(self.published)
+
 
 def test_old_reader_learns_a_newer_writer_from_the_schema_log() -> None:
     log = FakeSchemaLog()
