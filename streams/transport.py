@@ -14,23 +14,51 @@ At-least-once, step by step, for one fetched batch (see ``streams.app.Dispatcher
 3. the sender hands every record (changelogs, outputs, dead letters) to the aiokafka producer;
 4. the offsets are acknowledged and the batch leaves the in-flight set;
 5. Faust's commit flushes the producer, then commits the acknowledged offsets.
+
+Stopping, whatever the worker is doing (:class:`StreamsWorker`, :class:`StreamsApp`): every SIGTERM or
+SIGINT goes through the process's stop request (bus/runtime.py: it arms the stop bound, and a second one
+exits at once) and starts Faust's graceful stop. Each step of that stop which waits on the broker (a commit,
+the producer's flush, closing the consumer, closing the producer) gets a share of what the bound leaves, so
+a broker that is away or a rebalance under way never holds the exit; what is cut short was not committed,
+and the next start processes it again. Faust's own stop could hang for a minute or more when the stop came
+during a rebalance: the consumer thread's revocation callback waits on a commit that closing the thread
+cancels, the thread dies of that ``CancelledError`` without telling the main thread it is done, and the
+main thread waits ``shutdown_timeout`` (60 s) for it; and a fetcher cancelled while ``app.rebalancing``
+"restarts on rebalance" by crashing the app (exit 1). :class:`_ConsumerThread` and :class:`_Fetcher`
+close those.
+
+While the broker is away, aiokafka retries every ``retry_backoff_ms`` (100 ms) in each of its loops
+(metadata, coordinator, fetcher, sender), reconnecting each time. :class:`ConnectBackoff` spaces the
+connection attempts to one broker address with bounded exponential delays (librdkafka's
+``reconnect.backoff.ms``/``reconnect.backoff.max.ms``, which aiokafka lacks), so those loops wait instead
+of spinning; bus/logs.py summarises the errors they still log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
+import signal
+import threading
+import time
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiokafka.client
 import faust
 from aiokafka.errors import KafkaError
+from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from faust.types.tuples import ack_lock
+from mode import Service as ModeService
 from mode.utils.futures import notify
 
-__all__ = ["BatchConsumer", "InFlight", "Sender", "StreamsApp", "StreamsWorker"]
+__all__ = ["BatchConsumer", "ConnectBackoff", "InFlight", "Sender", "StreamsApp", "StreamsWorker"]
+
+log = logging.getLogger(__name__)
 
 BatchHandler = Callable[["BatchConsumer", int, list[tuple[TP, list[Any]]]], Awaitable[None]]
 """(consumer, consumer generation, [(topic partition, aiokafka ConsumerRecords in offset order)])."""
@@ -93,7 +121,47 @@ class BatchConsumer(faust_aiokafka.Consumer):
 
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
         self._asked.clear()
+        if self.app.should_stop:
+            # The stop commits what is safe itself; the rebalance's wait and commit would only race it.
+            self.log.info("stopping: partitions revoked without a commit of their own")
+            return
         await super().on_partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
+        if self.app.should_stop:
+            self.log.info("stopping: an assignment that came in meanwhile is left alone")
+            return
+        await super().on_partitions_assigned(assigned, generation_id)
+
+    # -- stopping ---------------------------------------------------------------------------------------
+
+    async def commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
+        """Faust's commit; while the app stops, bounded by a share of what the stop bound leaves (with the
+        broker away it would wait for the coordinator for ever). Cut short, nothing more is committed: the
+        next start reads again from the last committed offsets."""
+        if not self.app.should_stop:
+            return await super().commit(topics, start_new_transaction=start_new_transaction)
+        step_s = _stop_step_s(self.app)
+        try:
+            return await asyncio.wait_for(
+                super().commit(topics, start_new_transaction=start_new_transaction), step_s
+            )
+        except TimeoutError:
+            self.log.warning(f"stopping: commit not done within {step_s:.1f} s; it is left to the next start")
+            return False
+
+    async def wait_empty(self) -> None:
+        """Faust's wait for the batches in flight (and its commit), bounded while the app stops."""
+        if not self.app.should_stop:
+            return await super().wait_empty()
+        step_s = _stop_step_s(self.app)
+        try:
+            await asyncio.wait_for(super().wait_empty(), step_s)
+        except TimeoutError:
+            self.log.warning(f"stopping: batches in flight after {step_s:.1f} s are left unacknowledged")
+
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     def begin_batch(self) -> InFlight:
         token = InFlight()
@@ -171,26 +239,213 @@ class BatchConsumer(faust_aiokafka.Consumer):
             raise
 
 
+def _stop_step_s(app: Any) -> float:
+    """What one waiting step of the stop may take (see :meth:`StreamsApp.stop_step_s`)."""
+    step = getattr(app, "stop_step_s", None)
+    return step() if step is not None else StreamsApp.STEP_MIN_S
+
+
+class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's consumer thread, whose stop always ends and always says so. Closing the aiokafka consumer
+    (its coordinator finishing a rebalance, leaving the group) gets a share of the stop bound; an error
+    there, also the ``CancelledError`` of a rebalance callback that the thread's stop cut short, is logged
+    instead of ending the thread without telling the main thread, which would then wait
+    ``shutdown_timeout`` for it."""
+
+    @property
+    def shutdown_timeout(self) -> float:  # type: ignore[override]
+        return _stop_step_s(self.app) + 1.0
+
+    async def on_thread_stop(self) -> None:
+        step_s = _stop_step_s(self.app)
+        try:
+            await asyncio.wait_for(super().on_thread_stop(), step_s)
+        except TimeoutError:
+            self.log.warning(f"stopping: the consumer did not close within {step_s:.1f} s")
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            self.log.warning("stopping: a rebalance under way was cut short")
+        except Exception as exc:
+            self.log.warning(f"stopping: closing the consumer failed: {exc!r}")
+
+    async def _shutdown_thread(self) -> None:
+        try:
+            await super()._shutdown_thread()
+        finally:
+            self.set_shutdown()
+
+
+class _Fetcher(faust_consumer.Fetcher):
+    """Faust's fetcher, minus its "restart on rebalance": Faust stops the fetcher only when the app (or
+    its table manager) stops, and a stop during a rebalance made that path crash the app (exit 1)."""
+
+    @ModeService.task
+    async def _fetcher(self) -> None:
+        try:
+            await self.app.consumer._drain_messages(self)
+        except asyncio.CancelledError:
+            self.log.info("fetcher stopped")
+        finally:
+            self.set_shutdown()
+
+
+class _Producer(faust_aiokafka.Producer):
+    """Faust's aiokafka producer, whose stop (which waits for every buffered record to be delivered)
+    gets a share of the stop bound: with the broker away it would wait out the request timeout."""
+
+    async def on_stop(self) -> None:
+        step_s = _stop_step_s(self.app)
+        try:
+            await asyncio.wait_for(super().on_stop(), step_s)
+        except TimeoutError:
+            self.log.warning(
+                f"stopping: records not delivered within {step_s:.1f} s are dropped; their input offsets "
+                "were not committed, so the next start produces them again"
+            )
+
+
 class _BatchTransport(faust_aiokafka.Transport):
     Consumer = BatchConsumer
+    Producer = _Producer
+    Fetcher = _Fetcher
 
 
 class StreamsApp(faust.App):
-    """A Faust app whose consumer hands ``batch_topics`` to ``batch_handler`` in batches."""
+    """A Faust app whose consumer hands ``batch_topics`` to ``batch_handler`` in batches, and whose stop
+    fits in the process's stop bound (``stop_time_left_s``, which :class:`StreamsWorker` sets)."""
 
     batch_topics: frozenset[str] = frozenset()
     batch_handler: BatchHandler
+    stop_time_left_s: Callable[[], float] = staticmethod(lambda: 28.0)
+    """Seconds the process may still spend stopping (``bus.runtime.Service.time_left_s``)."""
+
+    STEP_SHARE = 1 / 3
+    """Of what the bound leaves, what one waiting step of the stop may take: the steps that follow
+    (commit, flush, closing the consumer, closing the producer) keep time of their own."""
+    STEP_MIN_S = 0.5
 
     def _new_transport(self) -> Any:
+        ConnectBackoff.install()
         return _BatchTransport(self.conf.broker_consumer, self)
+
+    def stop_step_s(self) -> float:
+        return max(self.STEP_MIN_S, self.stop_time_left_s() * self.STEP_SHARE)
+
+    async def _producer_flush(self, logger: Any) -> None:
+        if not self.should_stop:
+            return await super()._producer_flush(logger)
+        step_s = self.stop_step_s()
+        try:
+            await asyncio.wait_for(super()._producer_flush(logger), step_s)
+        except TimeoutError:
+            self.log.warning(f"stopping: producer not flushed within {step_s:.1f} s")
 
 
 class StreamsWorker(faust.Worker):
-    """Faust's worker without its terminal spinner, which would set the root logger to DEBUG (and so
-    build a log record for every produced message) whenever the log level is WARN or above."""
+    """Faust's worker, whose SIGTERM and SIGINT go through ``request_stop`` (the process's stop bound:
+    bus/runtime.py ``Service.request_stop``, which exits at once on a second request) before Faust's
+    graceful stop starts; a stop requested before Faust took the signals over (``stop_requested``) starts
+    it as soon as it has. Also without Faust's terminal spinner, which would set the root logger to DEBUG
+    (and so build a log record for every produced message) whenever the log level is WARN or above."""
+
+    def __init__(
+        self,
+        app: StreamsApp,
+        *args: Any,
+        request_stop: Callable[[str], None] | None = None,
+        stop_requested: Callable[[], bool] | None = None,
+        time_left_s: Callable[[], float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(app, *args, **kwargs)
+        self._request_stop = request_stop
+        self._stop_requested = stop_requested
+        if time_left_s is not None:
+            app.stop_time_left_s = time_left_s
 
     def on_setup_root_logger(self, logger: Any, level: int) -> None:
         self.spinner = None
+
+    def install_signal_handlers(self) -> None:
+        super().install_signal_handlers()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(signum, self._on_stop_signal, signum)
+        if self._stop_requested is not None and self._stop_requested():
+            self._schedule_shutdown(signal.SIGTERM)
+
+    def _on_stop_signal(self, signum: int) -> None:
+        if self._request_stop is not None:
+            self._request_stop(signal.Signals(signum).name)  # a second request ends the process here
+        self._schedule_shutdown(signal.Signals(signum))
+
+
+class ConnectBackoff:
+    """Bounded exponential back-off between connection attempts to one broker address, for every
+    aiokafka client of the process: after ``n`` failed attempts in a row the next waits
+    ``min(max_s, initial_s * 2 ** (n - 1))`` (jittered by a fifth); a success resets it. aiokafka retries
+    a failed request after a fixed ``retry_backoff_ms`` and reconnects for it, in each of its loops, so
+    with the broker away those loops would spin; gated here, they wait. :meth:`install` wraps the
+    connection factory aiokafka's client uses (once per process)."""
+
+    INITIAL_S = 0.2
+    MAX_S = 10.0
+    _installed: ConnectBackoff | None = None
+    _install_lock = threading.Lock()
+
+    def __init__(
+        self,
+        initial_s: float = INITIAL_S,
+        max_s: float = MAX_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.initial_s, self.max_s, self.clock = initial_s, max_s, clock
+        self._failures: dict[tuple[str, int], int] = {}
+        self._not_before: dict[tuple[str, int], float] = {}
+        self._lock = threading.Lock()  # the consumer's thread and the main loop share it
+
+    def delay_s(self, host: str, port: int) -> float:
+        """How long the next attempt to ``host:port`` waits."""
+        with self._lock:
+            return max(0.0, self._not_before.get((host, port), 0.0) - self.clock())
+
+    def failed(self, host: str, port: int) -> float:
+        with self._lock:
+            failures = self._failures[(host, port)] = self._failures.get((host, port), 0) + 1
+            delay = min(self.max_s, self.initial_s * 2 ** min(failures - 1, 30))
+            delay *= random.uniform(0.8, 1.0)
+            self._not_before[(host, port)] = self.clock() + delay
+            return delay
+
+    def succeeded(self, host: str, port: int) -> None:
+        with self._lock:
+            self._failures.pop((host, port), None)
+            self._not_before.pop((host, port), None)
+
+    def wrap(self, create: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def create_conn(host: str, port: int, **kwargs: Any) -> Any:
+            while (wait := self.delay_s(host, port)) > 0:
+                await asyncio.sleep(wait)
+            try:
+                conn = await create(host, port, **kwargs)
+            except (OSError, TimeoutError, KafkaError):
+                self.failed(host, port)
+                raise
+            self.succeeded(host, port)
+            return conn
+
+        create_conn.__wrapped__ = create  # type: ignore[attr-defined]
+        return create_conn
+
+    @classmethod
+    def install(cls) -> ConnectBackoff:
+        with cls._install_lock:
+            if cls._installed is None:
+                backoff = cls()
+                aiokafka.client.create_conn = backoff.wrap(aiokafka.client.create_conn)
+                cls._installed = backoff
+            return cls._installed
 
 
 class Sender:
