@@ -16,35 +16,49 @@ Configuration (read by :func:`run`, never at import), besides the ``AIMA_*`` set
 | ``AIMA_STREAMS_EMIT_INTERVAL_S`` | ``60`` | event time between two non-final upserts of one bucket |
 
 Self-metrics are served on ``AIMA_METRICS_PORT`` when it is set (bus/runtime.py).
+
+Stopping: a worker exits within ``AIMA_STOP_TIMEOUT_S`` (default 30 s) of SIGTERM or SIGINT whatever it is
+doing, and a second signal ends it at once (bus/runtime.py's stop bound). Before the service starts a
+signal ends the process (exit 0: nothing started, nothing to flush); while it waits for the broker, creates
+topics or builds the app, the stop is seen between those steps; once Faust runs, streams/transport.py routes
+the signals through the same stop request into Faust's graceful stop, whose steps share the bound. The
+modules this worker runs are imported inside :func:`run` and :func:`default_processors`, so that
+``python -m streams.main`` holds the signals within milliseconds of starting rather than after the
+seconds that importing Faust takes on a loaded machine.
+
+While the broker is away (at start or later) the worker backs off with bounded exponential delays and
+logs a repeated error once a minute with a count (bus/logs.py); it resumes by itself when the broker
+returns.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
+import signal
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from types import FrameType
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
-
-from bus.kafka import ensure_topics, wait_for_broker
-from bus.runtime import Service
-from bus.settings import Settings
-from streams.alerts import alert_processors_from_environ
-from streams.anomaly import AnomalyConfig, AnomalyProcessor
-from streams.app import StreamOptions, create_app
-from streams.costs import cost_processors_from_environ
-from streams.processor import Processor
-from streams.rollups import RollupProcessor
-from streams.transport import StreamsWorker
+if TYPE_CHECKING:
+    from bus.runtime import Service
+    from bus.settings import Settings
+    from streams.processor import Processor
 
 __all__ = ["StreamsConfig", "default_processors", "main", "run"]
 
 log = logging.getLogger(__name__)
 _LOG_LEVELS = ("crit", "error", "warn", "info", "debug")
+BROKER_PROBE_S = 2.0
+BROKER_RETRY_S = (0.5, 10.0)
+"""The first and the longest pause between two tries while the broker is away at start."""
+BROKER_REPORT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +120,11 @@ def _gc_threshold(raw: str) -> tuple[int, int, int]:
 
 def default_processors(settings: Settings, config: StreamsConfig | None = None) -> list[Processor]:
     """Every processor the stream app runs by default (``config`` defaults to the environment's)."""
+    from streams.alerts import alert_processors_from_environ
+    from streams.anomaly import AnomalyConfig, AnomalyProcessor
+    from streams.costs import cost_processors_from_environ
+    from streams.rollups import RollupProcessor
+
     config = config or StreamsConfig.from_env(os.environ)
     processors: list[Processor] = [
         RollupProcessor(lateness=config.lateness, emit_interval=config.emit_interval),
@@ -130,11 +149,19 @@ def run(
     """Run one worker until SIGTERM or SIGINT; returns the exit code (0 after a clean stop).
     ``app_id`` defaults to ``AIMA_STREAMS_APP_ID``, then ``aima-streams``; ``processors`` to
     :func:`default_processors`; ``service`` (its registry carries the self-metrics) to a new one."""
+    from prometheus_client import CollectorRegistry
+
+    from bus.kafka import ensure_topics
+    from bus.runtime import Service
+    from streams.app import StreamOptions, create_app
+    from streams.transport import StreamsWorker
+
     config = config or StreamsConfig.from_env(os.environ)
     app_id = app_id or config.app_id
     service = service or Service("streams", settings, registry=CollectorRegistry())
     service.start(log_level=config.log_level.replace("crit", "critical").replace("warn", "warning"))
-    wait_for_broker(settings)
+    if not _broker_answers(settings, service):
+        return _stopped_before_faust(service)
     ensure_topics(settings)
     chosen = list(processors) if processors is not None else default_processors(settings, config)
     options = StreamOptions(
@@ -144,6 +171,8 @@ def run(
         session_timeout_s=config.session_timeout_s,
         web_port=config.web_port,
     )
+    if service.stopping.is_set():
+        return _stopped_before_faust(service)
     app = create_app(settings, chosen, options=options, registry=service.registry)
     # What start-up made lives as long as the worker: out of the collector's sight, and rarer passes.
     gc.freeze()
@@ -155,6 +184,9 @@ def run(
         quiet=True,
         redirect_stdouts=False,
         logging_config=_logging_config(config.log_level),
+        request_stop=service.request_stop,
+        stop_requested=service.stopping.is_set,
+        time_left_s=service.time_left_s,
     )
     try:
         worker.execute_from_commandline()
@@ -162,8 +194,53 @@ def run(
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     else:  # pragma: no cover - execute_from_commandline always exits
         code = 0
+    finally:
+        # Closing Faust's loop gave the signals back to their defaults: a second one while the process
+        # winds down must still end it at once, with exit 0.
+        _route_signals(service)
     service.stopped()
     return code
+
+
+def _route_signals(service: Service) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        service.request_stop(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+
+
+def _stopped_before_faust(service: Service) -> int:
+    log.info("stopped before the stream app started")
+    service.stopped()
+    return 0
+
+
+def _broker_answers(settings: Settings, service: Service) -> bool:
+    """Wait for the broker as long as it takes, backing off and watching the stop; False when a stop
+    came first."""
+    from bus.kafka import BrokerUnavailable, wait_for_broker
+
+    delay_s, attempts, reported = BROKER_RETRY_S[0], 0, -math.inf
+    while not service.stopping.is_set():
+        try:
+            # Short, so that a stop asked for meanwhile is seen well within the bound.
+            wait_for_broker(settings, timeout_s=BROKER_PROBE_S)
+        except BrokerUnavailable as exc:
+            attempts += 1
+            if time.monotonic() - reported >= BROKER_REPORT_S:  # one line a minute, not one per try
+                reported = time.monotonic()
+                log.warning(
+                    "waiting for the broker",
+                    extra={"kafka": settings.kafka_bootstrap, "attempts": attempts, "error": str(exc)},
+                )
+            service.wait(delay_s)
+            delay_s = min(delay_s * 2, BROKER_RETRY_S[1])
+            continue
+        if attempts:
+            log.info("the broker answers", extra={"kafka": settings.kafka_bootstrap, "attempts": attempts})
+        return True
+    return False
 
 
 def _logging_config(level: str) -> dict[str, object]:
@@ -173,14 +250,28 @@ def _logging_config(level: str) -> dict[str, object]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": "bus.logs.JsonFormatter"}},
+        "filters": {"repeats": {"()": "bus.logs.RepeatFilter"}},
         "handlers": {
-            "default": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+            "default": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "filters": ["repeats"],
+                "stream": "ext://sys.stderr",
+            }
         },
         "root": {"level": names[level], "handlers": ["default"]},
     }
 
 
+def _exit_before_start(signum: int, frame: FrameType | None) -> None:
+    sys.exit(0)  # nothing has started: nothing to flush or commit
+
+
 def main() -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_before_start)
+    from bus.settings import Settings
+
     sys.exit(run(Settings()))
 
 
