@@ -1,30 +1,37 @@
-"""`aima-metrics`: the command line of the pipeline and its local stack."""
+"""`aima-metrics`: the command line of the pipeline and its local stack.
+
+Only the standard library and click are imported before :func:`main` runs, so that a long-running command
+answers SIGTERM within a tenth of a second of its start (aima_metrics/lifecycle.py)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from datetime import timedelta
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import click
 
-from aima_metrics.stack import Stack, StackError, processes
-from bus.settings import Settings
+from aima_metrics.lifecycle import follow_supervisor, guard_loading
+
+if TYPE_CHECKING:
+    from aima_metrics.stack import Stack
+
+
+def main() -> None:
+    """The `aima-metrics` entry point."""
+    guard_loading(sys.argv[1:])
+    follow_supervisor()
+    _register_pipeline_commands()
+    cli()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+def cli() -> None:
     """The AIMA metrics pipeline: GPU, job, system and cost metrics over Kafka into PostgreSQL."""
-
-
-class _Stop(Exception):
-    pass
-
-
-def _raise_stop(signum: int, frame: FrameType | None) -> None:
-    raise _Stop(signal.Signals(signum).name)
 
 
 def _print_status(stack: Stack) -> bool:
@@ -35,87 +42,107 @@ def _print_status(stack: Stack) -> bool:
     return all(up for name, up, _ in rows if name != "supervisor")
 
 
-@main.command()
+@cli.command()
 def up() -> None:
     """Start the local stack (Kafka, PostgreSQL, topics, migrations, pipeline processes) and keep it
-    running in the foreground; Ctrl-C or SIGTERM stops all of it."""
+    running in the foreground. Ctrl-C, SIGTERM or SIGHUP (the terminal closed) stops all of it: the
+    pipeline processes (SIGTERM, SIGKILL after AIMA_STOP_TIMEOUT_S), then PostgreSQL and Kafka; a second
+    signal kills the pipeline processes without waiting. A closed terminal or pipe does not stop it."""
+    from aima_metrics.lifecycle import STOP_SIGNALS
+    from aima_metrics.stack import Interrupted, Output, Stack, StopRequest, processes
+    from bus.settings import Settings
+
     settings = Settings()
-    stack = Stack(settings, say=click.echo)
+    stop = StopRequest()
+    say = Output(settings.state_dir / "logs" / "up.log")
+    stack = Stack(settings, say=say, stop=stop)
     if (pid := stack.pid_of("up")) is not None:
-        click.echo(f"the stack is already up (supervisor pid {pid}); nothing to do")
+        say(f"the stack is already up (supervisor pid {pid}); nothing to do")
         _print_status(stack)
         return
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.request(signal.Signals(signum).name)  # no output here: the main thread may be writing
+
+    # Writes to a gone pipe fail with EPIPE, which Output swallows, rather than end the process.
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_signal)
     stack.run_dir.mkdir(parents=True, exist_ok=True)
     pidfile = stack.run_dir / "up.pid"
     pidfile.write_text(str(os.getpid()))
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGINT, _raise_stop)
     exit_code = 0
     running = processes(settings)
     try:
         mode = stack.start_services()
         for process in running:
-            click.echo(f"starting {process.name}: aima-metrics {' '.join(process.args)}")
+            stack.check_stop()
+            say(f"starting {process.name}: aima-metrics {' '.join(process.args)}")
             stack.start_process(process)
-        click.echo("")
-        click.echo("The AIMA metrics stack is up:")
-        click.echo(
-            f"  Kafka       {settings.kafka_bootstrap}   log {settings.state_dir}/kafka/logs/server.log"
-        )
-        click.echo(
-            f"  PostgreSQL  127.0.0.1:{settings.pg_port} ({mode})   DSN in {settings.state_dir}/postgres/dsn"
-        )
-        click.echo(f"              log {stack.postgres_log()}")
+        say("")
+        say("The AIMA metrics stack is up:")
+        say(f"  Kafka       {settings.kafka_bootstrap}   log {settings.state_dir}/kafka/logs/server.log")
+        say(f"  PostgreSQL  127.0.0.1:{settings.pg_port} ({mode})   DSN in {settings.state_dir}/postgres/dsn")
+        say(f"              log {stack.postgres_log()}")
         for process in running:
-            click.echo(
+            say(
                 f"  {process.name:<16} {process.address or '-'}   metrics :{process.metrics_port}"
                 f"   log {stack.log_dir}/{process.name}.log"
             )
-        click.echo("ready. Ctrl-C (or `aima-metrics down`) stops everything.")
-        while True:
+        say("ready. Ctrl-C (or `aima-metrics down`) stops everything.")
+        while not stop.requested:
             for process in running:
-                if stack.pid_of(process.name) is None:
-                    click.echo(f"{process.name} exited; see {stack.log_dir}/{process.name}.log; restarting")
+                if not stop.requested and stack.pid_of(process.name) is None:
+                    say(f"{process.name} exited; see {stack.log_dir}/{process.name}.log; restarting")
                     stack.start_process(process)
-            time.sleep(2)
-    except _Stop as stop:
-        click.echo(f"\n{stop.args[0]} received: stopping")
-    except StackError as exc:
-        click.echo(f"error: {exc}", err=True)
+            for _ in range(20):
+                if stop.requested:
+                    break
+                time.sleep(0.1)
+    except Interrupted:
+        pass
+    except Exception as exc:  # reported, then everything started so far is stopped all the same
+        say(f"error: {exc}", err=True)
         exit_code = 1
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for process in reversed(running):
-            click.echo(f"stopping {process.name} ...")
-            stack.stop_process(process.name)
+        if stop.requested:
+            say(f"\n{stop.why} received: stopping")
+        names = [process.name for process in reversed(running)]
+        say(f"stopping {', '.join(names)} ...")
+        stack.stop_processes(names)
         try:
             stack.stop_services()
-        except StackError as exc:
-            click.echo(f"error: {exc}", err=True)
+        except Exception as exc:
+            say(f"error: {exc}", err=True)
             exit_code = 1
         pidfile.unlink(missing_ok=True)
-        click.echo("stopped.")
+        say("stopped.")
+        say.close()
     raise SystemExit(exit_code)
 
 
-@main.command()
+@cli.command()
 def down() -> None:
     """Stop the local stack, whether `up` still runs in a terminal or not."""
-    stack = Stack(Settings(), say=click.echo)
+    from aima_metrics.stack import Output, Stack, processes
+    from bus.settings import Settings
+
+    stack = Stack(Settings(), say=Output())
     pid = stack.pid_of("up")
     if pid is not None:
-        click.echo(f"asking the supervisor (pid {pid}) to stop everything ...")
-        stack.stop_process("up", timeout_s=120)
-    for process in reversed(processes(stack.settings, gpu=False)):
-        stack.stop_process(process.name)
+        stack.say(f"asking the supervisor (pid {pid}) to stop everything ...")
+        stack.stop_processes(["up"], timeout_s=180)
+    stack.stop_processes([process.name for process in reversed(processes(stack.settings, gpu=False))])
     stack.stop_services()
-    click.echo("down.")
+    stack.say("down.")
 
 
-@main.command()
+@cli.command()
 def status() -> None:
     """Each service up or down, with its address. Exits 1 when any service is down."""
+    from aima_metrics.stack import Stack
+    from bus.settings import Settings
+
     stack = Stack(Settings())
     if not _print_status(stack):
         raise SystemExit(1)
@@ -130,11 +157,12 @@ def _retention(ms: int | None) -> str:
     return f"{delta.days} d" if delta.days and not delta.seconds else str(delta)
 
 
-@main.command()
+@cli.command()
 @click.option("--create", is_flag=True, help="create the missing topics first (idempotent)")
 def topics(create: bool) -> None:
     """Each topic with its partitions, retention, message key and the Avro schema it carries."""
     from bus.kafka import describe_topics, ensure_topics
+    from bus.settings import Settings
 
     settings = Settings()
     if create:
@@ -150,7 +178,7 @@ def topics(create: bool) -> None:
         )
 
 
-@main.group()
+@cli.group()
 def db() -> None:
     """Database administration."""
 
@@ -160,6 +188,7 @@ def db_migrate() -> None:
     """Apply pending migrations and report the mode (TimescaleDB or plain PostgreSQL)."""
     import psycopg
 
+    from bus.settings import Settings
     from consumers.migrate import migrate
 
     with psycopg.connect(Settings().database_dsn()) as conn:
@@ -170,7 +199,7 @@ def db_migrate() -> None:
     click.echo(f"{len(report.applied)} applied, {len(report.already)} already applied")
 
 
-@main.command("metrics")
+@cli.command("metrics")
 def metrics_catalogue() -> None:
     """The metric catalogue: every metric's name, unit, source, interval, labels and Avro field."""
     from bus.catalogue import METRICS
@@ -184,7 +213,7 @@ def metrics_catalogue() -> None:
         )
 
 
-@main.command()
+@cli.command()
 @click.argument("what", type=click.Choice(["gpu", "system", "jobs-sim", "all"]))
 @click.option("--once", is_flag=True, help="collect one sample set, publish it and print it as JSON")
 @click.option("--simulate", is_flag=True, help="with `all`: also run the fleet simulator")
@@ -209,8 +238,5 @@ def _register_pipeline_commands() -> None:
         commands.token,
         commands.webhook_receiver,
     ):
-        main.add_command(command)
+        cli.add_command(command)
     db.add_command(commands.db_retention)
-
-
-_register_pipeline_commands()

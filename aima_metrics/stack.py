@@ -1,21 +1,30 @@
 """The local stack: the real Kafka broker and PostgreSQL server (through the scripts in infra/), the
-topics, the migrations, and the pipeline's own long-running processes as supervised children."""
+topics, the migrations, and the pipeline's own long-running processes as supervised children.
+
+`up` orders the shutdown itself: its children run in sessions of their own (a Ctrl-C at the terminal reaches
+`up` only) and stop when `up` tells them, or when `up` is gone (the kernel's parent-death signal); the
+scripts that start the broker and PostgreSQL run in sessions of their own too, ended when a stop comes
+while they still start."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import psutil
 import psycopg
 
+from aima_metrics.lifecycle import STOP_SIGNALS, SUPERVISOR_ENV
 from bus.kafka import ensure_topics, wait_for_broker
 from bus.settings import REPO_ROOT, Settings
 from consumers.migrate import migrate
@@ -25,6 +34,61 @@ INFRA = REPO_ROOT / "infra"
 
 class StackError(RuntimeError):
     """A service of the local stack failed to start or stop; the message says which and where to look."""
+
+
+class Interrupted(Exception):
+    """A stop was asked for while the stack was starting; what started so far is to be stopped."""
+
+
+class StopRequest:
+    """What signals tell `up`: the first asks it to stop everything it started; a later one to hurry
+    (kill the pipeline processes instead of waiting for them)."""
+
+    def __init__(self) -> None:
+        self.why: str | None = None
+        self.hurry = False
+
+    @property
+    def requested(self) -> bool:
+        return self.why is not None
+
+    def request(self, why: str) -> None:
+        if self.why is None:
+            self.why = why
+        else:
+            self.hurry = True
+
+
+class Output:
+    """What `up` says, written to its terminal (or pipe) and to a log file. A terminal or pipe that has
+    gone away (EPIPE: the reader of the pipe was killed; EIO: the terminal was closed) is silently swapped
+    for /dev/null: it must never keep `up` from stopping what it started."""
+
+    _GONE = (errno.EPIPE, errno.EIO, errno.ENXIO, errno.EBADF)
+
+    def __init__(self, log_path: Path | None = None) -> None:
+        self._log: TextIO | None = None
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = log_path.open("a", buffering=1)
+
+    def __call__(self, text: str = "", err: bool = False) -> None:
+        if self._log is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
+        stream = sys.stderr if err else sys.stdout
+        try:
+            stream.write(text + "\n")
+            stream.flush()
+        except OSError as exc:
+            if exc.errno not in self._GONE:
+                raise
+            _silence(stream)
+
+    def close(self) -> None:
+        if self._log is not None:
+            with contextlib.suppress(OSError):
+                self._log.close()
 
 
 @dataclass(frozen=True)
@@ -129,43 +193,109 @@ def run_script(settings: Settings, script: str, verb: str) -> subprocess.Complet
     )
 
 
+def _silence(stream: TextIO) -> None:
+    """Point a gone terminal's or pipe's file descriptor at /dev/null, so later writes (and the flush at
+    exit) succeed instead of failing again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+
+
 class Stack:
-    def __init__(self, settings: Settings, say: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, settings: Settings, say: Callable[[str], None] = print, stop: StopRequest | None = None
+    ) -> None:
         self.settings = settings
         self.say = say
+        self.stop = stop or StopRequest()
         self.run_dir = settings.state_dir / "run"
         self.log_dir = settings.state_dir / "logs"
 
     # ---- external services -------------------------------------------------------------------
+    def check_stop(self) -> None:
+        """Raises :class:`Interrupted` once a stop was asked for."""
+        if self.stop.requested:
+            raise Interrupted(self.stop.why)
+
+    def _script(self, script: str, verb: str) -> subprocess.Popen[str]:
+        # A session of its own: the terminal's Ctrl-C does not reach the script or what it starts; `up`
+        # decides (and, for a start, ends the whole session when a stop comes first).
+        return subprocess.Popen(
+            [str(INFRA / script), verb],
+            env=script_env(self.settings),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+
+    def _finish(self, child: subprocess.Popen[str], interruptible: bool) -> tuple[int, str]:
+        """Wait for a script; an interruptible one (a start) is ended, with all it started, on a stop."""
+        while True:
+            try:
+                _out, err = child.communicate(timeout=0.2)
+                return child.returncode, err
+            except subprocess.TimeoutExpired:
+                if interruptible and self.stop.requested:
+                    _end_session(child)
+                    raise Interrupted(self.stop.why) from None
+
     def _service(self, script: str, verb: str, what: str) -> None:
-        result = run_script(self.settings, script, verb)
-        if result.returncode != 0:
-            raise StackError(f"{what} {verb} failed:\n{result.stderr.strip()}")
+        code, err = self._finish(self._script(script, verb), interruptible=verb == "start")
+        if code != 0:
+            raise StackError(f"{what} {verb} failed:\n{err.strip()}")
+
+    def _wait_for_broker(self, timeout_s: float) -> None:
+        from bus.kafka import BrokerUnavailable
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.check_stop()
+            try:
+                wait_for_broker(self.settings, timeout_s=min(2.0, max(0.5, deadline - time.monotonic())))
+                return
+            except BrokerUnavailable:
+                if time.monotonic() >= deadline:
+                    raise
 
     def start_services(self) -> str:
-        """Kafka, PostgreSQL, topics, migrations; returns the database mode."""
+        """Kafka, PostgreSQL, topics, migrations; returns the database mode. Raises :class:`Interrupted`
+        when a stop is asked for meanwhile."""
         steps = 4
         self.say(f"[1/{steps}] Kafka broker on 127.0.0.1:{self.settings.kafka_port} (KRaft) ...")
         t0 = time.monotonic()
         self._service("kafka/kafka.sh", "start", "Kafka")
-        wait_for_broker(self.settings, timeout_s=30)
+        self._wait_for_broker(timeout_s=30)
         self.say(f"      up in {time.monotonic() - t0:.1f} s")
+        self.check_stop()
         self.say(f"[2/{steps}] PostgreSQL on 127.0.0.1:{self.settings.pg_port} ...")
         self._service("postgres/postgres.sh", "start", "PostgreSQL")
+        self.check_stop()
         self.say(f"[3/{steps}] topics ...")
         created = ensure_topics(self.settings)
         self.say(f"      created {len(created)}: {', '.join(created)}" if created else "      all present")
+        self.check_stop()
         self.say(f"[4/{steps}] database migrations ...")
-        with psycopg.connect(self.settings.database_dsn()) as conn:
+        with psycopg.connect(self.settings.database_dsn(), connect_timeout=10) as conn:
             report = migrate(conn)
         self.say(f"      mode {report.mode}; applied {len(report.applied)}, already {len(report.already)}")
         return report.mode
 
     def stop_services(self) -> None:
-        self.say("stopping PostgreSQL ...")
-        self._service("postgres/postgres.sh", "stop", "PostgreSQL")
-        self.say("stopping Kafka ...")
-        self._service("kafka/kafka.sh", "stop", "Kafka")
+        """PostgreSQL and Kafka, side by side (each script bounds its own wait)."""
+        self.say("stopping PostgreSQL and Kafka ...")
+        children = {
+            what: self._script(script, "stop")
+            for what, script in (("PostgreSQL", "postgres/postgres.sh"), ("Kafka", "kafka/kafka.sh"))
+        }
+        failed = []
+        for what, child in children.items():
+            code, err = self._finish(child, interruptible=False)
+            if code != 0:
+                failed.append(f"{what} stop failed:\n{err.strip()}")
+        if failed:
+            raise StackError("\n".join(failed))
 
     def postgres_log(self) -> Path:
         datadir = self.settings.state_dir / "postgres" / "datadir"
@@ -189,32 +319,59 @@ class Stack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = script_env(self.settings) | process.env | {"AIMA_METRICS_PORT": str(process.metrics_port)}
-        with open(self.log_dir / f"{process.name}.log", "ab") as out:
-            child = subprocess.Popen(
-                [sys.executable, "-m", "aima_metrics", *process.args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
+        env[SUPERVISOR_ENV] = str(os.getpid())
+        # The child starts with the stop signals blocked (the mask survives exec): a stop sent while its
+        # interpreter still starts stays pending until its handlers are in place and it unblocks them
+        # (aima_metrics.lifecycle), instead of killing it before it can stop cleanly.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            with open(self.log_dir / f"{process.name}.log", "ab") as out:
+                child = subprocess.Popen(
+                    [sys.executable, "-m", "aima_metrics", *process.args],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self._pidfile(process.name).write_text(str(child.pid))
         return child.pid
 
     def stop_process(self, name: str, timeout_s: float = 30.0) -> None:
-        pid = self.pid_of(name)
-        if pid is None:
-            self._pidfile(name).unlink(missing_ok=True)
-            return
-        os.kill(pid, signal.SIGTERM)
+        self.stop_processes([name], timeout_s)
+
+    def stop_processes(self, names: Iterable[str], timeout_s: float | None = None) -> None:
+        """SIGTERM to each at once; SIGKILL to those still there after ``timeout_s`` (default: the stop
+        bound and a little more, as the processes end themselves at the bound) or once a second stop
+        request says to hurry."""
+        if timeout_s is None:
+            timeout_s = self.settings.stop_timeout_s + 2.0
+        pids: dict[str, int] = {}
+        for name in names:
+            if (pid := self.pid_of(name)) is None:
+                self._pidfile(name).unlink(missing_ok=True)
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            pids[name] = pid
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not _alive(pid):
-                break
-            time.sleep(0.2)
-        else:
-            self.say(f"{name} did not stop within {timeout_s:.0f} s; killing it")
-            os.kill(pid, signal.SIGKILL)
-        self._pidfile(name).unlink(missing_ok=True)
+        while pids and time.monotonic() < deadline and not self.stop.hurry:
+            for name, pid in list(pids.items()):
+                if not _alive(pid):
+                    self._pidfile(name).unlink(missing_ok=True)
+                    del pids[name]
+            time.sleep(0.1)
+        for name, pid in pids.items():
+            if _alive(pid):
+                why = "asked to hurry" if self.stop.hurry else f"did not stop within {timeout_s:.0f} s"
+                self.say(f"{name} {why}; killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                while _alive(pid):
+                    time.sleep(0.05)
+            self._pidfile(name).unlink(missing_ok=True)
 
     # ---- status ------------------------------------------------------------------------------
     def status(self) -> list[tuple[str, bool, str]]:
@@ -230,6 +387,19 @@ class Stack:
         supervisor = self.pid_of("up")
         rows.append(("supervisor", supervisor is not None, f"pid={supervisor}" if supervisor else "-"))
         return rows
+
+
+def _end_session(child: subprocess.Popen[str]) -> None:
+    """SIGTERM to a starting script's whole session (it leads it: the script, its probes, the server it
+    launched), and SIGKILL to the script if it is still there after 10 s. A server it launched is then
+    stopped by its own script's ``stop`` (by pidfile), which waits for a clean shutdown."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGTERM)
+    try:
+        child.wait(10)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
 
 
 def _alive(pid: int) -> bool:
