@@ -39,6 +39,27 @@ def client_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     return config
 
 
+def quiet_config(client: str) -> dict[str, Any]:
+    """librdkafka settings for a long-running client that must stay quiet and cheap while the broker is
+    away: reconnects back off exponentially (0.5 s doubling to 10 s), and its own log lines and errors go
+    through Python logging (logger ``librdkafka.<client>``), where :class:`bus.logs.RepeatFilter`
+    summarises them, instead of straight to stderr. Logs and errors are served by the client's
+    poll/consume/flush calls."""
+    logger = logging.getLogger(f"librdkafka.{client}")
+
+    def on_error(error: Any) -> None:
+        # Informational unless fatal: the client recovers by itself (a fatal one also fails its calls).
+        logger.log(logging.ERROR if error.fatal() else logging.WARNING, "kafka client error: %s", error)
+
+    return {
+        "logger": logger,
+        "log_level": 5,  # syslog notice and worse: librdkafka's info lines are chatter
+        "error_cb": on_error,
+        "reconnect.backoff.ms": 500,
+        "reconnect.backoff.max.ms": 10_000,
+    }
+
+
 def aiokafka_config(settings: Settings) -> dict[str, Any]:
     """The same connection settings in aiokafka's (and so Faust's) vocabulary."""
     config: dict[str, Any] = {
