@@ -18,6 +18,12 @@ partition's event-time watermark and re-sent as it advances (the current hour as
 is an upsert, the same key with a newer value. Partials advance with the job events of the partition; the
 end event puts the final figure in place.
 
+Clocks: every retention counts from the event-time watermark of the partition being processed as it
+stood at each record (a batch of a backfill spans days; its end is not the clock of its first records).
+On ``streams.device-hours``, which merges senders that keep their own pace, the clock is the slowest
+device (see IdleHoursProcessor). What the app emits itself is never dead-lettered: only a GPU sample more
+than its retention behind its own partition's watermark is.
+
 Device-hours (idle = device - allocated): a whole GPU (MIG instances are skipped: the collector samples
 their physical GPU too) counts as present for the time between two consecutive samples, at most
 ``max_gap`` (default 60 s, twice the slow sampling interval), so a device that stops reporting counts for
@@ -130,6 +136,15 @@ def _hour_label(ms: int) -> str:
     return _dt(ms).strftime("%Y-%m-%dT%H:00Z")
 
 
+def _iso(ms: int) -> str:
+    return _dt(ms).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _span(ms: int) -> str:
+    """A limit as people write it: ``48 h``, ``90 s``."""
+    return f"{ms / HOUR_MS:g} h" if ms % HOUR_MS == 0 else f"{ms / 1000:g} s"
+
+
 def _month_bounds(ms: int) -> tuple[int, int]:
     moment = _dt(ms)
     start = datetime(moment.year, moment.month, 1, tzinfo=UTC)
@@ -182,6 +197,12 @@ class _Entries:
         self._dirty.add(key)
         self._deleted.discard(key)
 
+    def live_keys(self) -> list[str]:
+        """Every key with an entry: stored or put in this batch, less those deleted in it."""
+        found = {key for key in list(self._state) if key not in self._deleted}
+        found.update(self._dirty)
+        return sorted(found)
+
     def delete(self, key: str) -> None:
         self._cache[key] = None
         self._deleted.add(key)
@@ -218,6 +239,42 @@ def _hour_crossed(batch: PartitionBatch) -> bool:
     """Whether the watermark entered a new hour: the cue for a prune pass over the partition's state."""
     previous = batch.previous_watermark
     return previous is None or _hour(_ms(previous)) != _hour(_ms(batch.watermark))
+
+
+def _by_watermark_hour(batch: PartitionBatch) -> Iterator[PartitionBatch]:
+    """``batch`` cut where the partition's watermark, advanced record by record in offset order, enters a
+    new hour: each part is folded with the clock as it stood at its records, so a batch that spans days of
+    a backfill keeps what a live stream would (the retention counts from each record's time, not from the
+    batch's end). Only the first part is ``resumed``."""
+    inputs = list(batch.inputs)
+    if not inputs:
+        yield batch
+        return
+    previous = batch.previous_watermark
+    mark = None if previous is None else _ms(previous)
+    start = 0
+    for position, record in enumerate(inputs):
+        t = _ms(record.event_time)
+        if mark is not None and position > start and t > mark and _hour(t) != _hour(mark):
+            yield _part(batch, inputs[start:position], mark, previous, first=start == 0)
+            previous, start = _dt(mark), position
+        mark = t if mark is None else max(mark, t)
+    assert mark is not None
+    yield _part(batch, inputs[start:], max(mark, _ms(batch.watermark)), previous, first=start == 0)
+
+
+def _part(
+    batch: PartitionBatch, inputs: list[Input], mark_ms: int, previous: datetime | None, *, first: bool
+) -> PartitionBatch:
+    return PartitionBatch(
+        batch.topic_key,
+        batch.partition,
+        inputs,
+        _dt(mark_ms),
+        previous,
+        committed_offset=batch.committed_offset,
+        resumed=batch.resumed and first,
+    )
 
 
 # -- job events by project -------------------------------------------------------------------------------
@@ -274,8 +331,13 @@ class CostProcessor:
         self._unpriced: set[tuple[str | None, str | None, str]] = set()
 
     def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
-        run = _CostRun(self, batch, state, self._prices.current(), self._budgets.current())
-        return run.execute()
+        prices, book = self._prices.current(), self._budgets.current()
+        entries = _Entries(state)
+        outputs: list[Output] = []
+        for part in _by_watermark_hour(batch):
+            _CostRun(self, part, state, entries, prices, book, outputs).execute()
+        entries.flush(order=("month|", "day|", "hour|", _INDEX, "job|"))
+        return Result(outputs=outputs)
 
     def price(
         self, catalogue: PriceCatalogue, provider: str | None, gpu_model: str | None, pricing: str
@@ -302,22 +364,24 @@ class _CostRun:
         processor: CostProcessor,
         batch: PartitionBatch,
         state: MutableMapping[str, Any],
+        entries: _Entries,
         prices: PriceCatalogue,
         book: BudgetBook,
+        outputs: list[Output],
     ) -> None:
         self.p, self.batch, self.state, self.prices, self.book = processor, batch, state, prices, book
-        self.e = _Entries(state)
+        self.e = entries
         self.index = self.e.get(_INDEX) or {"offset": None, "now_ms": None, "running": [], "months": []}
         self.now_ms = max(_ms(batch.watermark), self.index["now_ms"] or 0)
         self.horizon = _hour(self.now_ms - processor.retention_ms)
         self.offset = batch.last_offset if len(batch.inputs) else self.index["offset"]
-        self.outputs: list[Output] = []
+        self.outputs = outputs
         self.buckets: dict[str, dict[str, Any]] = {}
         self.months: set[str] = set()
         self.started: set[str] = set()
         self.resent_months: set[str] = set()
 
-    def execute(self) -> Result:
+    def execute(self) -> None:
         touched: dict[str, dict[str, Any]] = {}
         ended: list[dict[str, Any]] = []
         if self.batch.resumed:
@@ -342,15 +406,13 @@ class _CostRun:
         self.e.put(_INDEX, self.index)
         if _hour_crossed(self.batch) or self.batch.resumed:
             self._prune()
-        self.e.flush(order=("month|", "day|", "hour|", _INDEX, "job|"))
-        return Result(outputs=self.outputs)
 
     def _resend(self) -> list[dict[str, Any]]:
         """On a resumed partition: mark for publishing again what changed after the committed offset (its
         outputs may have been lost); returns the ended jobs among it."""
         committed = self.batch.committed_offset
         ended = []
-        for key in list(self.state.keys()):
+        for key in self.e.live_keys():
             kind = key.split("|", 1)[0]
             entry = self.e.get(key) if kind in ("job", "hour", "month") else None
             if entry is None or not _after(entry, committed):
@@ -439,7 +501,14 @@ class _CostRun:
             self.buckets[key] = bucket
             self.e.put(key, bucket)
         if final:
-            log.warning("job %s: %d hour(s) older than the retention left as they were", job["job_id"], final)
+            log.warning(
+                "%s: job %s: %d hour(s) more than the %s retention (AIMA_COST_RETENTION_S) behind the "
+                "partition watermark, already final, left as they were",
+                self.p.name,
+                job["job_id"],
+                final,
+                _span(self.p.retention_ms),
+            )
         job["accounted_ms"] = target_ms
         self.e.put(f"job|{job['job_id']}", job)
 
@@ -637,7 +706,7 @@ class _CostRun:
         running = (self.e.get(f"job|{job_id}") for job_id in self.index["running"])
         kept_from = min((_hour(job["accounted_ms"]) for job in running if job is not None), default=None)
         before = self.horizon if kept_from is None else min(self.horizon, kept_from)
-        for key in list(self.state.keys()):
+        for key in self.e.live_keys():
             kind = key.split("|", 1)[0]
             entry = self.e.get(key) if kind in ("job", "hour", "day", "month") else None
             if entry is None:
@@ -659,8 +728,11 @@ class _CostRun:
 
 class DeviceHoursProcessor:
     """Reads ``gpu.samples``; per whole GPU an entry ``dev|<gpu_uuid>`` with its last sample time and its
-    seconds present per hour (hours older than ``retention`` before the watermark are dropped, and samples
-    that old are returned as late). Publishes each changed (gpu_uuid, hour) to ``streams.device-hours``."""
+    seconds present per hour. Publishes each changed (gpu_uuid, hour) to ``streams.device-hours``.
+
+    The clock is the partition's watermark as it stands at each record, in offset order (not at the end
+    of the batch: one batch of a backfill can span days). Hours more than ``retention`` behind it are
+    complete and dropped; a sample that old (out of order on its own partition) goes to ``Result.late``."""
 
     topics = ("gpu.samples",)
 
@@ -673,13 +745,16 @@ class DeviceHoursProcessor:
     ) -> None:
         if max_gap <= timedelta(0):
             raise ValueError(f"max_gap must be positive, got {max_gap}")
+        if retention <= timedelta(0):
+            raise ValueError(f"retention must be positive, got {retention}")
         self.name = name
         self._max_gap_ms = max_gap // _MS_DELTA
         self._retention_ms = retention // _MS_DELTA
 
     def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
         e = _Entries(state)
-        horizon = _hour(_ms(batch.watermark) - self._retention_ms)
+        retention = self._retention_ms
+        mark = None if batch.previous_watermark is None else _ms(batch.previous_watermark)
         result = Result()
         changed: dict[str, tuple[dict[str, Any], set[int]]] = {}
         if batch.resumed:  # publish again what may not have been published before a crash
@@ -688,9 +763,10 @@ class DeviceHoursProcessor:
                 if device is not None and _after(device, batch.committed_offset):
                     changed[key] = (device, {int(hour) for hour in device["hours"]})
         devices: dict[str, dict[str, Any]] = {}  # each entry the batch touches, read once
-        applied: dict[str, None] = {}
         gap = self._max_gap_ms
         for row, offset, t, mig_instance, uuid, model in _gpu_samples(batch):
+            if mark is None or t > mark:
+                mark = t
             if mig_instance is not None:
                 continue  # counted through its physical GPU
             key = f"dev|{uuid}"
@@ -704,15 +780,10 @@ class DeviceHoursProcessor:
                 }
             if offset <= device["offset"]:
                 continue
+            horizon = _hour(mark - retention)
             if t < horizon:
-                reason = f"sample older than the {self._retention_ms // HOUR_MS} h retention"
-                result.late.append((_input(batch, row), reason))
+                result.late.append((_input(batch, row), self._late_reason(t, mark)))
                 continue
-            if key not in applied:
-                # Drop hours past the retention once a batch: the hours added below start at the
-                # (hour-aligned) horizon or later.
-                device["hours"] = {h: ms for h, ms in device["hours"].items() if int(h) >= horizon}
-                applied[key] = None
             last = device["last_ms"]
             if last is not None and t > last:
                 hours = device["hours"]
@@ -725,8 +796,6 @@ class DeviceHoursProcessor:
             if last is None or t > last:
                 device["last_ms"] = t
             device["gpu_model"], device["offset"] = model, offset
-        for key in applied:
-            e.put(key, devices[key])
         for device, hours in changed.values():
             for hour in sorted(hours):
                 if str(hour) not in device["hours"]:
@@ -740,6 +809,11 @@ class DeviceHoursProcessor:
                     source=DEVICE_SOURCE_PREFIX + device["gpu_uuid"],
                 )
                 result.outputs.append(Output(DEVICE_HOURS, device["gpu_model"], COST_RECORD, value))
+        horizon = _hour((_ms(batch.watermark) if mark is None else mark) - retention)
+        for key, device in devices.items():
+            # Published above; no later sample reaches back past the horizon, so these are complete.
+            device["hours"] = {h: ms for h, ms in device["hours"].items() if int(h) >= horizon}
+            e.put(key, device)
         if _hour_crossed(batch):
             for key in list(state.keys()):
                 device = e.get(key)
@@ -747,6 +821,13 @@ class DeviceHoursProcessor:
                     e.delete(key)  # not seen for the whole retention
         e.flush()
         return result
+
+    def _late_reason(self, event_ms: int, mark_ms: int) -> str:
+        return (
+            f"{self.name}: sample at {_iso(event_ms)} is {_dt(mark_ms) - _dt(event_ms)} behind the partition "
+            f"watermark {_iso(mark_ms)}, beyond the {_span(self._retention_ms)} retention "
+            f"(AIMA_DEVICE_HOURS_RETENTION_S)"
+        )
 
 
 def _gpu_samples(batch: PartitionBatch) -> Iterator[tuple[int, int, int, str | None, str, str]]:
@@ -786,57 +867,84 @@ class IdleHoursProcessor:
     latest device-hours per gpu_uuid and allocated GPU-hours per project/provider/pricing. Publishes to
     ``costs`` a fleet record (project null) with device_hours and idle_gpu_hours = max(device - allocated,
     0) for every changed hour with at least one device seen. gpu_hours stays null in it: the projects'
-    records carry the allocation, and a fleet copy would be counted twice by anyone summing gpu_hours."""
+    records carry the allocation, and a fleet copy would be counted twice by anyone summing gpu_hours.
+
+    This topic merges senders that each keep their own pace: device records come from every gpu.samples
+    partition, allocations from every jobs-by-project partition, and in a backfill the few job events run
+    days ahead of the many samples. So the partition's watermark, moved by the fastest sender, says nothing
+    about how late another sender is. The clock is the slowest device instead (each device's records come
+    in its own event-time order): an hour is dropped once every device still reporting is ``retention``
+    past it. A device more than ``stale_after`` behind the newest one (a GPU taken out) stops holding the
+    clock back. Nothing is dead-lettered here, the records are the app's own; one for an hour already
+    dropped (an allocation re-sent after every device moved on by the retention) is left out, logged."""
 
     topics = (DEVICE_HOURS,)
 
-    def __init__(self, *, name: str = "costs_idle_hours", retention: timedelta = timedelta(hours=72)) -> None:
+    def __init__(
+        self,
+        *,
+        name: str = "costs_idle_hours",
+        retention: timedelta = timedelta(hours=72),
+        stale_after: timedelta = timedelta(days=7),
+    ) -> None:
+        if retention <= timedelta(0) or stale_after <= timedelta(0):
+            raise ValueError(f"retention and stale_after must be positive, got {retention}, {stale_after}")
         self.name = name
         self._retention_ms = retention // _MS_DELTA
+        self._stale_ms = stale_after // _MS_DELTA
 
     def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
         e = _Entries(state)
-        horizon = _hour(_ms(batch.watermark) - self._retention_ms)
+        index = e.get(_INDEX) or {"devices": {}, "dropped_before": None}
+        progress: dict[str, int] = index["devices"]
+        """Newest hour seen per device: the clock."""
+        dropped = index["dropped_before"]
         result = Result()
         changed: dict[str, dict[str, Any]] = {}
         if batch.resumed:  # publish again what may not have been published before a crash
-            for key in list(state.keys()):
-                entry = e.get(key)
+            for key in e.live_keys():
+                entry = e.get(key) if key.startswith("idle|") else None
                 if entry is not None and _after(entry, batch.committed_offset):
                     changed[key] = entry
+        left_out: list[int] = []
         for record in batch.inputs:
             value = record.value
             hour, model = _hour(_ms(value["time"])), value.get("gpu_model")
             if model is None:
                 continue
-            if hour < horizon:
-                result.late.append(
-                    (record, f"hour older than the {self._retention_ms // HOUR_MS} h retention")
-                )
-                continue
-            key = f"idle|{model}|{hour}"
-            entry = e.get(key) or {
-                "gpu_model": model,
-                "hour_ms": hour,
-                "devices": {},
-                "allocated": {},
-                "offset": -1,
-            }
-            if record.offset <= entry["offset"]:
-                continue
             if value.get("device_hours") is not None:
+                side, figure = "devices", value["device_hours"]
                 sender = value.get("gpu_uuid") or str(value.get("source", "")).removeprefix(
                     DEVICE_SOURCE_PREFIX
                 )
-                entry["devices"][sender] = value["device_hours"]
+                progress[sender] = max(progress.get(sender, hour), hour)
             elif value.get("gpu_hours") is not None and value.get("project") is not None:
+                side, figure = "allocated", value["gpu_hours"]
                 sender = f"{value['project']}|{value.get('provider') or ''}|{value.get('pricing') or ''}"
-                entry["allocated"][sender] = value["gpu_hours"]
             else:
                 continue
+            key = f"idle|{model}|{hour}"
+            entry = e.get(key)
+            if entry is not None and record.offset <= entry["offset"]:
+                continue  # a replay
+            if entry is None and dropped is not None and hour < dropped:
+                left_out.append(hour)
+                continue
+            if entry is None:
+                entry = {"gpu_model": model, "hour_ms": hour, "devices": {}, "allocated": {}, "offset": -1}
+            entry[side][sender] = figure
             entry["offset"] = record.offset
             e.put(key, entry)
             changed[key] = entry
+        if left_out:
+            log.warning(
+                "%s: %d record(s) for hours from %s on left out: every device had moved on by more than the "
+                "%s retention (AIMA_IDLE_HOURS_RETENTION_S), so those hours' figures were dropped",
+                self.name,
+                len(left_out),
+                _hour_label(min(left_out)),
+                _span(self._retention_ms),
+            )
         for entry in changed.values():
             if not entry["devices"]:
                 continue  # no device seen: nothing to compare the allocation with
@@ -852,12 +960,18 @@ class IdleHoursProcessor:
                 idle_gpu_hours=max(device - allocated, 0.0),
             )
             result.outputs.append(Output("costs", f"idle|{model}|{_hour_label(hour)}", COST_RECORD, value))
-        if _hour_crossed(batch):
-            for key in list(state.keys()):
-                entry = e.get(key)
-                if entry is not None and entry["hour_ms"] < horizon:
-                    e.delete(key)
-        e.flush()
+        if progress:
+            newest = max(progress.values())
+            index["devices"] = {u: h for u, h in progress.items() if h >= newest - self._stale_ms}
+            horizon = _hour(min(index["devices"].values()) - self._retention_ms)
+            if dropped is None or horizon > dropped:
+                for key in e.live_keys():
+                    entry = e.get(key) if key.startswith("idle|") else None
+                    if entry is not None and entry["hour_ms"] < horizon:
+                        e.delete(key)
+                index["dropped_before"] = horizon
+            e.put(_INDEX, index)
+        e.flush(order=("idle|",))
         return result
 
 
@@ -869,24 +983,50 @@ def cost_processors(
     budgets: BudgetBook | Reloading[BudgetBook] | None = None,
     *,
     max_gap: timedelta = timedelta(seconds=60),
+    cost_retention: timedelta = timedelta(hours=48),
+    device_retention: timedelta = timedelta(hours=48),
+    idle_retention: timedelta = timedelta(hours=72),
+    idle_stale_after: timedelta = timedelta(days=7),
 ) -> list[Processor]:
     """Every processor the cost figures need, in data-flow order."""
     return [
         JobRepartitioner(),
-        CostProcessor(prices, budgets),
-        DeviceHoursProcessor(max_gap=max_gap),
-        IdleHoursProcessor(),
+        CostProcessor(prices, budgets, retention=cost_retention),
+        DeviceHoursProcessor(max_gap=max_gap, retention=device_retention),
+        IdleHoursProcessor(retention=idle_retention, stale_after=idle_stale_after),
     ]
 
 
 def cost_processors_from_environ(environ: Mapping[str, str] | None = None) -> list[Processor]:
     """Reads ``AIMA_PRICES_FILE`` (default: streams/prices.yaml), ``AIMA_BUDGETS_FILE`` (default: no
-    budgets), ``AIMA_COST_CONFIG_CHECK_S`` (how often the two files are checked for changes, default 30)
-    and ``AIMA_DEVICE_MAX_GAP_S`` (default 60). Both files are re-read when they change."""
+    budgets), ``AIMA_COST_CONFIG_CHECK_S`` (how often the two files are checked for changes, default 30),
+    ``AIMA_DEVICE_MAX_GAP_S`` (default 60) and the windows in seconds: ``AIMA_COST_RETENTION_S`` (job
+    hours, default 172800), ``AIMA_DEVICE_HOURS_RETENTION_S`` (device coverage, default 172800),
+    ``AIMA_IDLE_HOURS_RETENTION_S`` (idle hours, default 259200) and ``AIMA_IDLE_DEVICE_STALE_S`` (when a
+    silent device stops holding the idle clock back, default 604800). Both files are re-read when they
+    change."""
     env = os.environ if environ is None else environ
     check_s = float(env.get("AIMA_COST_CONFIG_CHECK_S", "30"))
     prices = ReloadingCatalogue(env.get("AIMA_PRICES_FILE") or DEFAULT_PRICES_FILE, check_interval_s=check_s)
     budgets_file = env.get("AIMA_BUDGETS_FILE")
     budgets = Reloading(budgets_file, BudgetBook.parse, check_interval_s=check_s) if budgets_file else None
-    max_gap = timedelta(seconds=float(env.get("AIMA_DEVICE_MAX_GAP_S", "60")))
-    return cost_processors(prices, budgets, max_gap=max_gap)
+    return cost_processors(
+        prices,
+        budgets,
+        max_gap=_seconds(env, "AIMA_DEVICE_MAX_GAP_S", 60),
+        cost_retention=_seconds(env, "AIMA_COST_RETENTION_S", 48 * 3600),
+        device_retention=_seconds(env, "AIMA_DEVICE_HOURS_RETENTION_S", 48 * 3600),
+        idle_retention=_seconds(env, "AIMA_IDLE_HOURS_RETENTION_S", 72 * 3600),
+        idle_stale_after=_seconds(env, "AIMA_IDLE_DEVICE_STALE_S", 7 * 24 * 3600),
+    )
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> timedelta:
+    raw = env.get(name) or ""
+    try:
+        value = float(raw) if raw.strip() else default
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"{name} must be positive, got {raw!r}")
+    return timedelta(seconds=value)

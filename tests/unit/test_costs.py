@@ -679,3 +679,130 @@ def test_processors_from_environ(tmp_path: Path) -> None:
     assert isinstance(cost._budgets, Reloading)
     assert cost._prices.current().eur_per_gpu_hour("aws", H100, "on_demand") is not None  # shipped prices
     assert len({p.name for p in cost_processors_from_environ({})}) == 4  # no budgets file: none
+
+
+# -- backfills: the clock is each record's partition watermark, and the app's own records are never late
+
+
+def _ten_days_of_jobs() -> list[dict[str, Any]]:
+    """One 1-GPU job a day from 10:00 to 12:00, 1-10 April, and a last event on the 30th that moves the
+    clock far past them all."""
+    events = []
+    for day in range(1, 11):
+        events.append(job_event("started", f"d{day}", at(day, 10), gpu_count=1))
+        events.append(job_event("finished", f"d{day}", at(day, 12), gpu_count=1))
+    return [*events, job_event("queued", "last", at(30, 0))]
+
+
+def test_a_backfill_in_one_batch_counts_what_record_by_record_counts() -> None:
+    budgets = book("{project: newsroom, name: gpu, monthly_eur: 100}")
+    whole = costs_feed(budgets, retention=timedelta(hours=2))
+    whole.send(*_ten_days_of_jobs())  # ten days in one batch, with a 2 h retention
+    single = costs_feed(budgets, retention=timedelta(hours=2))
+    for event in _ten_days_of_jobs():
+        single.send(event)
+    costs = whole.latest()
+    hours = [v for v in costs.values() if v["kind"] == "gpu_hours"]
+    assert len(hours) == 20 and sum(v["gpu_hours"] for v in hours) == pytest.approx(20.0)
+    assert sum(v["job_cost_eur"] for v in costs.values() if v["kind"] == "job_cost") == pytest.approx(80.0)
+    assert costs["budget|newsroom|gpu|2025-04"]["cost_estimated_eur"] == pytest.approx(80.0)
+    assert costs == single.latest()
+    assert [(a["rule"], a["event_time"]) for a in alerts(whole)] == [
+        (a["rule"], a["event_time"]) for a in alerts(single)
+    ]  # each threshold fires when the clock of its record crossed it, not at the batch's end
+
+
+def test_a_backfill_across_months_closes_the_first_with_its_final_figures() -> None:
+    budgets = book("{project: newsroom, name: gpu, monthly_eur: 10}")
+    feed = costs_feed(budgets, retention=timedelta(hours=2))
+    feed.send(
+        job_event("started", "m", at(30, 10, month=3), gpu_count=1),
+        job_event("finished", "m", at(30, 13, month=3), gpu_count=1),  # 3 GPU-hours: 12 EUR in March
+        job_event("started", "a", at(2, 10), gpu_count=1),
+        job_event("finished", "a", at(2, 11), gpu_count=1),  # 4 EUR in April
+    )
+    costs = feed.latest()
+    march, april = costs["budget|newsroom|gpu|2025-03"], costs["budget|newsroom|gpu|2025-04"]
+    assert march["cost_estimated_eur"] == pytest.approx(12.0)
+    assert march["forecast_eur"] == pytest.approx(12.0)  # closed: the forecast is what was spent
+    assert april["cost_estimated_eur"] == pytest.approx(4.0)
+    fired = {(a["labels"]["month"], a["rule"], a["status"]) for a in alerts(feed)}
+    assert ("2025-03", "budget_100", "resolved") in fired  # March ended in the same batch
+
+
+def test_device_hours_of_a_backfill_in_one_batch_are_all_counted() -> None:
+    samples = [gpu_sample("GPU-1", at(10) + timedelta(seconds=30 * i)) for i in range(3 * 24 * 120 + 1)]
+    whole = device_feed(retention=timedelta(hours=2))
+    whole.send(*samples)  # three days in one batch, with a 2 h retention
+    assert whole.late == []
+    hours = [o.value["device_hours"] for o in whole.outputs]
+    assert len(hours) == 72 and hours == pytest.approx([1.0] * 72)
+    assert len(whole.state["dev|GPU-1"]["hours"]) <= 3  # no more kept than the retention needs
+
+
+def test_a_late_sample_names_the_processor_the_limit_and_its_setting() -> None:
+    feed = device_feed(retention=timedelta(hours=2))
+    feed.send(gpu_sample("GPU-1", at(10, 12)), gpu_sample("GPU-2", at(10, 9, 30)))
+    [(record, reason)] = feed.late
+    assert record.value["gpu_uuid"] == "GPU-2"
+    assert reason == (
+        "costs_device_hours: sample at 2025-04-10T09:30:00Z is 2:30:00 behind the partition watermark "
+        "2025-04-10T12:00:00Z, beyond the 2 h retention (AIMA_DEVICE_HOURS_RETENTION_S)"
+    )
+
+
+def test_idle_hours_take_allocations_days_ahead_of_the_devices() -> None:
+    """In a backfill the few job events run days ahead of the samples: their allocations move the
+    partition's watermark, and the devices' records that follow are still folded in, none late."""
+    feed = Feed(IdleHoursProcessor(retention=timedelta(hours=1)), "streams.device-hours", COST)
+    feed.send(*(allocation_record("newsroom", hour, 0.25) for hour in range(0, 20)))
+    feed.send(device_record("GPU-1", 0, 1.0), device_record("GPU-2", 0, 1.0))  # each partition's first
+    feed.send(*(device_record("GPU-1", hour, 1.0) for hour in range(1, 20)))
+    feed.send(*(device_record("GPU-2", hour, 1.0) for hour in range(1, 20)))  # another partition, later
+    idle = feed.latest()
+    assert feed.late == []
+    assert len(idle) == 20
+    assert all(v["device_hours"] == pytest.approx(2.0) for v in idle.values())
+    assert all(v["idle_gpu_hours"] == pytest.approx(1.75) for v in idle.values())
+
+
+def test_idle_hours_are_dropped_once_the_slowest_device_passed_them(caplog: pytest.LogCaptureFixture) -> None:
+    feed = Feed(IdleHoursProcessor(retention=timedelta(hours=2)), "streams.device-hours", COST)
+    feed.send(device_record("GPU-1", 1, 1.0), device_record("GPU-2", 1, 1.0))
+    feed.send(device_record("GPU-1", 8, 1.0))  # GPU-2 has not reported past 01:00: hour 1 is kept
+    assert any(key.endswith(f"|{ms(at(10, 1))}") for key in feed.state)
+    feed.send(device_record("GPU-2", 8, 1.0))
+    assert not any(key.endswith(f"|{ms(at(10, 1))}") for key in feed.state)
+    with caplog.at_level(logging.WARNING):
+        result = feed.send(allocation_record("newsroom", 1, 0.5))  # after every device moved on by 2 h
+    assert result.late == [] and result.outputs == []  # the app's own record: logged, not dead-lettered
+    assert "AIMA_IDLE_HOURS_RETENTION_S" in caplog.text
+
+
+def test_a_device_that_stopped_reporting_stops_holding_the_idle_clock() -> None:
+    feed = Feed(
+        IdleHoursProcessor(retention=timedelta(hours=1), stale_after=timedelta(hours=3)),
+        "streams.device-hours",
+        COST,
+    )
+    feed.send(device_record("GPU-1", 1, 1.0), device_record("GPU-2", 1, 1.0))
+    feed.send(device_record("GPU-1", 6, 1.0))  # GPU-2 is 5 h behind: stale, no longer the clock
+    assert not any(key.endswith(f"|{ms(at(10, 1))}") for key in feed.state)
+
+
+def test_windows_from_environ_and_their_errors() -> None:
+    processors = cost_processors_from_environ(
+        {"AIMA_COST_RETENTION_S": "7200", "AIMA_DEVICE_HOURS_RETENTION_S": "3600",
+         "AIMA_IDLE_HOURS_RETENTION_S": "10800", "AIMA_IDLE_DEVICE_STALE_S": "86400"}
+    )  # fmt: skip
+    cost, device, idle = processors[1], processors[2], processors[3]
+    assert isinstance(cost, CostProcessor) and cost.retention_ms == 7_200_000
+    assert isinstance(device, DeviceHoursProcessor) and device._retention_ms == 3_600_000
+    assert isinstance(idle, IdleHoursProcessor) and (idle._retention_ms, idle._stale_ms) == (
+        10_800_000,
+        86_400_000,
+    )
+    with pytest.raises(ValueError, match="AIMA_COST_RETENTION_S"):
+        cost_processors_from_environ({"AIMA_COST_RETENTION_S": "two days"})
+    with pytest.raises(ValueError, match="AIMA_IDLE_HOURS_RETENTION_S"):
+        cost_processors_from_environ({"AIMA_IDLE_HOURS_RETENTION_S": "0"})
