@@ -37,6 +37,29 @@ def exit_now(code: int = 0) -> None:
     os._exit(code)
 
 
+def bounded_call(call: Callable[[], object], timeout_s: float, what: str) -> bool:
+    """Run ``call`` on a daemon thread and wait at most ``timeout_s`` for it: for a client's close that
+    can hang while its server is away (a Kafka consumer leaving its group). True when it finished in
+    time (re-raising what it raised); False when it was left behind, to end with the process."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            call()
+        except BaseException as exc:  # handed to the caller
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name=f"bounded-{what.replace(' ', '-')}", daemon=True)
+    thread.start()
+    thread.join(max(0.0, timeout_s))
+    if thread.is_alive():
+        log.warning(f"{what} did not finish in time; going on without it", extra={"timeout_s": timeout_s})
+        return False
+    if errors:
+        raise errors[0]
+    return True
+
+
 class StopBound:
     """Once :meth:`request` is called, the process has ``timeout_s`` to stop by itself; a daemon thread ends
     it when that passes (a little before, so the bound holds as seen from outside). A second request ends
