@@ -3,16 +3,24 @@ in PostgreSQL/TimescaleDB (D1, D3). Rows per record: ``consumers/tables.py``; th
 ``consumers/sink_writer.py``.
 
 Order of work for each batch (bounded by ``batch_max`` records and ``batch_timeout_s`` of age):
-  1. each record is decoded and turned into rows as it arrives; a record that cannot be decoded, or is
-     not the record its topic carries, becomes a dead letter: a dead_letters row in the batch, and a
-     record on the dead-letter topic;
+  1. each record is decoded and turned into rows as it arrives; a record that cannot be decoded, is not
+     the record its topic carries, or breaks the value rules every reader applies (``bus.validation``:
+     InvalidRecord, and FutureEventTime for an event time more than AIMA_MAX_CLOCK_SKEW_S ahead of the
+     sink's clock) becomes a dead letter: a dead_letters row in the batch, and a record on the
+     dead-letter topic (``consumers/sink_letters.py``);
   2. the batch goes to the writer thread: one transaction of COPY + upsert per table; the database may
      reject single records too (bisected out and dead-lettered);
-  3. after the database commit, the dead letters are flushed to Kafka;
-  4. only then are the batch's offsets committed, synchronously.
+  3. after the database commit, the database's dead letters are sent too;
+  4. only once the batch is stored and every dead letter of it (and of each batch before it) is
+     acknowledged by the broker are its offsets committed (asynchronously: a commit never blocks the
+     loop while the broker is away).
 One batch is written while the next fills. While the database is away the writer retries the same batch
 and the consumer pauses its partitions, polling on so it stays in the group; nothing is committed until
 the batch is stored, so nothing is lost and (by the upserts) nothing is stored twice.
+
+A stop (``stopping``) stores and commits what is safe within what the stop bound leaves (``time_left_s``),
+and closes each client within a bound of its own: what is not stored and committed by then is read again
+by the next start.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import polars as pl
@@ -43,11 +52,13 @@ from prometheus_client import CollectorRegistry
 from bus.codec import Codec
 from bus.errors import CodecError
 from bus.frames import FrameDecoder, FrameDecoders
-from bus.kafka import client_config
-from bus.runtime import Service
+from bus.kafka import client_config, quiet_config
+from bus.runtime import Service, bounded_call
 from bus.settings import Settings
 from bus.topics import BY_KEY, topic_name
+from bus.validation import FUTURE_EVENT_TIME, ColumnValidator, EventTimeGuard, Validator
 from consumers.sink_chunks import Chunk
+from consumers.sink_letters import Letter, LetterOutbox
 from consumers.sink_metrics import SinkMetrics
 from consumers.sink_writer import Aborted, Entry, Writer, WriteResult, now_ms
 from consumers.tables import BY_NAME, BY_RECORD, Origin, Table, dead_letter_row, rows_for
@@ -76,6 +87,12 @@ _BLOCKED_BEFORE_PAUSE_S = 1.0
 """A full batch waits this long for a busy (healthy) writer before the partitions are paused; pausing
 discards what librdkafka prefetched, so it is kept for real stalls."""
 _DEAD_LETTER_FLUSH_S = 10.0
+_CLOSE_RESERVE_S = 4.0
+"""Of the time a stop leaves, what closing the clients keeps (the drain takes the rest)."""
+_CLIENT_CLOSE_S = 3.0
+"""The longest the consumer's close may take (leaving the group with the broker away can hang)."""
+_MAX_UNCOMMITTED_BATCHES = 50
+"""Stored batches waiting for a dead letter's acknowledgement before the sink pauses its partitions."""
 _COLUMNAR_MIN = 64
 """Fewer records than this from one consume are decoded one by one: the native read would not pay."""
 
@@ -98,6 +115,8 @@ class _InFlight:
     records: int
     started: float
     writer: int
+    letters: list[Letter] = field(default_factory=list)
+    """Dead letters of this batch's records; its offsets are committed only once all are delivered."""
 
 
 class Sink:
@@ -122,7 +141,10 @@ class Sink:
         shutdown_timeout_s: float = 30.0,
         consumer_config: dict[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        time_left_s: Callable[[], float] | None = None,
     ) -> None:
+        """``shutdown_timeout_s``: the longest a stop waits for the database; ``time_left_s``: what the
+        stop bound leaves the process (``Service.time_left_s``), which caps that wait and the closes."""
         if batch_max < 1 or batch_timeout_s <= 0:
             raise ValueError("batch_max must be >= 1 and batch_timeout_s > 0")
         self._writers = [writer] if isinstance(writer, Writer) else list(writer)
@@ -136,6 +158,10 @@ class Sink:
         self._batch_timeout_s = batch_timeout_s
         self._shutdown_timeout_s = shutdown_timeout_s
         self._clock = clock
+        self._time_left_s = time_left_s or (lambda: shutdown_timeout_s + _CLOSE_RESERVE_S)
+        self._validator = Validator()
+        self._column_validator = ColumnValidator()
+        self._event_times = EventTimeGuard(settings.max_clock_skew_s)
         config = client_config(
             settings,
             **{
@@ -145,6 +171,8 @@ class Sink:
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": "earliest",
                 "enable.partition.eof": False,
+                "on_commit": self._on_commit,
+                **quiet_config("sink"),
             },
         )
         config.update(consumer_config or {})
@@ -152,8 +180,17 @@ class Sink:
         self._producer = Producer(
             client_config(
                 settings,
-                **{"acks": "all", "enable.idempotence": True, "linger.ms": 20, "client.id": "aima-sink-dlq"},
+                **{
+                    "acks": "all",
+                    "enable.idempotence": True,
+                    "linger.ms": 20,
+                    "client.id": "aima-sink-dlq",
+                    **quiet_config("sink-dlq"),
+                },
             )
+        )
+        self._letters = LetterOutbox(
+            self._producer, self._codec, self._deadletter_topic, metrics.dead_letter_failures
         )
         self._executors = [
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"aima-sink-writer-{i}")
@@ -161,6 +198,7 @@ class Sink:
         ]
         self._batch: list[Entry] = []
         self._batch_offsets: dict[tuple[str, int], int] = {}
+        self._batch_letters: list[Letter] = []
         self._batch_started: float | None = None
         self._full_since: float | None = None
         self._inflight: deque[_InFlight] = deque()
@@ -171,6 +209,8 @@ class Sink:
         self._held_delay_s = 0.2
         self._assigned: set[tuple[str, int]] = set()
         self._committed: dict[tuple[str, int], int] = {}
+        """Offsets the broker acknowledged as committed (``_on_commit``)."""
+        self._commits_outstanding = 0
         self._paused = False
         self._pause_state_unknown = False
         self._lag_at = 0.0
@@ -194,6 +234,7 @@ class Sink:
         return self.stats
 
     def _step(self) -> None:
+        self._letters.serve()
         self._collect(commit=False)
         now = self._clock()
         if self._batch_due(now) and self._free_writer() is not None:
@@ -206,7 +247,9 @@ class Sink:
         stalled = self._full_since is not None and now - self._full_since >= _BLOCKED_BEFORE_PAUSE_S
         retrying = any(writer.retrying for writer in self._writers)
         busy = bool(self._inflight) and (retrying or stalled)
-        self._set_paused(bool(self._held) or busy)
+        # Batches stored but held back by an undelivered dead letter: reading on would only pile up more.
+        unacknowledged = len(self._ready_to_commit) >= _MAX_UNCOMMITTED_BATCHES
+        self._set_paused(bool(self._held) or busy or unacknowledged)
         if full and not self._paused and self._inflight:
             wait([inflight.future for inflight in self._inflight], timeout=0.05, return_when=FIRST_COMPLETED)
         else:
@@ -221,6 +264,8 @@ class Sink:
         return len(self._batch) >= self._batch_max or now - self._batch_started >= self._batch_timeout_s
 
     def _poll_timeout(self, now: float) -> float:
+        if any(writer.retrying for writer in self._writers):
+            return 0.25  # the database is away: nothing to hurry for, and the loop costs CPU
         if self._inflight or self._paused or self._held:
             return 0.05
         if self._batch_started is not None:
@@ -256,7 +301,7 @@ class Sink:
         if decoder is None:
             return places
         frame = decoder.decode([message.value() for message in messages])
-        if frame.columns is None:
+        if frame.columns is None or not self._columns_valid(topic, frame.record_name, frame.columns):
             return places
         tables = BY_RECORD[frame.record_name]
         origins = None
@@ -273,6 +318,21 @@ class Sink:
         for index, position in enumerate(frame.rows):
             places[position] = (chunk, index)
         return places
+
+    def _columns_valid(self, topic: str, record_name: str, columns: pl.DataFrame) -> bool:
+        """Whether every record read natively passes the value rules and the event-time guard; when not
+        (or when the columns cannot tell), each is checked one by one, which dead-letters the bad ones
+        with their reasons."""
+        if topic == self._deadletter_topic:
+            return True
+        if self._column_validator.all_valid(record_name, columns) is not True:
+            return False
+        if "time" not in columns.columns:
+            return True
+        if not isinstance(columns.schema["time"], pl.Datetime):
+            return False
+        newest = columns.get_column("time").dt.epoch("ms").max()
+        return newest is None or self._event_times.columns_ok(int(newest))  # type: ignore[arg-type]
 
     def _frame_decoder(self, record_name: str) -> FrameDecoder | None:
         """A columnar decoder for records whose every table takes one row per record; None otherwise."""
@@ -333,12 +393,29 @@ class Sink:
             expected = self._expected.get(topic)
             if name != expected:
                 rows = self._poison(message, f"{topic} carries {expected} records, not {name}", "WrongRecord")
+            elif (invalid := self._invalid(topic, name, record)) is not None:
+                rows = self._poison(message, *invalid)
             else:
                 try:
                     rows = rows_for(name, record, _origin(message))
                 except (KeyError, TypeError, ValueError, AttributeError) as exc:
                     rows = self._poison(message, f"{name} does not fit its tables: {exc}", type(exc).__name__)
         self._append(message, rows)
+
+    def _invalid(self, topic: str, name: str, record: dict[str, Any]) -> tuple[str, str] | None:
+        """(reason, error type) when the record breaks the rules every reader applies, else None. Dead
+        letters are stored whatever they hold: refusing one would lose the trace of a refusal."""
+        if topic == self._deadletter_topic:
+            return None
+        found = self._validator.problems(name, record)
+        if found:
+            return f"{name}: " + "; ".join(found), "InvalidRecord"
+        event_time = record.get("time")
+        if isinstance(event_time, datetime):
+            ahead = self._event_times.problem(event_time)
+            if ahead is not None:
+                return f"{name}: time: {ahead}", FUTURE_EVENT_TIME
+        return None
 
     def _append(
         self,
@@ -379,20 +456,17 @@ class Sink:
                 "reason": reason,
             },
         )
-        self._publish_letter(letter)
+        self._publish_letter(letter, self._batch_letters)
         return [(BY_NAME["dead_letters"], dead_letter_row(letter))]
 
-    def _publish_letter(self, letter: dict[str, Any]) -> None:
-        """The dead letter goes to the dead-letter topic too, unless it came from there (no loops)."""
+    def _publish_letter(self, letter: dict[str, Any], owed_by: list[Letter]) -> None:
+        """The dead letter goes to the dead-letter topic too, unless it came from there (no loops); the
+        batch ``owed_by`` belongs to is committed only once the broker has it."""
         self._metrics.dead_letters.labels(letter["origin_topic"], letter["error_type"]).inc()
         self.stats.dead_letters += 1
         if letter["origin_topic"] == self._deadletter_topic:
             return
-        data = self._codec.encode("DeadLetter", letter, self._deadletter_topic)
-        self._producer.produce(
-            self._deadletter_topic, value=data, key=letter["origin_topic"].encode(), on_delivery=_on_delivery
-        )
-        self._producer.poll(0)
+        owed_by.append(self._letters.send(letter))
 
     # -- batches out -------------------------------------------------------------------------------------
 
@@ -405,12 +479,14 @@ class Sink:
             per_topic[entry.topic] = per_topic.get(entry.topic, 0) + 1
         for topic, count in per_topic.items():
             self._metrics.records.labels(topic).inc(count)
+        letters = self._batch_letters
         self._batch, self._batch_offsets, self._batch_started, self._full_since = [], {}, None, None
+        self._batch_letters = []
         index = self._free_writer()
         if index is None:  # callers check first
             raise RuntimeError("no writer is free")
         future = self._executors[index].submit(self._writers[index].write, entries)
-        self._inflight.append(_InFlight(future, offsets, len(entries), started, index))
+        self._inflight.append(_InFlight(future, offsets, len(entries), started, index, letters))
 
     def _free_writer(self) -> int | None:
         """A writer with no batch still being written (its last one may wait for an older batch)."""
@@ -418,13 +494,13 @@ class Sink:
         return next((i for i in range(len(self._writers)) if i not in busy), None)
 
     def _collect(self, commit: bool = True) -> None:
-        """Once the batch in flight is stored: publish its dead letters, flush them, and (unless the
-        caller does it later) commit its offsets."""
+        """Once the batch in flight is stored: send its database dead letters, and (unless the caller
+        does it later) commit the offsets of the stored batches whose letters are all delivered."""
         while self._inflight and self._inflight[0].future.done():
             inflight = self._inflight.popleft()
             result = inflight.future.result()  # a fatal database error ends the sink here, uncommitted
             for letter in result.letters:
-                self._publish_letter(letter)
+                self._publish_letter(letter, inflight.letters)
             self._account(inflight, result)
             self._ready_to_commit.append(inflight)
         if commit and self._ready_to_commit:
@@ -443,17 +519,25 @@ class Sink:
         self.stats.batches += 1
 
     def _commit(self) -> None:
-        if len(self._producer) and self._producer.flush(_DEAD_LETTER_FLUSH_S):
-            log.warning(
-                "dead letters not yet delivered; offsets wait", extra={"pending": len(self._producer)}
-            )
+        """Commit the stored batches, oldest first, up to the first one with a dead letter the broker has
+        not acknowledged yet (that one and every later one wait: at least once)."""
+        self._letters.serve()
+        if self._commits_outstanding:  # one at a time: the next one carries what was stored meanwhile
+            return
+        settled = 0
+        while settled < len(self._ready_to_commit) and all(
+            letter.delivered for letter in self._ready_to_commit[settled].letters
+        ):
+            settled += 1
+        if not settled:
             return
         started = self._clock()
         offsets: dict[tuple[str, int], int] = {}
-        for done in self._ready_to_commit:
+        batches = self._ready_to_commit[:settled]
+        self._ready_to_commit = self._ready_to_commit[settled:]
+        for done in batches:
             for tp, offset in done.offsets.items():
                 offsets[tp] = max(offsets.get(tp, -1), offset + 1)
-        batches, self._ready_to_commit = self._ready_to_commit, []
         # Only partitions still ours, and never backwards (a batch from before a rebalance may finish late).
         commit = [
             TopicPartition(topic, partition, offset)
@@ -462,25 +546,40 @@ class Sink:
         ]
         if commit:
             try:
-                self._consumer.commit(offsets=commit, asynchronous=False)
+                # Asynchronous: a synchronous commit blocks up to 45 s while the coordinator is away.
+                self._consumer.commit(offsets=commit, asynchronous=True)
+                self._commits_outstanding += 1
             except KafkaException as exc:
                 # The rows are stored; the records come again after a restart and are stored once.
                 self._metrics.commit_failures.inc()
                 log.warning("offset commit failed", extra={"error": str(exc)})
-            else:
-                for tp in commit:
-                    self._committed[(tp.topic, tp.partition)] = tp.offset
         now = self._clock()
         self._metrics.batch_seconds.labels("commit").observe(now - started)
         for done in batches:
             self._metrics.batch_seconds.labels("total").observe(now - done.started)
 
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """The broker's answer to a commit (served by consume); only what it acknowledged counts."""
+        self._commits_outstanding = max(0, self._commits_outstanding - 1)
+        if error is not None:
+            # The rows are stored; the records come again after a restart and are stored once.
+            self._metrics.commit_failures.inc()
+            log.warning("offset commit failed", extra={"error": str(error)})
+            return
+        for tp in partitions:
+            if tp.error is None and tp.offset >= 0:
+                key = (tp.topic, tp.partition)
+                self._committed[key] = max(self._committed.get(key, -1), tp.offset)
+
     def _drain(self) -> None:
         """Stop: store and commit the batch in hand, waiting at most ``shutdown_timeout_s`` for the
-        database; what is not stored by then is not committed (it comes again on the next start)."""
-        deadline = self._clock() + self._shutdown_timeout_s
+        database, and never past what the stop bound leaves; what is not stored (or whose dead letters
+        are not delivered) by then is not committed: it comes again on the next start."""
+        budget = min(self._shutdown_timeout_s, max(0.0, self._time_left_s() - _CLOSE_RESERVE_S))
+        deadline = self._clock() + budget
         self._set_paused(True)
         while self._inflight or self._batch:
+            self._letters.serve()
             self._collect()
             if self._batch and self._free_writer() is not None:
                 self._submit()
@@ -501,22 +600,41 @@ class Sink:
             wait(futures, timeout=min(remaining, 0.5), return_when=FIRST_COMPLETED)
             self._set_paused(True)
             self._consumer.consume(num_messages=1, timeout=0)  # paused: serves callbacks; nothing is read
-        if self._ready_to_commit:
+        # The last dead letters and the commits' acknowledgements, within what is left.
+        while (self._ready_to_commit or self._commits_outstanding) and self._clock() < deadline:
             self._commit()
+            self._letters.serve(min(0.05, max(0.0, deadline - self._clock())))
+            # Paused: nothing is read; this serves the commit's answer.
+            self._consumer.consume(num_messages=1, timeout=min(0.05, max(0.0, deadline - self._clock())))
+        if self._ready_to_commit or self._commits_outstanding or self._letters.pending():
+            log.warning(
+                "stopping with work not acknowledged; it is read again on the next start",
+                extra={
+                    "batches_uncommitted": len(self._ready_to_commit),
+                    "commits_unanswered": self._commits_outstanding,
+                    "dead_letters_pending": self._letters.pending(),
+                },
+            )
 
     def _close(self) -> None:
+        """Close every client, each within a bound: with the broker or the database away a close could
+        otherwise outlast the stop bound (nothing is committed here any more)."""
         self._closing = True
         try:
-            self._consumer.close()
+            bounded_call(self._consumer.close, min(_CLIENT_CLOSE_S, self._time_left_s()), "consumer close")
         finally:
             if self._inflight:  # an error left batches in flight: stop their retries
                 for writer in self._writers:
                     writer.abort.set()
             for executor in self._executors:
-                executor.shutdown(wait=True)
+                executor.shutdown(wait=False, cancel_futures=True)
+            for inflight in self._inflight:
+                with contextlib.suppress(Exception):
+                    inflight.future.result(timeout=max(0.0, self._time_left_s() - 1.0))
             for writer in self._writers:
-                writer.close()
-            self._producer.flush(_DEAD_LETTER_FLUSH_S)
+                with contextlib.suppress(Exception):
+                    writer.close()
+            self._producer.flush(min(_DEAD_LETTER_FLUSH_S, max(0.0, self._time_left_s() - 1.0)))
             self._metrics.paused.set(0)
             self._metrics.lag.update({})
 
@@ -588,11 +706,6 @@ def _origin(message: Message) -> Origin:
     )
 
 
-def _on_delivery(error: KafkaError | None, message: Message) -> None:
-    if error is not None:
-        log.error("dead letter not delivered", extra={"topic": message.topic(), "error": str(error)})
-
-
 def run(
     settings: Settings,
     *,
@@ -652,6 +765,7 @@ def run(
         batch_timeout_s=batch_timeout_s,
         shutdown_timeout_s=shutdown_timeout_s,
         consumer_config=consumer_config,
+        time_left_s=service.time_left_s,
     )
     try:
         return sink.run(service.stopping)

@@ -81,6 +81,12 @@ class SinkMetrics:
             ["sqlstate"],
             registry=registry,
         )
+        self.dead_letter_failures = Counter(
+            "aima_sink_dead_letter_failures_total",
+            "Sends of a dead letter the broker refused or that failed (each is sent again; the offsets wait)",
+            ["error"],
+            registry=registry,
+        )
         self.commit_failures = Counter(
             "aima_sink_commit_failures_total", "Offset commits the broker refused", registry=registry
         )
