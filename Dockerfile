@@ -18,7 +18,7 @@ USER aima
 WORKDIR /src
 COPY --chown=aima:aima . /src
 RUN python -m venv /opt/aima \
-    && pip install . \
+    && pip install . -c constraints.txt \
     && aima-metrics --help > /dev/null
 
 # Nothing of the source tree is needed at run time: the wheel carries the packages and the Avro schemas.
