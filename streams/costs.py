@@ -242,11 +242,16 @@ def _hour_crossed(batch: PartitionBatch) -> bool:
 
 
 def _by_watermark_hour(batch: PartitionBatch) -> Iterator[PartitionBatch]:
-    """``batch`` cut where the partition's watermark, advanced record by record in offset order, enters a
-    new hour: each part is folded with the clock as it stood at its records, so a batch that spans days of
-    a backfill keeps what a live stream would (the retention counts from each record's time, not from the
-    batch's end). Only the first part is ``resumed``."""
-    inputs = list(batch.inputs)
+    """``batch`` in event-time order, cut where the watermark, advanced record by record, enters a new
+    hour: each part is folded with the clock as it stood at its records, so a batch that spans days of a
+    backfill keeps what a live stream would (the retention counts from each record's time, not from the
+    batch's end). Only the first part is ``resumed``.
+
+    Sorted because the topic is a repartition: it interleaves job.events partitions that were read at
+    their own pace (a backlog read at once arrives one upstream partition after the other, days apart).
+    The sort is stable, so one job's events, which all come from one upstream partition, keep their order;
+    replays are recognised per job by offset, so folding jobs in another order changes nothing else."""
+    inputs = sorted(batch.inputs, key=lambda record: record.event_time)
     if not inputs:
         yield batch
         return

@@ -806,3 +806,18 @@ def test_windows_from_environ_and_their_errors() -> None:
         cost_processors_from_environ({"AIMA_COST_RETENTION_S": "two days"})
     with pytest.raises(ValueError, match="AIMA_IDLE_HOURS_RETENTION_S"):
         cost_processors_from_environ({"AIMA_IDLE_HOURS_RETENTION_S": "0"})
+
+
+def test_job_events_interleaved_by_the_repartition_count_as_in_time_order() -> None:
+    """A backlog of job.events read at once reaches the repartitioned topic one upstream partition after
+    the other: days apart, in one batch. Every job is still counted, as in time order."""
+    events = _ten_days_of_jobs()[:-1]
+    odd = [e for e in events if int(e["job_id"][1:]) % 2]
+    even = [e for e in events if not int(e["job_id"][1:]) % 2]
+    interleaved = costs_feed(retention=timedelta(hours=2))
+    interleaved.send(*odd, *even)
+    ordered = costs_feed(retention=timedelta(hours=2))
+    ordered.send(*events)
+    assert interleaved.latest() == ordered.latest()
+    hours = [v for v in interleaved.latest().values() if v["kind"] == "gpu_hours"]
+    assert sum(v["gpu_hours"] for v in hours) == pytest.approx(20.0)
