@@ -13,7 +13,10 @@ no raw user id exists here, so no pseudonymisation key is needed.
 
 Sampling cadence follows the real collectors where the step allows: GPU metrics of the 'fast' group every
 step, the 'slow' group (temperature, power, PCIe, clocks, errors) and pod states every 30 s, networks every
-30 s and disks every 5 min of event time; a step longer than a cadence emits it every step."""
+30 s and disks every 5 min of event time; a step longer than a cadence emits it every step.
+
+Backfills: :func:`backfill` (and ``python -m producers.simulator --since 40d``) publishes a history up to
+now as fast as the broker takes it, step after step, so every partition holds it in event-time order."""
 
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from statistics import NormalDist
@@ -34,7 +37,17 @@ from bus.runtime import Progress, Service
 from bus.settings import Settings
 from producers.publisher import Publisher
 
-__all__ = ["GPU_SPECS", "HOST_PROFILES", "Fleet", "Record", "generate", "run"]
+__all__ = [
+    "GPU_SPECS",
+    "HOST_PROFILES",
+    "BackfillReport",
+    "Fleet",
+    "Record",
+    "backfill",
+    "generate",
+    "main",
+    "run",
+]
 
 Record = tuple[str, str, str, dict[str, Any]]
 """(topic_key, message key, record name, value), the arguments of ``Publisher.publish``."""
@@ -530,6 +543,70 @@ def generate(fleet: Fleet, start: datetime, end: datetime, step_s: float) -> Ite
         k += 1
 
 
+@dataclass(frozen=True)
+class BackfillReport:
+    records: int
+    """Records handed to the publisher."""
+    rejected: int
+    """Refused by the publisher (invalid, dead-lettered with the reason, or dropped): 0 in a good run."""
+    pending: int
+    """Not acknowledged by the broker when the last flush gave up: 0 in a good run."""
+
+
+def backfill(
+    settings: Settings,
+    start: datetime,
+    end: datetime | None = None,
+    *,
+    step_s: float = 60.0,
+    hosts: int = 2,
+    gpus_per_host: int = 4,
+    seed: int = 1,
+    arrivals_per_hour: float | None = None,
+    topics: Collection[str] | None = None,
+    publisher: Publisher | None = None,
+    service: Service | None = None,
+    flush_every: int = 20_000,
+) -> BackfillReport:
+    """Publish the fleet's history from ``start`` to ``end`` (default: now) as fast as the broker takes it,
+    in event-time order: a step's records go out before the next step's, so every partition holds its
+    records in time order, as a fleet that had been publishing all along would have left them.
+
+    ``topics``: only records of these catalogue topics (default: every one). Every ``flush_every``
+    records the publisher is flushed, so its buffer never overflows (an overflowing buffer drops). Stops
+    early when ``service.stopping`` is set."""
+    end = datetime.now(UTC) if end is None else _aware(end)
+    start = _aware(start)
+    if start >= end:
+        raise ValueError(f"the backfill start {start.isoformat()} is not before its end {end.isoformat()}")
+    if publisher is None:
+        registry = service.registry if service is not None else CollectorRegistry()
+        publisher = Publisher(settings, source=SOURCE, registry=registry)
+    fleet = Fleet(
+        seed=seed, hosts=hosts, gpus_per_host=gpus_per_host, start=start, arrivals_per_hour=arrivals_per_hour
+    )
+    wanted = None if topics is None else frozenset(topics)
+    progress = Progress("simulator backfill records")
+    sent = rejected = since_flush = 0
+    stopping = service.stopping if service is not None else threading.Event()
+    for record in generate(fleet, start, end, step_s):
+        if wanted is not None and record[0] not in wanted:
+            continue
+        if not publisher.publish(*record):
+            rejected += 1
+        sent += 1
+        since_flush += 1
+        if since_flush >= flush_every:
+            publisher.flush(service.time_left_s() if service is not None else 60.0)
+            progress.advance(since_flush)
+            since_flush = 0
+            if stopping.is_set():
+                break
+    pending = publisher.flush(service.time_left_s() if service is not None else 60.0)
+    progress.advance(since_flush)
+    return BackfillReport(sent, rejected, pending)
+
+
 def run(
     settings: Settings,
     *,
@@ -608,3 +685,70 @@ def _aware(at: datetime) -> datetime:
     if at.tzinfo is None:
         raise ValueError(f"times must be timezone-aware (UTC), got {at!r}")
     return at.astimezone(UTC)
+
+
+def _when(text: str, now: datetime) -> datetime:
+    """``40d``, ``12h``, ``90m`` before ``now``, or an ISO 8601 time with a zone."""
+    units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+    if text and text[-1] in units:
+        try:
+            return now - timedelta(seconds=float(text[:-1]) * units[text[-1]])
+        except ValueError:
+            pass
+    try:
+        return _aware(datetime.fromisoformat(text))
+    except ValueError as exc:
+        raise ValueError(
+            f"{text!r} is neither a span such as 40d or 12h nor an ISO time with a zone"
+        ) from exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m producers.simulator --since 40d``: publish a simulated fleet's history up to now, as
+    fast as the broker takes it, in event-time order, and exit (0 when every record was acknowledged).
+    Broker and topic settings come from the environment (bus/settings.py)."""
+    import argparse
+
+    from bus import logs
+
+    parser = argparse.ArgumentParser(
+        prog="python -m producers.simulator",
+        description="Publish the simulated fleet's history in event-time order, as fast as possible.",
+    )
+    parser.add_argument("--since", required=True, help="start: a span before now (40d, 12h) or an ISO time")
+    parser.add_argument("--until", help="end: a span before now or an ISO time (default: now)")
+    parser.add_argument("--step-s", type=float, default=60.0, help="event time per step (default 60)")
+    parser.add_argument("--hosts", type=int, default=2)
+    parser.add_argument("--gpus-per-host", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--jobs-per-hour", type=float, help="job arrivals (default: ~70 %% of the GPUs busy)")
+    parser.add_argument("--topics", help="comma-separated catalogue topics to publish (default: all)")
+    args = parser.parse_args(argv)
+    logs.configure("INFO")
+    now = datetime.now(UTC)
+    try:
+        start = _when(args.since, now)
+        end = _when(args.until, now) if args.until else now
+    except ValueError as exc:
+        parser.error(str(exc))
+    topics = [t.strip() for t in args.topics.split(",") if t.strip()] if args.topics else None
+    report = backfill(
+        Settings(),
+        start,
+        end,
+        step_s=args.step_s,
+        hosts=args.hosts,
+        gpus_per_host=args.gpus_per_host,
+        seed=args.seed,
+        arrivals_per_hour=args.jobs_per_hour,
+        topics=topics,
+    )
+    print(
+        f"published {report.records} records from {start.isoformat()} to {end.isoformat()}: "
+        f"{report.rejected} rejected, {report.pending} not acknowledged"
+    )
+    return 0 if report.rejected == 0 and report.pending == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
