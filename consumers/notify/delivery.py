@@ -3,8 +3,12 @@
 Attempts repeat with exponential backoff and full jitter (:func:`backoff_s`) while the failure is
 retryable, up to the channel's ``max_attempts`` and ``max_elapsed``. Then the notification goes to the
 dead-letter topic with the reason (stage ``notifier``); only once that record is acknowledged by the broker
-does the delivery count as settled. The notification log in the database records each alert's outcome per
-receiver channel, so a notification replayed after a crash is recognised and not sent again.
+does the delivery count as settled. A dead letter the broker refuses is never dropped: one too large for
+the topic is sent again without its value (the reason says so), any other failure is retried with bounded
+exponential backoff (:data:`LETTER_RETRY_S`) until the broker takes it or the notifier stops (then the
+offsets stay uncommitted and the record is read again). The notification log in the database records each
+alert's outcome per receiver channel, so a notification replayed after a crash is recognised and not sent
+again.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from psycopg_pool import ConnectionPool
 
@@ -43,6 +47,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 STAGE = "notifier"
+LETTER_RETRY_S = (1.0, 30.0)
+"""The first and the longest pause before a dead letter that failed is sent again."""
+
+
+def letter_retry_s(failures: int) -> float:
+    """The pause before sending a dead letter again after ``failures`` failed sends."""
+    return min(LETTER_RETRY_S[0] * 2 ** max(0, failures - 1), LETTER_RETRY_S[1])
 
 
 class Outcome(enum.Enum):
@@ -232,13 +243,21 @@ class NotificationLog:
 
 
 class DeadLetters:
-    """Publishes DeadLetter records and waits for the broker's acknowledgement."""
+    """Publishes DeadLetter records and waits for the broker's acknowledgement (or for ``stop``)."""
 
-    def __init__(self, producer: Producer, codec: Codec, topic: str, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        producer: Producer,
+        codec: Codec,
+        topic: str,
+        timeout_s: float = 30.0,
+        stop: threading.Event | None = None,
+    ) -> None:
         self._producer = producer
         self._codec = codec
         self.topic = topic
         self._timeout_s = timeout_s
+        self._stop = stop or threading.Event()
 
     def publish(
         self,
@@ -250,8 +269,10 @@ class DeadLetters:
         reason: str,
         error_type: str,
     ) -> None:
-        """Raises ``RuntimeError`` when the broker did not acknowledge in time (the caller tries again)."""
-        record = {
+        """Raises ``RuntimeError`` when the broker did not acknowledge in time, refused the letter, or the
+        notifier is stopping (the caller tries again, or gives up when stopping). A letter too large for
+        the topic goes again at once without its value, the reason saying so."""
+        record: dict[str, Any] = {
             "time": datetime.now(UTC),
             "stage": STAGE,
             "origin_topic": origin_topic,
@@ -263,6 +284,19 @@ class DeadLetters:
             "error_type": error_type,
             "source": STAGE,
         }
+        error = self._send(record)
+        if error is not None and error.code() == KafkaError.MSG_SIZE_TOO_LARGE and value is not None:
+            record["value"] = None
+            record["reason"] = (
+                f"{reason} [the original value ({len(value)} bytes) is left out: the dead-letter topic "
+                f"refused the whole letter ({error.str()})]"
+            )
+            error = self._send(record)
+        if error is not None:
+            raise RuntimeError(f"dead-letter topic {self.topic}: {error.str()}")
+
+    def _send(self, record: dict[str, Any]) -> KafkaError | None:
+        """The broker's refusal, or None once it acknowledged; RuntimeError when it did not answer."""
         encoded = self._codec.encode("DeadLetter", record, topic=self.topic)
         acked = threading.Event()
         errors: list[KafkaError] = []
@@ -272,16 +306,21 @@ class DeadLetters:
                 errors.append(err)
             acked.set()
 
-        self._producer.produce(self.topic, value=encoded, key=origin_topic.encode(), on_delivery=delivered)
+        try:
+            self._producer.produce(
+                self.topic, value=encoded, key=record["origin_topic"].encode(), on_delivery=delivered
+            )
+        except KafkaException as exc:  # refused before sending (the client's own size limit)
+            return exc.args[0]
+        except BufferError as exc:
+            raise RuntimeError(f"dead-letter topic {self.topic}: the producer's queue is full") from exc
         deadline = time.monotonic() + self._timeout_s
-        while not acked.is_set() and time.monotonic() < deadline:
+        while not acked.is_set() and time.monotonic() < deadline and not self._stop.is_set():
             self._producer.poll(0.05)
         if not acked.is_set():
-            raise RuntimeError(
-                f"dead-letter topic {self.topic}: no acknowledgement within {self._timeout_s:g} s"
-            )
-        if errors:
-            raise RuntimeError(f"dead-letter topic {self.topic}: {errors[0]}")
+            why = "the notifier is stopping" if self._stop.is_set() else f"none within {self._timeout_s:g} s"
+            raise RuntimeError(f"dead-letter topic {self.topic}: no acknowledgement ({why})")
+        return errors[0] if errors else None
 
 
 class Deliverer:
@@ -366,6 +405,7 @@ class Deliverer:
         )
         value = json.dumps(_dead_letter_value(notification, result), separators=(",", ":")).encode()
         first = min(origins, key=lambda o: (o.partition, o.offset)) if origins else None
+        failures = 0
         while True:
             try:
                 self._dead_letters.publish(
@@ -378,8 +418,9 @@ class Deliverer:
                 )
                 break
             except (RuntimeError, ValueError) as exc:
+                failures += 1
                 log.error("cannot publish the dead letter; trying again: %s", exc)
-                if self._stop.wait(2.0):
+                if self._stop.wait(letter_retry_s(failures)):
                     return Result(Outcome.ABORTED, result.attempts, "the notifier stopped")
         self._metrics.dead_letters.labels(notification.channel.split("/")[0], result.error_type).inc()
         return Result(Outcome.DEAD_LETTERED, result.attempts, reason, result.error_type, result.elapsed_s)

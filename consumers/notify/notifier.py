@@ -7,14 +7,18 @@ receiver channel. Commit order, so that delivery is at least once:
 1. a record is read; its offset is owed by every group it joined;
 2. a group's notification settles when every channel has delivered it, dead-lettered it (acknowledged by the
    broker) or found it settled before (notification log); only then are the offsets it carried released;
-3. the consumer commits, per partition, up to the lowest offset still owed.
+3. the consumer commits, per partition, up to the lowest offset still owed (asynchronously, one commit
+   at a time: a synchronous one blocks up to 45 s while the broker is away).
 
 A notifier that stops (or crashes) before step 2 leaves the offsets uncommitted; the next one in the group
 reads the records again and the notification log keeps already delivered channels from sending twice.
+A stop settles and commits what it can within what the stop bound leaves (``time_left_s``), each client
+closed within a bound of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -34,8 +38,8 @@ from psycopg_pool import ConnectionPool
 
 from bus.codec import Codec
 from bus.errors import DecodeError
-from bus.kafka import client_config
-from bus.runtime import Service
+from bus.kafka import client_config, quiet_config
+from bus.runtime import Service, bounded_call
 from bus.settings import Settings
 from bus.topics import topic_name
 from consumers.notify import channels as channel_factory
@@ -47,6 +51,7 @@ from consumers.notify.delivery import (
     NotifierMetrics,
     Outcome,
     Result,
+    letter_retry_s,
 )
 from consumers.notify.grouping import Flush, Grouper, OffsetTracker
 from consumers.notify.model import Alert, Notification, Origin
@@ -77,7 +82,13 @@ def run(
     if not config.receivers or all(not r.channels for r in config.receivers.values()):
         log.warning("no notification channels configured (AIMA_NOTIFY_CONFIG); alerts are only counted")
     notifier = Notifier(
-        settings, service.stopping, config, registry=service.registry, schema=schema, group_id=group_id
+        settings,
+        service.stopping,
+        config,
+        registry=service.registry,
+        schema=schema,
+        group_id=group_id,
+        time_left_s=service.time_left_s,
     )
     try:
         notifier.run()
@@ -109,7 +120,10 @@ class Notifier:
         clock: Callable[[], float] = time.monotonic,
         max_pending: int = 10_000,
         commit_interval_s: float = 0.5,
+        time_left_s: Callable[[], float] = lambda: 25.0,
     ) -> None:
+        """``time_left_s``: what the stop bound leaves the process (``Service.time_left_s``); the last
+        deliveries, commit and closes fit in it."""
         dsn = settings.database_dsn()  # fails first, with a clear message, when no database is configured
         self.settings = settings
         self.stop = stop
@@ -126,6 +140,10 @@ class Notifier:
         self._silences: list[Silence] = []
         self._paused = False
         self._last_commit = 0.0
+        self._time_left_s = time_left_s
+        self._commit_outstanding = False
+        self._inflight: set[Future[Result]] = set()
+        self._letter_failures = 0
 
         self.http = httpx.Client(
             limits=httpx.Limits(max_connections=config.workers * 2, max_keepalive_connections=config.workers),
@@ -159,10 +177,13 @@ class Notifier:
                     "acks": "all",
                     "linger.ms": 5,
                     "client.id": f"{group_id}-deadletter",
+                    **quiet_config("notify-deadletter"),
                 },
             )
         )
-        self.dead_letters = DeadLetters(self.producer, self.codec, topic_name(settings, "deadletter"))
+        self.dead_letters = DeadLetters(
+            self.producer, self.codec, topic_name(settings, "deadletter"), stop=stop
+        )
         self.deliverer = Deliverer(
             dead_letters=self.dead_letters,
             origin_topic=self.topic,
@@ -180,6 +201,8 @@ class Notifier:
                     "enable.auto.commit": False,
                     "auto.offset.reset": "earliest",
                     "session.timeout.ms": 10_000,
+                    "on_commit": self._on_commit,
+                    **quiet_config("notify"),
                 },
             )
         )
@@ -265,6 +288,8 @@ class Notifier:
                 log.info("cannot rewind %s[%d]: %s", topic, partition, exc)
 
     def _dead_letter_record(self, message: Message, origin: Origin, exc: Exception) -> bool:
+        """Dead-letter an undecodable record; False when the notifier stopped first (the record stays
+        uncommitted). The broker refusing the letter holds the loop here (backing off), never drops it."""
         error_type = type(exc).__name__.lstrip("_")
         while True:
             try:
@@ -278,9 +303,11 @@ class Notifier:
                 )
                 break
             except (RuntimeError, ValueError) as publish_error:
+                self._letter_failures += 1
                 log.error("cannot publish a dead letter; trying again: %s", publish_error)
-                if self.stop.wait(2.0):
+                if self.stop.wait(letter_retry_s(self._letter_failures)):
                     return False
+        self._letter_failures = 0
         self.metrics.dead_letters.labels("decode", error_type).inc()
         self.tracker.add(origin, 0)
         return True
@@ -333,6 +360,8 @@ class Notifier:
             future = self.executor.submit(
                 self.deliverer.deliver, notification, self.channels[(receiver.name, target.id)], flush.origins
             )
+            self._inflight.add(future)
+            future.add_done_callback(self._inflight.discard)
             future.add_done_callback(lambda f, job=job: self._target_done(job, f))
 
     def _target_done(self, job: _Job, future: Future[Result] | None) -> None:
@@ -378,18 +407,29 @@ class Notifier:
     # -- offsets and partitions --------------------------------------------------------------------------
 
     def _commit(self) -> None:
-        offsets = [TopicPartition(t, p, o) for t, p, o in self.tracker.committable()]
         self.metrics.pending.set(self.tracker.pending())
         self.metrics.groups.set(len(self.grouper))
+        if self._commit_outstanding:  # one at a time: the next one carries whatever moved meanwhile
+            return
+        offsets = [TopicPartition(t, p, o) for t, p, o in self.tracker.committable()]
         if not offsets:
             return
         try:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+            self.consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as exc:
             log.warning("commit failed, trying again later: %s", exc)
             return
-        for tp in offsets:
-            self.tracker.committed(tp.topic, tp.partition, tp.offset)
+        self._commit_outstanding = True
+
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """The broker's answer to a commit (served by poll/consume)."""
+        self._commit_outstanding = False
+        if error is not None:
+            log.warning("commit failed, trying again later: %s", error)
+            return
+        for tp in partitions:
+            if tp.error is None and tp.offset >= 0:
+                self.tracker.committed(tp.topic, tp.partition, tp.offset)
 
     def _backpressure(self) -> None:
         pending = self.tracker.pending()
@@ -415,19 +455,42 @@ class Notifier:
         log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
 
     def _shutdown(self) -> None:
+        """Within what the stop bound leaves: let deliveries in progress finish (their retries and
+        dead-letter waits end at the stop), settle, commit, close each client within a bound."""
         log.info("notifier stopping")
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        deadline = time.monotonic() + max(0.0, self._time_left_s() - _CLOSE_RESERVE_S)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        for future in list(self._inflight):
+            with contextlib.suppress(Exception):
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
         self._settle_completed(self.clock())
         try:
-            self._commit()
+            self._commit_and_wait(deadline)
         finally:
-            self.consumer.close()
-            self.producer.flush(10)
+            bounded_call(self.consumer.close, min(_CLIENT_CLOSE_S, self._time_left_s()), "consumer close")
+            self.producer.flush(min(10.0, max(0.0, self._time_left_s() - 1.0)))
             for channel in self.channels.values():
                 channel.close()
             self.http.close()
-            self.pool.close()
+            self.pool.close(timeout=min(5.0, max(0.0, self._time_left_s() - 0.5)))
+        if self._inflight:
+            log.warning("deliveries still running at the stop bound; their records are read again")
         log.info("notifier stopped")
+
+    def _commit_and_wait(self, deadline: float) -> None:
+        """The last commit, and its answer, until ``deadline`` (the broker away: it is read again)."""
+        while time.monotonic() < deadline:
+            self._commit()
+            if not self._commit_outstanding:
+                return
+            self.consumer.poll(min(0.1, max(0.0, deadline - time.monotonic())))
+        log.warning("the last commit was not answered in time; its records are read again")
+
+
+_CLOSE_RESERVE_S = 4.0
+"""Of the time a stop leaves, what closing the clients keeps."""
+_CLIENT_CLOSE_S = 3.0
+"""The longest the consumer's close may take (leaving the group with the broker away can hang)."""
 
 
 class _WrongRecord(Exception):
