@@ -7,6 +7,7 @@ a batch with a bad record goes record by record) and a few records (one by one).
 from __future__ import annotations
 
 import time
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -47,10 +48,11 @@ def job_event(i: int, **overrides: Any) -> dict[str, Any]:
 
 
 def read_letters(settings: Settings, count: int, timeout_s: float = 120.0) -> list[dict[str, Any]]:
+    """The first ``count`` records of the dead-letter topic (read from its start each time)."""
     consumer = Consumer(
         {
             "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"letters-{settings.topic_prefix}",
+            "group.id": f"letters-{uuid.uuid4().hex}",
             "auto.offset.reset": "earliest",
         }
     )
