@@ -16,7 +16,7 @@ from typing import Any
 from bus.codec import Codec
 from bus.runtime import Service
 from bus.settings import Settings
-from producers.publisher import Publisher
+from producers.publisher import Publisher, last_flush_s
 
 Records = list[tuple[str, dict[str, Any]]]
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def run(names: list[str], once: bool, echo: Callable[[str], None]) -> int:
         while thread.is_alive():
             thread.join(0.5)
     # What is not acknowledged when the bound's time is up (the broker away) was never on a topic.
-    publisher.flush(30.0 if once else service.time_left_s())
+    publisher.flush(last_flush_s(None if once else service, settings))
     log.info(
         "publisher closed",
         extra={

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, Message, Producer
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
@@ -24,6 +24,23 @@ from bus.topics import topic_name
 from bus.validation import EventTimeGuard, InvalidRecord, Validator
 
 log = logging.getLogger(__name__)
+
+LAST_FLUSH_RESERVE = 0.5
+"""Of the stop bound, what a stopping process keeps after its publisher's last flush: with the broker away
+a flush would otherwise wait to the bound's end, leaving the exit no margin."""
+
+
+class _Stoppable(Protocol):
+    def time_left_s(self) -> float: ...
+
+
+def last_flush_s(service: _Stoppable | None, settings: Settings, default_s: float = 30.0) -> float:
+    """How long a stopping process's last flush may wait: until ``LAST_FLUSH_RESERVE`` of the stop bound
+    is left (a deadline, so flushes one after the other share it); ``default_s`` without a service. What
+    is still unacknowledged then was never on a topic: it is counted as pending, and lost."""
+    if service is None:
+        return default_s
+    return max(0.0, service.time_left_s() - settings.stop_timeout_s * LAST_FLUSH_RESERVE)
 
 
 class PublisherMetrics:

@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry
 from bus import sketch as sketches
 from bus.runtime import Progress, Service
 from bus.settings import Settings
-from producers.publisher import Publisher
+from producers.publisher import Publisher, last_flush_s
 
 __all__ = [
     "GPU_SPECS",
@@ -662,7 +662,7 @@ def run(
     finally:
         # Within what the stop bound leaves: with the broker away, what is not acknowledged by then is lost
         # (it was never on the topic), rather than the bound ending the process mid-flush.
-        publisher.flush(service.time_left_s() if service is not None else 30.0)
+        publisher.flush(last_flush_s(service, settings))
     return []
 
 

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from bus.runtime import Service
 from bus.settings import Settings
 from producers.k8s import K8sApiError, K8sConfig, PodReader
-from producers.publisher import Publisher
+from producers.publisher import Publisher, last_flush_s
 
 __all__ = [
     "GROUPS",
@@ -488,5 +488,5 @@ def run(
         return []
     finally:
         # Within what the stop bound leaves (with the broker away a full flush would outlast it).
-        publisher.flush(service.time_left_s() if service is not None else 30.0)
+        publisher.flush(last_flush_s(service, settings))
         collector.close()

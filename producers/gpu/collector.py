@@ -308,8 +308,10 @@ def _run_loop(
             stopping.wait(max(0.0, collector.next_due() - time.monotonic()))
     finally:
         if publisher is not None:
-            # Within what the stop bound leaves (with the broker away a full flush would outlast it).
-            publisher.flush(service.time_left_s() if service is not None else 30.0)
+            from producers.publisher import last_flush_s  # a publisher exists: Kafka is imported already
+
+            # Within the stop bound (with the broker away a full flush would outlast it).
+            publisher.flush(last_flush_s(service, settings))
         collector.close()
         if nvml_up:
             _shutdown_nvml(collector.nvml)
