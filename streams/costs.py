@@ -881,7 +881,10 @@ class IdleHoursProcessor:
     in its own event-time order): an hour is dropped once every device still reporting is ``retention``
     past it. A device more than ``stale_after`` behind the newest one (a GPU taken out) stops holding the
     clock back. Nothing is dead-lettered here, the records are the app's own; one for an hour already
-    dropped (an allocation re-sent after every device moved on by the retention) is left out, logged."""
+    dropped is left out, logged. That happens to a device this processor has not heard of yet while the
+    others are more than the retention ahead: a backlog read one gpu.samples partition at a time (a
+    fetch takes megabytes from one partition) gets there, which is why the default retention is long
+    (45 days, a month-long backfill). State: one entry per (gpu_model, hour) with a figure per device."""
 
     topics = (DEVICE_HOURS,)
 
@@ -889,7 +892,7 @@ class IdleHoursProcessor:
         self,
         *,
         name: str = "costs_idle_hours",
-        retention: timedelta = timedelta(hours=72),
+        retention: timedelta = timedelta(days=45),
         stale_after: timedelta = timedelta(days=7),
     ) -> None:
         if retention <= timedelta(0) or stale_after <= timedelta(0):
@@ -990,7 +993,7 @@ def cost_processors(
     max_gap: timedelta = timedelta(seconds=60),
     cost_retention: timedelta = timedelta(hours=48),
     device_retention: timedelta = timedelta(hours=48),
-    idle_retention: timedelta = timedelta(hours=72),
+    idle_retention: timedelta = timedelta(days=45),
     idle_stale_after: timedelta = timedelta(days=7),
 ) -> list[Processor]:
     """Every processor the cost figures need, in data-flow order."""
@@ -1007,7 +1010,7 @@ def cost_processors_from_environ(environ: Mapping[str, str] | None = None) -> li
     budgets), ``AIMA_COST_CONFIG_CHECK_S`` (how often the two files are checked for changes, default 30),
     ``AIMA_DEVICE_MAX_GAP_S`` (default 60) and the windows in seconds: ``AIMA_COST_RETENTION_S`` (job
     hours, default 172800), ``AIMA_DEVICE_HOURS_RETENTION_S`` (device coverage, default 172800),
-    ``AIMA_IDLE_HOURS_RETENTION_S`` (idle hours, default 259200) and ``AIMA_IDLE_DEVICE_STALE_S`` (when a
+    ``AIMA_IDLE_HOURS_RETENTION_S`` (idle hours, default 3888000) and ``AIMA_IDLE_DEVICE_STALE_S`` (when a
     silent device stops holding the idle clock back, default 604800). Both files are re-read when they
     change."""
     env = os.environ if environ is None else environ
@@ -1021,7 +1024,7 @@ def cost_processors_from_environ(environ: Mapping[str, str] | None = None) -> li
         max_gap=_seconds(env, "AIMA_DEVICE_MAX_GAP_S", 60),
         cost_retention=_seconds(env, "AIMA_COST_RETENTION_S", 48 * 3600),
         device_retention=_seconds(env, "AIMA_DEVICE_HOURS_RETENTION_S", 48 * 3600),
-        idle_retention=_seconds(env, "AIMA_IDLE_HOURS_RETENTION_S", 72 * 3600),
+        idle_retention=_seconds(env, "AIMA_IDLE_HOURS_RETENTION_S", 45 * 24 * 3600),
         idle_stale_after=_seconds(env, "AIMA_IDLE_DEVICE_STALE_S", 7 * 24 * 3600),
     )
 
