@@ -41,6 +41,7 @@ from consumers.notify.config import NotifyConfig, parse
 from consumers.notify.notifier import run
 from consumers.notify.push import alert_stream
 from consumers.notify.silences import create_silence, delete_silence, list_silences
+from tests.integration.test_sink_produce_errors import set_max_message_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -642,6 +643,38 @@ def test_an_undecodable_record_is_dead_lettered_and_the_next_alert_delivered(
     assert dead["key"] == event["fingerprint"].encode()
     assert verified(delivered)["alerts"][0]["fingerprint"] == event["fingerprint"]
     assert notifier.metric("aima_notifier_dead_letters_total", channel="decode", error_type="NotAvro") == 1
+
+
+def test_a_dead_letter_the_broker_refuses_holds_the_offsets_until_it_is_taken(
+    start: Callable[..., RunningNotifier], topics: Settings, receiver: Receiver, unique: str
+) -> None:
+    """The dead-letter topic refuses every letter (max.message.bytes 100, too small even for one without
+    its value): the poison record is not acknowledged, so nothing from it on is committed or delivered.
+    Then it takes 1500 bytes, less than the poison value: the letter goes without its value (the reason
+    says so), and the alert behind it is delivered."""
+    letters = topic_name(topics, "deadletter")
+    set_max_message_bytes(topics, letters, 100)
+    group = f"notify-{unique}"
+    notifier = start(config([{"name": "ops", "webhook": webhook(receiver.url("/hook"))}]), group)
+    event = alert_event()
+    producer = Producer({"bootstrap.servers": topics.kafka_bootstrap})
+    poison = b"not avro at all " * 200
+    producer.produce(topic_name(topics, "alerts"), key=event["fingerprint"].encode(), value=poison)
+    producer.flush(10)
+    produce(topics, event)  # same key, same partition, after the poison record
+    try:
+        time.sleep(6.0)  # several refused sends and commit intervals
+        committed, end = committed_and_end(topics, group)
+        assert committed < end and receiver.seen("/hook") == []
+        set_max_message_bytes(topics, letters, 1500)
+        (dead,) = _read_dead_letters(topics, 1, timeout_s=60)
+        (delivered,) = receiver.wait_for("/hook", timeout_s=60)
+        wait_committed(topics, group, timeout_s=60)
+    finally:
+        notifier.stop()
+    assert dead["error_type"] == "NotAvro" and dead["value"] is None
+    assert f"original value ({len(poison)} bytes) is left out" in dead["reason"]
+    assert verified(delivered)["alerts"][0]["fingerprint"] == event["fingerprint"]
 
 
 def test_a_silence_suppresses_matching_alerts(
