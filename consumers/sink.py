@@ -719,7 +719,7 @@ def run(
     codec: Codec | None = None,
     maintenance_every_s: float | None = 3600.0,
     retention_every_s: float | None = None,
-    shutdown_timeout_s: float = 30.0,
+    shutdown_timeout_s: float = 10.0,
     retry_max_s: float = 5.0,
     consumer_config: dict[str, Any] | None = None,
     writers: int = 2,
@@ -733,6 +733,8 @@ def run(
     ``maintenance_every_s``: how often daily partitions are created ahead (plain PostgreSQL).
     ``retention_every_s``: also apply retention this often (None: leave it to ``db retention`` or, with
     TimescaleDB, to its policies).
+    ``shutdown_timeout_s``: how long a stop waits for an unavailable database to store the batch in
+    hand (never past what the stop bound leaves); what it does not store is read again at the next start.
     ``writers``: database connections writing batches side by side (PostgreSQL's COPY is the sink's
     narrowest stage; two nearly double what one stores on a 2-core machine)."""
     own_service = service is None
