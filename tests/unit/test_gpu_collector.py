@@ -424,7 +424,7 @@ def test_run_once_without_nvml_device_says_so(nvml: FakeNvml, caplog: pytest.Log
 
 def test_run_loop_publishes_and_flushes_on_stop() -> None:
     stop = threading.Event()
-    service = SimpleNamespace(stopping=stop, registry=CollectorRegistry())
+    service = SimpleNamespace(stopping=stop, registry=CollectorRegistry(), time_left_s=lambda: 8.0)
     publisher = FakePublisher(stop=stop)
     nvml = FakeNvml([a100(0)])
     result = run(
@@ -442,7 +442,7 @@ def test_run_loop_publishes_and_flushes_on_stop() -> None:
 
 
 def test_run_loop_without_nvml_keeps_going_until_stopped(caplog: pytest.LogCaptureFixture) -> None:
-    service = SimpleNamespace(stopping=StopOnWait(), registry=CollectorRegistry())
+    service = SimpleNamespace(stopping=StopOnWait(), registry=CollectorRegistry(), time_left_s=lambda: 8.0)
     nvml = FakeNvml([], init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
     assert run(settings(), service=service, nvml=nvml, exporter_port=None) == []  # type: ignore[arg-type]
     assert service.registry.get_sample_value("aima_gpu_collector_errors_total", {"kind": "init"}) == 1
