@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,10 @@ log = logging.getLogger(__name__)
 
 class BrokerUnavailable(RuntimeError):
     """No broker answered a metadata request in time."""
+
+
+class TopicsNotReady(RuntimeError):
+    """Topics just created are not in the broker's metadata (with a leader for every partition) in time."""
 
 
 def client_config(settings: Settings, **extra: Any) -> dict[str, Any]:
@@ -120,17 +125,31 @@ def ensure_topics(
 ) -> list[str]:
     """Create the catalogue's topics that are missing, with explicit partitions and retention.
     Existing topics are left alone, so running it twice does no harm. Returns the names created."""
+    return create_topics(
+        settings,
+        [(spec.name(settings.topic_prefix), spec.partitions, spec.config()) for spec in specs],
+        timeout_s=timeout_s,
+    )
+
+
+def create_topics(
+    settings: Settings, topics: Sequence[tuple[str, int, Mapping[str, str]]], timeout_s: float = 30.0
+) -> list[str]:
+    """Create the missing ones of ``topics`` (name, partitions, config) and wait until the broker's metadata
+    shows each with a leader for every partition: a topic's creation is acknowledged before the broker
+    serves it, and a client asking meanwhile is told it does not exist (aiokafka logs that as an error).
+    Existing topics are left alone. Returns the names created."""
     client = admin(settings)
     existing = set(client.list_topics(timeout=timeout_s).topics)
     wanted = [
         NewTopic(
-            spec.name(settings.topic_prefix),
-            num_partitions=spec.partitions,
+            name,
+            num_partitions=partitions,
             replication_factor=settings.topic_replication,
-            config=spec.config(),
+            config=dict(config),
         )
-        for spec in specs
-        if spec.name(settings.topic_prefix) not in existing
+        for name, partitions, config in topics
+        if name not in existing
     ]
     if not wanted:
         return []
@@ -144,8 +163,51 @@ def ensure_topics(
             if exc.args and getattr(exc.args[0], "name", lambda: "")() == "TOPIC_ALREADY_EXISTS":
                 continue
             raise
+    wait_for_topics(settings, {topic.topic: topic.num_partitions for topic in wanted}, timeout_s=timeout_s)
     log.info("created topics", extra={"topics": created})
     return created
+
+
+def wait_for_topics(settings: Settings, partitions: Mapping[str, int], timeout_s: float = 30.0) -> None:
+    """Block until the broker's metadata lists every topic of ``partitions`` (name: partition count) with a
+    leader for each partition; raises :class:`TopicsNotReady` after ``timeout_s``."""
+    client = admin(settings)
+    deadline = time.monotonic() + timeout_s
+    missing = dict(partitions)
+    while True:
+        metadata = client.list_topics(timeout=max(1.0, min(10.0, deadline - time.monotonic())))
+        for name in list(missing):
+            topic = metadata.topics.get(name)
+            if topic is None or topic.error is not None or len(topic.partitions) < missing[name]:
+                continue
+            if all(partition.leader >= 0 for partition in topic.partitions.values()):
+                del missing[name]
+        if not missing:
+            return
+        if time.monotonic() >= deadline:
+            raise TopicsNotReady(f"not in the broker's metadata after {timeout_s} s: {sorted(missing)}")
+        time.sleep(0.2)
+
+
+def wait_for_group_coordinator(settings: Settings, group: str, timeout_s: float = 60.0) -> None:
+    """Block until the broker coordinates consumer group ``group``. On a new cluster the first group makes
+    the broker create its offsets topic, and until that is loaded every member is told the coordinator is
+    not available (aiokafka logs each answer as an error) and commits wait."""
+    client = admin(settings)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            client.describe_consumer_groups([group], request_timeout=max(1.0, min(10.0, left)))[
+                group
+            ].result()
+            return
+        except KafkaException as exc:
+            if time.monotonic() >= deadline:
+                raise BrokerUnavailable(
+                    f"no coordinator for consumer group {group!r} within {timeout_s} s: {exc}"
+                ) from exc
+        time.sleep(0.5)
 
 
 def describe_topics(settings: Settings, specs: tuple[TopicSpec, ...] = TOPICS) -> list[TopicState]:
