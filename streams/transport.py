@@ -11,9 +11,11 @@ tables and recovery, and replaces only the per-record dispatch of the topics it 
 At-least-once, step by step, for one fetched batch (see ``streams.app.Dispatcher.handle``):
 1. the batch is registered as in flight, so a rebalance or a stop waits for it (``Consumer.wait_empty``);
 2. the processors run; their state writes go to the table store and, as changelog records, to the sender;
-3. the sender hands every record (changelogs, outputs, dead letters) to the aiokafka producer;
-4. the offsets are acknowledged and the batch leaves the in-flight set;
-5. Faust's commit flushes the producer, then commits the acknowledged offsets.
+3. the sender hands every record (changelogs, outputs, dead letters) to the aiokafka producer and waits
+   for the broker's answer to each (:meth:`Sender.flush`; ``Dispatcher._deliver`` dead-letters refused
+   outputs and retries deliveries that failed for a passing reason);
+4. only then are the offsets acknowledged, and the batch leaves the in-flight set;
+5. Faust's commit flushes the producer (nothing of the batch is left there), then commits the offsets.
 
 Stopping, whatever the worker is doing (:class:`StreamsWorker`, :class:`StreamsApp`): every SIGTERM or
 SIGINT goes through the process's stop request (bus/runtime.py: it arms the stop bound, and a second one
@@ -42,21 +44,49 @@ import random
 import signal
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiokafka.client
 import faust
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    BrokerResponseError,
+    CorruptRecordException,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+)
+from faust.events import Event
+from faust.streams import _current_event
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from faust.types.tuples import ack_lock
 from mode import Service as ModeService
 from mode.utils.futures import notify
+from mode.utils.times import want_seconds
 
-__all__ = ["BatchConsumer", "ConnectBackoff", "InFlight", "Sender", "StreamsApp", "StreamsWorker"]
+__all__ = [
+    "RECORD_REFUSALS",
+    "BatchConsumer",
+    "ConnectBackoff",
+    "DeliveryFailed",
+    "InFlight",
+    "InternalTopic",
+    "Refused",
+    "Sender",
+    "StreamsApp",
+    "StreamsWorker",
+    "flow_active",
+    "internal_topics",
+    "refused_for_good",
+    "reset_current_event",
+    "set_current_event",
+    "still_current",
+    "until_flow_stops",
+]
 
 log = logging.getLogger(__name__)
 
@@ -448,32 +478,94 @@ class ConnectBackoff:
             return cls._installed
 
 
+class Refused(NamedTuple):
+    """A record the broker refused for good (too large for the topic, invalid): sending it again cannot
+    succeed. ``tag`` is what the caller passed to :meth:`Sender.add` with it."""
+
+    topic: str
+    partition: int
+    key: bytes | None
+    value: bytes | None
+    tag: Any
+    error: KafkaError
+
+
+class DeliveryFailed(Exception):
+    """Records not delivered for a reason that may pass (retries used up, broker away, leader moving, not
+    authorised): the batch they belong to must not be acknowledged. The :class:`Sender` keeps them, so a
+    later :meth:`Sender.flush` tries them again; :meth:`Sender.discard` drops them."""
+
+    def __init__(self, errors: list[tuple[str, int, BaseException]]) -> None:
+        self.errors = errors
+        topic, partition, first = errors[0]
+        more = f" (and {len(errors) - 1} more partitions)" if len(errors) > 1 else ""
+        super().__init__(f"records to {topic}[{partition}] not delivered: {first!r}{more}")
+
+
+RECORD_REFUSALS: tuple[type[KafkaError], ...] = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    CorruptRecordException,
+)
+"""Broker errors about the record itself: the same record is refused again however often it is sent."""
+_INVALID_RECORD = 87  # INVALID_RECORD (e.g. no key on a compacted topic); aiokafka has no class for it
+
+
+def refused_for_good(error: BaseException) -> bool:
+    """Whether the broker refused a record for what it is (resending cannot help), as opposed to a
+    delivery that failed for a passing reason."""
+    if isinstance(error, RECORD_REFUSALS):
+        return True
+    return isinstance(error, BrokerResponseError) and getattr(error, "errno", None) == _INVALID_RECORD
+
+
+_Entry = tuple[bytes | None, bytes | None, Any]
+
+
 class Sender:
-    """Collects the records of one fetched batch and hands them to the aiokafka producer as one record
-    batch per topic partition. Records without a partition go to ``crc32(key) % partitions``, librdkafka's
-    ``consistent`` partitioner, which the project's confluent-kafka producers use too."""
+    """Collects the records of one fetched batch, hands them to the aiokafka producer as record batches per
+    topic partition, and waits until the broker has every one (:meth:`flush`), so that offsets are
+    acknowledged only after their outputs are durable, whatever Faust's commit does. Records without a
+    partition go to ``crc32(key) % partitions``, librdkafka's ``consistent`` partitioner, which the
+    project's confluent-kafka producers use too.
+
+    A record batch the broker refuses as too large is sent again one record per batch, so that only the
+    records too large themselves are refused; the records after it on that partition are sent again too
+    (the later copy of a key stays the last one, which upserting readers and compacted changelogs need;
+    at-least-once allows the duplicates)."""
 
     def __init__(self, app: faust.App) -> None:
         self._app = app
-        self._records: dict[tuple[str, int | None], list[tuple[bytes | None, bytes | None]]] = {}
+        self._records: dict[tuple[str, int | None], list[_Entry]] = {}
         self._partitions: dict[str, int] = {}
 
-    def add(self, topic: str, partition: int | None, key: bytes | None, value: bytes | None) -> None:
+    def add(
+        self, topic: str, partition: int | None, key: bytes | None, value: bytes | None, tag: Any = None
+    ) -> None:
+        """Collect one record; ``tag`` comes back with it if the broker refuses it (:class:`Refused`)."""
         records = self._records.get((topic, partition))
         if records is None:
             records = self._records[(topic, partition)] = []
-        records.append((key, value))
+        records.append((key, value, tag))
 
     def __len__(self) -> int:
         return sum(len(records) for records in self._records.values())
 
-    async def flush(self) -> None:
-        """Hand every collected record to the producer, in the order added per topic partition."""
+    def discard(self) -> int:
+        """Drop every collected record (a batch left unacknowledged is processed again); how many."""
+        count, self._records = len(self), {}
+        return count
+
+    async def flush(self) -> list[Refused]:
+        """Hand every collected record to the producer, in the order added per topic partition, and wait
+        for the broker's answer to each. Returns the records refused for good (:func:`refused_for_good`);
+        raises :class:`DeliveryFailed` when any record was not delivered for another reason, keeping those
+        records (from the first undelivered one on, per partition) for the next flush."""
         if not self._records:
-            return
+            return []
         producer = self._app.producer._ensure_producer()  # type: ignore[attr-defined]
         collected, self._records = self._records, {}
-        by_tp: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
+        by_tp: dict[tuple[str, int], list[_Entry]] = {}
         for (topic, partition), records in collected.items():
             if partition is not None:
                 by_tp.setdefault((topic, partition), []).extend(records)
@@ -481,15 +573,144 @@ class Sender:
             count = self._partitions.get(topic)
             if count is None:
                 count = self._partitions[topic] = len(await producer.partitions_for(topic))
-            for key, value in records:
-                target = zlib.crc32(key or b"") % count
-                by_tp.setdefault((topic, target), []).append((key, value))
-        for (topic, partition), records in by_tp.items():
-            batch = producer.create_batch()
-            for key, value in records:
-                if batch.append(timestamp=None, key=key, value=value) is None:
-                    # Full: submit it; a fresh batch takes any one record, however large.
-                    await producer.send_batch(batch, topic, partition=partition)
-                    batch = producer.create_batch()
-                    batch.append(timestamp=None, key=key, value=value)
-            await producer.send_batch(batch, topic, partition=partition)
+            for entry in records:
+                target = zlib.crc32(entry[0] or b"") % count
+                by_tp.setdefault((topic, target), []).append(entry)
+        outcomes = await asyncio.gather(
+            *(
+                self._deliver(producer, topic, partition, records)
+                for (topic, partition), records in by_tp.items()
+            )
+        )
+        refused: list[Refused] = []
+        failed: list[tuple[str, int, BaseException]] = []
+        for (topic, partition), (gone, left, error) in zip(by_tp, outcomes, strict=True):
+            refused.extend(gone)
+            if error is not None:
+                failed.append((topic, partition, error))
+                self._records.setdefault((topic, partition), []).extend(left)
+        if failed:
+            raise DeliveryFailed(failed)
+        return refused
+
+    async def _deliver(
+        self, producer: Any, topic: str, partition: int, records: list[_Entry]
+    ) -> tuple[list[Refused], list[_Entry], BaseException | None]:
+        """One partition's records: (refused for good, not delivered, why not) once the broker answered
+        for all of them."""
+        refused: list[Refused] = []
+        pending, singles = records, 0
+        while pending:
+            chunks = _chunks(producer, pending, singles)
+            futures = []
+            try:
+                for batch, _ in chunks:
+                    future = await producer.send_batch(batch, topic, partition=partition)
+                    future.add_done_callback(_retrieve)  # an abandoned wait must not leave it unread
+                    futures.append(future)
+            except KafkaError as exc:  # not even queued (no metadata, queue full for the whole timeout)
+                await asyncio.gather(*futures, return_exceptions=True)
+                return refused, pending, exc
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            failed_at = next((i for i, r in enumerate(results) if isinstance(r, BaseException)), None)
+            if failed_at is None:
+                return refused, [], None
+            error = results[failed_at]
+            start = sum(len(entries) for _, entries in chunks[:failed_at])
+            entries = chunks[failed_at][1]
+            if not refused_for_good(error):
+                return refused, pending[start:], error
+            if len(entries) > 1:
+                pending, singles = pending[start:], len(entries)  # again, one record per batch
+                continue
+            for key, value, tag in entries:
+                refused.append(Refused(topic, partition, key, value, tag, error))
+            pending, singles = pending[start + len(entries) :], max(0, singles - start - len(entries))
+        return refused, [], None
+
+
+def _chunks(producer: Any, records: list[_Entry], singles: int) -> list[tuple[Any, list[_Entry]]]:
+    """Record batches for ``records`` in order: the first ``singles`` alone in one each, the rest as full
+    as the producer's batch size allows (a fresh batch takes any one record, however large)."""
+    chunks: list[tuple[Any, list[_Entry]]] = []
+    batch, entries = producer.create_batch(), []
+    for position, entry in enumerate(records):
+        key, value, _ = entry
+        alone = position < singles
+        if entries and (alone or batch.append(timestamp=None, key=key, value=value) is None):
+            chunks.append((batch, entries))
+            batch, entries = producer.create_batch(), []
+            batch.append(timestamp=None, key=key, value=value)
+        elif not entries:
+            batch.append(timestamp=None, key=key, value=value)
+        entries.append(entry)
+        if alone:
+            chunks.append((batch, entries))
+            batch, entries = producer.create_batch(), []
+    if entries:
+        chunks.append((batch, entries))
+    return chunks
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+# -- what streams/app.py needs of Faust's internals, kept here (tests/unit/test_faust_coupling.py) ----------
+
+
+def still_current(app: faust.App, generation: int) -> bool:
+    """Whether a batch fetched in consumer ``generation`` is still this worker's to finish: no rebalance
+    since, and the flow not stopped (a rebalance and a stop begin by stopping it)."""
+    return app.consumer_generation_id == generation and app.flow_control.is_active()
+
+
+def flow_active(app: faust.App) -> bool:
+    """False once a rebalance or a stop has begun (until a rebalance ends)."""
+    return app.flow_control.is_active()
+
+
+async def until_flow_stops(app: faust.App) -> None:
+    """Returns once the consumer's flow stops: a rebalance or a stop has begun."""
+    await app.consumer.suspend_flow.wait()
+
+
+def set_current_event(app: faust.App, tp: TP, record: Any) -> Any:
+    """Make ``record`` (an aiokafka ConsumerRecord of ``tp``) Faust's *current event*, the event any Faust
+    table write takes its changelog partition from; returns the token for :func:`reset_current_event`."""
+    message = app.consumer._to_message(tp, record)
+    event = Event(app, message.key, message.value, message.headers, message)
+    return _current_event.set(weakref.ref(event))
+
+
+def reset_current_event(token: Any) -> None:
+    _current_event.reset(token)
+
+
+class InternalTopic(NamedTuple):
+    name: str
+    partitions: int
+    config: dict[str, str]
+
+
+def internal_topics(app: faust.App) -> list[InternalTopic]:
+    """The topics Faust creates by itself as the app starts (the leader assignor's, each table's
+    changelog), with the partitions and config Faust gives them: created beforehand and awaited until the
+    broker's metadata shows them, Faust finds them there instead of creating them one by one while its
+    consumer subscribes, which raced the broker's metadata (a changelog "not found in cluster metadata",
+    and the assignor leaving a table's changelog out of the assignment)."""
+    topics = [app._leader_assignor._leader_topic]  # type: ignore[attr-defined]
+    topics += [table.changelog_topic for table in app.tables.values()]
+    found = []
+    for topic in topics:
+        config: dict[str, str] = {}
+        policy = [name for name, on in (("compact", topic.compacting), ("delete", topic.deleting)) if on]
+        if policy:
+            config["cleanup.policy"] = ",".join(sorted(policy))
+        if topic.retention:
+            config["retention.ms"] = str(int(want_seconds(topic.retention) * 1000))
+        config.update({key: str(value) for key, value in (topic.config or {}).items()})
+        partitions = topic.partitions or app.conf.topic_partitions
+        found.extend(InternalTopic(name, partitions, config) for name in topic.topics)
+    return found
