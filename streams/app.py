@@ -20,11 +20,11 @@ processor's writes, so a restored watermark never runs ahead of the restored sta
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import logging
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,8 +33,6 @@ from typing import Any
 import faust
 import orjson
 import polars as pl
-from faust.events import Event
-from faust.streams import _current_event
 from faust.types import TP
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -43,13 +41,25 @@ from bus import validation
 from bus.codec import Codec
 from bus.errors import CodecError
 from bus.frames import Frame, FrameDecoders
-from bus.kafka import aiokafka_config
+from bus.kafka import aiokafka_config, create_topics, wait_for_group_coordinator
 from bus.settings import Settings
 from bus.topics import BY_KEY, TopicSpec, topic_name
 from streams.buckets import from_ms, to_ms
 from streams.columns import Columns, LazyInputs
 from streams.processor import Input, Output, PartitionBatch, Processor
-from streams.transport import BatchConsumer, Sender, StreamsApp
+from streams.transport import (
+    BatchConsumer,
+    DeliveryFailed,
+    Refused,
+    Sender,
+    StreamsApp,
+    flow_active,
+    internal_topics,
+    reset_current_event,
+    set_current_event,
+    still_current,
+    until_flow_stops,
+)
 
 __all__ = ["Dispatcher", "PartitionView", "StreamMetrics", "StreamOptions", "create_app"]
 
@@ -57,6 +67,23 @@ log = logging.getLogger(__name__)
 
 DEADLETTER_RECORD = "aima.metrics.DeadLetter"
 _PROGRESS = "#progress"
+DEAD_LETTER_VALUE_MAX = 64 * 1024
+"""Bytes of the original value a dead letter keeps when the whole one does not fit the topic."""
+_FLOW_STOP_GRACE_S = 5.0
+"""How long a batch's deliveries may still take once a rebalance or a stop has begun, before the batch is
+left unacknowledged (to be processed again) so that the rebalance or stop can go on."""
+
+
+class DeliveryRefused(RuntimeError):
+    """The broker refused for good a record that cannot be dead-lettered (a changelog write, or a dead
+    letter that does not fit even truncated): the worker stops with the batch unacknowledged."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Truncated:
+    """Tag of a dead letter sent again with its value cut to :data:`DEAD_LETTER_VALUE_MAX`."""
+
+    record: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -322,7 +349,8 @@ class Dispatcher:
                     form = "columns" if isinstance(inputs, LazyInputs) else "records"
                     self.metrics.forms.labels(route.spec.key, form).inc(len(inputs))
                 done.append((tp, records))
-            await self.sender.flush()
+            if not await self._deliver(consumer, generation):
+                return  # a rebalance or a stop came first: not acknowledged, so processed again
             for tp, records in done:
                 consumer.ack_batch(tp, records)
                 key = self.routes[tp.topic].spec.key
@@ -333,7 +361,58 @@ class Dispatcher:
         self.metrics.batch_seconds.observe(time.monotonic() - started)
 
     def _still_ours(self, generation: int) -> bool:
-        return self.app.consumer_generation_id == generation and self.app.flow_control.is_active()
+        return still_current(self.app, generation)
+
+    async def _deliver(self, consumer: BatchConsumer, generation: int) -> bool:
+        """Wait until the broker has every record the batch produced (changelog writes, outputs, dead
+        letters); True once it has, and only then may the offsets be acknowledged (at-least-once does not
+        rest on Faust's commit flushing the producer).
+
+        A record the broker refuses for good (too large, invalid) is dead-lettered with the reason when it
+        is an output; a dead letter that does not fit goes again with its value truncated; a changelog
+        write (state that cannot be put aside) or a truncated dead letter refused again raises
+        :class:`DeliveryRefused`, which stops the worker with the batch unacknowledged. A delivery that
+        failed for a reason that may pass (aiokafka has retried it for the producer's request timeout) is
+        tried again, with back-off, while the batch is still this worker's: the records are in hand, and
+        stopping would only make a restart redo the batch. False when a rebalance or a stop comes first
+        (after a short grace for deliveries under way): the batch stays unacknowledged."""
+        pause = 0.5
+        while True:
+            try:
+                refused = await self._flush_unless_flow_stops()
+            except DeliveryFailed as exc:
+                if consumer.should_stop or not self._still_ours(generation):
+                    self.sender.discard()
+                    return False
+                log.warning("delivery failed, retrying", extra={"error": str(exc), "pause_s": pause})
+                await consumer.sleep(pause)
+                pause = min(pause * 2, self.options.transient_retry_max_s)
+                continue
+            if refused is None:
+                self.sender.discard()
+                return False
+            if not refused:
+                return True
+            for record in refused:
+                self._refused(record)
+
+    async def _flush_unless_flow_stops(self) -> list[Refused] | None:
+        """The sender's flush; None when the flow stops (rebalance, stop) and the deliveries still take
+        longer than :data:`_FLOW_STOP_GRACE_S` after that."""
+        flush = asyncio.ensure_future(self.sender.flush())
+        stopped = asyncio.ensure_future(until_flow_stops(self.app))
+        try:
+            await asyncio.wait([flush, stopped], return_when=asyncio.FIRST_COMPLETED)
+            if not flush.done():
+                await asyncio.wait([flush], timeout=_FLOW_STOP_GRACE_S)
+            if not flush.done():
+                flush.cancel()
+                return None
+            return flush.result()
+        finally:
+            stopped.cancel()
+            if not flush.done():
+                flush.cancel()
 
     async def _decode(self, route: _Route, batch: list[Any]) -> Sequence[Input] | None:
         decode, problems, schema = self.codec.decode, self.validation.problems, route.spec.schema
@@ -410,7 +489,7 @@ class Dispatcher:
         stops or rebalances meanwhile; raises the error once it is no longer a passing one."""
         pause = 0.5
         consumer = self.app.consumer
-        while not consumer.should_stop and self.app.flow_control.is_active():
+        while not consumer.should_stop and flow_active(self.app):
             await consumer.sleep(pause)
             try:
                 return self.codec.decode(message.value)
@@ -424,9 +503,7 @@ class Dispatcher:
     def _run(
         self, route: _Route, tp: TP, batch: list[Any], inputs: Sequence[Input], committed: int | None
     ) -> None:
-        last = self.app.consumer._to_message(tp, batch[-1])
-        event = Event(self.app, last.key, last.value, last.headers, last)
-        token = _current_event.set(weakref.ref(event))  # the partition any Faust table write would use
+        token = set_current_event(self.app, tp, batch[-1])  # the partition any Faust table write would use
         try:
             columns = inputs.columns if isinstance(inputs, LazyInputs) else None
             if columns is not None:
@@ -484,7 +561,7 @@ class Dispatcher:
                     binding.late.inc(len(result.late))
             self.metrics.watermarks[(route.spec.key, tp.partition)] = watermark
         finally:
-            _current_event.reset(token)
+            reset_current_event(token)
 
     # -- sending ----------------------------------------------------------------------------------------
 
@@ -507,7 +584,7 @@ class Dispatcher:
                 # A processor produced a record that does not fit its schema: keep it, with why.
                 self._dead_letter_output(output, topic, exc)
                 continue
-            add(topic, None, output.key.encode(), data)
+            add(topic, None, output.key.encode(), data, output)
             counts[output.topic_key] = counts.get(output.topic_key, 0) + 1
         for key, count in counts.items():
             self.metrics.outputs.labels(key).inc(count)
@@ -545,11 +622,62 @@ class Dispatcher:
         self._send_dead_letter(record, topic)
         self.metrics.dead_letters.labels(output.topic_key, type(exc).__name__).inc()
 
-    def _send_dead_letter(self, record: dict[str, Any], origin: str) -> None:
+    def _send_dead_letter(self, record: dict[str, Any], origin: str, tag: Any = None) -> None:
         topic = topic_name(self.settings, "deadletter")
         self.sender.add(
-            topic, None, origin.encode(), self.codec.encode(DEADLETTER_RECORD, record, topic=topic)
+            topic,
+            None,
+            origin.encode(),
+            self.codec.encode(DEADLETTER_RECORD, record, topic=topic),
+            record if tag is None else tag,
         )
+
+    def _refused(self, refused: Refused) -> None:
+        """A record the broker refused for good: an output is dead-lettered with the reason, a dead letter
+        sent again with its value truncated; anything else raises :class:`DeliveryRefused`."""
+        tag, error = refused.tag, refused.error
+        where = f"{refused.topic}[{refused.partition}]"
+        if isinstance(tag, Output):
+            value = refused.value or b""
+            record = {
+                "time": int(self.clock() * 1000),
+                "stage": "stream",
+                "origin_topic": refused.topic,
+                "origin_partition": refused.partition,
+                "origin_offset": None,
+                "key": refused.key,
+                "value": value,
+                "reason": f"the broker refused the {tag.record_name} output to {where} for good: {error}",
+                "error_type": type(error).__name__,
+                "source": "stream",
+            }
+            log.warning(
+                "output refused by the broker, dead-lettered",
+                extra={"topic": refused.topic, "error": repr(error), "bytes": len(value)},
+            )
+            if len(value) > DEAD_LETTER_VALUE_MAX:
+                record = _truncated(record, "the output did not fit its topic")
+            self._send_dead_letter(record, refused.topic)
+            self.metrics.dead_letters.labels(tag.topic_key, type(error).__name__).inc()
+            return
+        if isinstance(tag, dict) and len(tag.get("value") or b"") > DEAD_LETTER_VALUE_MAX:
+            log.warning(
+                "dead letter refused by the broker, sent again truncated", extra={"error": repr(error)}
+            )
+            record = _truncated(tag, f"the whole dead letter did not fit {where}: {error}")
+            self._send_dead_letter(record, record["origin_topic"], _Truncated(record))
+            return
+        what = "a dead letter" if isinstance(tag, dict | _Truncated) else "a changelog write"
+        raise DeliveryRefused(
+            f"the broker refused {what} to {where} for good ({error!r}); the batch is not acknowledged"
+        )
+
+
+def _truncated(record: dict[str, Any], why: str) -> dict[str, Any]:
+    """The dead letter with its value cut to :data:`DEAD_LETTER_VALUE_MAX` bytes, the reason saying so."""
+    value = record["value"] or b""
+    cut = f"value truncated from {len(value)} to {DEAD_LETTER_VALUE_MAX} bytes ({why})"
+    return {**record, "value": value[:DEAD_LETTER_VALUE_MAX], "reason": f"{record['reason']}; {cut}"}
 
 
 def _partition_of(key: str) -> int:
@@ -589,7 +717,8 @@ def create_app(
     codec: Codec | None = None,
 ) -> StreamsApp:
     """The Faust app running ``processors``; start it with ``streams.transport.StreamsWorker(app)``
-    (streams/main.py does)."""
+    (streams/main.py does). Needs the broker: creates the app's internal topics (table changelogs, the
+    leader assignor's topic) and waits for its consumer group's coordinator."""
     options = options or StreamOptions()
     if not processors:
         raise ValueError("the stream app needs at least one processor")
@@ -625,6 +754,11 @@ def create_app(
     for route in dispatcher.routes.values():
         # Subscribed as raw bytes; the dispatcher decodes.
         app.topics.add(app.topic(route.name, key_serializer="raw", value_serializer="raw"))
+    # Faust would create these one by one as it starts, racing its own consumer's metadata (a changelog
+    # "not found in cluster metadata", a table's changelog left out of the assignment); on a new cluster
+    # the group's coordinator is not there until the broker has made its offsets topic.
+    create_topics(settings, internal_topics(app))
+    wait_for_group_coordinator(settings, options.app_id)
 
     @app.on_partitions_revoked.connect
     async def _on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
