@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import zlib
 from datetime import timedelta
 from pathlib import Path
@@ -90,6 +91,7 @@ def test_an_output_the_broker_refuses_is_dead_lettered_and_the_rest_arrive(
         rollups.poll()
         letters.poll()
     finally:
+        _kill(running)
         rollups.close()
         letters.close()
     assert LONG_HOST not in short_finals()
@@ -107,6 +109,14 @@ def test_an_output_the_broker_refuses_is_dead_lettered_and_the_rest_arrive(
     text = log.read_text()
     assert "Future exception was never retrieved" not in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
+
+
+def _kill(workers: list[subprocess.Popen[bytes]]) -> None:
+    """A worker a failed test left running is killed, not left behind."""
+    for proc in workers:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 def _error_lines(text: str) -> list[str]:
@@ -129,11 +139,12 @@ def test_a_first_start_on_a_new_cluster_logs_no_error(tmp_path: Path, unique: st
     """A new broker (its offsets topic not made yet), new topics: the worker starts, processes a batch
     and stops, and not one line of its log is at error level; no commit overlaps the next."""
     stack = PrivateStack(tmp_path / "private", postgres=False)
+    running: list[subprocess.Popen[bytes]] = []
     try:
         stack.start()
         settings = stack.settings(topic_prefix=f"t{unique}.")
         log = tmp_path / "worker.log"
-        running = [worker(settings, f"clean-{unique}", log)]
+        running.append(worker(settings, f"clean-{unique}", log))
         wait_until(lambda: b"StreamsWorker]: Ready" in log.read_bytes(), 240, running, log)
         rollups = Topic(settings, "rollups")
         try:
@@ -148,6 +159,7 @@ def test_a_first_start_on_a_new_cluster_logs_no_error(tmp_path: Path, unique: st
             rollups.close()
         stop(running, log)
     finally:
+        _kill(running)
         stack.close()
     text = log.read_text()
     assert _error_lines(text) == [], "\n".join(_error_lines(text))[:4000]
