@@ -111,7 +111,7 @@ class SchemaLog:
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> SchemaLog:
         """The catalogue's schemas topic on the settings' broker."""
-        from bus.kafka import admin, client_config
+        from bus.kafka import admin, client_config, quiet_config
         from bus.topics import topic_name
 
         def producer() -> Producer:
@@ -124,6 +124,7 @@ class SchemaLog:
                         "linger.ms": 0,
                         "message.timeout.ms": 120_000,
                         "client.id": "aima-schema-log",
+                        **quiet_config("schema-log"),
                     },
                 )
             )
@@ -139,6 +140,7 @@ class SchemaLog:
                         "enable.auto.offset.store": False,
                         "auto.offset.reset": "earliest",
                         "client.id": "aima-schema-log",
+                        **quiet_config("schema-log"),
                     },
                 )
             )

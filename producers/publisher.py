@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
 from bus.codec import Codec
 from bus.errors import CodecError
-from bus.kafka import client_config
+from bus.kafka import client_config, quiet_config
 from bus.settings import Settings
 from bus.topics import topic_name
 from bus.validation import EventTimeGuard, InvalidRecord, Validator
@@ -88,6 +88,7 @@ class Publisher:
                 "queue.buffering.max.messages": buffer_records,
                 "message.timeout.ms": int(delivery_timeout_s * 1000),
                 "client.id": f"aima-{source}",
+                **quiet_config(source),
             },
         )
         config.update(producer_config)
