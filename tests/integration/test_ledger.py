@@ -14,15 +14,16 @@ once; the API's aggregates equal the rollup rows; and the dead-letter topic hold
 deliberately bad records only. The counts are printed (``-s``) and recorded as the ``ledger`` property.
 
 The input: two simulated hours (2 hosts x 2 GPUs, 10 s steps; JobTimings left out to keep N to a few
-thousand) ending at a full hour in the recent past, so every hour is final once a closer record at the
-current time has passed on each partition (lateness 60 s). The simulator's cooling fault makes one GPU
-overheat once an hour; the other default rules are switched off and anomalies raise no alerts, so the
+thousand) ending where the current month begins, so every hour, day and month is final once a closer
+record at the current time has passed on each partition (lateness 60 s). The simulator's cooling fault
+makes one GPU overheat once an hour; the other default rules are switched off and anomalies raise no alerts, so the
 alerts that must fire are known. An alert that fires and resolves within one read of the notifier is never
 announced (Alertmanager's rule), so the samples after each firing one wait until its call was made.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -361,7 +362,9 @@ def test_the_ledger_balances_through_crashes_and_outages(
 ) -> None:
     began = time.monotonic()
     now = datetime.now(UTC)
-    data_end = (now - timedelta(minutes=5)).replace(minute=0, second=0, microsecond=0)
+    # The data ends where the current month begins: a month's row appears once one of its days is final,
+    # a year's once one of its months is, so only a closed month shows every tier.
+    data_end = (now - timedelta(minutes=10)).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     records = simulated(data_end)
     episodes = temperature_episodes(records)
     assert len(episodes) == HOURS, episodes  # the cooling fault: once an hour
@@ -480,10 +483,13 @@ def test_the_ledger_balances_through_crashes_and_outages(
 
         wait_for(raw_done, 420, "every raw row", running)
         mark("raw rows in")
-        wait_for(rollups_done, 420, "the final rollups", running)
-        mark("final rollups in")
-        wait_for(alerts_done, 420, "every alert notification", running)
-        mark("alert notifications in")
+        # Soft waits: when the sums never balance, the account below says where.
+        with contextlib.suppress(AssertionError):
+            wait_for(rollups_done, 300, "the final rollups", running)
+        mark("final rollups in (or given up)")
+        with contextlib.suppress(AssertionError):
+            wait_for(alerts_done, 300, "every alert notification", running)
+        mark("alert notifications in (or given up)")
         time.sleep(10)  # a duplicate or a stray letter would show up by now
 
         # -- the account -----------------------------------------------------------------------------
