@@ -16,9 +16,10 @@ deliberately bad records only. The counts are printed (``-s``) and recorded as t
 The input: two simulated hours (2 hosts x 2 GPUs, 10 s steps; JobTimings left out to keep N to a few
 thousand) ending where the current month begins, so every hour, day and month is final once a closer
 record at the current time has passed on each partition (lateness 60 s). The simulator's cooling fault
-makes one GPU overheat once an hour; the other default rules are switched off and anomalies raise no alerts, so the
-alerts that must fire are known. An alert that fires and resolves within one read of the notifier is never
-announced (Alertmanager's rule), so the samples after each firing one wait until its call was made.
+makes one GPU overheat once an hour; the other default rules are switched off and anomalies raise no
+alerts, so the alerts that must fire are known. An alert that fires and resolves within one read of the
+notifier is never announced (Alertmanager's rule), so the samples after each firing one wait until its call
+was made.
 """
 
 from __future__ import annotations
