@@ -25,6 +25,7 @@ from bus.catalogue import Metric
 
 __all__ = [
     "Page",
+    "aggregate_calendar",
     "aggregate_raw",
     "aggregate_rollups",
     "alert_history",
@@ -172,27 +173,78 @@ def aggregate_raw(
 ) -> Page:
     """Buckets of ``step`` (aligned to :data:`BIN_ORIGIN`) per series, from the raw samples in [start,
     end): min, max, avg, p95 (continuous percentile) and count."""
+    bucket = sql.SQL("date_bin(%s, time, %s)")
+    return _aggregate_view(
+        conn, metric, (bucket, [step, BIN_ORIGIN]), lambda s: s + step, start, end, labels, limit, projects
+    )
+
+
+def aggregate_calendar(
+    conn: Conn,
+    metric: Metric,
+    tier: str,
+    start: datetime,
+    end: datetime,
+    labels: Mapping[str, str],
+    limit: int,
+    projects: Projects = None,
+) -> Page:
+    """Calendar buckets (hour, day, month, year, in UTC) per series, from the metric's view. For the cost
+    processor's metrics: each of their records is the latest figure of one period (an upsert), which
+    the rollups do not carry, so their aggregates come from the stored figures themselves."""
+    bucket = sql.SQL("date_trunc(%s, time, 'UTC')")
+    return _aggregate_view(
+        conn, metric, (bucket, [tier]), lambda s: _next_bucket(tier, s), start, end, labels, limit, projects
+    )
+
+
+def _next_bucket(tier: str, start: datetime) -> datetime:
+    start = start.astimezone(UTC)
+    if tier == "hour":
+        return start + timedelta(hours=1)
+    if tier == "day":
+        return start + timedelta(days=1)
+    if tier == "month":
+        return (start.replace(day=1) + timedelta(days=32)).replace(day=1)
+    if tier == "year":
+        return start.replace(year=start.year + 1)
+    raise ValueError(f"unknown tier {tier!r}")
+
+
+def _aggregate_view(
+    conn: Conn,
+    metric: Metric,
+    bucket: tuple[sql.Composable, list[Any]],
+    bucket_end: Callable[[datetime], datetime],
+    start: datetime,
+    end: datetime,
+    labels: Mapping[str, str],
+    limit: int,
+    projects: Projects,
+) -> Page:
     where, params = _view_filters(metric, start, end, labels, projects)
     series = _columns("bucket_start", metric=metric)
+    expression, bucket_params = bucket
     query = sql.SQL(
-        """SELECT date_bin(%s, time, %s) AS bucket_start, {labels}
+        """SELECT {bucket} AS bucket_start, {labels}
                   min(value) AS min, max(value) AS max, avg(value) AS avg,
                   percentile_cont(0.95) WITHIN GROUP (ORDER BY value) AS p95, count(*) AS count
              FROM {view} WHERE {where}
             GROUP BY {series} ORDER BY {series} LIMIT %s"""
     ).format(
+        bucket=expression,
         labels=sql.SQL("").join(sql.Identifier(n) + sql.SQL(", ") for n in metric.labels),
         view=sql.Identifier(metric.name),
         where=where,
         series=series,
     )
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(query, [step, BIN_ORIGIN, *params, limit + 1])
+        cur.execute(query, [*bucket_params, *params, limit + 1])
         rows = cur.fetchall()
     buckets = []
     for row in rows[:limit]:
         labels_of = {name: row.pop(name) for name in metric.labels}
-        row["bucket_end"] = row["bucket_start"] + step
+        row["bucket_end"] = bucket_end(row["bucket_start"])
         row["labels"] = {k: v for k, v in labels_of.items() if v is not None}
         buckets.append(_row(row))
     return Page(buckets, len(rows) > limit)

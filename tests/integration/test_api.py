@@ -755,3 +755,44 @@ def test_the_service_stops_cleanly_on_sigterm(database_url: str, tmp_path: Path)
         _, stderr = process.communicate(timeout=5)
     logs = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
     assert any(line["msg"] == "stop requested" for line in logs), stderr.decode()[-2000:]
+
+
+@pytest.mark.usefixtures("cost_rows")
+def test_cost_metrics_aggregate_their_stored_figures_per_calendar_bucket(
+    client: TestClient, tokens: dict[str, tuple[str, str]]
+) -> None:
+    day = NOW.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=2)
+    span = {"start_time": (day - timedelta(days=40)).isoformat(), "end_time": NOW.isoformat()}
+    hourly = client.get(
+        "/metrics/aggregated/cost_estimated_eur",
+        params={"interval": "1h", "labels": "project=p1", **span},
+        headers=bearer(tokens, "finance"),
+    )
+    assert hourly.status_code == 200, hourly.text
+    body = hourly.json()
+    assert body["source"] == "costs"
+    got = sorted((b["bucket_start"], b["count"], b["max"]) for b in body["buckets"])
+    assert [(datetime.fromisoformat(s), c, m) for s, c, m in got] == [
+        (day + timedelta(hours=5), 1, 5.0),
+        (day + timedelta(hours=10), 1, 10.0),
+    ]
+    daily = client.get(
+        "/metrics/aggregated/cost_estimated_eur",
+        params={"interval": "1d", "labels": "project=p1", **span},
+        headers=bearer(tokens, "finance"),
+    ).json()
+    [bucket] = daily["buckets"]
+    assert (bucket["count"], bucket["min"], bucket["max"], bucket["avg"]) == (2, 5.0, 10.0, 7.5)
+    assert datetime.fromisoformat(bucket["bucket_end"]) - datetime.fromisoformat(
+        bucket["bucket_start"]
+    ) == timedelta(days=1)
+    month = day.replace(day=1)
+    monthly = client.get(
+        "/metrics/aggregated/budget_utilization_percent",
+        params={"interval": "month", **span},
+        headers=bearer(tokens, "finance"),
+    ).json()
+    assert sorted(b["max"] for b in monthly["buckets"]) == [40.0, 90.0]
+    for b in monthly["buckets"]:
+        assert datetime.fromisoformat(b["bucket_start"]) == month
+        assert datetime.fromisoformat(b["bucket_end"]) == (month + timedelta(days=32)).replace(day=1)
