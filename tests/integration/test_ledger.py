@@ -693,11 +693,14 @@ def test_the_ledger_balances_through_crashes_and_outages(
         record_property("ledger", json.dumps(summary, default=str))
         print("LEDGER " + json.dumps(summary, default=str, indent=1), flush=True)
 
-        assert not raw_problems, raw_problems
-        assert not rollup_problems, rollup_problems
-        assert not api_problems, api_problems
-        assert not alert_problems, alert_problems
-        assert not letter_problems, letter_problems
+        problems = {
+            "raw": raw_problems,
+            "rollups": rollup_problems,
+            "api": api_problems,
+            "alerts": alert_problems,
+            "dead letters": letter_problems,
+        }
+        assert not any(problems.values()), {k: v for k, v in problems.items() if v}
         slow = {name: stop for name, stop in stops.items() if stop[0] != 0 or stop[1] > 30}
         assert not slow, f"processes that did not exit 0 within 30 s of SIGTERM: {slow}"
     finally:
