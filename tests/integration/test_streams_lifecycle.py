@@ -4,7 +4,7 @@ and a next worker resumes from what was committed with results equal to the offl
 broker away it backs off (CPU and log growth measured) and resumes by itself when the broker returns.
 
 The measured figures are printed (``pytest -s`` shows them). ``AIMA_TEST_OUTAGE_S`` sets the outage's
-length (default 120 s; the issue's figure is for 300)."""
+length (default 60 s; the issue's figure is for 300, and its 1 MB log bound is scaled to the outage)."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def test_sigterm_at_any_moment_exits_within_the_bound_and_loses_nothing(
 
 
 def test_broker_outage_backs_off_quietly_resumes_and_stops_within_the_bound(tmp_path: Path) -> None:
-    outage_s = float(os.environ.get("AIMA_TEST_OUTAGE_S", "120"))
+    outage_s = float(os.environ.get("AIMA_TEST_OUTAGE_S", "60"))
     stack = PrivateStack(tmp_path / "private", postgres=False)
     stack.start()
     samples = recorded()
@@ -151,7 +151,7 @@ def test_broker_outage_backs_off_quietly_resumes_and_stops_within_the_bound(tmp_
                 f"({grown / (seconds / 60):.0f} bytes/minute)"
             )
             assert cpu_s < 0.05 * seconds, _tail(log)
-            assert grown < 1_000_000, _tail(log)
+            assert grown < 1_000_000 * min(1.0, outage_s / 300), _tail(log)
 
             # Back: the worker resumes by itself, and nothing is lost.
             stack.start_kafka()
