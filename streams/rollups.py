@@ -2,12 +2,15 @@
 buckets of event time, cascading hour -> day -> month -> year.
 
 State, per topic partition (see streams/processor.py), one entry per (tier, bucket start, entity): an entity
-is what one record describes (a GPU, a host, a job's timing kind, ...), so one sample causes one state write
-per batch, however many metrics it carries. An entry holds, per series, ``[count, sum, min, max, zeros,
-bins]``: ``bins`` maps DDSketch bin keys (``ddsketch.LogarithmicMapping`` of ``relative_accuracy``, the
-mapping of bus/sketch.py) to counts, and ``zeros`` counts values the mapping cannot index (zero; negative
-values too, which the Avro ``Sketch`` cannot carry). Merging adds counts per key, so a month's p95 is the p95
-of all its samples within the sketch's relative accuracy (1 % by default), not an average of p95s.
+is what one record describes (a GPU, a host, a pod, a job), named by the labels every metric of its record
+type carries, so one sample causes one state write per batch, however many metrics it carries, and every
+series lives in exactly one entry (k8s_pod_restarts {namespace, pod} and k8s_pod_status {namespace, pod,
+phase} of one pod share the pod's entry; a phase change does not split the restarts). An entry holds, per
+series, ``[count, sum, min, max, zeros, bins]``: ``bins`` maps DDSketch bin keys
+(``ddsketch.LogarithmicMapping`` of ``relative_accuracy``, the mapping of bus/sketch.py) to counts, and
+``zeros`` counts values the mapping cannot index (zero; negative values too, which the Avro ``Sketch`` cannot
+carry). Merging adds counts per key, so a month's p95 is the p95 of all its samples within the sketch's
+relative accuracy (1 % by default), not an average of p95s.
 
 Lifecycle of a bucket, driven only by event time: samples fold into their hour entry while the partition's
 watermark (the largest event time seen so far, record by record in offset order) is before the hour's end
@@ -39,7 +42,7 @@ from __future__ import annotations
 
 import json
 import operator
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import reduce
@@ -145,10 +148,16 @@ class _RecordPlan:
     def __init__(self, record: str, metrics: Iterable[Metric]) -> None:
         self.record = record
         self.metrics = tuple(metrics)
-        names: set[str] = set()
-        for metric in self.metrics:
-            names.update(path for path in metric.label_fields if "[]." not in path)
-        self.entity_fields = tuple(sorted(names))
+        own = [{path for path in metric.label_fields if "[]." not in path} for metric in self.metrics]
+        self.entity_fields = tuple(sorted(set().union(*own)))
+        # A state entry holds every series of the fields all the metrics are labelled with, so that each
+        # series lives in one entry: k8s_pod_restarts {namespace, pod} of a pod that changes phase is one
+        # aggregate, while the entity (the cache of series ids) also tells k8s_pod_status's phases apart.
+        self.key_fields = tuple(sorted(set.intersection(*own))) if own else ()
+        self.varying = frozenset(
+            index for index, fields in enumerate(own) if len(fields) > len(self.key_fields)
+        )
+        """Metrics (by position) whose series differ between the entities of one state entry."""
         self.signature: Callable[[Mapping[str, Any]], Any] = (
             operator.itemgetter(*self.entity_fields) if self.entity_fields else (lambda value: ())
         )
@@ -227,7 +236,8 @@ class _RecordPlan:
 
     def _new_entity(self, value: Mapping[str, Any]) -> _Entity:
         record_labels = {name: _label(value.get(name)) for name in self.entity_fields}
-        key = json.dumps([self.record.rsplit(".", 1)[-1], *record_labels.values()], separators=(",", ":"))
+        key_labels = [record_labels[name] for name in self.key_fields]
+        key = json.dumps([self.record.rsplit(".", 1)[-1], *key_labels], separators=(",", ":"))
         entity = _Entity(key, _Group(), {}, [])
         others: dict[tuple[tuple[str, Any], ...], _Group] = {}
         series: str | None
@@ -356,9 +366,18 @@ class RollupProcessor:
                     found[2].append(row)
 
             late: list[tuple[int, str]] = []
-            watermark = self._route(self._rows(plan, columns), state, work, folded, late, watermark, collect)
+            entities = self._row_entities(plan, columns)
+            rows = zip(
+                columns.offsets,
+                columns.event_ms,
+                repeat(plan, len(columns)),
+                entities,
+                range(len(columns)),
+                strict=True,
+            )
+            watermark = self._route(rows, state, work, folded, late, watermark, collect)
             if plan is not None:
-                self._fold_columns(plan, columns, list(targets.values()))
+                self._fold_columns(plan, columns, list(targets.values()), entities)
             topic, partition = batch.topic_key, batch.partition
             result.late = [(columns.input(topic, partition, row), reason) for row, reason in late]
 
@@ -443,24 +462,15 @@ class RollupProcessor:
         )
 
     @staticmethod
-    def _rows(
-        plan: _RecordPlan | None, columns: Columns
-    ) -> Iterator[tuple[int, int, Any, _Entity | None, int]]:
-        """``_route``'s rows of the columnar path: the item is the row number."""
-        count = len(columns)
+    def _row_entities(plan: _RecordPlan | None, columns: Columns) -> list[_Entity | None]:
+        """The entity of every row of the columnar path; None where the row carries no metric."""
         if plan is None:
-            entities: Iterable[_Entity | None] = repeat(None, count)
-        else:
-            get, make = plan.entities.get, plan.entity_of
-            entities = [
-                (get(signature) or make(signature)) if relevant else None
-                for relevant, signature in zip(
-                    plan.relevant_rows(columns), plan.signatures(columns), strict=True
-                )
-            ]
-        return zip(
-            columns.offsets, columns.event_ms, repeat(plan, count), entities, range(count), strict=True
-        )
+            return [None] * len(columns)
+        get, make = plan.entities.get, plan.entity_of
+        return [
+            (get(signature) or make(signature)) if relevant else None
+            for relevant, signature in zip(plan.relevant_rows(columns), plan.signatures(columns), strict=True)
+        ]
 
     # -- folding --------------------------------------------------------------------------------------------
 
@@ -483,11 +493,14 @@ class RollupProcessor:
         plan: _RecordPlan,
         columns: Columns,
         targets: list[tuple[_Entity, dict[str, Any], list[int]]],
+        entities: Sequence[_Entity | None],
     ) -> None:
         """Fold the rows ``_route`` gave each hour entry (``targets``: entity, entry, rows), metric by
         metric, into exactly the aggregates ``_fold`` makes record by record: sums added in row order, min
         and max kept as its comparisons keep them, bins by ``math.log`` (``_bin_keys``), and new series
-        inserted in the order the records bring them (record by record, in ``_fold``'s metric order)."""
+        inserted in the order the records bring them (record by record, in ``_fold``'s metric order).
+        An entry may hold the rows of several entities (``entities``, by row): a metric whose series is
+        the same for all of them is folded as one chunk, the others (``plan.varying``) value by value."""
         if not targets:
             return
         order = np.array([row for _, _, rows in targets for row in rows], dtype=np.int64)
@@ -521,9 +534,21 @@ class RollupProcessor:
             bounds, key_bounds = edges_of[position], key_edges[position]
             if bounds[0] == bounds[-1]:
                 continue
+            varying = index in plan.varying
             for number, (entity, _, _) in enumerate(targets):
                 low, high = bounds[number], bounds[number + 1]
                 if low == high:
+                    continue
+                if varying:
+                    if rows_present is None:
+                        rows_present = np.broadcast_to(order, values.shape)[present].tolist()
+                    aggs = aggs_of[number]
+                    for at in range(low, high):
+                        row = rows_present[at]
+                        series = entities[row].scalar_series[index]  # type: ignore[union-attr]
+                        if series not in aggs:
+                            added.setdefault(number, []).append((row, position, series))
+                        self._add(aggs, series, xs[at])  # type: ignore[arg-type]
                     continue
                 chunk = xs[low:high]
                 series = entity.scalar_series[index]

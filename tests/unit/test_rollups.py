@@ -526,3 +526,35 @@ def test_the_apps_own_cost_figures_are_not_rolled_up_again() -> None:
     topics = rollup_topics()
     assert "costs" not in topics  # upserts per period: re-folding them would count re-sends, judge them late
     assert {"gpu.samples", "system.samples", "job.events", "job.timings"} <= set(topics)
+
+
+POD = "aima.metrics.PodStatus"
+
+
+def pod(time: datetime, phase: str, restarts: int, *, name: str = "sim-7-000001") -> dict:
+    return {"time": time, "namespace": "sim", "pod": name, "host": None, "phase": phase,
+            "ready": phase == "Running", "restarts": restarts, "source": "test"}  # fmt: skip
+
+
+def test_a_pod_that_changes_phase_is_one_restarts_series_with_every_sample() -> None:
+    # k8s_pod_restarts is labelled {namespace, pod}, k8s_pod_status {namespace, pod, phase}: the phases
+    # must not split the restarts of one pod into aggregates that overwrite each other downstream.
+    phases = ["Pending"] * 4 + ["Running"] * 30 + ["Failed"] * 2 + ["Running"] * 8
+    start = at(2026, 3, 1, 12)
+    values = [pod(start + timedelta(seconds=60 * i), phase, i // 10) for i, phase in enumerate(phases)]
+    values.append(pod(at(2027, 1, 1, 1), "Running", 0, name="closer"))  # past every tier's end
+    partition = Partition(RollupProcessor(), topic="k8s.pods")
+    partition.feed(partition.inputs(values, record=POD), 7)
+    restarts = series_id("k8s_pod_restarts", {"namespace": "sim", "pod": "sim-7-000001"})
+    finals = partition.finals()
+    for tier in TIERS:
+        final = finals[(restarts, tier, bucket_start(tier, to_ms(start)))]
+        assert (final["count"], final["sum"]) == (44, float(sum(i // 10 for i in range(44)))), tier
+    for phase, count in {"Pending": 4, "Running": 38, "Failed": 2}.items():
+        status = series_id("k8s_pod_status", {"namespace": "sim", "pod": "sim-7-000001", "phase": phase})
+        assert finals[(status, "hour", to_ms(start))]["count"] == count
+    # Every output key comes from one aggregate: no two differing values under one key in one batch.
+    for result in partition.results:
+        seen: dict[str, dict] = {}
+        for output in result.outputs:
+            assert seen.setdefault(output.key, output.value) == output.value, output.key

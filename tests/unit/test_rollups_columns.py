@@ -259,3 +259,31 @@ def test_bin_keys_are_those_of_math_log() -> None:
     )
     expected = [ceil(log(x, 2) * processor._multiplier) for x in xs.tolist()]
     assert processor._bin_keys(xs) == expected
+
+
+@pytest.mark.parametrize("batch_size", [16, 250])
+def test_pods_changing_phase_fold_alike(batch_size: int) -> None:
+    # One state entry per pod holds a restarts series for the pod and a status series per phase: the
+    # columnar path folds the phases' rows value by value, in row order, as the records do.
+    rng = random.Random(11)
+    phases = ("Pending", "Running", "Succeeded", "Failed", "Unknown")
+    values = [
+        {
+            "time": START + timedelta(seconds=30 * step),
+            "namespace": "sim",
+            "pod": f"pod-{pod}",
+            "host": None,
+            "phase": rng.choice(phases),
+            "ready": rng.random() < 0.5,
+            "restarts": rng.randint(0, 3) + step // 40,
+            "source": "test",
+        }
+        for step in range(26 * 120)
+        for pod in range(3)
+    ]
+    record = "aima.metrics.PodStatus"
+    rows, run = run_both(rollups(), list(deliveries(values, record, batch_size=batch_size, replay_every=3)))
+    assert_same(rows, run)
+    finals = [o.value for o in rows.outputs if o.value["final"] and o.value["tier"] == "day"]
+    restarts = [v for v in finals if v["metric"] == "k8s_pod_restarts" and v["labels"]["pod"] == "pod-0"]
+    assert restarts and restarts[0]["count"] == 24 * 120
