@@ -4,7 +4,9 @@ Every alert goes to the routes that match it; per route it joins the group of it
 (and the channels its rule asks for). A new group waits ``group_wait`` before its first notification, so
 alerts that fire together arrive together; after that the group is looked at every ``group_interval`` and
 notifies when something changed (a new firing alert, an announced alert resolved) or ``repeat_interval``
-has passed since the last notification. A group notifies one batch at a time.
+has passed since the last notification. A group notifies one batch at a time. An alert that fires again
+(a new episode: a later ``starts_at``) before the resolution of its last episode was told keeps that
+resolution until the next notification tells it, so every announced episode is told resolved.
 
 Offsets travel with the alerts: each group entry carries the origins (topic, partition, offset) of the
 records folded into it; a flush hands them over, and the caller commits an offset only once every group the
@@ -18,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeVar
 
 from consumers.notify.config import Route
 from consumers.notify.model import Alert, Origin
@@ -25,6 +28,7 @@ from consumers.notify.model import Alert, Origin
 __all__ = ["Flush", "Grouper", "OffsetTracker"]
 
 Identity = tuple[str, datetime]
+K = TypeVar("K")
 
 
 @dataclass(slots=True)
@@ -52,6 +56,10 @@ class _Group:
     channels: tuple[str, ...]
     next_flush_at: float
     entries: dict[str, _Entry] = field(default_factory=dict)
+    """Per fingerprint, its latest episode."""
+    ended: dict[Identity, _Entry] = field(default_factory=dict)
+    """Earlier episodes of a fingerprint that fired again before their resolution was told (the group busy
+    delivering, or within one group_interval): kept until told, or found not worth telling."""
     in_flight: bool = False
     notified: _Notified | None = None
     leftover: list[Origin] = field(default_factory=list)
@@ -98,9 +106,20 @@ class Grouper:
             entry = group.entries.get(alert.fingerprint)
             if entry is None:
                 entry = group.entries[alert.fingerprint] = _Entry(alert, partition)
+            elif alert.starts_at > entry.alert.starts_at:
+                # A new episode. The last one's resolution, if still owed, is told with the next flush
+                # (replacing it lost the resolution of an episode announced firing).
+                previous = entry
+                entry = group.entries[alert.fingerprint] = _Entry(alert, partition)
+                if previous.alert.firing:
+                    entry.origins = previous.origins  # its records are owed by this flush now
+                else:
+                    group.ended[previous.alert.identity] = previous
+            elif alert.starts_at < entry.alert.starts_at and alert.identity in group.ended:
+                entry = group.ended[alert.identity]  # news about an earlier episode still held
+                if alert.supersedes(entry.alert):
+                    entry.alert, entry.partition = alert, partition
             elif alert.supersedes(entry.alert):
-                if alert.starts_at != entry.alert.starts_at:
-                    entry.seen_firing = False
                 entry.alert, entry.partition = alert, partition
             if alert.firing and entry.alert is alert:
                 entry.seen_firing = True
@@ -121,9 +140,9 @@ class Grouper:
         for group in list(self._groups.values()):
             if group.in_flight or now < group.next_flush_at:
                 continue
-            origins = [*group.leftover, *(o for e in group.entries.values() for o in e.origins)]
+            origins = [*group.leftover, *(o for e in _all(group) for o in e.origins)]
             group.leftover = []
-            for entry in group.entries.values():
+            for entry in _all(group):
                 entry.origins = []
             alerts, repeat = self._news(group, now)
             if alerts is None:
@@ -174,7 +193,8 @@ class Grouper:
         gone = set(partitions)
         for key, group in list(self._groups.items()):
             group.entries = {fp: e for fp, e in group.entries.items() if e.partition not in gone}
-            if not group.entries and not group.in_flight:
+            group.ended = {i: e for i, e in group.ended.items() if e.partition not in gone}
+            if not group.entries and not group.ended and not group.in_flight:
                 del self._groups[key]
 
     # -- internals ---------------------------------------------------------------------------------------
@@ -187,7 +207,7 @@ class Grouper:
         # Resolutions worth telling: of alerts announced firing, or whose firing this process never saw.
         resolved = [
             e.alert
-            for e in group.entries.values()
+            for e in _all(group)
             if not e.alert.firing and (e.alert.identity in announced or not e.seen_firing)
         ]
         firing_ids = {a.identity for a in firing}
@@ -205,14 +225,25 @@ class Grouper:
         """Forget resolved alerts once told, or when never announced and so not worth telling."""
         announced = group.notified.firing if group.notified else frozenset()
         told = group.notified.resolved if group.notified else frozenset()
-        for fp, entry in list(group.entries.items()):
-            alert = entry.alert
-            if alert.firing or entry.origins or alert.identity in announced:
-                continue
-            if alert.identity in told or entry.seen_firing:
-                del group.entries[fp]
-        if not group.entries and not group.in_flight and not group.leftover:
+        _forget_told(group.entries, announced, told)
+        _forget_told(group.ended, announced, told)
+        if not group.entries and not group.ended and not group.in_flight and not group.leftover:
             del self._groups[group.key]
+
+
+def _forget_told(entries: dict[K, _Entry], announced: frozenset[Identity], told: frozenset[Identity]) -> None:
+    for key, entry in list(entries.items()):
+        alert = entry.alert
+        if alert.firing or entry.origins or alert.identity in announced:
+            continue
+        if alert.identity in told or entry.seen_firing:
+            del entries[key]
+
+
+def _all(group: _Group) -> Iterator[_Entry]:
+    """Every entry of the group: each fingerprint's latest episode and the ended ones still held."""
+    yield from group.entries.values()
+    yield from group.ended.values()
 
 
 def _group_key(route: Route, labels: dict[str, str], channels: tuple[str, ...]) -> str:

@@ -228,6 +228,61 @@ def test_refiring_is_a_new_episode() -> None:
     assert [a.starts_at for a in flush.alerts] == [later]
 
 
+def test_a_resolution_is_told_when_the_alert_fires_again_while_its_group_is_in_flight() -> None:
+    # The ledger's GPU overheats twice: its first firing was retried for a minute, meanwhile the episode
+    # resolved and a second one fired; the second episode replaced the first's resolution, never told.
+    grouper = Grouper(config({"group_wait": "0s", "group_interval": "10s"}).route)
+    later = T0 + timedelta(hours=1)
+    grouper.add(alert("a"), origin(1), 0.0)
+    first = only(grouper.due(0.0))  # in flight (retried)
+    grouper.add(alert("a", "resolved"), origin(2), 20.0)
+    grouper.add(alert("a", starts_at=later), origin(3), 30.0)
+    grouper.done(first, 60.0)
+    flush = only(grouper.due(60.0))
+    assert [(a.status, a.starts_at) for a in flush.alerts] == [("resolved", T0), ("firing", later)]
+    assert sorted(flush.origins, key=lambda o: o.offset) == [origin(2), origin(3)]
+    grouper.done(flush, 60.0)
+    grouper.add(alert("a", "resolved", starts_at=later), origin(4), 65.0)
+    last = only(grouper.due(70.0))
+    assert [(a.status, a.starts_at) for a in last.alerts] == [("resolved", later)]
+    grouper.done(last, 70.0)
+    assert len(grouper) == 0
+
+
+def test_a_resolution_and_a_new_firing_within_one_group_interval_are_both_told() -> None:
+    grouper = Grouper(config({"group_wait": "0s", "group_interval": "10s"}).route)
+    later = T0 + timedelta(hours=1)
+    grouper.add(alert("a"), origin(1), 0.0)
+    grouper.done(only(grouper.due(0.0)), 0.0)
+    grouper.add(alert("a", "resolved"), origin(2), 3.0)
+    grouper.add(alert("a", starts_at=later), origin(3), 6.0)
+    grouper.add(alert("a", "firing"), origin(4), 7.0)  # a replayed record of the first episode: stale
+    flush = only(grouper.due(10.0))
+    assert [(a.status, a.starts_at) for a in flush.alerts] == [("resolved", T0), ("firing", later)]
+    assert sorted(flush.origins, key=lambda o: o.offset) == [origin(2), origin(3), origin(4)]
+
+
+def test_an_episode_fired_and_resolved_unannounced_stays_untold_when_the_alert_fires_again() -> None:
+    grouper = Grouper(config({"group_wait": "0s"}).route)
+    later = T0 + timedelta(hours=1)
+    grouper.add(alert("a"), origin(1), 0.0)
+    grouper.add(alert("a", "resolved"), origin(2), 0.0)
+    grouper.add(alert("a", starts_at=later), origin(3), 0.0)
+    flush = only(grouper.due(0.0))
+    assert [(a.status, a.starts_at) for a in flush.alerts] == [("firing", later)]
+    assert sorted(flush.origins, key=lambda o: o.offset) == [origin(1), origin(2), origin(3)]
+
+
+def test_a_firing_episode_replaced_by_a_new_one_keeps_its_records_owed() -> None:
+    grouper = Grouper(config({"group_wait": "0s", "group_interval": "10s"}).route)
+    grouper.add(alert("a"), origin(1), 0.0)
+    first = only(grouper.due(0.0))
+    grouper.add(alert("a"), origin(2), 1.0)  # the same episode again (a re-send)
+    grouper.add(alert("a", starts_at=T0 + timedelta(hours=1)), origin(3), 2.0)
+    grouper.done(first, 3.0)
+    assert sorted(only(grouper.due(10.0)).origins, key=lambda o: o.offset) == [origin(2), origin(3)]
+
+
 def test_group_by_all_labels_makes_one_group_per_alert() -> None:
     grouper = Grouper(config({"group_by": ["..."], "group_wait": "0s"}).route)
     grouper.add(alert("a"), origin(1), 0.0)
