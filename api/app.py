@@ -60,6 +60,9 @@ def create_app(
             max_size=POOL_MAX,
             kwargs={"autocommit": True, "application_name": "aima-api"},
             configure=_configure(schema),
+            # A connection the server ended (a restart, an outage) is replaced before a request gets it,
+            # instead of failing that request with 503: one empty round trip per request.
+            check=ConnectionPool.check_connection,
             timeout=POOL_TIMEOUT_S,
             name="aima-api",
             open=False,
