@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import threading
-import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -93,9 +91,7 @@ def _missing_topics(settings: Settings, service: Service | None) -> list[str] | 
     """The collectors' topics the broker does not have. ``service`` None (``--once``): the broker has 15 s
     to answer. Otherwise wait for it as long as it takes, backing off and watching the stop: None when a
     stop came first."""
-    from confluent_kafka import KafkaException
-
-    from bus.kafka import admin, wait_for_broker
+    from bus.kafka import admin, broker_metadata_unless_stopped, wait_for_broker
     from bus.topics import BY_KEY
 
     wanted = [BY_KEY[key].name(settings.topic_prefix) for key in TOPICS_USED]
@@ -104,32 +100,8 @@ def _missing_topics(settings: Settings, service: Service | None) -> list[str] | 
         wait_for_broker(settings, timeout_s=15)
         present = client.list_topics(timeout=10).topics
         return [name for name in wanted if name not in present]
-    delay_s, attempts, reported = BROKER_RETRY_S[0], 0, -math.inf
-    while not service.stopping.is_set():
-        try:
-            # Short enough that a stop asked for meanwhile is seen well within the bound.
-            present = client.list_topics(timeout=BROKER_PROBE_S).topics
-        except KafkaException as exc:
-            attempts += 1
-            if time.monotonic() - reported >= BROKER_REPORT_S:  # one line a minute, not one per try
-                reported = time.monotonic()
-                log.warning(
-                    "waiting for the broker",
-                    extra={"kafka": settings.kafka_bootstrap, "attempts": attempts, "error": str(exc)},
-                )
-            service.wait(delay_s)
-            delay_s = min(delay_s * 2, BROKER_RETRY_S[1])
-            continue
-        if attempts:
-            log.info("the broker answers", extra={"kafka": settings.kafka_bootstrap, "attempts": attempts})
-        return [name for name in wanted if name not in present]
-    return None
-
-
-BROKER_PROBE_S = 2.0
-BROKER_RETRY_S = (0.5, 10.0)
-"""The first and the longest pause between two tries while the broker is away."""
-BROKER_REPORT_S = 60.0
+    metadata = broker_metadata_unless_stopped(settings, service.stopping)
+    return None if metadata is None else [name for name in wanted if name not in metadata.topics]
 
 
 TOPICS_USED = ("gpu.samples", "system.samples", "job.events", "job.timings", "queue.samples", "k8s.pods")

@@ -4,7 +4,9 @@ topic administration every process shares."""
 from __future__ import annotations
 
 import logging
+import math
 import ssl
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -105,6 +107,41 @@ def wait_for_broker(settings: Settings, timeout_s: float = 60.0) -> int:
     raise BrokerUnavailable(
         f"no Kafka broker answered at {settings.kafka_bootstrap} within {timeout_s}s: {last}"
     )
+
+
+BROKER_PROBE_S = 2.0
+"""How long one try of :func:`broker_metadata_unless_stopped` waits: short, so a stop is seen at once."""
+BROKER_RETRY_S = (0.5, 10.0)
+"""The first and the longest pause between two tries while the broker is away."""
+BROKER_REPORT_S = 60.0
+
+
+def broker_metadata_unless_stopped(settings: Settings, stopping: threading.Event) -> Any | None:
+    """The cluster's metadata once a broker answers, however long that takes, or None when ``stopping`` is
+    set first. While the broker is away the tries back off (:data:`BROKER_RETRY_S`) and one warning line a
+    minute says so, with the count of tries."""
+    client = admin(settings)
+    delay_s, attempts, reported = BROKER_RETRY_S[0], 0, -math.inf
+    while not stopping.is_set():
+        try:
+            metadata = client.list_topics(timeout=BROKER_PROBE_S)
+            if not metadata.brokers:
+                raise KafkaException("the cluster lists no brokers")
+        except KafkaException as exc:
+            attempts += 1
+            if time.monotonic() - reported >= BROKER_REPORT_S:
+                reported = time.monotonic()
+                log.warning(
+                    "waiting for the broker",
+                    extra={"kafka": settings.kafka_bootstrap, "attempts": attempts, "error": str(exc)},
+                )
+            stopping.wait(delay_s)
+            delay_s = min(delay_s * 2, BROKER_RETRY_S[1])
+            continue
+        if attempts:
+            log.info("the broker answers", extra={"kafka": settings.kafka_bootstrap, "attempts": attempts})
+        return metadata
+    return None
 
 
 @dataclass(frozen=True)

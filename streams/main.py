@@ -35,11 +35,9 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import os
 import signal
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -55,10 +53,6 @@ __all__ = ["StreamsConfig", "default_processors", "main", "run"]
 
 log = logging.getLogger(__name__)
 _LOG_LEVELS = ("crit", "error", "warn", "info", "debug")
-BROKER_PROBE_S = 2.0
-BROKER_RETRY_S = (0.5, 10.0)
-"""The first and the longest pause between two tries while the broker is away at start."""
-BROKER_REPORT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -219,28 +213,9 @@ def _stopped_before_faust(service: Service) -> int:
 def _broker_answers(settings: Settings, service: Service) -> bool:
     """Wait for the broker as long as it takes, backing off and watching the stop; False when a stop
     came first."""
-    from bus.kafka import BrokerUnavailable, wait_for_broker
+    from bus.kafka import broker_metadata_unless_stopped
 
-    delay_s, attempts, reported = BROKER_RETRY_S[0], 0, -math.inf
-    while not service.stopping.is_set():
-        try:
-            # Short, so that a stop asked for meanwhile is seen well within the bound.
-            wait_for_broker(settings, timeout_s=BROKER_PROBE_S)
-        except BrokerUnavailable as exc:
-            attempts += 1
-            if time.monotonic() - reported >= BROKER_REPORT_S:  # one line a minute, not one per try
-                reported = time.monotonic()
-                log.warning(
-                    "waiting for the broker",
-                    extra={"kafka": settings.kafka_bootstrap, "attempts": attempts, "error": str(exc)},
-                )
-            service.wait(delay_s)
-            delay_s = min(delay_s * 2, BROKER_RETRY_S[1])
-            continue
-        if attempts:
-            log.info("the broker answers", extra={"kafka": settings.kafka_bootstrap, "attempts": attempts})
-        return True
-    return False
+    return broker_metadata_unless_stopped(settings, service.stopping) is not None
 
 
 def _logging_config(level: str) -> dict[str, object]:
