@@ -8,6 +8,7 @@ request ends the process at once."""
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -139,6 +140,8 @@ class Service:
         logs.configure(log_level, service=self.name)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        # SIGUSR1 writes every thread's stack to stderr (the log): how a process that hangs is diagnosed.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         if self.settings.metrics_port:
             start_http_server(self.settings.metrics_port, addr=self.host, registry=self.registry)
             self.metrics_port = self.settings.metrics_port

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,9 +269,23 @@ def wait_until(check: Callable[[], bool], what: str, timeout_s: float = DEADLINE
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
-def _all_stored_and_delivered(pipeline: Pipeline, sender: Sender, what: str) -> None:
-    wait_until(lambda: pipeline.rows() == sender.samples, f"{sender.samples} rows ({what})")
-    wait_until(lambda: pipeline.delivered() >= set(sender.alerts), f"{len(sender.alerts)} alerts ({what})")
+def _all_stored_and_delivered(
+    pipeline: Pipeline, sender: Sender, what: str, running: Sequence[Launched] = ()
+) -> None:
+    """Wait for every sample stored and every alert delivered; when that times out, the ``running``
+    processes dump their threads' stacks into their logs (SIGUSR1), and the failure shows the logs."""
+    try:
+        wait_until(lambda: pipeline.rows() == sender.samples, f"{sender.samples} rows ({what})")
+        wait_until(
+            lambda: pipeline.delivered() >= set(sender.alerts), f"{len(sender.alerts)} alerts ({what})"
+        )
+    except AssertionError as timed_out:
+        for process in running:
+            if process.process.poll() is None:
+                process.process.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        logs = "\n".join(f"--- {p.name}:\n{p.log()[-6000:]}" for p in running)
+        raise AssertionError(f"{timed_out}\n{logs}") from None
 
 
 # -- stop at any moment --------------------------------------------------------------------------------------
@@ -395,13 +409,13 @@ def test_outages_of_the_broker_and_the_database_are_ridden_out_quietly(pipeline:
     try:
         sender.gpu(300)
         sender.alert(3)
-        _all_stored_and_delivered(pipeline, sender, "before the outages")
+        _all_stored_and_delivered(pipeline, sender, "before the outages", processes)
 
         figures += _outage("broker", stack.stop_kafka, stack.start_kafka, lambda: None, processes)
         wait_for_broker(pipeline.settings, timeout_s=180)
         sender.gpu(300)
         sender.alert(3)
-        _all_stored_and_delivered(pipeline, sender, "after the broker outage")
+        _all_stored_and_delivered(pipeline, sender, "after the broker outage", processes)
 
         def send_during() -> None:  # stored once the database is back; delivered without it
             sender.gpu(300)
@@ -410,7 +424,7 @@ def test_outages_of_the_broker_and_the_database_are_ridden_out_quietly(pipeline:
         figures += _outage("database", stack.stop_postgres, stack.start_postgres, send_during, processes)
         sender.gpu(300)
         sender.alert(3)
-        _all_stored_and_delivered(pipeline, sender, "after the database outage")
+        _all_stored_and_delivered(pipeline, sender, "after the database outage", processes)
     finally:
         print(f"\noutages of {OUTAGE_S:g} s: CPU and log growth during each")
         print("| outage   | process  | s      | CPU s   | core  | log bytes |\n|---|---|---|---|---|---|")
