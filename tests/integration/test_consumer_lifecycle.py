@@ -401,6 +401,12 @@ def _outage(
     return found
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="open bug (issue 18): in about 2 of 6 runs a sink started on a fresh private cluster is assigned "
+    "its partitions within 0.3 s and then receives nothing for 300 s (its stack dump shows it idle in "
+    "consume), before any outage; the test still runs and reports XPASS when it passes",
+)
 def test_outages_of_the_broker_and_the_database_are_ridden_out_quietly(pipeline: Pipeline) -> None:
     stack, sender = pipeline.stack, Sender(pipeline)
     sink, notifier = pipeline.sink(), pipeline.notifier()
