@@ -1,9 +1,12 @@
 """Session-wide real services for the tests.
 
 Kafka and PostgreSQL come from, in this order: the environment (AIMA_TEST_KAFKA_BOOTSTRAP and
-AIMA_TEST_DATABASE_URL, which .ci/run sets), testcontainers when a Docker engine answers, or the project's
-own scripts in infra/ (started here and stopped again at the end if this session started them).
-Each test gets its own topic prefix and database schema, so tests never collide."""
+AIMA_TEST_DATABASE_URL: services a developer already runs), testcontainers when a Docker engine answers,
+or the project's own scripts in infra/ (started here and stopped again at the end if this session started
+them).
+Each test gets its own topic prefix and database schema, so tests never collide, also when pytest-xdist
+runs them side by side (`-n 2`, as `./dev test` does): then the controlling process starts the services
+once, before the workers, and hands them the addresses through those two variables."""
 
 from __future__ import annotations
 
@@ -83,6 +86,23 @@ class _Services:
     def stop(self) -> None:
         for step in reversed(self._cleanup):
             step()
+
+
+_TEST_SERVICES = ("AIMA_TEST_KAFKA_BOOTSTRAP", "AIMA_TEST_DATABASE_URL")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist, start the services here in the controller: each worker starting (and at its end
+    stopping) them itself would race the others."""
+    distributed = getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput")
+    if not distributed or all(os.environ.get(name) for name in _TEST_SERVICES):
+        return
+    running = _Services()
+    running.start()
+    config.add_cleanup(running.stop)
+    # The workers start after this and inherit the environment.
+    os.environ["AIMA_TEST_KAFKA_BOOTSTRAP"] = running.kafka_bootstrap
+    os.environ["AIMA_TEST_DATABASE_URL"] = running.database_url
 
 
 @pytest.fixture(scope="session")
