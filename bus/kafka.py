@@ -43,6 +43,10 @@ def client_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     if settings.kafka_ssl_ca_location:
         config["ssl.ca.location"] = str(settings.kafka_ssl_ca_location)
     config.update(extra)
+    if settings.kafka_debug:
+        config.update({"debug": settings.kafka_debug, "log_level": 7})
+        if isinstance(config.get("logger"), logging.Logger):
+            config["logger"].setLevel(logging.DEBUG)  # the service's level would drop librdkafka's lines
     return config
 
 

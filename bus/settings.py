@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
     kafka_ssl_ca_location: Path | None = None
+    kafka_debug: str | None = Field(
+        default=None,
+        description="librdkafka debug contexts for every confluent-kafka client (e.g. cgrp,fetch), logged at "
+        "debug level: for diagnosing a client that misbehaves, never for a normal run",
+    )
     topic_prefix: str = "aima."
     topic_replication: int = 1
     schema_dir: Path | None = Field(
