@@ -6,13 +6,14 @@ dead-letter topic with the reason (stage ``notifier``); only once that record is
 does the delivery count as settled. A dead letter the broker refuses is never dropped: one too large for
 the topic is sent again without its value (the reason says so), any other failure is retried with bounded
 exponential backoff (:data:`LETTER_RETRY_S`) until the broker takes it or the notifier stops (then the
-offsets stay uncommitted and the record is read again). The notification log in the database records each
-alert's outcome per receiver channel, so a notification replayed after a crash is recognised and not sent
-again.
+offsets stay uncommitted and the record is read again). What was told where is kept in the notification
+log and in memory (:mod:`told`): a state (fingerprint, status, starts_at) told on a channel is not sent there
+again, whoever reads its record again (:class:`Deliverer` says when it still can be).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import logging
@@ -24,15 +25,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import psycopg
 from confluent_kafka import KafkaError, KafkaException, Producer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from psycopg_pool import ConnectionPool
 
 from bus.codec import Codec
 from consumers.notify.channels.base import Channel, DeliveryError
 from consumers.notify.config import RetryPolicy
-from consumers.notify.model import Notification, Origin, rfc3339
+from consumers.notify.model import Alert, Notification, Origin, rfc3339
+from consumers.notify.told import (
+    SENDING,
+    SETTLED,
+    Key,
+    LogUnavailable,
+    NotificationLog,
+    Scoped,
+    Told,
+    key_of,
+)
 
 __all__ = [
     "DeadLetters",
@@ -41,7 +50,9 @@ __all__ = [
     "NotifierMetrics",
     "Outcome",
     "Result",
+    "Told",
     "backoff_s",
+    "log_retry_s",
     "retry",
 ]
 
@@ -51,9 +62,18 @@ LETTER_RETRY_S = (1.0, 30.0)
 """The first and the longest pause before a dead letter that failed is sent again."""
 
 
+LOG_RETRY_S = (0.5, 5.0)
+"""The first and the longest pause before the notification log is asked again (PostgreSQL away)."""
+
+
 def letter_retry_s(failures: int) -> float:
     """The pause before sending a dead letter again after ``failures`` failed sends."""
     return min(LETTER_RETRY_S[0] * 2 ** max(0, failures - 1), LETTER_RETRY_S[1])
+
+
+def log_retry_s(failures: int) -> float:
+    """The pause before reading or writing the notification log again after ``failures`` failures."""
+    return min(LOG_RETRY_S[0] * 2 ** max(0, failures - 1), LOG_RETRY_S[1])
 
 
 class Outcome(enum.Enum):
@@ -61,6 +81,8 @@ class Outcome(enum.Enum):
     DEAD_LETTERED = "dead_lettered"
     DUPLICATE = "duplicate"
     """Every alert of it was settled on this channel before (a replay after a crash): not sent again."""
+    NOT_OWED = "not_owed"
+    """A resolution whose firing this channel never received (``Deliverer.deliver(unconfirmed=True)``)."""
     ABORTED = "aborted"
     """The notifier is stopping: neither delivered nor dead-lettered, so its offsets stay uncommitted."""
     GAVE_UP = "gave_up"
@@ -174,74 +196,6 @@ def retry(
             return Result(Outcome.ABORTED, attempts, "the notifier stopped", elapsed_s=clock() - started)
 
 
-class NotificationLog:
-    """The ``notification_log`` table: one row per (fingerprint, status, starts_at, channel, receiver).
-    Database trouble never blocks a delivery: a failed lookup means "not sent yet" (at least once)."""
-
-    def __init__(self, pool: ConnectionPool) -> None:
-        self._pool = pool
-
-    def settled(self, notification: Notification) -> set[tuple[str, str, datetime]]:
-        keys = [(a.fingerprint, a.status, a.starts_at) for a in notification.alerts]
-        try:
-            with self._pool.connection() as conn:
-                rows = conn.execute(
-                    """SELECT l.fingerprint, l.status, l.starts_at
-                         FROM notification_log l
-                         JOIN unnest(%s::text[], %s::text[], %s::timestamptz[])
-                              AS k(fingerprint, status, starts_at)
-                           ON (l.fingerprint, l.status, l.starts_at) = (k.fingerprint, k.status, k.starts_at)
-                        WHERE l.channel = %s AND l.receiver = %s""",
-                    (
-                        [k[0] for k in keys],
-                        [k[1] for k in keys],
-                        [k[2] for k in keys],
-                        notification.channel,
-                        notification.receiver,
-                    ),
-                ).fetchall()
-        except psycopg.Error as exc:
-            log.warning("notification log lookup failed; sending anyway: %s", exc)
-            return set()
-        return {(f, s, t) for f, s, t in rows}
-
-    def record(self, notification: Notification, result: Result, at: datetime) -> None:
-        delivered_at = at if result.outcome is Outcome.DELIVERED else None
-        rows = [
-            (
-                a.fingerprint,
-                a.status,
-                a.starts_at,
-                notification.channel,
-                notification.receiver,
-                notification.group_key,
-                delivered_at,
-                result.attempts,
-                result.outcome.value,
-                result.reason or None,
-                at,
-            )
-            for a in notification.alerts
-        ]
-        try:
-            with self._pool.connection() as conn, conn.cursor() as cur:
-                cur.executemany(
-                    """INSERT INTO notification_log (fingerprint, status, starts_at, channel, receiver,
-                           group_key, delivered_at, attempts, outcome, reason, updated_at)
-                       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-                       ON CONFLICT (fingerprint, status, starts_at, channel, receiver) DO UPDATE SET
-                           group_key = EXCLUDED.group_key,
-                           delivered_at = COALESCE(EXCLUDED.delivered_at, notification_log.delivered_at),
-                           attempts = notification_log.attempts + EXCLUDED.attempts,
-                           outcome = EXCLUDED.outcome,
-                           reason = EXCLUDED.reason,
-                           updated_at = EXCLUDED.updated_at""",
-                    rows,
-                )
-        except psycopg.Error as exc:
-            log.warning("cannot write the notification log: %s", exc)
-
-
 class DeadLetters:
     """Publishes DeadLetter records and waits for the broker's acknowledgement (or for ``stop``)."""
 
@@ -324,7 +278,15 @@ class DeadLetters:
 
 
 class Deliverer:
-    """Delivers notifications to channels: skip what the log says was settled, retry, dead-letter, record."""
+    """Delivers notifications to channels, once per alert state and channel: leave out what was told
+    before (this process's memory, then the notification log), write an intent, retry, dead-letter, log.
+
+    The log is waited for: a lookup or intent that fails is tried again with back-off until the database
+    answers (up to ``log_wait_s``; after that the notification goes out unchecked, as at least once beats
+    never during a long outage), and the outcome is written, again with back-off, before the delivery
+    returns, so the offsets it carries are committed only once the log holds it. The one way left to
+    send a state twice: the process killed between the receiver's answer and that write; webhook
+    receivers recognise the repeat by its idempotency key (``X-AIMA-Idempotency-Key``)."""
 
     def __init__(
         self,
@@ -334,6 +296,8 @@ class Deliverer:
         metrics: NotifierMetrics,
         stop: threading.Event,
         log_store: NotificationLog | None = None,
+        told: Told | None = None,
+        log_wait_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
     ) -> None:
@@ -342,25 +306,112 @@ class Deliverer:
         self._metrics = metrics
         self._stop = stop
         self._log = log_store
+        self.told = told if told is not None else Told()
+        self._log_wait_s = log_wait_s
         self._clock = clock
         self._rng = rng
 
-    def deliver(self, notification: Notification, channel: Channel, origins: Iterable[Origin] = ()) -> Result:
-        kind = channel.config.kind
-        labels = (notification.receiver, notification.channel)
-        if not notification.repeat and self._log is not None:
-            settled = self._log.settled(notification)
-            if all((a.fingerprint, a.status, a.starts_at) in settled for a in notification.alerts):
-                self._metrics.notifications.labels(*labels, Outcome.DUPLICATE.value).inc()
+    def deliver(
+        self,
+        notification: Notification,
+        channel: Channel,
+        origins: Iterable[Origin] = (),
+        *,
+        unconfirmed: bool = False,
+    ) -> Result:
+        """``unconfirmed``: resolutions of firings this process never announced (read together with them
+        after a predecessor stopped): told only where the firing was delivered (or may have been: an
+        intent) and the resolution was not told yet."""
+        if notification.repeat:  # meant to arrive again: no lookup
+            return self._send(notification, channel, origins)
+        keys = [_scoped(notification, key_of(a)) for a in notification.alerts]
+        if not self.told.claim(keys, self._stop):
+            return Result(Outcome.ABORTED, reason="the notifier stopped")
+        try:
+            watched = keys + (
+                [_scoped(notification, key_of(a, "firing")) for a in notification.alerts]
+                if unconfirmed
+                else []
+            )
+            known = self._known(notification, watched)
+            if known is None:
+                return Result(Outcome.ABORTED, reason="the notifier stopped")
+            owed = _owed(notification, known, unconfirmed)
+            if not owed:
+                told_all = all(known.get(k) in SETTLED for k in keys)
+                outcome = Outcome.DUPLICATE if told_all or not unconfirmed else Outcome.NOT_OWED
+                self._metrics.notifications.labels(
+                    notification.receiver, notification.channel, outcome.value
+                ).inc()
                 log.info(
-                    "already settled, not sent again",
+                    "already told, not sent again"
+                    if outcome is Outcome.DUPLICATE
+                    else "firing never told here",
                     extra={
                         "group_key": notification.group_key,
                         "receiver": notification.receiver,
                         "channel": notification.channel,
                     },
                 )
-                return Result(Outcome.DUPLICATE)
+                return Result(outcome)
+            if len(owed) < len(notification.alerts):
+                notification = dataclasses.replace(notification, alerts=tuple(owed))
+            if self._log is not None and not self._with_log(
+                "write an intent", lambda: self._log.intend(notification, datetime.now(UTC))
+            ):
+                return Result(Outcome.ABORTED, reason="the notifier stopped")
+            return self._send(notification, channel, origins)
+        finally:
+            self.told.release(keys)
+
+    def _known(self, notification: Notification, keys: list[Scoped]) -> dict[Scoped, str] | None:
+        """What memory and log say of ``keys`` (memory wins: it may be ahead of the log); None when the
+        notifier stopped while the log was away."""
+        memory = self.told.outcomes(keys)
+        missing = [k[2:] for k in keys if k not in memory]
+        if self._log is None or not missing:
+            return memory
+        found: dict[Key, str] = {}
+
+        def lookup() -> None:
+            found.update(self._log.lookup(notification.receiver, notification.channel, missing))
+
+        if not self._with_log("read", lookup):
+            return None
+        return {**{_scoped(notification, k): o for k, o in found.items()}, **memory}
+
+    def _with_log(self, what: str, call: Callable[[], None]) -> bool:
+        """Call until the log answers; False when the notifier stopped first. Past ``log_wait_s`` it gives
+        up waiting and returns True: the delivery goes on without the log."""
+        started = self._clock()
+        failures = 0
+        while True:
+            try:
+                call()
+                if failures:
+                    log.info(
+                        "the notification log answers again",
+                        extra={"waited_s": round(self._clock() - started, 1)},
+                    )
+                return True
+            except LogUnavailable as exc:
+                failures += 1
+                if self._clock() - started >= self._log_wait_s:
+                    log.error(
+                        "the notification log did not answer within %g s; delivering without it "
+                        "(a notification told before may be told again): %s",
+                        self._log_wait_s,
+                        exc,
+                    )
+                    return True
+                if failures == 1:
+                    log.warning("cannot %s the notification log; waiting for it: %s", what, exc)
+            if self._stop.wait(log_retry_s(failures)):
+                return False
+
+    def _send(self, notification: Notification, channel: Channel, origins: Iterable[Origin]) -> Result:
+        kind = channel.config.kind
+        labels = (notification.receiver, notification.channel)
         progress: set[str] = set()
 
         def on_retry(attempt: int, error: DeliveryError, delay: float) -> None:
@@ -388,15 +439,51 @@ class Deliverer:
             result = self._dead_letter(notification, result, list(origins))
         if result.outcome is Outcome.ABORTED:
             return result
+        keys = [_scoped(notification, key_of(a)) for a in notification.alerts]
+        self.told.remember(keys, result.outcome.value)
         now = datetime.now(UTC)
         if result.outcome is Outcome.DELIVERED:
             newest = max(a.event_time for a in notification.alerts)
             if not notification.repeat:
                 self._metrics.latency.labels(kind).observe(max(0.0, (now - newest).total_seconds()))
         self._metrics.notifications.labels(*labels, result.outcome.value).inc()
-        if self._log is not None:
-            self._log.record(notification, result, now)
+        if self._write(notification, result, now):
+            self.told.logged(keys)
         return result
+
+    def _write(self, notification: Notification, result: Result, at: datetime) -> bool:
+        """Log the outcome, trying again with back-off until the database takes it. At the stop it gives
+        up after one more try: the offsets are then committed all the same, since holding them would make
+        the successor send the notification again. True once written."""
+        if self._log is None:
+            return False
+        failures = 0
+        while True:
+            try:
+                self._log.record(
+                    notification,
+                    outcome=result.outcome.value,
+                    attempts=result.attempts,
+                    reason=result.reason or None,
+                    delivered_at=at if result.outcome is Outcome.DELIVERED else None,
+                    at=at,
+                )
+                return True
+            except LogUnavailable as exc:
+                failures += 1
+                where = {"group_key": notification.group_key, "channel": notification.channel}
+                if self._stop.is_set():
+                    log.error(
+                        "the notifier stops before the notification log was written: %s", exc, extra=where
+                    )
+                    return False
+                if failures == 1:
+                    log.warning(
+                        "cannot write the notification log; its offsets wait until it is written: %s",
+                        exc,
+                        extra=where,
+                    )
+            self._stop.wait(log_retry_s(failures))
 
     def _dead_letter(self, notification: Notification, result: Result, origins: list[Origin]) -> Result:
         reason = f"receiver {notification.receiver} channel {notification.channel}: {result.reason}"
@@ -424,6 +511,28 @@ class Deliverer:
                     return Result(Outcome.ABORTED, result.attempts, "the notifier stopped")
         self._metrics.dead_letters.labels(notification.channel.split("/")[0], result.error_type).inc()
         return Result(Outcome.DEAD_LETTERED, result.attempts, reason, result.error_type, result.elapsed_s)
+
+
+def _scoped(notification: Notification, key: Key) -> Scoped:
+    return (notification.receiver, notification.channel, *key)
+
+
+def _owed(notification: Notification, known: dict[Scoped, str], unconfirmed: bool) -> list[Alert]:
+    """The alerts still to tell on the notification's channel. A resolution is told once; firing alerts
+    stay in the group's notification while anything else in it is news (Alertmanager's grouping)."""
+
+    def told(alert: Alert, status: str | None = None) -> str | None:
+        return known.get(_scoped(notification, key_of(alert, status)))
+
+    if unconfirmed:
+        return [
+            a
+            for a in notification.alerts
+            if told(a) not in SETTLED and told(a, "firing") in ("delivered", SENDING)
+        ]
+    if all(told(a) in SETTLED for a in notification.alerts):
+        return []
+    return [a for a in notification.alerts if a.firing or told(a) not in SETTLED]
 
 
 def _dead_letter_value(notification: Notification, result: Result) -> dict[str, Any]:
