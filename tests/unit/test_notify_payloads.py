@@ -3,6 +3,7 @@ email, Twilio-style SMS), how secrets are configured, and how delivery retries."
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -20,9 +21,11 @@ from consumers.notify.channels.slack import payload as slack_payload
 from consumers.notify.channels.sms import form, text, url
 from consumers.notify.channels.teams import payload as teams_payload
 from consumers.notify.channels.webhook import (
+    IDEMPOTENCY_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     encode,
+    idempotency_key,
     payload,
     sign,
     verify,
@@ -149,6 +152,23 @@ def test_webhook_channel_sends_signed_body() -> None:
     expected = hmac.new(KEY.encode(), request.content, hashlib.sha256).hexdigest()
     assert hmac.compare_digest(request.headers[SIGNATURE_HEADER], f"sha256={expected}")
     assert json.loads(request.content)["version"] == "4"
+
+
+def test_webhook_idempotency_key_names_the_states_told() -> None:
+    a, b = alert("a"), alert("b", "resolved", host="gpu-2")
+    key = idempotency_key(notification(a, b))
+    assert key is not None and len(key) == 64
+    assert idempotency_key(notification(b, a)) == key  # the order of the alerts does not matter
+    assert idempotency_key(notification(a, alert("b"))) != key  # another status is another state
+    assert idempotency_key(dataclasses.replace(notification(a, b), channel="webhook/1")) != key
+    assert idempotency_key(dataclasses.replace(notification(a, b), repeat=True)) is None
+    seen: list[httpx.Request] = []
+    channel_config = config_with({"url": "http://receiver/hook", "hmac_key_env": "KEY"}, {"KEY": KEY})
+    with httpx.Client(transport=httpx.MockTransport(lambda r: seen.append(r) or httpx.Response(200))) as c:
+        channel = build(channel_config, c)
+        channel.send(notification(a, b), set())
+        channel.send(dataclasses.replace(notification(a, b), repeat=True), set())
+    assert seen[0].headers[IDEMPOTENCY_HEADER] == key and IDEMPOTENCY_HEADER not in seen[1].headers
 
 
 # -- Slack, Teams, email, SMS ------------------------------------------------------------------------------

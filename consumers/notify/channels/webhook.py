@@ -2,8 +2,13 @@
 
 Headers: ``X-AIMA-Signature: sha256=<hex HMAC-SHA256 of the raw body under the shared key>`` and
 ``X-AIMA-Timestamp`` (Unix seconds when sent). A receiver recomputes the HMAC over the bytes it received
-and compares with :func:`hmac.compare_digest` (see :func:`verify`). Duplicates (at-least-once delivery) are
-recognised by each alert's ``fingerprint``, ``status`` and ``startsAt``.
+and compares with :func:`hmac.compare_digest` (see :func:`verify`).
+
+``X-AIMA-Idempotency-Key`` (:func:`idempotency_key`) names what a notification tells: its receiver, channel
+and each alert's ``fingerprint``, ``status`` and ``startsAt``. The notifier tells each once, but a notifier
+killed between the receiver's 2xx and its notification log write sends it again after the restart, with
+the same key (so does a retry after a timeout whose request did arrive): a receiver that keeps the keys it
+accepted drops those repeats. Repeats after ``repeat_interval`` are meant to arrive again and carry none.
 """
 
 from __future__ import annotations
@@ -20,10 +25,21 @@ from consumers.notify.channels.base import post
 from consumers.notify.config import WebhookConfig
 from consumers.notify.model import Alert, Notification, rfc3339
 
-__all__ = ["SIGNATURE_HEADER", "TIMESTAMP_HEADER", "WebhookChannel", "encode", "payload", "sign", "verify"]
+__all__ = [
+    "IDEMPOTENCY_HEADER",
+    "SIGNATURE_HEADER",
+    "TIMESTAMP_HEADER",
+    "WebhookChannel",
+    "encode",
+    "idempotency_key",
+    "payload",
+    "sign",
+    "verify",
+]
 
 SIGNATURE_HEADER = "X-AIMA-Signature"
 TIMESTAMP_HEADER = "X-AIMA-Timestamp"
+IDEMPOTENCY_HEADER = "X-AIMA-Idempotency-Key"
 
 
 def payload(notification: Notification, max_alerts: int = 0) -> dict[str, Any]:
@@ -57,6 +73,16 @@ def _alert(alert: Alert) -> dict[str, Any]:
     }
 
 
+def idempotency_key(notification: Notification) -> str | None:
+    """Hex SHA-256 over the receiver, the channel and the sorted (fingerprint, status, startsAt) of every
+    alert; None for a repeat."""
+    if notification.repeat:
+        return None
+    states = sorted(f"{a.fingerprint}\x1f{a.status}\x1f{rfc3339(a.starts_at)}" for a in notification.alerts)
+    text = "\x1e".join([notification.receiver, notification.channel, *states])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def encode(document: dict[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -84,6 +110,8 @@ class WebhookChannel:
         if self.config.hmac_key is not None:
             headers[SIGNATURE_HEADER] = sign(body, self.config.hmac_key.get())
         headers[TIMESTAMP_HEADER] = str(int(self._wall_clock()))
+        if (key := idempotency_key(notification)) is not None:
+            headers[IDEMPOTENCY_HEADER] = key
         assert self.config.url is not None
         post(
             self._client,
