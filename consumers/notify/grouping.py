@@ -8,6 +8,11 @@ has passed since the last notification. A group notifies one batch at a time. An
 (a new episode: a later ``starts_at``) before the resolution of its last episode was told keeps that
 resolution until the next notification tells it, so every announced episode is told resolved.
 
+A resolution whose firing this process saw but did not announce (both read in one go, or within one
+group_wait) is no news here, as with Alertmanager; but a predecessor stopped after delivering the firing
+and before committing it would leave it untold. Such resolutions are handed over apart
+(:meth:`Grouper.take_unconfirmed`) for the deliverer to tell where the notification log shows the firing.
+
 Offsets travel with the alerts: each group entry carries the origins (topic, partition, offset) of the
 records folded into it; a flush hands them over, and the caller commits an offset only once every group the
 record went to has delivered or dead-lettered it (:class:`OffsetTracker`).
@@ -25,7 +30,7 @@ from typing import TypeVar
 from consumers.notify.config import Route
 from consumers.notify.model import Alert, Origin
 
-__all__ = ["Flush", "Grouper", "OffsetTracker"]
+__all__ = ["Flush", "Grouper", "OffsetTracker", "Unconfirmed"]
 
 Identity = tuple[str, datetime]
 K = TypeVar("K")
@@ -82,10 +87,25 @@ class Flush:
     started_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class Unconfirmed:
+    """Resolutions of one group whose firing this process never announced: owed on a channel only where
+    the notification log shows the firing told. ``origins``: the records folded into their entries, owed
+    until that is settled."""
+
+    group_key: str
+    route: Route
+    group_labels: dict[str, str]
+    channels: tuple[str, ...]
+    alerts: tuple[Alert, ...]
+    origins: tuple[Origin, ...]
+
+
 class Grouper:
     def __init__(self, root: Route) -> None:
         self.root = root
         self._groups: dict[str, _Group] = {}
+        self._unconfirmed: list[Unconfirmed] = []
 
     def __len__(self) -> int:
         return len(self._groups)
@@ -142,6 +162,7 @@ class Grouper:
                 continue
             origins = [*group.leftover, *(o for e in _all(group) for o in e.origins)]
             group.leftover = []
+            self._hand_over_unconfirmed(group)
             for entry in _all(group):
                 entry.origins = []
             alerts, repeat = self._news(group, now)
@@ -164,6 +185,13 @@ class Grouper:
                 )
             )
         return flushes, released
+
+    def take_unconfirmed(self) -> list[Unconfirmed]:
+        """The unconfirmed resolutions :meth:`due` found since the last call. Their origins are also among
+        those :meth:`due` returned (in a flush or released): the caller holds them once more until each is
+        settled."""
+        taken, self._unconfirmed = self._unconfirmed, []
+        return taken
 
     def done(
         self, flush: Flush, now: float, completed: bool = True, sent: tuple[Alert, ...] | None = None
@@ -220,6 +248,25 @@ class Grouper:
         if firing and now - notified.at >= group.route.repeat_interval_s:
             return alerts, True
         return None, False
+
+    def _hand_over_unconfirmed(self, group: _Group) -> None:
+        announced = group.notified.firing if group.notified else frozenset()
+        entries = [
+            e
+            for e in _all(group)
+            if not e.alert.firing and e.seen_firing and e.alert.identity not in announced
+        ]
+        if entries:
+            self._unconfirmed.append(
+                Unconfirmed(
+                    group.key,
+                    group.route,
+                    dict(group.labels),
+                    group.channels,
+                    tuple(e.alert for e in entries),
+                    tuple(o for e in entries for o in e.origins),
+                )
+            )
 
     def _settle(self, group: _Group) -> None:
         """Forget resolved alerts once told, or when never announced and so not worth telling."""

@@ -2,16 +2,21 @@
 
 One loop on the calling thread reads AlertEvents, folds them into aggregation groups (:mod:`grouping`) and
 hands due notifications, less silenced alerts, to a pool of delivery threads (:mod:`delivery`), one task per
-receiver channel. Commit order, so that delivery is at least once:
+receiver channel. Commit order, so that every notification is delivered, and only once:
 
 1. a record is read; its offset is owed by every group it joined;
 2. a group's notification settles when every channel has delivered it, dead-lettered it (acknowledged by the
-   broker) or found it settled before (notification log); only then are the offsets it carried released;
+   broker) or found it told before (:mod:`told`), and the outcome is in the notification log (written
+   again and again while PostgreSQL is away); only then are the offsets it carried released;
 3. the consumer commits, per partition, up to the lowest offset still owed (asynchronously, one commit
    at a time: a synchronous one blocks up to 45 s while the broker is away).
 
 A notifier that stops (or crashes) before step 2 leaves the offsets uncommitted; the next one in the group
-reads the records again and the notification log keeps already delivered channels from sending twice.
+reads the records again and the notification log keeps already told channels from sending twice; this
+process's memory of what it told does the same for records it reads again itself (a rebalance). What is
+left: a kill -9 between a receiver's 2xx and the log write sends that notification again (webhooks carry
+an idempotency key for it). A resolution read together with its firing (the firing's sender stopped before
+committing) is told where the log shows the firing (:meth:`Grouper.take_unconfirmed`).
 A stop settles and commits what it can within what the stop bound leaves (``time_left_s``), each client
 closed within a bound of its own.
 """
@@ -53,7 +58,7 @@ from consumers.notify.delivery import (
     Result,
     letter_retry_s,
 )
-from consumers.notify.grouping import Flush, Grouper, OffsetTracker
+from consumers.notify.grouping import Flush, Grouper, OffsetTracker, Unconfirmed
 from consumers.notify.model import Alert, Notification, Origin
 from consumers.notify.silences import Silence, active_silences, silenced_by
 
@@ -98,11 +103,13 @@ def run(
 
 @dataclass
 class _Job:
-    """One flush on its way to every channel of its receiver."""
+    """One flush (or one group's unconfirmed resolutions) on its way to every channel of its receiver."""
 
-    flush: Flush
+    flush: Flush | None
     alerts: tuple[Alert, ...]
     expected: int
+    origins: tuple[Origin, ...] = ()
+    unconfirmed: Unconfirmed | None = None
     results: list[Result] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -144,6 +151,8 @@ class Notifier:
         self._commit_outstanding = False
         self._inflight: set[Future[Result]] = set()
         self._letter_failures = 0
+        self._unconfirmed_again: list[Unconfirmed] = []
+        """Unconfirmed resolutions whose delivery task failed: dispatched again (their origins still held)."""
 
         self.http = httpx.Client(
             limits=httpx.Limits(max_connections=config.workers * 2, max_keepalive_connections=config.workers),
@@ -314,13 +323,45 @@ class Notifier:
 
     def _dispatch_due(self, now: float) -> None:
         flushes, released = self.grouper.due(now)
+        unconfirmed = self.grouper.take_unconfirmed()
+        for item in unconfirmed:  # held once more, before the release below, until the log decided
+            for origin in item.origins:
+                self.tracker.add(origin, 1)
         for origin in released:
             self.tracker.release(origin)
-        if not flushes:
+        unconfirmed += self._unconfirmed_again
+        self._unconfirmed_again = []
+        if not flushes and not unconfirmed:
             return
         silences = self._active_silences()
         for flush in flushes:
             self._dispatch(flush, silences, now)
+        for item in unconfirmed:
+            self._dispatch_unconfirmed(item, silences, now)
+
+    def _dispatch_unconfirmed(self, item: Unconfirmed, silences: list[Silence], now: float) -> None:
+        wall = datetime.now(UTC)
+        alerts = tuple(a for a in item.alerts if silenced_by(silences, a.match_labels, wall) is None)
+        receiver = self.config.receiver(item.route.receiver)
+        targets = [t for t in receiver.channels_for(item.channels) if t.send_resolved] if alerts else []
+        job = _Job(None, alerts, expected=len(targets), origins=item.origins, unconfirmed=item)
+        if not targets:
+            self._settle(job, now)
+            return
+        for target in targets:
+            notification = Notification(
+                receiver.name, target.id, item.group_key, item.group_labels, alerts, self.config.external_url
+            )
+            future = self.executor.submit(
+                self.deliverer.deliver,
+                notification,
+                self.channels[(receiver.name, target.id)],
+                item.origins,
+                unconfirmed=True,
+            )
+            self._inflight.add(future)
+            future.add_done_callback(self._inflight.discard)
+            future.add_done_callback(lambda f, job=job: self._target_done(job, f))
 
     def _dispatch(self, flush: Flush, silences: list[Silence], now: float) -> None:
         wall = datetime.now(UTC)
@@ -340,9 +381,9 @@ class Notifier:
                         "requested": list(flush.channels),
                     },
                 )
-            self._settle(_Job(flush, alerts, expected=0), now)
+            self._settle(_Job(flush, alerts, expected=0, origins=flush.origins), now)
             return
-        job = _Job(flush, alerts, expected=len(targets))
+        job = _Job(flush, alerts, expected=len(targets), origins=flush.origins)
         for target in targets:
             told = alerts if target.send_resolved else tuple(a for a in alerts if a.firing)
             if not told:
@@ -391,10 +432,13 @@ class Notifier:
 
     def _settle(self, job: _Job, now: float) -> None:
         completed = all(r.outcome is not Outcome.ABORTED for r in job.results)
-        self.grouper.done(job.flush, now, completed=completed, sent=job.alerts)
+        if job.flush is not None:
+            self.grouper.done(job.flush, now, completed=completed, sent=job.alerts)
         if completed:
-            for origin in job.flush.origins:
+            for origin in job.origins:
                 self.tracker.release(origin)
+        elif job.unconfirmed is not None and not self.stop.is_set():
+            self._unconfirmed_again.append(job.unconfirmed)
 
     def _active_silences(self) -> list[Silence]:
         try:
@@ -450,6 +494,9 @@ class Notifier:
         self._settle_completed(self.clock())
         self._commit()
         gone = [(p.topic, p.partition) for p in partitions]
+        self._unconfirmed_again = [
+            u for u in self._unconfirmed_again if not any((o.topic, o.partition) in gone for o in u.origins)
+        ]
         self.grouper.drop_partitions(gone)
         self.tracker.drop(gone)
         log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})

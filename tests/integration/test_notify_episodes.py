@@ -97,12 +97,6 @@ def test_a_resolution_is_told_when_the_alert_fires_again_before_its_group_was_de
     assert sorted(got) == sorted(want), got
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: a replay that reads a delivered firing and its resolution in one go takes them for "
-    "an alert that fired and resolved unannounced (grouping.Grouper._news) and drops the resolution; the "
-    "notification log knows the firing was delivered, but the grouper does no I/O",
-)
 def test_a_resolution_read_together_with_its_delivered_firing_after_a_crash_is_told(
     start: Callable[..., RunningNotifier], topics: Settings, receiver: Receiver, unique: str
 ) -> None:

@@ -211,6 +211,29 @@ def test_resolution_of_an_alert_fired_before_a_restart_is_announced() -> None:
     assert [a.status for a in flush.alerts] == ["resolved"]
 
 
+def test_a_resolution_read_with_its_unannounced_firing_is_handed_over_unconfirmed() -> None:
+    # A replay after the firing's sender stopped before committing: no news here (as Alertmanager would
+    # have it), but the notification log may show the firing told, so the resolution goes on apart.
+    grouper = Grouper(config({"group_wait": "0s"}).route)
+    grouper.add(alert("a"), origin(1), 0.0)
+    grouper.add(alert("a", "resolved"), origin(2), 0.0)
+    sent, released = grouper.due(0.0)
+    assert sent == [] and released == [origin(1), origin(2)]
+    (item,) = grouper.take_unconfirmed()
+    assert [(a.fingerprint, a.status) for a in item.alerts] == [("a", "resolved")]
+    assert item.origins == (origin(1), origin(2)) and item.group_key.startswith("root:")
+    assert grouper.take_unconfirmed() == [] and len(grouper) == 0
+
+
+def test_a_resolution_of_an_announced_firing_is_not_unconfirmed() -> None:
+    grouper = Grouper(config({"group_wait": "0s", "group_interval": "10s"}).route)
+    grouper.add(alert("a"), origin(1), 0.0)
+    grouper.done(only(grouper.due(0.0)), 0.0)
+    grouper.add(alert("a", "resolved"), origin(2), 5.0)
+    assert [a.status for a in only(grouper.due(10.0)).alerts] == ["resolved"]
+    assert grouper.take_unconfirmed() == []
+
+
 def test_a_replayed_firing_record_does_not_undo_a_resolution() -> None:
     grouper = Grouper(config({"group_wait": "0s"}).route)
     grouper.add(alert("a", "resolved"), origin(2), 0.0)
