@@ -584,7 +584,7 @@ class Dispatcher:
                 # A processor produced a record that does not fit its schema: keep it, with why.
                 self._dead_letter_output(output, topic, exc)
                 continue
-            add(topic, None, output.key.encode(), data, output)
+            add(topic, output.partition, output.key.encode(), data, output)
             counts[output.topic_key] = counts.get(output.topic_key, 0) + 1
         for key, count in counts.items():
             self.metrics.outputs.labels(key).inc(count)

@@ -53,6 +53,10 @@ class Output:
     key: str
     record_name: str
     value: dict[str, Any]
+    partition: int | None = None
+    """Where to send it instead of the key's partition (a record every partition must see, such as a
+    sender's progress in streams/rollup_merge.py). The outputs of one call reach each partition in the
+    order they are listed, whichever way each was routed."""
 
 
 @dataclass(frozen=True, slots=True)

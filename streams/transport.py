@@ -527,7 +527,9 @@ class Sender:
     topic partition, and waits until the broker has every one (:meth:`flush`), so that offsets are
     acknowledged only after their outputs are durable, whatever Faust's commit does. Records without a
     partition go to ``crc32(key) % partitions``, librdkafka's ``consistent`` partitioner, which the
-    project's confluent-kafka producers use too.
+    project's confluent-kafka producers use too. Each partition gets its records in the order they were
+    added, whether they named the partition or were routed by key (a processor's progress record sent to
+    every partition must not overtake the keyed records before it).
 
     A record batch the broker refuses as too large is sent again one record per batch, so that only the
     records too large themselves are refused; the records after it on that partition are sent again too
@@ -536,17 +538,18 @@ class Sender:
 
     def __init__(self, app: faust.App) -> None:
         self._app = app
-        self._records: dict[tuple[str, int | None], list[_Entry]] = {}
+        self._records: dict[str, list[tuple[int | None, _Entry]]] = {}
+        """Per topic, in the order added: (the partition named, or None to route by key; the record)."""
         self._partitions: dict[str, int] = {}
 
     def add(
         self, topic: str, partition: int | None, key: bytes | None, value: bytes | None, tag: Any = None
     ) -> None:
         """Collect one record; ``tag`` comes back with it if the broker refuses it (:class:`Refused`)."""
-        records = self._records.get((topic, partition))
+        records = self._records.get(topic)
         if records is None:
-            records = self._records[(topic, partition)] = []
-        records.append((key, value, tag))
+            records = self._records[topic] = []
+        records.append((partition, (key, value, tag)))
 
     def __len__(self) -> int:
         return sum(len(records) for records in self._records.values())
@@ -566,16 +569,20 @@ class Sender:
         producer = self._app.producer._ensure_producer()  # type: ignore[attr-defined]
         collected, self._records = self._records, {}
         by_tp: dict[tuple[str, int], list[_Entry]] = {}
-        for (topic, partition), records in collected.items():
-            if partition is not None:
-                by_tp.setdefault((topic, partition), []).extend(records)
-                continue
-            count = self._partitions.get(topic)
-            if count is None:
-                count = self._partitions[topic] = len(await producer.partitions_for(topic))
-            for entry in records:
-                target = zlib.crc32(entry[0] or b"") % count
-                by_tp.setdefault((topic, target), []).append(entry)
+        for topic, records in collected.items():
+            count: int | None = None
+            last: int | None = None
+            into: list[_Entry] = []
+            for partition, entry in records:
+                if partition is None:
+                    if count is None:
+                        count = self._partitions.get(topic)
+                        if count is None:
+                            count = self._partitions[topic] = len(await producer.partitions_for(topic))
+                    partition = zlib.crc32(entry[0] or b"") % count
+                if partition != last:
+                    into, last = by_tp.setdefault((topic, partition), []), partition
+                into.append(entry)
         outcomes = await asyncio.gather(
             *(
                 self._deliver(producer, topic, partition, records)
@@ -588,7 +595,7 @@ class Sender:
             refused.extend(gone)
             if error is not None:
                 failed.append((topic, partition, error))
-                self._records.setdefault((topic, partition), []).extend(left)
+                self._records.setdefault(topic, []).extend((partition, entry) for entry in left)
         if failed:
             raise DeliveryFailed(failed)
         return refused
