@@ -46,6 +46,11 @@ class Metric:
     type: MetricType = "gauge"
     """gauge: one value per sample. counter: monotonic total. summary: the record is a per-interval summary
     (count, sum_seconds, min_seconds, max_seconds, sketch) and ``field`` is its sum."""
+    spans_partitions: bool = False
+    """Its labels do not include its topic's message key (bus/topics.py), so one series is spread over
+    several partitions of the topic (job events are keyed by job_id, the queue wait is labelled by queue
+    and project): each partition's rollup is only a part, and the stream app merges the parts
+    (streams/rollup_merge.py) before it publishes the rollup."""
 
     @property
     def label_fields(self) -> tuple[str, ...]:
@@ -152,7 +157,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("queue_length_jobs", "count", "queue_sampler", "10s", ("queue",), _QUEUE, "length_jobs",
            "Jobs waiting in the queue", "M14"),
     Metric("job_queue_wait_seconds", "s", "job_events", "per job", ("queue", "project"), _JOB,
-           "queue_wait_seconds", "Time from queued to started", "M15", (("event", "started"),)),
+           "queue_wait_seconds", "Time from queued to started", "M15", (("event", "started"),),
+           spans_partitions=True),
 
     Metric("host_cpu_utilization_percent", "%", "psutil", "10s", ("host",), _SYS, "cpu_utilization_percent",
            "CPU busy, all cores", "M16"),

@@ -117,11 +117,13 @@ def default_processors(settings: Settings, config: StreamsConfig | None = None) 
     from streams.alerts import alert_processors_from_environ
     from streams.anomaly import AnomalyConfig, AnomalyProcessor
     from streams.costs import cost_processors_from_environ
+    from streams.rollup_merge import RollupMerger
     from streams.rollups import RollupProcessor
 
     config = config or StreamsConfig.from_env(os.environ)
     processors: list[Processor] = [
         RollupProcessor(lateness=config.lateness, emit_interval=config.emit_interval),
+        RollupMerger(),
         *cost_processors_from_environ(),
         *alert_processors_from_environ(),
         AnomalyProcessor(AnomalyConfig.from_environ()),

@@ -31,6 +31,11 @@ Crash safety (at-least-once input, a changelog that is a prefix of the writes in
   committed (``PartitionBatch.committed_offset``); on a resumed partition, finals with ``f`` at or after the
   committed offset are emitted again, since their output may not have been flushed before a crash.
 
+Series that span partitions (``Metric.spans_partitions``: job_queue_wait_seconds {queue, project} on
+job.events, keyed by job_id): this partition's rollups of them are only parts, so they go to
+``streams.rollup-partials`` as its partials (the same records, tagged with this topic partition), followed
+by its progress whenever it closes buckets, and streams/rollup_merge.py publishes the merged rollups.
+
 Columnar batches: when a batch comes with ``columns`` (streams/columns.py) and every metric of its record
 type is a top-level scalar (GpuSample, QueueSample, PodStatus, JobEvent, CostRecord; not SystemSample,
 whose disks and networks are arrays, nor JobTimings, a summary), the records are routed one by one as above
@@ -55,7 +60,7 @@ from ddsketch.mapping import LogarithmicMapping
 
 from bus.catalogue import METRICS, Metric
 from bus.sketch import DEFAULT_RELATIVE_ACCURACY
-from bus.topics import TOPICS
+from bus.topics import BY_KEY, TOPICS
 from streams.buckets import HOUR_MS, PARENT, TIERS, Tier, bucket_end, bucket_start, iso, parse_series, to_ms
 from streams.processor import Input, Output, PartitionBatch, Result
 from streams.series import series_id
@@ -63,9 +68,20 @@ from streams.series import series_id
 if TYPE_CHECKING:
     from streams.columns import Columns
 
-__all__ = ["ROLLUP_RECORD", "RollupProcessor", "quantile_of_bins", "rollup_topics"]
+__all__ = [
+    "PARTIALS_TOPIC",
+    "PARTIAL_RECORD",
+    "ROLLUP_RECORD",
+    "RollupProcessor",
+    "partial_output",
+    "progress_outputs",
+    "quantile_of_bins",
+    "rollup_topics",
+]
 
 ROLLUP_RECORD = "aima.metrics.Rollup"
+PARTIAL_RECORD = "aima.metrics.RollupPartial"
+PARTIALS_TOPIC = "streams.rollup-partials"
 _LETTER: Mapping[Tier, str] = {"hour": "h", "day": "d", "month": "m", "year": "y"}
 _TIER_OF = {letter: tier for tier, letter in _LETTER.items()}
 _NO_WATERMARK = -(2**62)
@@ -75,6 +91,40 @@ _OWN_SOURCES = frozenset({"cost_processor"})
 
 # An aggregate: [count, sum, min, max, zeros, {bin key: count}]
 Agg = list[Any]
+
+
+def partial_output(sender: tuple[str, int], rollup: dict[str, Any], watermark: int, source: str) -> Output:
+    """``rollup`` as the partial of the topic partition ``sender``, for the merge (streams/rollup_merge.py):
+    keyed by series, so that one merge partition holds every partial of a series."""
+    value = {
+        "time": watermark,
+        "sender_topic": sender[0],
+        "sender_partition": sender[1],
+        "closed_before": None,
+        "rollup": rollup,
+        "source": source,
+    }
+    return Output(PARTIALS_TOPIC, rollup["series"], PARTIAL_RECORD, value)
+
+
+def progress_outputs(
+    sender: tuple[str, int], closed_before: int, watermark: int, source: str
+) -> list[Output]:
+    """The progress of ``sender``, one record to every partition of the partials topic: every bucket of
+    that sender ending at or before ``closed_before`` is final, and its partials were listed earlier."""
+    value = {
+        "time": watermark,
+        "sender_topic": sender[0],
+        "sender_partition": sender[1],
+        "closed_before": closed_before,
+        "rollup": None,
+        "source": source,
+    }
+    key = f"{sender[0]}/{sender[1]}"
+    return [
+        Output(PARTIALS_TOPIC, key, PARTIAL_RECORD, value, partition=partition)
+        for partition in range(BY_KEY[PARTIALS_TOPIC].partitions)
+    ]
 
 
 def rollup_topics() -> tuple[str, ...]:
@@ -332,6 +382,14 @@ class RollupProcessor:
         for metric in METRICS:
             by_record.setdefault(metric.record, []).append(metric)
         self._plans = {record: _RecordPlan(record, metrics) for record, metrics in by_record.items()}
+        self.merged_metrics = frozenset(metric.name for metric in METRICS if metric.spans_partitions)
+        """Metrics whose rollups go out as this partition's partials, to be merged across partitions
+        (streams/rollup_merge.py): those the catalogue marks ``spans_partitions``."""
+        spanning_records = {metric.record for metric in METRICS if metric.spans_partitions}
+        self._progress_topics = frozenset(
+            key for key in self.topics if key in BY_KEY and BY_KEY[key].schema in spanning_records
+        )
+        """Topics whose partitions send partials, and so tell the merge how far they have closed."""
         self._parsed: dict[str, tuple[str, dict[str, str]]] = {}
 
     # -- the batch ------------------------------------------------------------------------------------------
@@ -384,7 +442,9 @@ class RollupProcessor:
         dirty = set(folded)
         outputs = result.outputs
         deletes: list[str] = []
-        if batch.resumed or previous is None or self._deadline_crossed(previous, watermark):
+        sender = (batch.topic_key, batch.partition)
+        closed = batch.resumed or previous is None or self._deadline_crossed(previous, watermark)
+        if closed:
             self._close(batch, state, work, dirty, deletes, outputs, watermark)
         for key in folded:
             entry = work[key]
@@ -392,7 +452,12 @@ class RollupProcessor:
             if "f" not in entry and (last is None or watermark - last >= self._emit_ms):
                 entry["e"] = watermark
                 _, start, _ = key.split("|", 2)
-                self._emit(outputs, "hour", int(start), entry, final=False, watermark=watermark)
+                self._emit(
+                    outputs, "hour", int(start), entry, final=False, watermark=watermark, sender=sender
+                )
+        if closed and batch.topic_key in self._progress_topics:
+            # Last: every partial this partition has finalised so far is listed before its progress.
+            outputs.extend(progress_outputs(sender, watermark - self._lateness_ms, watermark, self.source))
 
         # Parents before children: a child is marked final only after its parent holds it.
         for letter in "ymdh":
@@ -719,6 +784,7 @@ class RollupProcessor:
         committed."""
         last_offset = batch.last_offset
         committed = batch.committed_offset
+        sender = (batch.topic_key, batch.partition)
         # Finals at or after the committed position may have been lost with the outputs of a crash.
         unproven = committed if committed is not None else -1
         by_tier: dict[str, set[tuple[int, str]]] = {letter: set() for letter in "hdmy"}
@@ -738,7 +804,9 @@ class RollupProcessor:
                 final_offset = entry.get("f")
                 if final_offset is not None:
                     if batch.resumed and final_offset >= unproven:
-                        self._emit(outputs, tier, start, entry, final=True, watermark=watermark)
+                        self._emit(
+                            outputs, tier, start, entry, final=True, watermark=watermark, sender=sender
+                        )
                     if committed is not None and final_offset < committed and key not in dirty:
                         deletes.append(key)
                     continue
@@ -752,13 +820,19 @@ class RollupProcessor:
                 entry["f"] = last_offset
                 work[key] = entry
                 dirty.add(key)
-                self._emit(outputs, tier, start, entry, final=True, watermark=watermark)
+                self._emit(outputs, tier, start, entry, final=True, watermark=watermark, sender=sender)
         for letter in "dmy":
             for key in dirty:
                 if key[0] == letter and "f" not in work[key]:
                     _, start, _ = key.split("|", 2)
                     self._emit(
-                        outputs, _TIER_OF[letter], int(start), work[key], final=False, watermark=watermark
+                        outputs,
+                        _TIER_OF[letter],
+                        int(start),
+                        work[key],
+                        final=False,
+                        watermark=watermark,
+                        sender=sender,
                     )
 
     def _merge_into_parent(
@@ -807,7 +881,10 @@ class RollupProcessor:
         *,
         final: bool,
         watermark: int,
+        sender: tuple[str, int],
     ) -> None:
+        """One Rollup per series of ``entry``; a series whose metric spans partitions goes instead as this
+        partition's partial (streams/rollup_merge.py), to be merged with the other partitions' first."""
         end = bucket_end(tier, start)
         start_iso = iso(start)
         for series, agg in entry["s"].items():
@@ -845,7 +922,10 @@ class RollupProcessor:
                 "watermark": watermark,
                 "source": self.source,
             }
-            outputs.append(Output("rollups", f"{series}|{tier}|{start_iso}", ROLLUP_RECORD, value))
+            if parsed[0] in self.merged_metrics:
+                outputs.append(partial_output(sender, value, watermark, self.source))
+            else:
+                outputs.append(Output("rollups", f"{series}|{tier}|{start_iso}", ROLLUP_RECORD, value))
 
     def _late_reason(self, event_ms: int, watermark: int, hour: int) -> str:
         behind = timedelta(milliseconds=watermark - event_ms)

@@ -478,10 +478,12 @@ def test_where_selects_which_records_carry_a_metric() -> None:
             [event("queued", None, 0), event("started", 42.0, 1)], record="aima.metrics.JobEvent"
         )
     )
-    assert [o.value["series"] for o in result.outputs] == [
+    # job_queue_wait_seconds spans job.events' partitions: it goes out as this partition's partial.
+    partials = [o.value["rollup"] for o in result.outputs if o.value.get("rollup")]
+    assert [rollup["series"] for rollup in partials] == [
         'job_queue_wait_seconds{project="news",queue="default"}'
     ]
-    assert result.outputs[0].value["count"] == 1
+    assert partials[0]["count"] == 1
     assert len([k for k in partition.state if k.startswith("h|")]) == 1
 
 
@@ -569,26 +571,22 @@ def _rolled_up_metrics() -> Iterator[tuple[str, str]]:
                 yield topic, metric.name
 
 
-@pytest.mark.parametrize(
-    ("topic", "name"),
-    [
-        pytest.param(
-            topic,
-            name,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="job.events is keyed by job_id: one {queue, project} series spans its partitions, "
-                "and each partition's partial rollup overwrites the others in the sink (open)",
-            ),
-        )
-        if name == "job_queue_wait_seconds"
-        else (topic, name)
-        for topic, name in _rolled_up_metrics()
-    ],
-)
-def test_every_rolled_up_series_lives_on_one_partition_of_its_topic(topic: str, name: str) -> None:
+@pytest.mark.parametrize(("topic", "name"), list(_rolled_up_metrics()))
+def test_every_rolled_up_series_lives_on_one_partition_of_its_topic_or_is_merged(
+    topic: str, name: str
+) -> None:
     # Rollup state is kept per input partition: a series whose samples a topic spreads over several
-    # partitions gets a partial aggregate on each, all emitted under one (series, tier, bucket) key.
+    # partitions gets a partial aggregate on each, which must not go out as the series' rollup (the parts
+    # would overwrite each other under one (series, tier, bucket) key). Either the series lives on one
+    # partition (its labels include the topic's key fields), or the catalogue says it spans partitions and
+    # the rollup processor sends its parts to the merge (streams/rollup_merge.py) instead.
+    metric = BY_NAME[name]
     key_fields = set(BY_KEY[topic].message_key.split("/"))
-    labels = set(BY_NAME[name].labels)
-    assert key_fields <= labels, f"{name} {sorted(labels)} lacks {topic}'s key fields {sorted(key_fields)}"
+    labels = set(metric.labels)
+    on_one_partition = key_fields <= labels
+    assert on_one_partition or metric.spans_partitions, (
+        f"{name} {sorted(labels)} lacks {topic}'s key fields {sorted(key_fields)} and is not marked "
+        "spans_partitions in the catalogue"
+    )
+    assert not (on_one_partition and metric.spans_partitions), f"{name} lives on one partition: no merge"
+    assert (name in RollupProcessor().merged_metrics) is metric.spans_partitions

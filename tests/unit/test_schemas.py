@@ -67,6 +67,18 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "sketch": SKETCH,
         "final": False, "watermark": T0, "source": "stream",
     },
+    "RollupPartial": {
+        "time": T0, "sender_topic": "job.events", "sender_partition": 2, "closed_before": None,
+        "rollup": {
+            "series": 'job_queue_wait_seconds{project="newsroom",queue="gpu-large"}',
+            "metric": "job_queue_wait_seconds", "labels": {"project": "newsroom", "queue": "gpu-large"},
+            "tier": "hour", "bucket_start": datetime(2025, 3, 14, 9, tzinfo=UTC),
+            "bucket_end": datetime(2025, 3, 14, 10, tzinfo=UTC), "count": 6, "min": 1.5, "max": 42.5,
+            "sum": 90.0, "avg": 15.0, "p95": 42.1, "sketch": SKETCH, "final": False, "watermark": T0,
+            "source": "stream",
+        },
+        "source": "stream",
+    },
     "CostRecord": {
         "time": datetime(2025, 3, 1, tzinfo=UTC), "period_end": datetime(2025, 4, 1, tzinfo=UTC),
         "kind": "budget", "project": "newsroom", "budget": "newsroom-monthly", "budget_eur": 10_000.0,
