@@ -111,7 +111,7 @@ class NotifierMetrics:
         self.notifications = Counter(
             "aima_notifier_notifications",
             "Notifications settled, by receiver, channel and outcome (delivered, dead_lettered, duplicate, "
-            "unrouted)",
+            "not_owed, unrouted)",
             ["receiver", "channel", "outcome"],
             registry=registry,
         )
