@@ -400,3 +400,125 @@ def test_two_workers_share_the_partitions_with_the_same_results(
     topics: Settings, tmp_path: Path, unique: str
 ) -> None:
     run_and_compare(topics, tmp_path, unique, workers=2)
+
+
+# -- a series that spans partitions: job_queue_wait_seconds {queue, project} on job.events (key: job_id) ---
+
+WAIT_SERIES = series_id("job_queue_wait_seconds", {"project": "news", "queue": "gpu-large"})
+JOBS_START = datetime(2025, 12, 31, 21, tzinfo=UTC)
+JOBS_END = datetime(2026, 1, 1, tzinfo=UTC)
+JOBS_CLOSER = datetime(2026, 1, 1, 3, tzinfo=UTC)  # past the year's end plus the lateness
+
+
+def _job_event(time_: datetime, job: str, event: str, wait: float | None, project: str = "news") -> Sent:
+    value = {
+        "time": time_, "job_id": job, "event": event, "project": project, "user": None, "service": None,
+        "queue": "gpu-large", "model": None, "host": None, "gpu_count": 1, "gpu_model": None,
+        "provider": None, "pricing": None, "media_minutes": None, "queue_wait_seconds": wait, "error": None,
+        "source": "test",
+    }  # fmt: skip
+    key = job.encode()
+    return Sent("job.events", zlib.crc32(key) % BY_KEY["job.events"].partitions, key, value, "JobEvent")
+
+
+def recorded_jobs(seed: int = 13) -> list[Sent]:
+    """A job of one {queue, project} queued and started every 2 minutes for the last three hours of 2025
+    (each job on the partition its job_id picks, so the series spans all of them), then a closer per
+    partition that closes every bucket of every tier they fall in."""
+    rng = random.Random(seed)
+    out: list[Sent] = []
+    moment, number = JOBS_START, 0
+    while moment < JOBS_END:
+        job = f"job-{number:04d}"
+        wait = min(rng.lognormvariate(3, 1), 300.0) if number % 7 else 0.0
+        out.append(_job_event(moment - timedelta(seconds=wait), job, "queued", None))
+        out.append(_job_event(moment, job, "started", wait))
+        moment, number = moment + timedelta(minutes=2), number + 1
+    partitions = BY_KEY["job.events"].partitions
+    closers: dict[int, Sent] = {}
+    while len(closers) < partitions:
+        sent = _job_event(JOBS_CLOSER, f"closer-{number}", "started", 1.0, "closer")
+        closers.setdefault(sent.partition, sent)
+        number += 1
+    return out + [closers[p] for p in range(partitions)]
+
+
+def offline_waits(samples: list[Sent]) -> dict[Key, dict[str, Any]]:
+    """count, min, max, avg and the exact p95 of the queue waits of the started jobs, per tier and bucket."""
+    values: dict[Key, list[float]] = {}
+    for sample in samples:
+        value = sample.value
+        assert value is not None
+        if value["event"] != "started" or value["project"] != "news":
+            continue
+        for tier in TIERS:
+            key = (WAIT_SERIES, tier, bucket_start(tier, to_ms(value["time"])))
+            values.setdefault(key, []).append(value["queue_wait_seconds"])
+    expected = {}
+    for key, found in values.items():
+        assert bucket_end(key[1], key[2]) + LATENESS_MS <= to_ms(JOBS_CLOSER)  # final, every one
+        ordered = sorted(found)
+        expected[key] = {
+            "count": len(found),
+            "min": ordered[0],
+            "max": ordered[-1],
+            "avg": math.fsum(found) / len(found),
+            "p95": ordered[math.floor(0.95 * (len(found) - 1))],
+        }
+    return expected
+
+
+@pytest.mark.parametrize("mode", ["one worker", "kill -9 mid-stream", "two workers"])
+def test_a_series_spread_over_partitions_is_rolled_up_whole(
+    topics: Settings, tmp_path: Path, unique: str, mode: str
+) -> None:
+    samples = recorded_jobs()
+    assert len({s.partition for s in samples if s.value and s.value["project"] == "news"}) > 1
+    expected = offline_waits(samples)
+    started = sum(
+        1 for s in samples if s.value and s.value["event"] == "started" and s.value["project"] == "news"
+    )
+    log = tmp_path / "worker.log"
+    rollups, letters = Topic(topics, "rollups"), Topic(topics, "deadletter")
+    app_id = f"waits-{unique}"
+    env = {"AIMA_STREAMS_BATCH_MAX": "40", "AIMA_STREAMS_SESSION_TIMEOUT_S": "8"}
+    workers = 2 if mode == "two workers" else 1
+
+    def waits() -> dict[Key, dict[str, Any]]:
+        rollups.poll()
+        return {key: value for key, value in latest_finals(rollups.records).items() if key[0] == WAIT_SERIES}
+
+    try:
+        if mode == "kill -9 mid-stream":
+            env["AIMA_STREAMS_COMMIT_INTERVAL_S"] = "3600"  # nothing committed: the restart replays it all
+            first = worker(topics, app_id, log, **env)
+            produce(topics, samples[: len(samples) // 2])
+            wait_until(lambda: len(waits()) > 0, 120, [first], log)  # some merged buckets are final
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=30)
+        logs = [log.with_name(f"worker{i}.log") for i in range(workers)]
+        running = [worker(topics, app_id, logs[i], **env) for i in range(workers)]
+        if workers > 1:
+            wait_until(
+                lambda: all(b"StreamsWorker]: Ready" in f.read_bytes() for f in logs), 90, running, logs[0]
+            )
+            time.sleep(3)
+        produce(topics, samples if mode != "kill -9 mid-stream" else samples[len(samples) // 2 :])
+        wait_until(lambda: set(waits()) >= set(expected), 180, running, logs[0])
+        stop(running, logs[0])
+        finals = waits()
+        letters.poll()
+    finally:
+        rollups.close()
+        letters.close()
+    assert_same(finals, expected)
+    for tier in TIERS:  # every tier holds every started job once: no partition's part overwrote another's
+        assert sum(value["count"] for key, value in finals.items() if key[1] == tier) == started, tier
+    # Only merged rollups reach the topic: no upsert of a bucket ever counts more than the bucket holds,
+    # nor a final fewer.
+    for value in rollups.records:
+        key = (value["series"], value["tier"], to_ms(value["bucket_start"]))
+        if key in expected:
+            assert value["count"] <= expected[key]["count"], key
+            assert not value["final"] or value["count"] == expected[key]["count"], key
+    assert letters.records == [], [(r["error_type"], r["reason"]) for r in letters.records[:3]]
