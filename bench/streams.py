@@ -48,6 +48,7 @@ from bus.settings import Settings  # noqa: E402
 from bus.topics import TOPICS, topic_name  # noqa: E402
 from producers.simulator import Fleet, generate  # noqa: E402
 from streams.main import default_processors  # noqa: E402
+from streams.settings import WorkerSettings  # noqa: E402
 
 START = datetime(2026, 3, 2, tzinfo=UTC)
 
@@ -309,7 +310,8 @@ def main() -> None:
     records = ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()))
     produced = ", ".join(f"{k} {v:,}" for k, v in sorted(outputs.items())) or "none"
     plain_gpu = plain_rate * counts["gpu.samples"] / total
-    processors = ", ".join(processor.name for processor in default_processors(settings))
+    chosen = default_processors(settings, WorkerSettings.load())
+    processors = ", ".join(processor.name for processor in chosen)
     app_row = f"stream app, {args.workers} worker(s), every processor on ({processors})"
     sustained_row = (
         f"| {app_row}, once every worker holds partitions ({measured.get('sustained_events', 0):,.0f} "

@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bus import catalogue
 from bus.topics import TOPICS
@@ -43,6 +42,9 @@ from streams.processor import Input, Output, PartitionBatch, Result
 from streams.rules import Rule, fingerprint, load_rules
 from streams.series import MetricColumn, Sample, SeriesIndex
 
+if TYPE_CHECKING:
+    from streams.settings import AlertSettings
+
 __all__ = [
     "ALERT_RECORD",
     "OUTCOMES_TOPIC",
@@ -50,7 +52,7 @@ __all__ = [
     "JobOutcomeForwarder",
     "alert_event",
     "alert_processors",
-    "alert_processors_from_environ",
+    "alert_processors_from_settings",
 ]
 
 log = logging.getLogger(__name__)
@@ -565,12 +567,7 @@ def alert_processors(
     return processors
 
 
-def alert_processors_from_environ(
-    environ: Mapping[str, str] | None = None,
-) -> list[AlertProcessor | JobOutcomeForwarder]:
-    """Reads ``AIMA_ALERT_RULES`` (rule files separated by ``os.pathsep``) and ``AIMA_ALERT_DEFAULT_RULES``
-    (``false`` leaves out the shipped defaults)."""
-    env = os.environ if environ is None else environ
-    paths = [path for path in env.get("AIMA_ALERT_RULES", "").split(os.pathsep) if path.strip()]
-    defaults = env.get("AIMA_ALERT_DEFAULT_RULES", "true").strip().lower() not in ("0", "false", "no", "off")
-    return alert_processors(rule_paths=paths, defaults=defaults)
+def alert_processors_from_settings(settings: AlertSettings) -> list[AlertProcessor | JobOutcomeForwarder]:
+    """The alert processors the worker's :class:`streams.settings.AlertSettings` ask for: the rule files
+    of ``AIMA_ALERT_RULES``, with the shipped defaults unless ``AIMA_ALERT_DEFAULT_RULES`` is false."""
+    return alert_processors(rule_paths=settings.rules, defaults=settings.default_rules)

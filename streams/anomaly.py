@@ -21,9 +21,8 @@ offset is committed, and is sent again on a resumed partition when it may have b
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from operator import itemgetter
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -109,32 +108,6 @@ class AnomalyConfig:
             )
         for name in self.metrics or ():
             catalogue.get(name)
-
-    @classmethod
-    def from_environ(cls, environ: Mapping[str, str] | None = None) -> AnomalyConfig:
-        """``AIMA_ANOMALY_ALPHA``, ``_WARMUP``, ``_THRESHOLD``, ``_ALERT_THRESHOLD``, ``_RESOLVE_AFTER`` and
-        ``_METRICS`` (comma-separated names); unset ones keep their defaults."""
-        env = os.environ if environ is None else environ
-        config = cls()
-        casts = {
-            "alpha": float,
-            "warmup": int,
-            "threshold": float,
-            "alert_threshold": float,
-            "resolve_after": int,
-        }
-        changes: dict[str, Any] = {}
-        for name, cast in casts.items():
-            raw = env.get(f"AIMA_ANOMALY_{name.upper()}")
-            if raw is not None and raw.strip():
-                try:
-                    changes[name] = cast(raw)
-                except ValueError:
-                    raise ValueError(f"AIMA_ANOMALY_{name.upper()}: not a number: {raw!r}") from None
-        metrics = env.get("AIMA_ANOMALY_METRICS", "").strip()
-        if metrics:
-            changes["metrics"] = tuple(name.strip() for name in metrics.split(",") if name.strip())
-        return replace(config, **changes)
 
 
 class AnomalyProcessor:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faust
 import orjson
@@ -61,7 +61,10 @@ from streams.transport import (
     until_flow_stops,
 )
 
-__all__ = ["Dispatcher", "PartitionView", "StreamMetrics", "StreamOptions", "create_app"]
+if TYPE_CHECKING:
+    from streams.settings import StreamsSettings
+
+__all__ = ["Dispatcher", "PartitionView", "StreamMetrics", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -84,23 +87,6 @@ class _Truncated:
     """Tag of a dead letter sent again with its value cut to :data:`DEAD_LETTER_VALUE_MAX`."""
 
     record: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class StreamOptions:
-    app_id: str = "aima-streams"
-    """Consumer group and prefix of the app's internal topics; workers with the same id share the work."""
-    batch_max: int = 10000
-    """Most records one fetch hands to the processors (all partitions together)."""
-    commit_interval_s: float = 2.8
-    session_timeout_s: float = 30.0
-    """How long the group waits for a silent worker (killed, hung) before its partitions move on."""
-    web_port: int | None = None
-    """Faust's own web server (its /stats, /router, ...); None leaves it off."""
-    store: str | None = None
-    """Faust table store URL; None picks rocksdb:// when rocksdict is installed, else memory://."""
-    transient_retry_max_s: float = 30.0
-    """Longest pause between retries of a record that failed for a transient reason (registry outage)."""
 
 
 class StreamMetrics:
@@ -260,7 +246,7 @@ class Dispatcher:
         processors: Sequence[Processor],
         codec: Codec,
         metrics: StreamMetrics,
-        options: StreamOptions,
+        options: StreamsSettings,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.app = app
@@ -686,7 +672,7 @@ def _partition_of(key: str) -> int:
     return int(key[:end])
 
 
-def _store_url(options: StreamOptions) -> str:
+def _store_url(options: StreamsSettings) -> str:
     if options.store:
         return options.store
     return "rocksdb://" if importlib.util.find_spec("rocksdict") else "memory://"
@@ -712,14 +698,18 @@ def create_app(
     settings: Settings,
     processors: Sequence[Processor],
     *,
-    options: StreamOptions | None = None,
+    options: StreamsSettings | None = None,
     registry: CollectorRegistry | None = None,
     codec: Codec | None = None,
 ) -> StreamsApp:
     """The Faust app running ``processors``; start it with ``streams.transport.StreamsWorker(app)``
     (streams/main.py does). Needs the broker: creates the app's internal topics (table changelogs, the
-    leader assignor's topic) and waits for its consumer group's coordinator."""
-    options = options or StreamOptions()
+    leader assignor's topic) and waits for its consumer group's coordinator. ``options``: the worker's
+    :class:`streams.settings.StreamsSettings`; without them, their defaults (the environment is read
+    where the process starts, streams/main.py, not here)."""
+    from streams.settings import StreamsSettings
+
+    options = options or StreamsSettings.from_environ({})
     if not processors:
         raise ValueError("the stream app needs at least one processor")
     datadir = settings.state_dir / "streams" / options.app_id

@@ -53,15 +53,17 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from streams.budgets import Budget, BudgetBook, alert_event, crossings, linear_forecast, utilization_percent
 from streams.pricing import PriceCatalogue, Reloading, ReloadingCatalogue
 from streams.processor import Input, Output, PartitionBatch, Processor, Result
+
+if TYPE_CHECKING:
+    from streams.settings import CostSettings
 
 __all__ = [
     "DEFAULT_PRICES_FILE",
@@ -71,7 +73,7 @@ __all__ = [
     "IdleHoursProcessor",
     "JobRepartitioner",
     "cost_processors",
-    "cost_processors_from_environ",
+    "cost_processors_from_settings",
     "gpu_hours_by_hour",
     "split_by_hour",
 ]
@@ -1005,36 +1007,22 @@ def cost_processors(
     ]
 
 
-def cost_processors_from_environ(environ: Mapping[str, str] | None = None) -> list[Processor]:
-    """Reads ``AIMA_PRICES_FILE`` (default: streams/prices.yaml), ``AIMA_BUDGETS_FILE`` (default: no
-    budgets), ``AIMA_COST_CONFIG_CHECK_S`` (how often the two files are checked for changes, default 30),
-    ``AIMA_DEVICE_MAX_GAP_S`` (default 60) and the windows in seconds: ``AIMA_COST_RETENTION_S`` (job
-    hours, default 172800), ``AIMA_DEVICE_HOURS_RETENTION_S`` (device coverage, default 172800),
-    ``AIMA_IDLE_HOURS_RETENTION_S`` (idle hours, default 3888000) and ``AIMA_IDLE_DEVICE_STALE_S`` (when a
-    silent device stops holding the idle clock back, default 604800). Both files are re-read when they
-    change."""
-    env = os.environ if environ is None else environ
-    check_s = float(env.get("AIMA_COST_CONFIG_CHECK_S", "30"))
-    prices = ReloadingCatalogue(env.get("AIMA_PRICES_FILE") or DEFAULT_PRICES_FILE, check_interval_s=check_s)
-    budgets_file = env.get("AIMA_BUDGETS_FILE")
-    budgets = Reloading(budgets_file, BudgetBook.parse, check_interval_s=check_s) if budgets_file else None
+def cost_processors_from_settings(settings: CostSettings) -> list[Processor]:
+    """The cost processors the worker's :class:`streams.settings.CostSettings` describe; the price and
+    budget files are re-read when they change."""
+    check_s = settings.cost_config_check_s
+    prices = ReloadingCatalogue(settings.prices_file, check_interval_s=check_s)
+    budgets = (
+        Reloading(settings.budgets_file, BudgetBook.parse, check_interval_s=check_s)
+        if settings.budgets_file is not None
+        else None
+    )
     return cost_processors(
         prices,
         budgets,
-        max_gap=_seconds(env, "AIMA_DEVICE_MAX_GAP_S", 60),
-        cost_retention=_seconds(env, "AIMA_COST_RETENTION_S", 48 * 3600),
-        device_retention=_seconds(env, "AIMA_DEVICE_HOURS_RETENTION_S", 48 * 3600),
-        idle_retention=_seconds(env, "AIMA_IDLE_HOURS_RETENTION_S", 45 * 24 * 3600),
-        idle_stale_after=_seconds(env, "AIMA_IDLE_DEVICE_STALE_S", 7 * 24 * 3600),
+        max_gap=timedelta(seconds=settings.device_max_gap_s),
+        cost_retention=timedelta(seconds=settings.cost_retention_s),
+        device_retention=timedelta(seconds=settings.device_hours_retention_s),
+        idle_retention=timedelta(seconds=settings.idle_hours_retention_s),
+        idle_stale_after=timedelta(seconds=settings.idle_device_stale_s),
     )
-
-
-def _seconds(env: Mapping[str, str], name: str, default: float) -> timedelta:
-    raw = env.get(name) or ""
-    try:
-        value = float(raw) if raw.strip() else default
-    except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if not value > 0:
-        raise ValueError(f"{name} must be positive, got {raw!r}")
-    return timedelta(seconds=value)

@@ -2,20 +2,10 @@
 one Faust app. Run several with the same app id and they share the partitions. SIGTERM or SIGINT stops a
 worker cleanly: it finishes the batch in hand, flushes its outputs and changelogs, commits, and exits 0.
 
-Configuration (read by :func:`run`, never at import), besides the ``AIMA_*`` settings of bus/settings.py:
-
-| variable | default | meaning |
-|---|---|---|
-| ``AIMA_STREAMS_APP_ID`` | ``aima-streams`` | consumer group and prefix of the app's internal topics |
-| ``AIMA_STREAMS_BATCH_MAX`` | ``10000`` | most records per fetched batch |
-| ``AIMA_STREAMS_COMMIT_INTERVAL_S`` | ``2.8`` | how often acknowledged offsets are committed |
-| ``AIMA_STREAMS_SESSION_TIMEOUT_S`` | ``30`` | how long the group waits for a silent (killed) worker |
-| ``AIMA_STREAMS_WEB_PORT`` | unset (off) | port of Faust's own web server |
-| ``AIMA_STREAMS_LOG_LEVEL`` | ``info`` | crit, error, warn, info or debug |
-| ``AIMA_STREAMS_LATENESS_S`` | ``600`` | rollups: allowed lateness behind the partition's watermark |
-| ``AIMA_STREAMS_EMIT_INTERVAL_S`` | ``60`` | event time between two non-final upserts of one bucket |
-
-Self-metrics are served on ``AIMA_METRICS_PORT`` when it is set (bus/runtime.py).
+Configuration: :class:`streams.settings.WorkerSettings` (the app's ``AIMA_STREAMS_*`` and the processor
+families' variables, listed in the README), built by :func:`run` when the worker starts, never at import,
+besides the shared ``AIMA_*`` settings of bus/settings.py. Self-metrics are served on
+``AIMA_METRICS_PORT`` when it is set (bus/runtime.py).
 
 Stopping: a worker exits within ``AIMA_STOP_TIMEOUT_S`` (default 30 s) of SIGTERM or SIGINT whatever it is
 doing, and a second signal ends it at once (bus/runtime.py's stop bound). Before the service starts a
@@ -35,12 +25,9 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import timedelta
+from collections.abc import Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -48,85 +35,27 @@ if TYPE_CHECKING:
     from bus.runtime import Service
     from bus.settings import Settings
     from streams.processor import Processor
+    from streams.settings import WorkerSettings
 
-__all__ = ["StreamsConfig", "default_processors", "main", "run"]
+__all__ = ["default_processors", "main", "run"]
 
 log = logging.getLogger(__name__)
-_LOG_LEVELS = ("crit", "error", "warn", "info", "debug")
 
 
-@dataclass(frozen=True)
-class StreamsConfig:
-    app_id: str = "aima-streams"
-    batch_max: int = 10000
-    commit_interval_s: float = 2.8
-    session_timeout_s: float = 30.0
-    web_port: int | None = None
-    log_level: str = "info"
-    lateness: timedelta = timedelta(minutes=10)
-    emit_interval: timedelta = timedelta(seconds=60)
-    gc_threshold: tuple[int, int, int] = (50_000, 20, 100)
-    """Python's collector thresholds (gc.set_threshold). The worker allocates a few objects per sample and
-    keeps large state; at Python's default (700, 10, 10) the young-generation passes took about a third
-    of the rollup processor's time in the bench. Cycles are rare here, so passes can be rarer."""
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> StreamsConfig:
-        def number(name: str, default: float) -> float:
-            raw = environ.get(name)
-            if raw is None or raw == "":
-                return default
-            try:
-                value = float(raw)
-            except ValueError:
-                raise ValueError(f"{name} must be a number, got {raw!r}") from None
-            if value < 0:
-                raise ValueError(f"{name} must not be negative, got {raw!r}")
-            return value
-
-        level = environ.get("AIMA_STREAMS_LOG_LEVEL", "info").lower()
-        if level not in _LOG_LEVELS:
-            raise ValueError(f"AIMA_STREAMS_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {level!r}")
-        web = environ.get("AIMA_STREAMS_WEB_PORT")
-        gc_raw = environ.get("AIMA_STREAMS_GC_THRESHOLD", "").strip()
-        return cls(
-            app_id=environ.get("AIMA_STREAMS_APP_ID") or cls.app_id,
-            batch_max=max(1, int(number("AIMA_STREAMS_BATCH_MAX", cls.batch_max))),
-            commit_interval_s=number("AIMA_STREAMS_COMMIT_INTERVAL_S", cls.commit_interval_s),
-            session_timeout_s=number("AIMA_STREAMS_SESSION_TIMEOUT_S", cls.session_timeout_s),
-            web_port=int(web) if web else None,
-            log_level=level,
-            lateness=timedelta(seconds=number("AIMA_STREAMS_LATENESS_S", 600)),
-            emit_interval=timedelta(seconds=number("AIMA_STREAMS_EMIT_INTERVAL_S", 60)),
-            gc_threshold=_gc_threshold(gc_raw) if gc_raw else cls.gc_threshold,
-        )
-
-
-def _gc_threshold(raw: str) -> tuple[int, int, int]:
-    try:
-        values = [int(part) for part in raw.split(",")]
-    except ValueError:
-        values = []
-    if len(values) != 3 or min(values) < 1:
-        raise ValueError(f"AIMA_STREAMS_GC_THRESHOLD must be three positive integers a,b,c, got {raw!r}")
-    return values[0], values[1], values[2]
-
-
-def default_processors(settings: Settings, config: StreamsConfig | None = None) -> list[Processor]:
-    """Every processor the stream app runs by default (``config`` defaults to the environment's)."""
-    from streams.alerts import alert_processors_from_environ
-    from streams.anomaly import AnomalyConfig, AnomalyProcessor
-    from streams.costs import cost_processors_from_environ
+def default_processors(settings: Settings, worker: WorkerSettings) -> list[Processor]:
+    """Every processor the stream app runs by default, configured by ``worker``."""
+    from streams.alerts import alert_processors_from_settings
+    from streams.anomaly import AnomalyProcessor
+    from streams.costs import cost_processors_from_settings
     from streams.rollup_merge import RollupMerger
     from streams.rollups import RollupProcessor
 
-    config = config or StreamsConfig.from_env(os.environ)
     processors: list[Processor] = [
-        RollupProcessor(lateness=config.lateness, emit_interval=config.emit_interval),
+        RollupProcessor(lateness=worker.app.lateness, emit_interval=worker.app.emit_interval),
         RollupMerger(),
-        *cost_processors_from_environ(),
-        *alert_processors_from_environ(),
-        AnomalyProcessor(AnomalyConfig.from_environ()),
+        *cost_processors_from_settings(worker.costs),
+        *alert_processors_from_settings(worker.alerts),
+        AnomalyProcessor(worker.anomaly.config()),
     ]
     names = [p.name for p in processors]
     if len(set(names)) != len(names):
@@ -140,46 +69,42 @@ def run(
     processors: Sequence[Processor] | None = None,
     app_id: str | None = None,
     service: Service | None = None,
-    config: StreamsConfig | None = None,
+    config: WorkerSettings | None = None,
 ) -> int:
     """Run one worker until SIGTERM or SIGINT; returns the exit code (0 after a clean stop).
-    ``app_id`` defaults to ``AIMA_STREAMS_APP_ID``, then ``aima-streams``; ``processors`` to
-    :func:`default_processors`; ``service`` (its registry carries the self-metrics) to a new one."""
+    ``config`` defaults to the environment's (read here, once); ``app_id`` to its ``AIMA_STREAMS_APP_ID``;
+    ``processors`` to :func:`default_processors`; ``service`` (its registry carries the self-metrics) to a
+    new one."""
     from prometheus_client import CollectorRegistry
 
     from bus.kafka import ensure_topics
     from bus.runtime import Service
-    from streams.app import StreamOptions, create_app
+    from streams.app import create_app
+    from streams.settings import WorkerSettings
     from streams.transport import StreamsWorker
 
-    config = config or StreamsConfig.from_env(os.environ)
-    app_id = app_id or config.app_id
+    config = config or WorkerSettings.load()
+    options = config.app.model_copy(update={"app_id": app_id}) if app_id else config.app
+    app_id = options.app_id
     service = service or Service("streams", settings, registry=CollectorRegistry())
-    service.start(log_level=config.log_level.replace("crit", "critical").replace("warn", "warning"))
+    service.start(log_level=options.log_level.replace("crit", "critical").replace("warn", "warning"))
     if not _broker_answers(settings, service):
         return _stopped_before_faust(service)
     ensure_topics(settings)
     chosen = list(processors) if processors is not None else default_processors(settings, config)
-    options = StreamOptions(
-        app_id=app_id,
-        batch_max=config.batch_max,
-        commit_interval_s=config.commit_interval_s,
-        session_timeout_s=config.session_timeout_s,
-        web_port=config.web_port,
-    )
     if service.stopping.is_set():
         return _stopped_before_faust(service)
     app = create_app(settings, chosen, options=options, registry=service.registry)
     # What start-up made lives as long as the worker: out of the collector's sight, and rarer passes.
     gc.freeze()
-    gc.set_threshold(*config.gc_threshold)
+    gc.set_threshold(*options.gc_threshold)
     log.info("stream app starting", extra={"app_id": app_id, "processors": [p.name for p in chosen]})
     worker = StreamsWorker(
         app,
-        loglevel=config.log_level,
+        loglevel=options.log_level,
         quiet=True,
         redirect_stdouts=False,
-        logging_config=_logging_config(config.log_level),
+        logging_config=_logging_config(options.log_level),
         request_stop=service.request_stop,
         stop_requested=service.stopping.is_set,
         time_left_s=service.time_left_s,

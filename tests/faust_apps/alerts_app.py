@@ -6,14 +6,16 @@ from __future__ import annotations
 import sys
 
 from bus.settings import Settings
-from streams.alerts import alert_processors_from_environ
-from streams.anomaly import AnomalyConfig, AnomalyProcessor
+from streams.alerts import alert_processors_from_settings
+from streams.anomaly import AnomalyProcessor
 from streams.main import run
+from streams.settings import WorkerSettings
 
 
 def main() -> None:
-    processors = [*alert_processors_from_environ(), AnomalyProcessor(AnomalyConfig.from_environ())]
-    sys.exit(run(Settings(), processors=processors))
+    config = WorkerSettings.load()
+    processors = [*alert_processors_from_settings(config.alerts), AnomalyProcessor(config.anomaly.config())]
+    sys.exit(run(Settings(), processors=processors, config=config))
 
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@ from streams.alerts import (
     AlertProcessor,
     JobOutcomeForwarder,
     alert_processors,
-    alert_processors_from_environ,
+    alert_processors_from_settings,
 )
 from streams.processor import Input, Output, PartitionBatch
 from streams.rules import default_rules, fingerprint, parse_rules
+from streams.settings import AlertSettings
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 GPU = "aima.metrics.GpuSample"
@@ -441,7 +442,7 @@ def test_alert_processors_from_settings(tmp_path: Path) -> None:
     )
     default = alert_processors()
     assert [p.name for p in default] == ["job_outcomes", "alerts"]
-    only_file = alert_processors_from_environ(
-        {"AIMA_ALERT_RULES": str(path), "AIMA_ALERT_DEFAULT_RULES": "false"}
+    only_file = alert_processors_from_settings(
+        AlertSettings.from_environ({"AIMA_ALERT_RULES": str(path), "AIMA_ALERT_DEFAULT_RULES": "false"})
     )
     assert [(p.name, p.topics) for p in only_file] == [("alerts", ("system.samples",))]

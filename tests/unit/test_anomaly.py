@@ -13,6 +13,7 @@ from bus.codec import Codec
 from streams.anomaly import AnomalyConfig, AnomalyProcessor, default_metrics
 from streams.processor import Input, Output, PartitionBatch
 from streams.rules import fingerprint
+from streams.settings import AnomalySettings
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 GPU = "aima.metrics.GpuSample"
@@ -181,7 +182,7 @@ def test_every_series_has_its_own_baseline() -> None:
 def test_configuration() -> None:
     assert "gpu_temperature_celsius" in default_metrics() and "gpu_sm_clock_hz" not in default_metrics()
     assert AnomalyProcessor().topics == ("gpu.samples", "queue.samples", "system.samples")
-    config = AnomalyConfig.from_environ(
+    config = AnomalySettings.from_environ(
         {
             "AIMA_ANOMALY_THRESHOLD": "4",
             "AIMA_ANOMALY_WARMUP": "10",
@@ -194,13 +195,13 @@ def test_configuration() -> None:
         10.0,
         ("queue_length_jobs",),
     )
-    assert AnomalyProcessor(config).topics == ("queue.samples",)
+    assert AnomalyProcessor(config.config()).topics == ("queue.samples",)
     with pytest.raises(ValueError, match="need 0 < threshold <= alert_threshold"):
         AnomalyConfig(threshold=12)
     with pytest.raises(KeyError, match="unknown metric"):
         AnomalyConfig(metrics=("gpu_temp",))
     with pytest.raises(ValueError, match="AIMA_ANOMALY_ALPHA: not a number"):
-        AnomalyConfig.from_environ({"AIMA_ANOMALY_ALPHA": "fast"})
+        AnomalySettings.from_environ({"AIMA_ANOMALY_ALPHA": "fast"})
 
 
 def test_a_resumed_partition_sends_again_what_is_not_committed() -> None:

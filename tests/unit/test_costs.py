@@ -21,12 +21,13 @@ from streams.costs import (
     DeviceHoursProcessor,
     IdleHoursProcessor,
     JobRepartitioner,
-    cost_processors_from_environ,
+    cost_processors_from_settings,
     gpu_hours_by_hour,
     split_by_hour,
 )
 from streams.pricing import PriceCatalogue, Reloading
 from streams.processor import Input, Output, PartitionBatch, Result
+from streams.settings import CostSettings
 
 JOB = "aima.metrics.JobEvent"
 GPU = "aima.metrics.GpuSample"
@@ -660,8 +661,8 @@ def test_idle_hours_end_to_end_through_the_processors() -> None:
 def test_processors_from_environ(tmp_path: Path) -> None:
     budgets = tmp_path / "budgets.yaml"
     budgets.write_text("budgets: [{project: p, name: b, monthly_eur: 10}]")
-    processors = cost_processors_from_environ(
-        {"AIMA_BUDGETS_FILE": str(budgets), "AIMA_DEVICE_MAX_GAP_S": "20"}
+    processors = cost_processors_from_settings(
+        CostSettings.from_environ({"AIMA_BUDGETS_FILE": str(budgets), "AIMA_DEVICE_MAX_GAP_S": "20"})
     )
     assert [p.name for p in processors] == [
         "costs_jobs_by_project",
@@ -678,7 +679,8 @@ def test_processors_from_environ(tmp_path: Path) -> None:
     cost = processors[1]
     assert isinstance(cost._budgets, Reloading)
     assert cost._prices.current().eur_per_gpu_hour("aws", H100, "on_demand") is not None  # shipped prices
-    assert len({p.name for p in cost_processors_from_environ({})}) == 4  # no budgets file: none
+    no_budgets = cost_processors_from_settings(CostSettings.from_environ({}))
+    assert len({p.name for p in no_budgets}) == 4  # no budgets file: none
 
 
 # -- backfills: the clock is each record's partition watermark, and the app's own records are never late
@@ -791,10 +793,10 @@ def test_a_device_that_stopped_reporting_stops_holding_the_idle_clock() -> None:
 
 
 def test_windows_from_environ_and_their_errors() -> None:
-    processors = cost_processors_from_environ(
+    processors = cost_processors_from_settings(CostSettings.from_environ(
         {"AIMA_COST_RETENTION_S": "7200", "AIMA_DEVICE_HOURS_RETENTION_S": "3600",
          "AIMA_IDLE_HOURS_RETENTION_S": "10800", "AIMA_IDLE_DEVICE_STALE_S": "86400"}
-    )  # fmt: skip
+    ))  # fmt: skip
     cost, device, idle = processors[1], processors[2], processors[3]
     assert isinstance(cost, CostProcessor) and cost.retention_ms == 7_200_000
     assert isinstance(device, DeviceHoursProcessor) and device._retention_ms == 3_600_000
@@ -803,9 +805,9 @@ def test_windows_from_environ_and_their_errors() -> None:
         86_400_000,
     )
     with pytest.raises(ValueError, match="AIMA_COST_RETENTION_S"):
-        cost_processors_from_environ({"AIMA_COST_RETENTION_S": "two days"})
+        CostSettings.from_environ({"AIMA_COST_RETENTION_S": "two days"})
     with pytest.raises(ValueError, match="AIMA_IDLE_HOURS_RETENTION_S"):
-        cost_processors_from_environ({"AIMA_IDLE_HOURS_RETENTION_S": "0"})
+        CostSettings.from_environ({"AIMA_IDLE_HOURS_RETENTION_S": "0"})
 
 
 def test_job_events_interleaved_by_the_repartition_count_as_in_time_order() -> None:

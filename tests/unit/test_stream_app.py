@@ -11,8 +11,8 @@ import pytest
 
 from bus import validation
 from bus.validation import Validator
-from streams.app import PartitionView, StreamOptions, _partition_of
-from streams.main import StreamsConfig
+from streams.app import PartitionView, _partition_of
+from streams.settings import StreamsSettings
 
 
 class _Store:
@@ -153,21 +153,22 @@ def test_fast_validation_agrees_with_bus_validation() -> None:
 
 
 def test_config_from_environment() -> None:
-    config = StreamsConfig.from_env(
+    config = StreamsSettings.from_environ(
         {"AIMA_STREAMS_APP_ID": "x", "AIMA_STREAMS_BATCH_MAX": "200", "AIMA_STREAMS_LATENESS_S": "60"}
     )
     assert (config.app_id, config.batch_max, config.lateness.total_seconds()) == ("x", 200, 60.0)
-    assert StreamsConfig.from_env({}) == StreamsConfig()
-    assert StreamOptions().app_id == StreamsConfig().app_id == "aima-streams"
+    assert StreamsSettings.from_environ({"AIMA_STREAMS_WEB_PORT": " "}) == StreamsSettings.from_environ({})
+    assert StreamsSettings.from_environ({}).app_id == "aima-streams"
     with pytest.raises(ValueError, match="AIMA_STREAMS_LOG_LEVEL"):
-        StreamsConfig.from_env({"AIMA_STREAMS_LOG_LEVEL": "loud"})
+        StreamsSettings.from_environ({"AIMA_STREAMS_LOG_LEVEL": "loud"})
     with pytest.raises(ValueError, match="AIMA_STREAMS_BATCH_MAX"):
-        StreamsConfig.from_env({"AIMA_STREAMS_BATCH_MAX": "many"})
+        StreamsSettings.from_environ({"AIMA_STREAMS_BATCH_MAX": "many"})
 
 
 def test_gc_threshold_from_environment() -> None:
-    assert StreamsConfig.from_env({"AIMA_STREAMS_GC_THRESHOLD": "700,10,10"}).gc_threshold == (700, 10, 10)
-    assert StreamsConfig.from_env({}).gc_threshold == (50_000, 20, 100)
+    given = {"AIMA_STREAMS_GC_THRESHOLD": "700,10,10"}
+    assert StreamsSettings.from_environ(given).gc_threshold == (700, 10, 10)
+    assert StreamsSettings.from_environ({}).gc_threshold == (50_000, 20, 100)
     for bad in ("1,2", "a,b,c", "0,10,10", "1,2,3,4"):
         with pytest.raises(ValueError, match="AIMA_STREAMS_GC_THRESHOLD"):
-            StreamsConfig.from_env({"AIMA_STREAMS_GC_THRESHOLD": bad})
+            StreamsSettings.from_environ({"AIMA_STREAMS_GC_THRESHOLD": bad})
