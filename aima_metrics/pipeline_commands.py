@@ -3,12 +3,12 @@ thin layer over the package that does the work."""
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
 
 import click
 import psycopg
 
+from bus.durations import InvalidDuration, parse_duration
 from bus.runtime import Service
 from bus.settings import Settings
 
@@ -61,25 +61,22 @@ def silence() -> None:
     """Mute matching alerts for a while (stored in the database; the notifier honours them)."""
 
 
-_DURATION = re.compile(r"^(\d+)([smhd])$")
-
-
 def _duration(text: str) -> timedelta:
-    match = _DURATION.match(text)
-    if match is None:
-        raise click.BadParameter(f"{text!r} is not a duration like 30m, 2h or 1d")
-    unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match[2]]
-    return timedelta(**{unit: int(match[1])})
+    try:
+        return parse_duration(text)
+    except InvalidDuration as exc:
+        raise click.BadParameter(str(exc), param_hint="--duration") from None
 
 
 @silence.command("add")
 @click.argument("matchers", nargs=-1, required=True)
-@click.option("--duration", default="2h", show_default=True, help="how long, e.g. 30m, 2h, 1d")
+@click.option("--duration", default="2h", show_default=True, help="how long, e.g. 30m, 2h, 1d, 1w, 1h30m")
 @click.option("--comment", default="", help="why")
 @click.option("--by", "created_by", required=True, help="who (name or e-mail)")
 def silence_add(matchers: tuple[str, ...], duration: str, comment: str, created_by: str) -> None:
-    """Add a silence: MATCHERS like alertname=GpuTemperatureHigh host=~gpu-.* severity!=info."""
-    from consumers.notify.silences import InvalidSilence, create_silence
+    """Add a silence: MATCHERS like alertname=GpuTemperatureHigh host=~gpu-.* severity!=info (or a list in
+    Alertmanager's form, '{host="a", gpu=~"0|1"}')."""
+    from bus.silences import InvalidSilence, create_silence
 
     with psycopg.connect(Settings().database_dsn()) as conn:
         try:
@@ -95,7 +92,7 @@ def silence_add(matchers: tuple[str, ...], duration: str, comment: str, created_
 @click.option("--state", type=click.Choice(["pending", "active", "expired"]))
 def silence_list(state: str | None) -> None:
     """List silences."""
-    from consumers.notify.silences import list_silences
+    from bus.silences import list_silences
 
     with psycopg.connect(Settings().database_dsn()) as conn:
         for item in list_silences(conn, state=state):  # type: ignore[arg-type]
@@ -110,7 +107,7 @@ def silence_list(state: str | None) -> None:
 @click.argument("silence_id")
 def silence_rm(silence_id: str) -> None:
     """Expire a silence now (its record stays)."""
-    from consumers.notify.silences import InvalidSilence, delete_silence
+    from bus.silences import InvalidSilence, delete_silence
 
     with psycopg.connect(Settings().database_dsn()) as conn:
         try:

@@ -1,6 +1,7 @@
 """Parsing and validation of request parameters: metric names, label selectors, time ranges, intervals and
-silence matchers. Each function raises :class:`~api.errors.ApiError` (400, or 404 for an unknown metric)
-whose detail names the parameter and says what is wrong with it."""
+silence matchers (their grammars: bus/durations.py, bus/matchers.py, bus/tiers.py). Each function raises
+:class:`~api.errors.ApiError` (400, or 404 for an unknown metric) whose detail names the parameter and says
+what is wrong with it."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 from api.errors import ApiError, bad_request
-from bus import catalogue
+from bus import catalogue, durations
 from bus.catalogue import Metric
+from bus.matchers import LABEL_NAME as MATCHER_LABEL
+from bus.matchers import InvalidMatcher, Matcher, matchers_of
+from bus.tiers import WORDS, Tier
 
 __all__ = [
     "Interval",
@@ -22,25 +26,12 @@ __all__ = [
     "metric",
     "parse_duration",
     "parse_interval",
-    "parse_matcher",
+    "parse_matchers",
     "time_range",
 ]
 
-Tier = Literal["hour", "day", "month", "year"]
 LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_LABEL_VALUE = 1024
-_DURATION = re.compile(r"(?P<n>\d{1,9})(?P<unit>s|m|h|d|w)")
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_TIER_WORDS: dict[str, Tier] = {
-    "hour": "hour",
-    "1h": "hour",
-    "day": "day",
-    "1d": "day",
-    "month": "month",
-    "1mo": "month",
-    "year": "year",
-    "1y": "year",
-}
 INTERVAL_HELP = (
     "an interval is 1h, 1d, 1mo or 1y (also hour, day, month, year: read from the rollups) or a duration "
     "shorter than a day such as 30s, 5m or 6h (computed from the raw samples, which are kept 24 h)"
@@ -145,71 +136,44 @@ class Interval:
 
 
 def parse_duration(text: str, name: str) -> timedelta:
-    """``30s``, ``5m``, ``2h``, ``1d``, ``1w``."""
-    match = _DURATION.fullmatch(text.strip())
-    if match is None:
-        raise bad_request(f"{name}: {text[:50]!r} is not a duration such as 30s, 5m, 2h, 1d or 1w")
-    seconds = int(match["n"]) * _SECONDS[match["unit"]]
-    if seconds <= 0:
+    """A positive duration: ``30s``, ``5m``, ``2h``, ``1d``, ``1w``, ``1h30m``."""
+    try:
+        value = durations.parse_duration(text)
+    except durations.InvalidDuration:
+        raise bad_request(f"{name}: {text[:50]!r} is not a duration such as 30s, 5m, 2h, 1d or 1w") from None
+    if value <= timedelta(0):
         raise bad_request(f"{name}: {text!r} is not a positive duration")
-    return timedelta(seconds=seconds)
+    return value
 
 
 def parse_interval(text: str) -> Interval:
     cleaned = text.strip().lower()
-    if cleaned in _TIER_WORDS:
-        return Interval(cleaned, _TIER_WORDS[cleaned], None)
-    match = _DURATION.fullmatch(cleaned)
-    if match is None:
-        raise bad_request(f"interval: {text[:50]!r} is not an interval; {INTERVAL_HELP}")
-    step = timedelta(seconds=int(match["n"]) * _SECONDS[match["unit"]])
+    if cleaned in WORDS:
+        return Interval(cleaned, WORDS[cleaned], None)
+    try:
+        step = durations.parse_duration(cleaned)
+    except durations.InvalidDuration:
+        raise bad_request(f"interval: {text[:50]!r} is not an interval; {INTERVAL_HELP}") from None
     if step == timedelta(hours=1):
         return Interval(cleaned, "hour", None)
     if step == timedelta(days=1):
         return Interval(cleaned, "day", None)
-    if step <= timedelta(0) or step > timedelta(days=1):
+    if step < timedelta(seconds=1) or step > timedelta(days=1):
         raise bad_request(f"interval: {text[:50]!r} is out of range; {INTERVAL_HELP}")
     return Interval(cleaned, None, step)
 
 
-_MATCHER = re.compile(r"^\s*(?P<name>[A-Za-z_][A-Za-z0-9_]*)\s*(?P<op>=~|!~|!=|=)\s*(?P<value>.*?)\s*$")
-MATCHER_OPS = ("=", "!=", "=~", "!~")
-
-
-def parse_matcher(item: str | Mapping[str, Any], where: str) -> dict[str, str]:
-    """A silence matcher as stored: ``{"name", "op", "value"}``, from that form or the text form
-    ``host=~"gpu-.*"``. The same rules as the notifier's (consumers/notify/matchers.py): a label name, one of
-    =, !=, =~, !~, and a regular expression (Python syntax, anchored at both ends) for =~ and !~."""
-    if isinstance(item, str):
-        match = _MATCHER.match(item)
-        if match is None:
-            raise bad_request(f"{where}: {item[:100]!r} is not of the form name=value, name!=value, =~ or !~")
-        name, op, value = match["name"], match["op"], match["value"]
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-    else:
-        name, op, value = str(item.get("name", "")), str(item.get("op", "=")), str(item.get("value", ""))
-    if not LABEL_NAME.fullmatch(name):
-        raise bad_request(f"{where}: {name[:100]!r} is not a label name")
-    if op not in MATCHER_OPS:
-        raise bad_request(f"{where}: operator {op[:10]!r} is not one of {', '.join(MATCHER_OPS)}")
-    if "\x00" in value or len(value) > MAX_LABEL_VALUE:
-        raise bad_request(f"{where}: the value is longer than {MAX_LABEL_VALUE} or has a NUL")
-    if op in ("=~", "!~"):
-        try:
-            re.compile(value)
-        except (re.error, RecursionError, OverflowError) as exc:
-            raise bad_request(f"{where}: {value[:100]!r} is not a regular expression: {exc}") from None
-    return {"name": name, "op": op, "value": value}
-
-
-def matches_empty(matcher: Mapping[str, str]) -> bool:
-    """Whether a matcher matches an alert that lacks its label (a silence of only such matchers mutes
-    everything)."""
-    op, value = matcher["op"], matcher["value"]
-    if op == "=":
-        return value == ""
-    if op == "!=":
-        return value != ""
-    found = re.fullmatch(value, "") is not None
-    return found if op == "=~" else not found
+def parse_matchers(item: str | Mapping[str, Any], where: str) -> tuple[Matcher, ...]:
+    """The matchers of one item of a silence's list: a ``{"name", "op", "value"}`` object (op defaults to
+    ``=``), one matcher's text such as ``host=~"gpu-.*"``, or a list in braces ``{host="a", gpu="0"}``.
+    The grammar is the notifier's (bus/matchers.py); values are limited as label values are here."""
+    try:
+        matchers = matchers_of([item])
+    except InvalidMatcher as exc:
+        raise bad_request(f"{where}: {str(exc)[:300]}") from None
+    for matcher in matchers:
+        if not MATCHER_LABEL.fullmatch(matcher.name):
+            raise bad_request(f"{where}: {matcher.name[:100]!r} is not a label name")
+        if "\x00" in matcher.value or len(matcher.value) > MAX_LABEL_VALUE:
+            raise bad_request(f"{where}: the value is longer than {MAX_LABEL_VALUE} or has a NUL")
+    return matchers

@@ -1,14 +1,14 @@
-"""Every query of the API's read side and of silences, in one place. User input only ever travels as a
-query parameter; identifiers (view and label column names) come from the metric catalogue.
+"""Every query of the API's read side, in one place (silences are stored and read through bus/silences.py,
+as the notifier does). User input only ever travels as a query parameter; identifiers (view and label
+column names) come from the metric catalogue.
 
 Data lives where the migrations put it (consumers/migrations): raw samples are read through the metric
 views (one per catalogue metric: ``time``, ``value``, one text column per label), rollups from ``rollups``,
-costs from ``costs`` and the ``budgets`` view, alerts from ``alert_history``, silences from ``silences``.
+costs from ``costs`` and the ``budgets`` view, alerts from ``alert_history``.
 Rows come back as plain dicts ready for JSON: times in ISO 8601, non-finite numbers as null."""
 
 from __future__ import annotations
 
-import json
 import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +22,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from bus.catalogue import Metric
+from bus.tiers import Tier, bucket_end, from_ms, to_ms
 
 __all__ = [
     "Page",
@@ -31,11 +32,7 @@ __all__ = [
     "alert_history",
     "budgets",
     "costs",
-    "create_silence",
     "current_alerts",
-    "expire_silence",
-    "get_silence",
-    "list_silences",
     "raw_samples",
 ]
 
@@ -182,7 +179,7 @@ def aggregate_raw(
 def aggregate_calendar(
     conn: Conn,
     metric: Metric,
-    tier: str,
+    tier: Tier,
     start: datetime,
     end: datetime,
     labels: Mapping[str, str],
@@ -198,17 +195,8 @@ def aggregate_calendar(
     )
 
 
-def _next_bucket(tier: str, start: datetime) -> datetime:
-    start = start.astimezone(UTC)
-    if tier == "hour":
-        return start + timedelta(hours=1)
-    if tier == "day":
-        return start + timedelta(days=1)
-    if tier == "month":
-        return (start.replace(day=1) + timedelta(days=32)).replace(day=1)
-    if tier == "year":
-        return start.replace(year=start.year + 1)
-    raise ValueError(f"unknown tier {tier!r}")
+def _next_bucket(tier: Tier, start: datetime) -> datetime:
+    return from_ms(bucket_end(tier, to_ms(start)))
 
 
 def _aggregate_view(
@@ -452,76 +440,3 @@ def alert_history(
     )
     with conn.cursor(row_factory=dict_row) as cur:
         return _page(cur, query, [start, end, *params], limit)
-
-
-# -- silences (the notifier reads them: consumers/notify/silences.py) ------------------------------------
-
-SilenceState = Literal["pending", "active", "expired"]
-_SILENCE_COLUMNS = sql.SQL("id, matchers, starts_at, ends_at, created_by, comment, created_at")
-
-
-def _silence(row: Mapping[str, Any], now: datetime) -> dict[str, Any]:
-    out = _row(row)
-    matchers = row["matchers"]
-    out["matchers"] = json.loads(matchers) if isinstance(matchers, str) else matchers
-    start, end = row["starts_at"], row["ends_at"]
-    out["state"] = "pending" if now < start else "active" if now < end else "expired"
-    return out
-
-
-def create_silence(
-    conn: Conn,
-    matchers: Sequence[Mapping[str, str]],
-    starts_at: datetime,
-    ends_at: datetime,
-    created_by: str,
-    comment: str,
-) -> dict[str, Any]:
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            sql.SQL(
-                """INSERT INTO silences (matchers, starts_at, ends_at, created_by, comment)
-                   VALUES (%s, %s, %s, %s, %s) RETURNING {cols}"""
-            ).format(cols=_SILENCE_COLUMNS),
-            (Jsonb(list(matchers)), starts_at, ends_at, created_by, comment),
-        )
-        row = cur.fetchone()
-    assert row is not None
-    return _silence(row, datetime.now(UTC))
-
-
-def list_silences(conn: Conn, state: SilenceState | None, limit: int) -> Page:
-    now = datetime.now(UTC)
-    where, params = {
-        None: ("TRUE", []),
-        "pending": ("starts_at > %s", [now]),
-        "active": ("starts_at <= %s AND ends_at > %s", [now, now]),
-        "expired": ("ends_at <= %s", [now]),
-    }[state]
-    query = sql.SQL("SELECT {cols} FROM silences WHERE {where} ORDER BY created_at DESC, id LIMIT %s").format(
-        cols=_SILENCE_COLUMNS, where=sql.SQL(where)
-    )
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(query, [*params, limit + 1])
-        rows = cur.fetchall()
-    return Page([_silence(r, now) for r in rows[:limit]], len(rows) > limit)
-
-
-def get_silence(conn: Conn, silence_id: uuid.UUID) -> dict[str, Any] | None:
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            sql.SQL("SELECT {cols} FROM silences WHERE id = %s").format(cols=_SILENCE_COLUMNS), [silence_id]
-        )
-        row = cur.fetchone()
-    return _silence(row, datetime.now(UTC)) if row else None
-
-
-def expire_silence(conn: Conn, silence_id: uuid.UUID) -> bool:
-    """Ends a pending or active silence now, as the notifier's delete does (the record stays)."""
-    now = datetime.now(UTC)
-    cur = conn.execute(
-        """UPDATE silences SET ends_at = %s, starts_at = LEAST(starts_at, %s)
-            WHERE id = %s AND ends_at > %s""",
-        (now, now, silence_id, now),
-    )
-    return cur.rowcount > 0

@@ -1,17 +1,24 @@
-"""Calendar buckets of the rollup tiers (hour -> day -> month -> year, UTC, event time), and parsing series
-ids back into metric and labels.
+"""Calendar buckets of the rollup tiers for the stream processors (hour -> day -> month -> year, UTC, event
+time): the tiers and their arithmetic from bus/tiers.py (shared with the API), the deadline at which a
+bucket becomes final, and parsing series ids back into metric and labels.
 
-Times are integer milliseconds since the Unix epoch (what the Avro records carry), so bucket arithmetic is
-exact and cheap; :func:`to_ms` and :func:`from_ms` convert to and from tz-aware datetimes. Every function
-here is pure.
+Times are integer milliseconds since the Unix epoch (what the Avro records carry). Every function here is
+pure.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
-from functools import lru_cache
-from typing import Literal
+from bus.tiers import (
+    DAY_MS,
+    HOUR_MS,
+    PARENT,
+    TIERS,
+    Tier,
+    bucket_end,
+    bucket_start,
+    from_ms,
+    to_ms,
+)
 
 __all__ = [
     "DAY_MS",
@@ -28,25 +35,6 @@ __all__ = [
     "to_ms",
 ]
 
-Tier = Literal["hour", "day", "month", "year"]
-TIERS: tuple[Tier, ...] = ("hour", "day", "month", "year")
-PARENT: Mapping[Tier, Tier | None] = {"hour": "day", "day": "month", "month": "year", "year": None}
-HOUR_MS = 3_600_000
-DAY_MS = 86_400_000
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def to_ms(moment: datetime) -> int:
-    """Milliseconds since the epoch of a tz-aware datetime (naive ones are refused, not guessed)."""
-    if moment.tzinfo is None:
-        raise ValueError(f"naive datetime {moment!r}: event times must be tz-aware UTC")
-    # Float seconds carry milliseconds closely enough that rounding recovers them exactly.
-    return round(moment.timestamp() * 1000)
-
-
-def from_ms(ms: int) -> datetime:
-    return _EPOCH + timedelta(milliseconds=ms)
-
 
 def iso(ms: int) -> str:
     """``2026-01-31T23:00:00Z``, or with milliseconds when the time has any."""
@@ -55,62 +43,10 @@ def iso(ms: int) -> str:
     return moment.replace(tzinfo=None).isoformat(timespec=spec) + "Z"
 
 
-def bucket_start(tier: Tier, ms: int) -> int:
-    """Start (inclusive) of the ``tier`` bucket that holds the instant ``ms``."""
-    if tier == "hour":
-        return ms - ms % HOUR_MS
-    if tier == "day":
-        return ms - ms % DAY_MS
-    day = ms - ms % DAY_MS
-    if tier == "month":
-        return _month_start(day)
-    if tier == "year":
-        return _year_start(day)
-    raise ValueError(f"unknown tier {tier!r}; tiers: {', '.join(TIERS)}")
-
-
-def bucket_end(tier: Tier, start: int) -> int:
-    """End (exclusive) of the ``tier`` bucket that starts at ``start``."""
-    if tier == "hour":
-        return start + HOUR_MS
-    if tier == "day":
-        return start + DAY_MS
-    if tier == "month":
-        return _next_month(start)
-    if tier == "year":
-        return _next_year(start)
-    raise ValueError(f"unknown tier {tier!r}; tiers: {', '.join(TIERS)}")
-
-
 def deadline(tier: Tier, start: int, lateness_ms: int) -> int:
     """The watermark at which the bucket becomes final: its end plus the allowed lateness. Upper tiers
     close when their last hour does, so the same lateness applies to every tier."""
     return bucket_end(tier, start) + lateness_ms
-
-
-@lru_cache(maxsize=4096)
-def _month_start(day_start: int) -> int:
-    moment = from_ms(day_start)
-    return to_ms(moment.replace(day=1))
-
-
-@lru_cache(maxsize=512)
-def _year_start(day_start: int) -> int:
-    moment = from_ms(day_start)
-    return to_ms(moment.replace(month=1, day=1))
-
-
-@lru_cache(maxsize=4096)
-def _next_month(start: int) -> int:
-    moment = from_ms(start)
-    if moment.month == 12:
-        return to_ms(moment.replace(year=moment.year + 1, month=1))
-    return to_ms(moment.replace(month=moment.month + 1))
-
-
-@lru_cache(maxsize=512)
-def _next_year(start: int) -> int:
-    return to_ms(from_ms(start).replace(year=from_ms(start).year + 1))
 
 
 # -- series ids ---------------------------------------------------------------------------------------------

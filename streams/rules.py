@@ -1,5 +1,5 @@
 """Alert rules (S3, S4): the rule model, YAML loading with errors that name the rule and the field, label
-matchers, annotation templates and the alert fingerprint.
+matchers (the grammar: bus/matchers.py), annotation templates and the alert fingerprint.
 
 A rules file is a list of rules, or a mapping with a ``rules`` list::
 
@@ -43,18 +43,18 @@ from typing import Any, Literal
 import yaml
 
 from bus import catalogue
+from bus.durations import format_duration, parse_duration
+from bus.matchers import Matcher, matchers_of
 
 __all__ = [
     "CONDITIONS",
     "DEFAULT_RULES_PATH",
-    "Matcher",
     "RatioSpec",
     "Rule",
     "RuleError",
     "default_rules",
     "fingerprint",
     "load_rules",
-    "parse_duration",
     "parse_rules",
     "render",
 ]
@@ -93,86 +93,6 @@ class RuleError(ValueError):
             if part
         )
         super().__init__(f"{where} {message}" if where else message)
-
-
-# -- durations ---------------------------------------------------------------------------------------------
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_duration(value: Any) -> timedelta:
-    """``0``, ``30s``, ``10m``, ``1h30m``, ``500ms``, ``1d``, ``1w``, or a number of seconds."""
-    if isinstance(value, bool):
-        raise ValueError(f"bad duration {value!r}")
-    if isinstance(value, int | float):
-        if value < 0 or not math.isfinite(value):
-            raise ValueError(f"bad duration {value!r}: must be a finite number of seconds >= 0")
-        return timedelta(seconds=value)
-    if isinstance(value, str):
-        text = value.strip()
-        if text == "0":
-            return timedelta(0)
-        parts = _DURATION_PART.findall(text)
-        if parts and "".join(number + unit for number, unit in parts) == text:
-            return timedelta(seconds=sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts))
-    raise ValueError(f"bad duration {value!r}: use e.g. 0, 30s, 10m, 1h30m")
-
-
-def _format_duration(value: timedelta) -> str:
-    seconds = value.total_seconds()
-    for unit in ("w", "d", "h", "m", "s"):
-        if seconds and seconds % _UNIT_SECONDS[unit] == 0:
-            return f"{int(seconds // _UNIT_SECONDS[unit])}{unit}"
-    return f"{seconds:g}s"
-
-
-# -- matchers ----------------------------------------------------------------------------------------------
-
-_MATCHER = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*(?:"((?:[^"\\]|\\.)*)"|(.*?))\s*')
-
-
-@dataclass(frozen=True)
-class Matcher:
-    """A label matcher as in PromQL: ``=``, ``!=``, ``=~`` and ``!~`` (regexes match the whole value). A
-    label a series does not have matches as the empty string."""
-
-    label: str
-    op: Literal["=", "!=", "=~", "!~"]
-    value: str
-    pattern: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
-
-    @classmethod
-    def parse(cls, text: str) -> Matcher:
-        found = _MATCHER.fullmatch(text)
-        if found is None:
-            raise ValueError(f"bad label matcher {text!r}: use label=value, label!=value, label=~regex")
-        label, op, quoted, bare = found.groups()
-        value = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else bare
-        return cls.of(label, op, value)
-
-    @classmethod
-    def of(cls, label: str, op: str, value: str) -> Matcher:
-        pattern = None
-        if op in ("=~", "!~"):
-            try:
-                pattern = re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"bad regex {value!r} for label {label!r}: {exc}") from None
-        return cls(label, op, value, pattern)  # type: ignore[arg-type]
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        actual = labels.get(self.label, "")
-        if self.op == "=":
-            return actual == self.value
-        if self.op == "!=":
-            return actual != self.value
-        assert self.pattern is not None
-        hit = self.pattern.fullmatch(actual) is not None
-        return hit if self.op == "=~" else not hit
-
-    def __str__(self) -> str:
-        return f'{self.label}{self.op}"{self.value}"'
 
 
 # -- templates ---------------------------------------------------------------------------------------------
@@ -314,7 +234,7 @@ class Rule:
         if self.ratio is not None:
             subject = f"ratio({'+'.join(self.ratio.numerator)} / {'+'.join(self.ratio.denominator)}) %"
         symbol = _SYMBOLS[self.condition]
-        return f"{subject} {symbol} {format_value(self.threshold)} for {_format_duration(self.for_)}"
+        return f"{subject} {symbol} {format_value(self.threshold)} for {format_duration(self.for_)}"
 
 
 # -- loading -----------------------------------------------------------------------------------------------
@@ -470,10 +390,10 @@ def _rule(name: str, entry: Mapping[str, Any], source: str) -> Rule | None:
     matchers = _matchers(entry.get("match", []), fail)
     series_labels = metric.labels if metric is not None else ()
     for matcher in matchers:
-        if matcher.label not in series_labels:
+        if matcher.name not in series_labels:
             raise fail(
                 "match",
-                f"{matcher}: the series have no label {matcher.label!r}"
+                f"{matcher}: the series have no label {matcher.name!r}"
                 + (f" (labels: {', '.join(series_labels)})" if series_labels else " (a ratio rule has none)"),
             )
     known_labels = (*series_labels, *labels)
@@ -514,12 +434,12 @@ def _string_map(value: Any, fail: Callable[[str, str], RuleError], field: str) -
 def _matchers(value: Any, fail: Callable[[str, str], RuleError]) -> tuple[Matcher, ...]:
     try:
         if isinstance(value, Mapping):
-            return tuple(Matcher.of(str(label), "=", str(wanted)) for label, wanted in value.items())
+            return tuple(Matcher(str(label), "=", str(wanted)) for label, wanted in value.items())
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, Sequence) or not all(isinstance(item, str) for item in value):
             raise ValueError(f"must be a list like ['host=a', 'gpu_model=~\".*H100.*\"'], got {value!r}")
-        return tuple(Matcher.parse(item) for item in value)
+        return matchers_of(value)
     except ValueError as exc:
         raise fail("match", str(exc)) from None
 

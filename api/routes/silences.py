@@ -1,7 +1,7 @@
-"""Silences for admins: label matchers that mute matching alerts for a while. The API writes the
-``silences`` table directly, by the rules the notifier reads it with (consumers/notify/silences.py): at
-least one matcher, not all matching the empty string, an end after the start and after now. Deleting a
-silence expires it now, so the record of who muted what stays."""
+"""Silences for admins: label matchers that mute matching alerts for a while. The API stores and reads them
+through bus/silences.py, as the notifier and the command line do: at least one matcher, not all matching
+the empty string, an end after the start and after now. Deleting a silence expires it now, so the record
+of who muted what stays."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from api import audit, params, sql
+from api import audit, params
 from api.auth import Auth
 from api.deps import Conn
 from api.errors import ApiError, bad_request, error_responses
 from api.models import SilenceIn, SilenceOut, SilencesResponse
 from api.responses import ApiJSON
 from api.routes.common import Limit
+from bus import silences
 
 router = APIRouter(tags=["silences"])
 
@@ -39,30 +40,29 @@ def create(
     duration. Admins only; the silence is recorded as created by the token's name."""
     principal.require_role("admin", what="creating silences")
     matchers = [
-        params.parse_matcher(m if isinstance(m, str) else m.model_dump(), f"matchers[{i}]")
-        for i, m in enumerate(body.matchers)
-    ]
-    if all(params.matches_empty(m) for m in matchers):
-        raise bad_request("matchers: they all match an alert without those labels, so would mute every alert")
-    now = datetime.now(UTC)
-    start = params.to_utc(body.starts_at, "starts_at") if body.starts_at is not None else now
-    if (body.ends_at is None) == (body.duration is None):
-        raise bad_request("ends_at/duration: give exactly one of them")
-    try:
-        end = (
-            params.to_utc(body.ends_at, "ends_at")
-            if body.ends_at is not None
-            else start + params.parse_duration(body.duration or "", "duration")
+        matcher
+        for i, item in enumerate(body.matchers)
+        for matcher in params.parse_matchers(
+            item if isinstance(item, str) else item.model_dump(), f"matchers[{i}]"
         )
-    except OverflowError:
-        raise bad_request("duration: the silence would end outside the range of times") from None
-    if end <= start:
-        raise bad_request(f"ends_at {end.isoformat()} is not after starts_at {start.isoformat()}")
-    if end <= now:
-        raise bad_request(f"ends_at {end.isoformat()} has already passed")
-    silence = sql.create_silence(conn, matchers, start, end, f"api:{principal.name}", body.comment)
-    audit.note(request, rows=1, silence_id=silence["id"])
-    return ApiJSON(silence, status_code=201)
+    ]
+    start = params.to_utc(body.starts_at, "starts_at") if body.starts_at is not None else None
+    end = params.to_utc(body.ends_at, "ends_at") if body.ends_at is not None else None
+    duration = params.parse_duration(body.duration, "duration") if body.duration is not None else None
+    try:
+        silence = silences.create_silence(
+            conn,
+            matchers,
+            created_by=f"api:{principal.name}",
+            comment=body.comment,
+            starts_at=start,
+            ends_at=end,
+            duration=duration,
+        )
+    except silences.InvalidSilence as exc:
+        raise bad_request(str(exc)) from None
+    audit.note(request, rows=1, silence_id=silence.id)
+    return ApiJSON(silence.to_json(), status_code=201)
 
 
 @router.get("/silences", responses={200: {"model": SilencesResponse}, **error_responses(401, 403, 422)})
@@ -77,9 +77,10 @@ def list_all(
 ) -> ApiJSON:
     """Silences, newest first. Admins only."""
     principal.require_role("admin", what="reading silences")
-    page = sql.list_silences(conn, state, limit)
-    audit.note(request, rows=len(page.rows))
-    return ApiJSON({"truncated": page.truncated, "silences": page.rows})
+    now = datetime.now(UTC)
+    found = silences.list_silences(conn, state=state, now=now, limit=limit + 1)
+    audit.note(request, rows=len(found[:limit]))
+    return ApiJSON({"truncated": len(found) > limit, "silences": [s.to_json(now) for s in found[:limit]]})
 
 
 @router.get(
@@ -92,11 +93,11 @@ def get(
     silence_id: SilenceId,
 ) -> ApiJSON:
     principal.require_role("admin", what="reading silences")
-    silence = sql.get_silence(conn, silence_id)
+    silence = silences.get_silence(conn, str(silence_id))
     if silence is None:
         raise ApiError(404, "not_found", f"no silence {silence_id}")
     audit.note(request, rows=1)
-    return ApiJSON(silence)
+    return ApiJSON(silence.to_json())
 
 
 @router.delete("/silences/{silence_id}", status_code=204, responses=error_responses(401, 403, 404, 422))
@@ -108,7 +109,7 @@ def delete(
 ) -> Response:
     """Expire a pending or active silence now. 404 when there is no such silence still in force."""
     principal.require_role("admin", what="deleting silences")
-    if not sql.expire_silence(conn, silence_id):
+    if not silences.delete_silence(conn, str(silence_id)):
         raise ApiError(404, "not_found", f"no pending or active silence {silence_id}")
     audit.note(request, rows=1)
     return Response(status_code=204)

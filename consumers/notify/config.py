@@ -32,7 +32,6 @@ Slack and Teams URLs, SMS tokens) come from environment variables or files named
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,7 +39,8 @@ from typing import Any
 
 import yaml
 
-from consumers.notify.matchers import InvalidMatcher, Matcher, matches_all, parse_matchers
+from bus import durations
+from bus.matchers import InvalidMatcher, Matcher, matchers_of, matches_all
 from consumers.notify.model import Alert
 
 __all__ = [
@@ -247,30 +247,14 @@ class NotifyConfig:
 
 # ---- parsing -----------------------------------------------------------------------------------------
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
 
 def parse_duration(value: Any, where: str = "duration") -> float:
-    """``30s``, ``5m``, ``1h30m``, ``500ms`` or a number of seconds; returns seconds."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: {value!r} is not a duration")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (text := value.strip().replace(" ", "")):
-        pos, seconds = 0, 0.0
-        for match in _DURATION.finditer(text):
-            if match.start() != pos:
-                break
-            seconds += float(match[1]) * _UNIT_S[match[2]]
-            pos = match.end()
-        if pos != len(text):
-            raise ConfigError(f"{where}: {value!r} is not a duration like 30s, 5m, 4h or 1h30m")
-    else:
-        raise ConfigError(f"{where}: {value!r} is not a duration like 30s, 5m, 4h or 1h30m")
-    if seconds < 0:
-        raise ConfigError(f"{where}: {value!r} is negative")
-    return seconds
+    """A duration in the one grammar (bus/durations.py: ``30s``, ``5m``, ``1h30m``, ``1w``) or a number of
+    seconds; returns seconds. The error names the field."""
+    try:
+        return durations.parse_duration(value).total_seconds()
+    except durations.InvalidDuration as exc:
+        raise ConfigError(f"{where}: {value!r} is not a duration like 30s, 5m, 4h or 1h30m ({exc})") from None
 
 
 def load_from_env(environ: Mapping[str, str] | None = None) -> NotifyConfig:
@@ -387,7 +371,7 @@ class _Parser:
         if not receiver:
             raise ConfigError(f"{where}.receiver is missing: the root route names the default receiver")
         try:
-            matchers = parse_matchers(_sequence(raw.get("matchers", []), f"{where}.matchers"))
+            matchers = matchers_of(_sequence(raw.get("matchers", []), f"{where}.matchers"))
         except InvalidMatcher as exc:
             raise ConfigError(f"{where}.matchers: {exc}") from None
         if parent is None and matchers:

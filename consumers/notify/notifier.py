@@ -46,6 +46,7 @@ from bus.errors import DecodeError
 from bus.kafka import client_config, quiet_config
 from bus.runtime import Service, bounded_call
 from bus.settings import Settings
+from bus.silences import Silence, active_silences, silenced_by
 from bus.topics import topic_name
 from consumers.notify import channels as channel_factory
 from consumers.notify.config import PUSH_CHANNELS, NotifyConfig, load_from_env
@@ -60,7 +61,6 @@ from consumers.notify.delivery import (
 )
 from consumers.notify.grouping import Flush, Grouper, OffsetTracker, Unconfirmed
 from consumers.notify.model import Alert, Notification, Origin
-from consumers.notify.silences import Silence, active_silences, silenced_by
 
 __all__ = ["Notifier", "run"]
 

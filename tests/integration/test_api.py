@@ -670,6 +670,39 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def test_silences_take_the_notifiers_matcher_grammar(
+    client: TestClient, tokens: dict[str, tuple[str, str]], db: psycopg.Connection[Any]
+) -> None:
+    """One grammar (bus/matchers.py) for the API, the notifier and the CLI: lists in braces, Alertmanager's
+    escapes and its JSON form; what it refuses is a 400 naming the matcher, never a 500."""
+    admin = bearer(tokens, "admin")
+    created = client.post(
+        "/silences",
+        json={"matchers": ['{host=~"gpu-.*", rule="Hot,Cold"}', 'note="say \\"hi\\""'], "duration": "1w"},
+        headers=admin,
+    )
+    assert created.status_code == 201, created.text
+    silence = created.json()
+    assert silence["matchers"] == [
+        {"name": "host", "op": "=~", "value": "gpu-.*"},
+        {"name": "rule", "op": "=", "value": "Hot,Cold"},
+        {"name": "note", "op": "=", "value": 'say "hi"'},
+    ]
+    stored = db.execute("SELECT ends_at - starts_at FROM silences WHERE id = %s", (silence["id"],)).fetchone()
+    assert stored == (timedelta(weeks=1),)
+    for matchers, names in (
+        (["host='a'"], "single quotes"),
+        (['host="a'], "unescaped double quote"),
+        (['{host="a", =b}'], "matchers[0]"),
+        (['{host="a", gpu=~"("}'], "regular expression"),
+        (["bad-name=a"], "matchers[0]"),
+    ):
+        response = client.post("/silences", json={"matchers": matchers, "duration": "1h"}, headers=admin)
+        assert response.status_code == 400, (matchers, response.text)
+        assert names in response.json()["detail"], (matchers, response.json())
+    assert client.delete(f"/silences/{silence['id']}", headers=admin).status_code == 204
+
+
 def _read_event(lines: Iterator[str], wanted: str) -> dict[str, Any]:
     event = None
     for line in lines:
@@ -705,8 +738,20 @@ def test_alert_stream_delivers_inserted_alerts_and_stops_promptly(
                 _alert(db, "streamed", "firing", NOW, NOW)
                 event = _read_event(lines, "alert")
                 assert time.monotonic() - inserted < 5
-                assert event["op"] == "INSERT"
+                assert event["op"] == "INSERT" and not event["truncated"]
                 assert event["alert"]["fingerprint"] == "streamed" and event["alert"]["status"] == "firing"
+                assert event["alert"]["annotations"] == {"summary": "hot"}
+                # a row too large for one notification is announced without labels and annotations
+                _alert(db, "streamed-big", "firing", NOW, NOW)
+                db.execute(
+                    "UPDATE alert_history SET annotations = %s WHERE fingerprint = 'streamed-big'",
+                    (Jsonb({"summary": "x" * 9000}),),
+                )
+                inserted, updated = _read_event(lines, "alert"), _read_event(lines, "alert")
+                assert inserted["alert"]["fingerprint"] == "streamed-big" and not inserted["truncated"]
+                assert updated["op"] == "UPDATE" and updated["truncated"]
+                assert updated["alert"]["fingerprint"] == "streamed-big"
+                assert "annotations" not in updated["alert"]
                 assert state.streams == 1
             # the client went away: the stream ends and its connection closes without waiting for an event
             deadline = time.monotonic() + 3

@@ -1,13 +1,10 @@
 """The notifier against the real broker and PostgreSQL, delivering to real local receivers: an HTTP server
 that records every request and can answer 500 or hang (webhook, Slack, Teams, SMS gateway, Apprise's JSON
-endpoint), and aiosmtpd with STARTTLS and AUTH for email.
-
-The web push feed is tested here too, on alert_history in a migrated schema. While the database sink's
-migration (0002-0009) does not exist yet, the test creates a minimal alert_history itself."""
+endpoint), and aiosmtpd with STARTTLS and AUTH for email. (The live alert feed is the API's, tested in
+test_api.py.)"""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import datetime as dt
 import hashlib
@@ -31,16 +28,14 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client import CollectorRegistry
-from psycopg import sql
 
 from bus.codec import Codec
 from bus.runtime import Service
 from bus.settings import Settings
+from bus.silences import create_silence, delete_silence, list_silences
 from bus.topics import topic_name
 from consumers.notify.config import NotifyConfig, parse
 from consumers.notify.notifier import run
-from consumers.notify.push import alert_stream
-from consumers.notify.silences import create_silence, delete_silence, list_silences
 from tests.integration.test_sink_produce_errors import set_max_message_bytes
 
 pytestmark = pytest.mark.integration
@@ -797,73 +792,6 @@ def test_resolved_follows_firing_and_groups_wait(
     assert doc["groupLabels"] == {"alertname": "GpuTemperatureHigh"}
     statuses = {x["fingerprint"]: x["status"] for x in verified(second)["alerts"]}
     assert statuses == {a["fingerprint"]: "resolved", b["fingerprint"]: "firing"}
-
-
-def test_web_push_stream_follows_alert_history(
-    database_url: str, db: psycopg.Connection, db_schema: str
-) -> None:
-    exists = db.execute(
-        "SELECT 1 FROM information_schema.tables WHERE table_schema = %s AND table_name = 'alert_history'",
-        (db_schema,),
-    ).fetchone()
-    if not exists:  # the sink's migration is not there yet: a minimal table of the same shape
-        db.execute(
-            """CREATE TABLE alert_history (fingerprint text NOT NULL, status text NOT NULL,
-                   starts_at timestamptz NOT NULL, ends_at timestamptz, rule text, severity text,
-                   value double precision, labels jsonb, annotations jsonb)"""
-        )
-    columns = {
-        row[0]
-        for row in db.execute(
-            """SELECT column_name FROM information_schema.columns
-                WHERE table_schema = %s AND table_name = 'alert_history'""",
-            (db_schema,),
-        )
-    }
-    now = dt.datetime.now(dt.UTC)
-    row = {
-        "fingerprint": "fp-push",
-        "status": "firing",
-        "starts_at": now,
-        "ends_at": None,
-        "rule": "GpuHot",
-        "severity": "critical",
-        "value": 91.0,
-        "event_time": now,
-        "labels": json.dumps({"host": "gpu-1"}),
-        "annotations": json.dumps({"summary": "x" * 9000}),
-        "source": "test",
-        "channels": ["webhook"],
-    }
-
-    def insert(values: dict[str, Any]) -> None:
-        names = [k for k in values if k in columns]
-        db.execute(
-            sql.SQL("INSERT INTO alert_history ({}) VALUES ({})").format(
-                sql.SQL(", ").join(map(sql.Identifier, names)),
-                sql.SQL(", ").join(sql.Placeholder() * len(names)),
-            ),
-            [values[k] for k in names],
-        )
-
-    async def scenario() -> list[Any]:
-        stream = alert_stream(database_url, db_schema, heartbeat_s=0.5)
-        events = [await anext(stream)]
-        assert events[0].event == "ready"
-        await asyncio.to_thread(insert, dict(row, annotations=json.dumps({"summary": "GPU hot"})))
-        await asyncio.to_thread(insert, dict(row, fingerprint="fp-big"))
-        while len([e for e in events if e.event == "alert"]) < 2:
-            events.append(await asyncio.wait_for(anext(stream), timeout=10))
-        await stream.aclose()
-        return [e for e in events if e.event == "alert"]
-
-    small, big = asyncio.run(scenario())
-    assert small.id == 1 and small.data["op"] == "INSERT" and not small.data["truncated"]
-    assert small.data["alert"]["fingerprint"] == "fp-push" and small.data["alert"]["status"] == "firing"
-    assert small.data["alert"]["annotations"] == {"summary": "GPU hot"}
-    assert big.data["truncated"] and big.data["alert"]["fingerprint"] == "fp-big"
-    assert "annotations" not in big.data["alert"]
-    assert small.sse().startswith("id: 1\nevent: alert\ndata: {")
 
 
 def _read_dead_letters(settings: Settings, count: int, timeout_s: float = 30.0) -> list[dict[str, Any]]:

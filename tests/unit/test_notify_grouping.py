@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
+from bus.matchers import InvalidMatcher, Matcher
+from bus.silences import Silence, silenced_by
 from consumers.notify.config import ConfigError, NotifyConfig, parse
 from consumers.notify.grouping import Flush, Grouper, OffsetTracker
-from consumers.notify.matchers import InvalidMatcher, Matcher
 from consumers.notify.model import Alert, Origin
-from consumers.notify.silences import Silence, silenced_by
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 

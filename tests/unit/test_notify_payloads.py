@@ -33,7 +33,6 @@ from consumers.notify.channels.webhook import (
 from consumers.notify.config import ConfigError, EmailConfig, RetryPolicy, SmsConfig, WebhookConfig, parse
 from consumers.notify.delivery import Outcome, backoff_s, retry
 from consumers.notify.model import Alert, Notification
-from consumers.notify.push import PushEvent
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 KEY = "s3cret-key"
@@ -368,11 +367,3 @@ def test_http_status_classification(status: int, retryable: bool, error_type: st
     error = raised.value
     assert (error.retryable, error.error_type, error.retry_after_s) == (retryable, error_type, 3.0)
     assert "SECRET" not in error.reason and f"HTTP {status}: nope" in error.reason
-
-
-def test_sse_format() -> None:
-    event = PushEvent(3, "alert", {"op": "INSERT", "truncated": False, "alert": {"fingerprint": "a"}})
-    assert event.sse() == (
-        'id: 3\nevent: alert\ndata: {"op":"INSERT","truncated":false,"alert":{"fingerprint":"a"}}\n\n'
-    )
-    assert PushEvent(0, "heartbeat").sse() == ": heartbeat\n\n"

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from bus.durations import parse_duration
+from bus.matchers import Matcher
 from bus.settings import REPO_ROOT
 from streams.rules import (
-    Matcher,
     RuleError,
     default_rules,
     fingerprint,
     load_rules,
-    parse_duration,
     parse_rules,
     render,
 )

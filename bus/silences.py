@@ -1,7 +1,8 @@
-"""Silences: label matchers that mute matching alerts for a while. Stored in the ``silences`` table, created
-through the command line or the API (both call the functions here), read by the notifier before every
-notification. A silence is pending before ``starts_at``, active until ``ends_at``, then expired; deleting
-one expires it, so the record of who muted what stays.
+"""Silences: label matchers that mute matching alerts for a while. Stored in the ``silences`` table (migration
+0010), created and listed through the command line and the API, read by the notifier before every
+notification: all three call the functions here, so a silence is checked, stored and matched one way. A
+silence is pending before ``starts_at``, active until ``ends_at``, then expired; deleting one expires it,
+so the record of who muted what stays.
 
 Every function takes an open psycopg connection whose search_path reaches the table; each runs in its own
 transaction (or savepoint)."""
@@ -18,7 +19,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg.rows import dict_row
 
-from consumers.notify.matchers import InvalidMatcher, Matcher, matches_all, parse_matchers
+from bus.matchers import InvalidMatcher, Matcher, matchers_of, matches_all
 
 __all__ = [
     "InvalidSilence",
@@ -55,6 +56,9 @@ class Silence:
             return "pending"
         return "active" if now < self.ends_at else "expired"
 
+    def active(self, now: datetime) -> bool:
+        return self.starts_at <= now < self.ends_at
+
     def matches(self, labels: Mapping[str, str]) -> bool:
         return matches_all(self.matchers, labels)
 
@@ -63,11 +67,11 @@ class Silence:
         return {
             "id": self.id,
             "matchers": [m.to_json() for m in self.matchers],
-            "starts_at": self.starts_at.isoformat(),
-            "ends_at": self.ends_at.isoformat(),
+            "starts_at": self.starts_at.astimezone(UTC).isoformat(),
+            "ends_at": self.ends_at.astimezone(UTC).isoformat(),
             "created_by": self.created_by,
             "comment": self.comment,
-            "created_at": self.created_at.isoformat(),
+            "created_at": self.created_at.astimezone(UTC).isoformat(),
             "state": self.state(now),
         }
 
@@ -84,27 +88,32 @@ def create_silence(
     now: datetime | None = None,
 ) -> Silence:
     """Store a silence. ``matchers``: ``Matcher`` objects, ``{"name", "op", "value"}`` mappings or texts
-    such as ``"host=~gpu-.*"``. The end is ``ends_at`` or ``starts_at + duration`` (one of them is
-    required); ``starts_at`` defaults to now."""
+    such as ``"host=~gpu-.*"`` or ``'{host="a", gpu="0"}'``. The end is ``ends_at`` or ``starts_at +
+    duration`` (one of them is required); ``starts_at`` defaults to now. Times must be tz-aware."""
     now = now or datetime.now(UTC)
     try:
-        parsed = tuple(m if isinstance(m, Matcher) else Matcher.from_json(m) for m in matchers)
+        parsed = matchers_of(matchers)
     except InvalidMatcher as exc:
-        raise InvalidSilence(str(exc)) from None
+        raise InvalidSilence(f"matchers: {exc}") from None
     if not parsed:
-        raise InvalidSilence("a silence needs at least one matcher")
-    if all(_matches_empty(m) for m in parsed):
-        raise InvalidSilence("a silence whose matchers all match the empty string would mute every alert")
+        raise InvalidSilence("matchers: a silence needs at least one matcher")
+    if all(m.matches({}) for m in parsed):
+        raise InvalidSilence(
+            "matchers: they all match an alert without those labels, so would mute every alert"
+        )
     if not created_by.strip():
         raise InvalidSilence("created_by is required")
     start = _aware(starts_at) if starts_at is not None else now
     if (ends_at is None) == (duration is None):
-        raise InvalidSilence("give either ends_at or duration")
-    end = _aware(ends_at) if ends_at is not None else start + duration  # type: ignore[operator]
+        raise InvalidSilence("ends_at/duration: give exactly one of them")
+    try:
+        end = _aware(ends_at) if ends_at is not None else start + duration  # type: ignore[operator]
+    except OverflowError:
+        raise InvalidSilence("duration: the silence would end outside the range of times") from None
     if end <= start:
-        raise InvalidSilence(f"the silence ends ({end.isoformat()}) before it starts ({start.isoformat()})")
+        raise InvalidSilence(f"ends_at {end.isoformat()} is not after starts_at {start.isoformat()}")
     if end <= now:
-        raise InvalidSilence(f"the silence would already be over ({end.isoformat()})")
+        raise InvalidSilence(f"ends_at {end.isoformat()} has already passed")
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
             f"""INSERT INTO silences (matchers, starts_at, ends_at, created_by, comment)
@@ -117,9 +126,13 @@ def create_silence(
 
 
 def list_silences(
-    conn: psycopg.Connection, *, state: State | None = None, now: datetime | None = None
+    conn: psycopg.Connection,
+    *,
+    state: State | None = None,
+    now: datetime | None = None,
+    limit: int | None = None,
 ) -> list[Silence]:
-    """Every silence (newest first), or only those in ``state``."""
+    """Every silence (newest first), or only those in ``state``; at most ``limit``."""
     now = now or datetime.now(UTC)
     where, params = {
         None: ("TRUE", ()),
@@ -128,7 +141,10 @@ def list_silences(
         "expired": ("ends_at <= %s", (now,)),
     }[state]
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(f"SELECT {_COLUMNS} FROM silences WHERE {where} ORDER BY created_at DESC, id", params)
+        cur.execute(
+            f"SELECT {_COLUMNS} FROM silences WHERE {where} ORDER BY created_at DESC, id LIMIT %s",
+            (*params, limit),
+        )
         return [_silence(row) for row in cur.fetchall()]
 
 
@@ -162,7 +178,7 @@ def silenced_by(
     """The first active silence that mutes an alert with these labels."""
     now = now or datetime.now(UTC)
     for silence in silences:
-        if silence.starts_at <= now < silence.ends_at and silence.matches(labels):
+        if silence.active(now) and silence.matches(labels):
             return silence
     return None
 
@@ -171,17 +187,13 @@ def _silence(row: Mapping[str, Any]) -> Silence:
     raw = row["matchers"]
     return Silence(
         id=str(row["id"]),
-        matchers=parse_matchers(json.loads(raw) if isinstance(raw, str) else raw),
+        matchers=matchers_of(json.loads(raw) if isinstance(raw, str) else raw),
         starts_at=row["starts_at"],
         ends_at=row["ends_at"],
         created_by=row["created_by"],
         comment=row["comment"],
         created_at=row["created_at"],
     )
-
-
-def _matches_empty(matcher: Matcher) -> bool:
-    return matcher.matches({})
 
 
 def _uuid(value: str) -> uuid.UUID:
