@@ -11,7 +11,8 @@ Instead::
                   would have gone out (upserts, finals, re-sends after a restart), tagged with its sender
                   (source topic, partition);
         progress: whenever p closes buckets, ``closed_before`` (its watermark minus the lateness) to every
-                  partition of streams.rollup-partials: every bucket of p ending at or before it is final;
+                  partition the topic catalogue gives streams.rollup-partials: every bucket of p ending
+                  at or before it is final;
     streams.rollup-partials ──RollupMerger──► rollups: the merged Rollup of each (series, tier, bucket).
 
 Why partials and not a repartition of the raw records: a repartitioner re-sends the records after a crash
