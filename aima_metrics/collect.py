@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable
 from datetime import datetime
@@ -15,26 +14,15 @@ from bus.codec import Codec
 from bus.runtime import Service
 from bus.settings import Settings
 from producers.publisher import Publisher, last_flush_s
+from producers.settings import CollectorSettings
 
 Records = list[tuple[str, dict[str, Any]]]
 log = logging.getLogger(__name__)
 
 
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise SystemExit(f"{name}={raw!r} must be positive")
-    return value
-
-
-def _gpu(settings: Settings, once: bool, service: Service | None, publisher: Publisher) -> Records:
-    from producers.gpu.collector import DEFAULT_EXPORTER_PORT
+def _gpu(
+    settings: Settings, own: CollectorSettings, once: bool, service: Service | None, publisher: Publisher
+) -> Records:
     from producers.gpu.collector import run as run_gpu
 
     return run_gpu(
@@ -42,16 +30,17 @@ def _gpu(settings: Settings, once: bool, service: Service | None, publisher: Pub
         once=once,
         service=service,
         publisher=publisher,
-        fast_interval_s=_env_float("AIMA_GPU_FAST_INTERVAL_S", 10.0),
-        slow_interval_s=_env_float("AIMA_GPU_SLOW_INTERVAL_S", 30.0),
-        exporter_port=None if once else int(os.environ.get("AIMA_GPU_EXPORTER_PORT", DEFAULT_EXPORTER_PORT)),
-        host=os.environ.get("AIMA_HOST"),
+        fast_interval_s=own.gpu_fast_interval_s,
+        slow_interval_s=own.gpu_slow_interval_s,
+        exporter_port=None if once else own.gpu_exporter_port,
+        host=own.host,
     )
 
 
-def _system(settings: Settings, once: bool, service: Service | None, publisher: Publisher) -> Records:
+def _system(
+    settings: Settings, own: CollectorSettings, once: bool, service: Service | None, publisher: Publisher
+) -> Records:
     from producers.k8s import K8sConfig
-    from producers.system import SystemIntervals
     from producers.system import run as run_system
 
     return run_system(
@@ -59,13 +48,15 @@ def _system(settings: Settings, once: bool, service: Service | None, publisher: 
         once=once,
         service=service,
         publisher=publisher,
-        intervals=SystemIntervals.from_env(os.environ),
-        k8s=K8sConfig.from_env(os.environ),
-        host=os.environ.get("AIMA_HOST") or os.environ.get("AIMA_K8S_NODE_NAME"),
+        intervals=own.system_intervals(),
+        k8s=K8sConfig.from_settings(own),
+        host=own.host or own.k8s_node_name,
     )
 
 
-def _simulator(settings: Settings, once: bool, service: Service | None, publisher: Publisher) -> Records:
+def _simulator(
+    settings: Settings, own: CollectorSettings, once: bool, service: Service | None, publisher: Publisher
+) -> Records:
     from producers.simulator import run as run_simulator
 
     return run_simulator(
@@ -73,14 +64,15 @@ def _simulator(settings: Settings, once: bool, service: Service | None, publishe
         once=once,
         service=service,
         publisher=publisher,
-        rate_hz=_env_float("AIMA_SIM_RATE_HZ", 1.0),
-        hosts=int(os.environ.get("AIMA_SIM_HOSTS", "2")),
-        gpus_per_host=int(os.environ.get("AIMA_SIM_GPUS_PER_HOST", "4")),
-        seed=int(os.environ.get("AIMA_SIM_SEED", "1")),
+        rate_hz=own.sim_rate_hz,
+        hosts=own.sim_hosts,
+        gpus_per_host=own.sim_gpus_per_host,
+        seed=own.sim_seed,
     )
 
 
-COLLECTORS: dict[str, Callable[[Settings, bool, Service | None, Publisher], Records]] = {
+Collector = Callable[[Settings, CollectorSettings, bool, Service | None, Publisher], Records]
+COLLECTORS: dict[str, Collector] = {
     "gpu": _gpu,
     "system": _system,
     "jobs-sim": _simulator,
@@ -117,6 +109,7 @@ def _json_default(value: object) -> str:
 
 def run(names: list[str], once: bool, echo: Callable[[str], None]) -> int:
     settings = Settings()
+    own = CollectorSettings()  # here, at the start: a bad value stops the process before anything runs
     service = Service(f"collect-{'+'.join(names)}", settings)
     if once:
         from bus import logs
@@ -141,7 +134,7 @@ def run(names: list[str], once: bool, echo: Callable[[str], None]) -> int:
 
     def one(name: str) -> None:
         try:
-            results[name] = COLLECTORS[name](settings, once, None if once else service, publisher)
+            results[name] = COLLECTORS[name](settings, own, once, None if once else service, publisher)
         except BaseException as exc:  # reported below; one collector's failure must not hide the others'
             errors[name] = exc
             service.stopping.set()

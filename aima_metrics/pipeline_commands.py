@@ -27,18 +27,19 @@ def stream() -> None:
 @click.option("--batch-timeout-s", default=1.0, show_default=True, help="seconds a batch waits to fill")
 @click.option(
     "--writers",
-    default=2,
-    show_default=True,
-    envvar="AIMA_SINK_WRITERS",
-    help="database connections writing batches side by side (env AIMA_SINK_WRITERS)",
+    type=int,
+    default=None,
+    help="database connections writing batches side by side (default AIMA_SINK_WRITERS or 2)",
 )
-def sink(batch_max: int, batch_timeout_s: float, writers: int) -> None:
+def sink(batch_max: int, batch_timeout_s: float, writers: int | None) -> None:
     """Store samples, rollups, costs, alerts, anomalies and dead letters in PostgreSQL/TimescaleDB."""
+    from consumers.settings import SinkSettings
     from consumers.sink import run
 
-    if writers < 1:
+    if writers is not None and writers < 1:
         raise click.BadParameter("must be at least 1", param_hint="--writers")
     settings = Settings()
+    writers = writers if writers is not None else SinkSettings().writers
     service = Service("sink", settings)
     service.start()
     run(settings, service=service, batch_max=batch_max, batch_timeout_s=batch_timeout_s, writers=writers)
@@ -48,12 +49,15 @@ def sink(batch_max: int, batch_timeout_s: float, writers: int) -> None:
 @click.command()
 def notify() -> None:
     """Deliver alerts to their channels (webhook, Slack, Teams, email, SMS), routed by AIMA_NOTIFY_CONFIG."""
+    from consumers.notify.config import load_configured
     from consumers.notify.notifier import run
+    from consumers.settings import NotifySettings
 
     settings = Settings()
+    config = load_configured(NotifySettings())
     service = Service("notify", settings)
     service.start()
-    run(settings, service=service)  # marks the service stopped itself
+    run(settings, service=service, config=config)  # marks the service stopped itself
 
 
 @click.group()
@@ -184,9 +188,11 @@ def token() -> None:
 def token_create(role: str, scopes: tuple[str, ...], projects: tuple[str, ...], name: str) -> None:
     """Create a token and print it once; only its hash is stored."""
     from api.cli import create_token_cmd
+    from api.config import ApiSettings
 
     try:
-        click.echo(create_token_cmd(Settings(), role, scopes, projects, name))
+        pepper = ApiSettings().pepper()
+        click.echo(create_token_cmd(Settings(), role, scopes, projects, name, pepper=pepper))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -228,14 +234,15 @@ def token_revoke(token_id: str) -> None:
 )
 def webhook_receiver(host: str, port: int, out: str | None) -> None:
     """A local receiver for signed alert webhooks (checks the HMAC from AIMA_WEBHOOK_KEY) for development."""
-    import os
     from pathlib import Path
 
+    from aima_metrics.settings import StackSettings
     from aima_metrics.webhook_receiver import serve
 
-    key = os.environ.get("AIMA_WEBHOOK_KEY")
-    if not key:
+    configured = StackSettings().webhook_key
+    if configured is None:
         raise click.UsageError("set AIMA_WEBHOOK_KEY to the key the notifier signs with")
+    key = configured.get_secret_value()
     settings = Settings()
     service = Service("webhook-receiver", settings)
     service.start()

@@ -16,7 +16,7 @@ from psycopg_pool import ConnectionPool
 
 from api import errors
 from api.audit import AuditMiddleware
-from api.config import ApiConfig
+from api.config import ApiSettings
 from api.deps import POOL_TIMEOUT_S, ApiState
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.responses import ApiJSON
@@ -43,14 +43,15 @@ def create_app(
     *,
     pool: ConnectionPool[Any] | None = None,
     schema: str | None = None,
-    config: ApiConfig | None = None,
+    config: ApiSettings | None = None,
     registry: CollectorRegistry | None = None,
 ) -> FastAPI:
     """The API over ``settings.database_dsn()``. ``pool``: an open pool of autocommit connections whose
     search_path reaches the tables (the caller opens and closes it); without one the application opens its
     own for as long as it runs (its lifespan). ``schema``: the schema holding the tables (tests use one per
     test); None uses the connection's default. ``registry``: where the self-metrics go (default: a new
-    one, served at /internal/metrics)."""
+    one, served at /internal/metrics). ``config``: the process's :class:`ApiSettings` (api.main.run builds
+    them at the start); without them, their defaults."""
     dsn = settings.database_dsn()
     owned = pool is None
     if pool is None:
@@ -71,7 +72,7 @@ def create_app(
         pool=pool,
         dsn=dsn,
         schema=schema,
-        config=config or ApiConfig.from_env(),
+        config=config or ApiSettings.from_environ({}),
         metrics=ApiMetrics(registry or CollectorRegistry()),
     )
 

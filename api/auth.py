@@ -211,7 +211,7 @@ def authenticated(
         )
     state = deps.api_state(request)
     with state.pool.connection(timeout=deps.POOL_TIMEOUT_S) as conn:
-        principal = lookup(conn, credentials.credentials, state.config.token_pepper)
+        principal = lookup(conn, credentials.credentials, state.config.pepper())
     if principal is None:
         raise ApiError(401, "unauthenticated", "the token is unknown, revoked or expired", headers=challenge)
     record = audit.current(request)

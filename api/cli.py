@@ -13,7 +13,6 @@ import psycopg
 from psycopg import sql
 
 from api import auth
-from api.config import ApiConfig
 from bus.settings import Settings
 
 __all__ = ["create_token_cmd", "list_tokens", "revoke_token"]
@@ -36,11 +35,11 @@ def create_token_cmd(
     *,
     expires_at: datetime | None = None,
     schema: str | None = None,
+    pepper: str | None = None,
 ) -> str:
     """Creates a token and returns its plaintext, to be printed once (it is not stored). ValueError for
-    an unknown role or a scope that names no metric. Hashed with AIMA_API_TOKEN_PEPPER when set: the API
-    must run with the same pepper."""
-    pepper = ApiConfig.from_env().token_pepper
+    an unknown role or a scope that names no metric. Hashed with ``pepper`` (the command line passes
+    AIMA_API_TOKEN_PEPPER's, :class:`api.config.ApiSettings`) when given: the API must run with the same."""
     with _connect(settings, schema) as conn:
         _, token = auth.create_token(conn, role, scopes, projects, name, expires_at=expires_at, pepper=pepper)
     return token

@@ -13,7 +13,7 @@ import psycopg
 from fastapi import Depends, Request
 from psycopg_pool import ConnectionPool
 
-from api.config import ApiConfig
+from api.config import ApiSettings
 from api.metrics import ApiMetrics
 
 __all__ = ["ApiState", "Conn", "api_state", "connection"]
@@ -27,7 +27,7 @@ class ApiState:
     dsn: str
     schema: str | None
     """The schema the data lives in (None: the connection's default search_path)."""
-    config: ApiConfig
+    config: ApiSettings
     metrics: ApiMetrics
     stopping: threading.Event = field(default_factory=threading.Event)
     """Set when the server shuts down: open event streams end at once rather than hold the shutdown."""

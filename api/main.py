@@ -18,7 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from api.app import create_app
-from api.config import ApiConfig
+from api.config import ApiSettings
 from api.deps import ApiState
 from bus.runtime import Service, exit_now
 from bus.settings import Settings
@@ -66,7 +66,7 @@ class ApiServer(uvicorn.Server):
 
 def server(
     app: FastAPI,
-    config: ApiConfig,
+    config: ApiSettings,
     stop: threading.Event | None = None,
     abandon: Callable[[int], None] | None = None,
     **uvicorn_options: Any,
@@ -94,14 +94,16 @@ def run(
     port: int | None = None,
     service: Service | None = None,
     log_level: str = "INFO",
+    config: ApiSettings | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT. ``host``/``port`` default to AIMA_API_HOST/AIMA_API_PORT (127.0.0.1:8000).
+    """Serve until SIGTERM/SIGINT. ``config`` defaults to the environment's :class:`ApiSettings`, read here
+    once; ``host``/``port`` override its AIMA_API_HOST/AIMA_API_PORT (127.0.0.1:8000).
     ``service``: the process's :class:`Service` (one named ``api`` is started when None); the API's request
     metrics go to its registry, so its metrics port shows them too."""
-    config = ApiConfig.from_env()
+    config = config or ApiSettings()
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     if overrides:
-        config = ApiConfig(**{**config.__dict__, **overrides})
+        config = config.model_copy(update=overrides)
     if service is None:
         service = Service("api", settings)
         service.start(log_level)

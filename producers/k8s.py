@@ -10,9 +10,12 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from producers.settings import CollectorSettings
 
 __all__ = ["SERVICEACCOUNT_DIR", "K8sApiError", "K8sConfig", "PodReader", "pod_status"]
 
@@ -51,24 +54,22 @@ class K8sConfig:
     """Pods per API page (``limit``), so a large cluster is not answered in one huge response."""
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str], serviceaccount_dir: Path = SERVICEACCOUNT_DIR
+    def from_settings(
+        cls, settings: CollectorSettings, serviceaccount_dir: Path = SERVICEACCOUNT_DIR
     ) -> K8sConfig | None:
         """AIMA_K8S_API_URL (with AIMA_K8S_TOKEN_FILE, AIMA_K8S_VERIFY: true, false or a CA file) wins;
         else in-cluster (KUBERNETES_SERVICE_HOST/PORT and the service-account token); else None.
         AIMA_K8S_NAMESPACE and AIMA_K8S_NODE_NAME narrow the pods in both cases."""
-        namespace = environ.get("AIMA_K8S_NAMESPACE") or None
-        node_name = environ.get("AIMA_K8S_NODE_NAME") or None
-        if url := environ.get("AIMA_K8S_API_URL"):
-            token_file = environ.get("AIMA_K8S_TOKEN_FILE")
+        namespace, node_name = settings.k8s_namespace, settings.k8s_node_name
+        if url := settings.k8s_api_url:
             return cls(
                 api_url=url.rstrip("/"),
-                token_file=Path(token_file) if token_file else None,
+                token_file=settings.k8s_token_file,
                 namespace=namespace,
                 node_name=node_name,
-                verify=_parse_verify(environ.get("AIMA_K8S_VERIFY", "true")),
+                verify=_parse_verify(settings.k8s_verify),
             )
-        host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT")
+        host, port = settings.kubernetes_service_host, settings.kubernetes_service_port
         token_file = serviceaccount_dir / "token"
         if host and port and token_file.is_file():
             ca = serviceaccount_dir / "ca.crt"

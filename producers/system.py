@@ -64,7 +64,8 @@ PSEUDO_FSTYPES = frozenset(
 
 @dataclass(frozen=True)
 class SystemIntervals:
-    """Seconds between two reads of each group (defaults from M16-M21)."""
+    """Seconds between two reads of each group (defaults from M16-M21; AIMA_SYSTEM_<GROUP>_INTERVAL_S
+    through producers/settings.py)."""
 
     cpu_s: float = 10.0
     memory_s: float = 10.0
@@ -81,21 +82,6 @@ class SystemIntervals:
 
     def of(self, group: str) -> float:
         return float(getattr(self, f"{group}_s"))
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> SystemIntervals:
-        """Defaults overridden by AIMA_SYSTEM_<GROUP>_INTERVAL_S (CPU, MEMORY, DISK, NETWORK, CONTAINERS,
-        PODS)."""
-        values: dict[str, float] = {}
-        for group in GROUPS:
-            name = f"AIMA_SYSTEM_{group.upper()}_INTERVAL_S"
-            text = environ.get(name, "").strip()
-            if text:
-                try:
-                    values[f"{group}_s"] = float(text)
-                except ValueError:
-                    raise ValueError(f"{name}={text!r} is not a number of seconds") from None
-        return cls(**values)
 
 
 class Schedule:

@@ -35,13 +35,16 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from bus import durations
 from bus.matchers import InvalidMatcher, Matcher, matchers_of, matches_all
 from consumers.notify.model import Alert
+
+if TYPE_CHECKING:
+    from consumers.settings import NotifySettings
 
 __all__ = [
     "ALL_LABELS",
@@ -60,12 +63,12 @@ __all__ = [
     "TeamsConfig",
     "WebhookConfig",
     "load",
+    "load_configured",
     "load_from_env",
     "parse",
     "parse_duration",
 ]
 
-ENV_VAR = "AIMA_NOTIFY_CONFIG"
 ALL_LABELS = "..."
 CHANNEL_KINDS = ("webhook", "slack", "teams", "email", "sms", "apprise")
 # Other names a rule may use in its ``channels`` for the same kind.
@@ -257,13 +260,19 @@ def parse_duration(value: Any, where: str = "duration") -> float:
         raise ConfigError(f"{where}: {value!r} is not a duration like 30s, 5m, 4h or 1h30m ({exc})") from None
 
 
-def load_from_env(environ: Mapping[str, str] | None = None) -> NotifyConfig:
-    """The file ``AIMA_NOTIFY_CONFIG`` names; the empty configuration when it is unset."""
-    env = os.environ if environ is None else environ
-    path = env.get(ENV_VAR)
-    if not path:
+def load_configured(settings: NotifySettings, environ: Mapping[str, str] | None = None) -> NotifyConfig:
+    """The file ``settings`` name (AIMA_NOTIFY_CONFIG); the empty configuration when they name none."""
+    if settings.config is None:
         return NotifyConfig.empty()
-    return load(Path(path), env)
+    return load(settings.config, environ)
+
+
+def load_from_env() -> NotifyConfig:
+    """:func:`load_configured` with the process's own :class:`consumers.settings.NotifySettings`, for a
+    caller that has built none (the notifier's ``run()`` without a ``config``)."""
+    from consumers.settings import NotifySettings
+
+    return load_configured(NotifySettings())
 
 
 def load(path: Path, environ: Mapping[str, str] | None = None) -> NotifyConfig:

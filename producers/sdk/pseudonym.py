@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
-from collections.abc import Mapping
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from producers.settings import PseudonymSettings
 
 __all__ = ["KEY_ENV", "KEY_FILE_ENV", "MIN_KEY_BYTES", "PseudonymKeyMissing", "Pseudonymiser", "load_key"]
 
@@ -28,15 +29,20 @@ class PseudonymKeyMissing(RuntimeError):
     """No usable pseudonymisation key is configured; the producer must not start."""
 
 
-def load_key(key: bytes | str | None = None, *, environ: Mapping[str, str] | None = None) -> bytes:
+def load_key(key: bytes | str | None = None, *, settings: PseudonymSettings | None = None) -> bytes:
     """The key: ``key`` when given, else ``AIMA_PSEUDONYM_KEY``, else the contents of the file named by
-    ``AIMA_PSEUDONYM_KEY_FILE`` (trailing newline stripped). Raises :class:`PseudonymKeyMissing`."""
-    env = os.environ if environ is None else environ
+    ``AIMA_PSEUDONYM_KEY_FILE`` (trailing newline stripped), both from ``settings`` (built here from the
+    environment when not given: the SDK runs inside a job's process, whose start is not ours). Raises
+    :class:`PseudonymKeyMissing`."""
     origin = "the pseudonym_key argument"
-    if key is None and env.get(KEY_ENV):
-        key, origin = env[KEY_ENV], KEY_ENV
-    elif key is None and env.get(KEY_FILE_ENV):
-        path = Path(env[KEY_FILE_ENV])
+    if key is None:
+        from producers.settings import PseudonymSettings
+
+        settings = settings or PseudonymSettings()
+    if key is None and settings is not None and settings.key is not None:
+        key, origin = settings.key.get_secret_value(), KEY_ENV
+    elif key is None and settings is not None and settings.key_file is not None:
+        path = settings.key_file
         try:
             key, origin = path.read_bytes().rstrip(b"\r\n"), f"{KEY_FILE_ENV} ({path})"
         except OSError as exc:

@@ -28,7 +28,7 @@ from psycopg.types.json import Jsonb
 from api import auth
 from api.app import create_app
 from api.cli import create_token_cmd, list_tokens, revoke_token
-from api.config import ApiConfig
+from api.config import ApiSettings
 from api.main import server
 from bus.settings import REPO_ROOT, Settings
 
@@ -70,7 +70,7 @@ def tokens(db: psycopg.Connection[Any]) -> dict[str, tuple[str, str]]:
 
 @pytest.fixture
 def client(settings: Settings, db_schema: str) -> Iterator[TestClient]:
-    app = create_app(settings, schema=db_schema, config=ApiConfig())
+    app = create_app(settings, schema=db_schema, config=ApiSettings.from_environ({}))
     with TestClient(app) as test_client:
         yield test_client
 
@@ -248,7 +248,7 @@ def test_a_peppered_token_needs_the_same_pepper(
     )
     headers = {"Authorization": f"Bearer {token}"}
     for pepper, expected in (("s3cret", 200), ("other", 401), (None, 401)):
-        app = create_app(settings, schema=db_schema, config=ApiConfig(token_pepper=pepper))
+        app = create_app(settings, schema=db_schema, config=ApiSettings.from_environ({}, token_pepper=pepper))
         with TestClient(app) as test_client:
             assert test_client.get("/metrics", headers=headers).status_code == expected
 
@@ -716,7 +716,7 @@ def _read_event(lines: Iterator[str], wanted: str) -> dict[str, Any]:
 def test_alert_stream_delivers_inserted_alerts_and_stops_promptly(
     settings: Settings, db_schema: str, tokens: dict[str, tuple[str, str]], db: psycopg.Connection[Any]
 ) -> None:
-    config = ApiConfig(port=_free_port())
+    config = ApiSettings.from_environ({}, port=_free_port())
     app = create_app(settings, schema=db_schema, config=config)
     state = app.state.api
     api_server = server(app, config)

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from api import auth
 from api.app import create_app
-from api.config import ApiConfig
+from api.config import ApiSettings
 from consumers.migrate import migrate
 from tests.private_stack import PrivateStack
 
@@ -26,7 +26,7 @@ def test_the_first_request_after_a_database_restart_is_answered(tmp_path: Path) 
             migrate(conn)
             _, token = auth.create_token(conn, "admin", name="admin")
         headers = {"Authorization": f"Bearer {token}"}
-        app = create_app(stack.settings(), config=ApiConfig())
+        app = create_app(stack.settings(), config=ApiSettings.from_environ({}))
         with TestClient(app) as client:
             assert client.get("/metrics", headers=headers).status_code == 200
             stack.stop_postgres()

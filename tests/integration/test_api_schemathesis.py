@@ -20,7 +20,7 @@ from schemathesis.checks import not_a_server_error
 
 from api import auth
 from api.app import create_app
-from api.config import ApiConfig
+from api.config import ApiSettings
 from bus.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -68,7 +68,7 @@ def test_no_generated_request_gets_a_server_error(
 ) -> None:
     _, token = auth.create_token(db, "admin", name="schemathesis")
     headers = {"Authorization": f"Bearer {token}"}
-    app = create_app(settings, pool=pool, schema=db_schema, config=ApiConfig())
+    app = create_app(settings, pool=pool, schema=db_schema, config=ApiSettings.from_environ({}))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app).exclude(path="/alerts/stream")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 10, [op.label for op in operations]

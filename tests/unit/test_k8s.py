@@ -17,6 +17,7 @@ import pytest
 from bus.codec import Codec
 from bus.validation import check
 from producers.k8s import K8sApiError, K8sConfig, PodReader
+from producers.settings import CollectorSettings
 
 T0 = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.fake-service-account-token"
@@ -287,8 +288,8 @@ def test_pod_statuses_fit_the_contract(kube: FakeKubernetes) -> None:
 
 
 def test_explicit_configuration_from_env(tmp_path: Path, token_file: Path) -> None:
-    config = K8sConfig.from_env(
-        {
+    config = K8sConfig.from_settings(
+        CollectorSettings.from_environ({
             "AIMA_K8S_API_URL": "https://k8s.example:6443/",
             "AIMA_K8S_TOKEN_FILE": str(token_file),
             "AIMA_K8S_NAMESPACE": "media",
@@ -297,9 +298,9 @@ def test_explicit_configuration_from_env(tmp_path: Path, token_file: Path) -> No
             # The explicit URL wins over in-cluster detection.
             "KUBERNETES_SERVICE_HOST": "10.96.0.1",
             "KUBERNETES_SERVICE_PORT": "443",
-        },
+        }),
         serviceaccount_dir=tmp_path,
-    )
+    )  # fmt: skip
     assert config == K8sConfig(
         api_url="https://k8s.example:6443",
         token_file=token_file,
@@ -307,30 +308,32 @@ def test_explicit_configuration_from_env(tmp_path: Path, token_file: Path) -> No
         node_name="gpu-node-07",
         verify=False,
     )
-    assert K8sConfig.from_env(
-        {"AIMA_K8S_API_URL": "https://x", "AIMA_K8S_VERIFY": "/etc/ca.pem"}
-    ).verify == Path("/etc/ca.pem")
+    given = {"AIMA_K8S_API_URL": "https://x", "AIMA_K8S_VERIFY": "/etc/ca.pem"}
+    assert K8sConfig.from_settings(CollectorSettings.from_environ(given)).verify == Path("/etc/ca.pem")
 
 
 def test_in_cluster_configuration_from_the_service_account(tmp_path: Path) -> None:
     (tmp_path / "token").write_text("sa-token")
     (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
     env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
-    config = K8sConfig.from_env(env, serviceaccount_dir=tmp_path)
+    config = K8sConfig.from_settings(CollectorSettings.from_environ(env), serviceaccount_dir=tmp_path)
     assert config is not None
     assert config.api_url == "https://10.96.0.1:443"
     assert config.bearer_token() == "sa-token"
     assert config.verify == tmp_path / "ca.crt"
     assert config.namespace is None
-    ipv6 = K8sConfig.from_env({**env, "KUBERNETES_SERVICE_HOST": "fd00::1"}, serviceaccount_dir=tmp_path)
+    ipv6 = K8sConfig.from_settings(
+        CollectorSettings.from_environ({**env, "KUBERNETES_SERVICE_HOST": "fd00::1"}),
+        serviceaccount_dir=tmp_path,
+    )
     assert ipv6 is not None and ipv6.api_url == "https://[fd00::1]:443"
 
 
 def test_no_configuration_outside_a_cluster(tmp_path: Path) -> None:
-    assert K8sConfig.from_env({}, serviceaccount_dir=tmp_path) is None
+    assert K8sConfig.from_settings(CollectorSettings.from_environ({}), serviceaccount_dir=tmp_path) is None
     # Service variables without a mounted token are not a cluster we can read.
     env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
-    assert K8sConfig.from_env(env, serviceaccount_dir=tmp_path) is None
+    assert K8sConfig.from_settings(CollectorSettings.from_environ(env), serviceaccount_dir=tmp_path) is None
 
 
 def test_the_token_is_not_in_the_repr() -> None:

@@ -23,6 +23,7 @@ from bus.codec import Codec
 from bus.settings import Settings
 from bus.validation import check
 from producers.k8s import K8sConfig, PodReader
+from producers.settings import CollectorSettings
 from producers.system import (
     CollectorMetrics,
     ContainerCounter,
@@ -355,18 +356,20 @@ def test_a_late_tick_does_not_fire_the_missed_ones_back_to_back() -> None:
 
 
 def test_intervals_from_env() -> None:
-    intervals = SystemIntervals.from_env(
+    intervals = CollectorSettings.from_environ(
         {
             "AIMA_SYSTEM_CPU_INTERVAL_S": "2.5",
             "AIMA_SYSTEM_DISK_INTERVAL_S": "60",
             "AIMA_SYSTEM_PODS_INTERVAL_S": " ",
         }
-    )
+    ).system_intervals()
     assert intervals == SystemIntervals(cpu_s=2.5, disk_s=60.0)
     with pytest.raises(ValueError, match="AIMA_SYSTEM_NETWORK_INTERVAL_S"):
-        SystemIntervals.from_env({"AIMA_SYSTEM_NETWORK_INTERVAL_S": "30s"})
+        CollectorSettings.from_environ({"AIMA_SYSTEM_NETWORK_INTERVAL_S": "30s"})
+    with pytest.raises(ValueError, match="AIMA_SYSTEM_MEMORY_INTERVAL_S"):
+        CollectorSettings.from_environ({"AIMA_SYSTEM_MEMORY_INTERVAL_S": "0"})
     with pytest.raises(ValueError, match="memory_s"):
-        SystemIntervals.from_env({"AIMA_SYSTEM_MEMORY_INTERVAL_S": "0"})
+        SystemIntervals(memory_s=0)
 
 
 class _FakeClock:

@@ -1,0 +1,39 @@
+"""The command line's and the local stack's own settings (`aima-metrics up` and its children), beyond
+:class:`bus.settings.Settings`; built by the command that needs them, when it starts."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from aima_metrics.lifecycle import SUPERVISOR_ENV
+from bus.settings import AimaSettings, described
+
+__all__ = ["LifecycleSettings", "StackSettings"]
+
+
+class StackSettings(AimaSettings):
+    """What `up` and the development webhook receiver read."""
+
+    port_base: int = Field(
+        9100, gt=0, lt=65526, description="`up` gives its processes the self-metrics ports base+1 … base+9"
+    )
+    kafka_heap: str = Field("512m", description="heap of the local broker (infra/kafka/kafka.sh)")
+    webhook_key: SecretStr | None = described(
+        None,
+        "HMAC key of signed webhooks: the local notifier signs with it, `aima-metrics webhook-receiver` "
+        "checks it",
+        shown="generated into .aima/webhook/key",
+    )
+
+
+class LifecycleSettings(AimaSettings):
+    """Set by `up` in its children's environment, never by hand (aima_metrics/lifecycle.py)."""
+
+    model_config = SettingsConfigDict(env_file=None)
+
+    supervisor_pid: int | None = Field(
+        None,
+        validation_alias=SUPERVISOR_ENV,
+        description="set by `up` in its children: the pid whose death ends them",
+    )

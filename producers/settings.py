@@ -1,0 +1,101 @@
+"""The producers' settings beyond :class:`bus.settings.Settings`: the collectors' (`aima-metrics collect`
+builds :class:`CollectorSettings` when it starts) and the job SDK's key (:class:`PseudonymSettings`,
+built by the SDK's entry point when the caller passes no key: a job's process has no command of ours)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from bus.settings import AimaSettings, described
+from producers.gpu.collector import DEFAULT_EXPORTER_PORT
+from producers.system import GROUPS, SystemIntervals
+
+__all__ = ["CollectorSettings", "PseudonymSettings"]
+
+_POSITIVE_S = {"gt": 0, "allow_inf_nan": False}
+
+
+class CollectorSettings(AimaSettings):
+    """The GPU and system collectors, Kubernetes pod status and the fleet simulator."""
+
+    host: str | None = described(
+        None,
+        "host name the collectors report (the system collector falls back to AIMA_K8S_NODE_NAME)",
+        shown="the machine's host name",
+    )
+    gpu_fast_interval_s: float = Field(10.0, **_POSITIVE_S, description="GPU utilisation and memory interval")
+    gpu_slow_interval_s: float = Field(
+        30.0, **_POSITIVE_S, description="GPU temperature, power, PCIe interval"
+    )
+    gpu_exporter_port: int = Field(
+        DEFAULT_EXPORTER_PORT, description="Prometheus text of the current GPU values (`collect gpu`)"
+    )
+
+    system_cpu_interval_s: float = Field(
+        SystemIntervals.cpu_s, **_POSITIVE_S, description="host CPU interval"
+    )
+    system_memory_interval_s: float = Field(
+        SystemIntervals.memory_s, **_POSITIVE_S, description="host memory interval"
+    )
+    system_disk_interval_s: float = Field(
+        SystemIntervals.disk_s, **_POSITIVE_S, description="disk use interval"
+    )
+    system_network_interval_s: float = Field(
+        SystemIntervals.network_s, **_POSITIVE_S, description="network rates interval"
+    )
+    system_containers_interval_s: float = Field(
+        SystemIntervals.containers_s, **_POSITIVE_S, description="running containers interval"
+    )
+    system_pods_interval_s: float = Field(
+        SystemIntervals.pods_s, **_POSITIVE_S, description="Kubernetes pod status interval"
+    )
+
+    k8s_api_url: str | None = described(
+        None,
+        "Kubernetes API to read pods from; wins over in-cluster detection (KUBERNETES_SERVICE_HOST/PORT and "
+        "the service-account token)",
+        shown="in-cluster detection",
+    )
+    k8s_token_file: Path | None = Field(None, description="bearer token file for AIMA_K8S_API_URL (re-read)")
+    k8s_verify: str = Field(
+        "true", description="TLS verification of AIMA_K8S_API_URL: true, false or a CA file"
+    )
+    k8s_namespace: str | None = Field(None, description="only this namespace's pods; unset: all namespaces")
+    k8s_node_name: str | None = Field(
+        None, description="only pods scheduled on this node (one collector per node)"
+    )
+    kubernetes_service_host: str | None = Field(
+        None,
+        validation_alias="KUBERNETES_SERVICE_HOST",
+        description="set by Kubernetes in a pod: the API's host",
+    )
+    kubernetes_service_port: str | None = Field(
+        None,
+        validation_alias="KUBERNETES_SERVICE_PORT",
+        description="set by Kubernetes in a pod: the API's port",
+    )
+
+    sim_rate_hz: float = Field(1.0, **_POSITIVE_S, description="simulated fleet: steps per second")
+    sim_hosts: int = Field(2, ge=1, description="simulated fleet: hosts")
+    sim_gpus_per_host: int = Field(4, ge=1, description="simulated fleet: GPUs per host")
+    sim_seed: int = Field(1, description="simulated fleet: random seed")
+
+    def system_intervals(self) -> SystemIntervals:
+        return SystemIntervals(
+            **{f"{group}_s": getattr(self, f"system_{group}_interval_s") for group in GROUPS}
+        )
+
+
+class PseudonymSettings(AimaSettings):
+    """The job SDK's pseudonymisation key; there is deliberately no default (a key in the code would be a
+    key everybody has)."""
+
+    model_config = SettingsConfigDict(env_prefix="AIMA_PSEUDONYM_")
+
+    key: SecretStr | None = described(
+        None, "key for pseudonymising user ids (P1), at least 16 bytes", shown="required by the job SDK"
+    )
+    key_file: Path | None = Field(None, description="file holding the key, when AIMA_PSEUDONYM_KEY is unset")
