@@ -24,7 +24,10 @@ if TYPE_CHECKING:
 def main() -> None:
     """The `aima-metrics` entry point."""
     guard_loading(sys.argv[1:])
-    follow_supervisor()
+    # After guard_loading: a stop while pydantic loads for the settings below already ends the process.
+    from aima_metrics.settings import LifecycleSettings
+
+    follow_supervisor(LifecycleSettings().supervisor_pid)
     _register_pipeline_commands()
     cli()
 
@@ -72,7 +75,7 @@ def up() -> None:
     pidfile = stack.run_dir / "up.pid"
     pidfile.write_text(str(os.getpid()))
     exit_code = 0
-    running = processes(settings)
+    running = processes(settings, stack.local)
     try:
         mode = stack.start_services()
         for process in running:
@@ -132,7 +135,7 @@ def down() -> None:
     if pid is not None:
         stack.say(f"asking the supervisor (pid {pid}) to stop everything ...")
         stack.stop_processes(["up"], timeout_s=180)
-    stack.stop_processes([process.name for process in reversed(processes(stack.settings, gpu=False))])
+    stack.stop_processes([p.name for p in reversed(processes(stack.settings, stack.local, gpu=False))])
     stack.stop_services()
     stack.say("down.")
 

@@ -47,15 +47,16 @@ def _stop_while_loading(signum: int, frame: FrameType | None) -> None:
     os._exit(0)
 
 
-def follow_supervisor() -> None:
-    """In a child of `up` (``AIMA_SUPERVISOR_PID`` set): the kernel sends it SIGTERM when `up` dies, however
-    `up` dies (Linux's parent-death signal); if `up` is gone already, it exits at once. The variable is
-    taken out of the environment, so that processes this one starts do not follow a pid not their parent."""
-    supervisor = os.environ.pop(SUPERVISOR_ENV, None)
+def follow_supervisor(supervisor: int | None) -> None:
+    """In a child of `up` (``supervisor``: its pid, ``AIMA_SUPERVISOR_PID`` read by
+    aima_metrics.settings.LifecycleSettings): the kernel sends it SIGTERM when `up` dies, however `up` dies
+    (Linux's parent-death signal); if `up` is gone already, it exits at once. The variable is taken out
+    of the environment, so that processes this one starts do not follow a pid not their parent."""
+    os.environ.pop(SUPERVISOR_ENV, None)
     if not supervisor or not sys.platform.startswith("linux"):
         return
     import ctypes
 
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    if os.getppid() != int(supervisor):
+    if os.getppid() != supervisor:
         os._exit(0)

@@ -25,9 +25,13 @@ import psutil
 import psycopg
 
 from aima_metrics.lifecycle import STOP_SIGNALS, SUPERVISOR_ENV
+from aima_metrics.settings import StackSettings
+from api.config import ApiSettings
 from bus.kafka import ensure_topics, wait_for_broker
 from bus.settings import REPO_ROOT, Settings
 from consumers.migrate import migrate
+from consumers.settings import NotifySettings
+from producers.settings import CollectorSettings
 
 INFRA = REPO_ROOT / "infra"
 
@@ -102,6 +106,21 @@ class Process:
     env: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LocalStackSettings:
+    """What the local stack's commands (`up`, `down`, `status`) read beyond :class:`Settings`: their own,
+    and the ports and routing of the processes `up` starts, from those processes' own models."""
+
+    stack: StackSettings
+    api: ApiSettings
+    collectors: CollectorSettings
+    notify: NotifySettings
+
+    @classmethod
+    def load(cls) -> LocalStackSettings:
+        return cls(StackSettings(), ApiSettings(), CollectorSettings(), NotifySettings())
+
+
 def nvml_present() -> bool:
     """True when NVML answers with at least one GPU; decides between the GPU collector and the simulator."""
     try:
@@ -116,11 +135,11 @@ def nvml_present() -> bool:
         return False
 
 
-def webhook_key(settings: Settings) -> str:
+def webhook_key(settings: Settings, local: LocalStackSettings) -> str:
     """The key the local notifier signs webhooks with: AIMA_WEBHOOK_KEY, else one generated once and kept
     (readable only by its owner) in the state folder."""
-    if key := os.environ.get("AIMA_WEBHOOK_KEY"):
-        return key
+    if local.stack.webhook_key is not None:
+        return local.stack.webhook_key.get_secret_value()
     path = settings.state_dir / "webhook" / "key"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,16 +148,16 @@ def webhook_key(settings: Settings) -> str:
     return path.read_text().strip()
 
 
-def processes(settings: Settings, gpu: bool | None = None) -> tuple[Process, ...]:
+def processes(settings: Settings, local: LocalStackSettings, gpu: bool | None = None) -> tuple[Process, ...]:
     """The pipeline's long-running processes, each `aima-metrics <args>` with its own self-metrics port
     (``AIMA_PORT_BASE`` + n). Without a GPU the fleet simulator stands in for real GPU samples."""
-    base = int(os.environ.get("AIMA_PORT_BASE", "9100"))
-    exporter = int(os.environ.get("AIMA_GPU_EXPORTER_PORT", "9400"))
+    base = local.stack.port_base
+    exporter = local.collectors.gpu_exporter_port
     gpu = nvml_present() if gpu is None else gpu
-    api_port = int(os.environ.get("AIMA_API_PORT", "8000"))
+    api_port = local.api.port
     receiver_port = base + 9
     receiver_url = f"http://127.0.0.1:{receiver_port}/alerts"
-    key = webhook_key(settings)
+    key = webhook_key(settings, local)
     listed = [
         Process("stream", ("stream",), base + 1),
         Process("sink", ("sink",), base + 2),
@@ -154,9 +173,7 @@ def processes(settings: Settings, gpu: bool | None = None) -> tuple[Process, ...
             ("notify",),
             base + 3,
             env={
-                "AIMA_NOTIFY_CONFIG": os.environ.get(
-                    "AIMA_NOTIFY_CONFIG", str(INFRA / "notify" / "local.yaml")
-                ),
+                "AIMA_NOTIFY_CONFIG": str(local.notify.config or INFRA / "notify" / "local.yaml"),
                 "AIMA_LOCAL_WEBHOOK_URL": receiver_url,
                 "AIMA_WEBHOOK_KEY": key,
             },
@@ -176,9 +193,12 @@ def processes(settings: Settings, gpu: bool | None = None) -> tuple[Process, ...
     return tuple(listed)
 
 
-def script_env(settings: Settings) -> dict[str, str]:
+def script_env(settings: Settings, local: LocalStackSettings) -> dict[str, str]:
+    """The environment of the scripts and processes `up` starts: this one's (what the user set reaches
+    them), with the values these models resolved (from aima.env too) written out."""
     env = dict(os.environ)
     env.update(
+        AIMA_KAFKA_HEAP=local.stack.kafka_heap,
         AIMA_STATE_DIR=str(settings.state_dir),
         AIMA_KAFKA_PORT=str(settings.kafka_port),
         AIMA_KAFKA_CONTROLLER_PORT=str(settings.kafka_controller_port),
@@ -187,9 +207,15 @@ def script_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def run_script(settings: Settings, script: str, verb: str) -> subprocess.CompletedProcess[str]:
+def run_script(
+    settings: Settings, local: LocalStackSettings, script: str, verb: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(INFRA / script), verb], env=script_env(settings), text=True, capture_output=True, check=False
+        [str(INFRA / script), verb],
+        env=script_env(settings, local),
+        text=True,
+        capture_output=True,
+        check=False,
     )
 
 
@@ -204,9 +230,16 @@ def _silence(stream: TextIO) -> None:
 
 class Stack:
     def __init__(
-        self, settings: Settings, say: Callable[[str], None] = print, stop: StopRequest | None = None
+        self,
+        settings: Settings,
+        say: Callable[[str], None] = print,
+        stop: StopRequest | None = None,
+        local: LocalStackSettings | None = None,
     ) -> None:
+        """``local``: the stack's other settings; the commands build them when they start (built from the
+        environment here when not given)."""
         self.settings = settings
+        self.local = local or LocalStackSettings.load()
         self.say = say
         self.stop = stop or StopRequest()
         self.run_dir = settings.state_dir / "run"
@@ -223,7 +256,7 @@ class Stack:
         # decides (and, for a start, ends the whole session when a stop comes first).
         return subprocess.Popen(
             [str(INFRA / script), verb],
-            env=script_env(self.settings),
+            env=script_env(self.settings, self.local),
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -318,7 +351,11 @@ class Stack:
             return pid
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = script_env(self.settings) | process.env | {"AIMA_METRICS_PORT": str(process.metrics_port)}
+        env = (
+            script_env(self.settings, self.local)
+            | process.env
+            | {"AIMA_METRICS_PORT": str(process.metrics_port)}
+        )
         env[SUPERVISOR_ENV] = str(os.getpid())
         # The child starts with the stop signals blocked (the mask survives exec): a stop sent while its
         # interpreter still starts stays pending until its handlers are in place and it unblocks them
@@ -377,10 +414,10 @@ class Stack:
     def status(self) -> list[tuple[str, bool, str]]:
         rows = []
         for name, script in (("kafka", "kafka/kafka.sh"), ("postgres", "postgres/postgres.sh")):
-            result = run_script(self.settings, script, "status")
+            result = run_script(self.settings, self.local, script, "status")
             words = result.stdout.split()
             rows.append((name, result.returncode == 0, " ".join(words[1:])))
-        for process in processes(self.settings, gpu=self.pid_of("simulator") is None):
+        for process in processes(self.settings, self.local, gpu=self.pid_of("simulator") is None):
             pid = self.pid_of(process.name)
             where = process.address or f"metrics http://127.0.0.1:{process.metrics_port}/metrics"
             rows.append((process.name, pid is not None, f"{where} pid={pid}" if pid else where))

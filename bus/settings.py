@@ -13,7 +13,15 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
-from pydantic import AliasChoices, AliasPath, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    AliasPath,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUseDefault
 from pydantic_settings import (
@@ -43,7 +51,9 @@ class _MappingEnvSource(EnvSettingsSource):
         super().__init__(settings_cls)
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
-        return parse_env_vars(self._given, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+        return parse_env_vars(
+            self._given, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str
+        )
 
 
 def env_name(model: type[BaseSettings], field: str) -> str:
@@ -70,7 +80,9 @@ def _explain(model: type[BaseSettings], exc: ValidationError) -> str:
         if error["type"] in ("float_parsing", "int_parsing", "int_from_float", "float_type", "int_type"):
             message = "not a number"
         got = error.get("input")
-        parts.append(f"{where}: {message}" + (f": {got!r}" if loc and isinstance(got, str | int | float) else ""))
+        parts.append(
+            f"{where}: {message}" + (f": {got!r}" if loc and isinstance(got, str | int | float) else "")
+        )
     return "; ".join(parts)
 
 
@@ -161,15 +173,17 @@ class Settings(AimaSettings):
     )
     kafka_port: int = Field(9092, description="port of the local broker that `aima-metrics up` runs")
     kafka_controller_port: int = Field(9093, description="controller port of the local broker")
-    kafka_security_protocol: str = Field("PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    kafka_security_protocol: str = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+    )
     kafka_sasl_mechanism: str | None = Field(None, description="SASL mechanism (PLAIN, SCRAM-SHA-512, ...)")
     kafka_sasl_username: str | None = Field(None, description="SASL user name")
     kafka_sasl_password: SecretStr | None = Field(None, description="SASL password")
     kafka_ssl_ca_location: Path | None = Field(None, description="CA bundle that verifies the brokers (TLS)")
     kafka_debug: str | None = Field(
         default=None,
-        description="librdkafka debug contexts for every confluent-kafka client (e.g. `cgrp,fetch`), logged at "
-        "debug level: for diagnosing a client that misbehaves, never for a normal run",
+        description="librdkafka debug contexts for every confluent-kafka client (e.g. `cgrp,fetch`), logged "
+        "at debug level: for diagnosing a client that misbehaves, never for a normal run",
     )
     topic_prefix: str = Field("aima.", description="prefix of every topic name")
     topic_replication: int = Field(1, description="replication factor of the topics this project creates")
@@ -193,7 +207,8 @@ class Settings(AimaSettings):
 
     metrics_port: int = described(
         0,
-        "Prometheus self-metrics port of a long-running process (`up` gives each its own); 0 picks a free one",
+        "Prometheus self-metrics port of a long-running process (`up` gives each its own); 0 picks a "
+        "free one",
         shown="per process",
     )
     stop_timeout_s: float = Field(
