@@ -18,7 +18,16 @@ class StackSettings(AimaSettings):
     port_base: int = Field(
         9100, gt=0, lt=65526, description="`up` gives its processes the self-metrics ports base+1 … base+9"
     )
+    # The scripts also run by hand (infra/kafka/kafka.sh start) and then fall back to the same defaults.
     kafka_heap: str = Field("512m", description="heap of the local broker (infra/kafka/kafka.sh)")
+    kafka_start_timeout_s: int = Field(
+        90, gt=0, description="how long infra/kafka/kafka.sh waits for the local broker to answer"
+    )
+    cache_dir: str | None = described(
+        None, "where infra/kafka/kafka.sh keeps the Kafka jars it resolves", shown="<repo>/.aima/cache"
+    )
+    pg_db: str = Field("aima", description="database of the local PostgreSQL (infra/postgres/postgres.sh)")
+    pg_user: str = Field("aima", description="user of the local PostgreSQL (infra/postgres/postgres.sh)")
     webhook_key: SecretStr | None = described(
         None,
         "HMAC key of signed webhooks: the local notifier signs with it, `aima-metrics webhook-receiver` "

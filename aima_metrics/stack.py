@@ -197,8 +197,13 @@ def script_env(settings: Settings, local: LocalStackSettings) -> dict[str, str]:
     """The environment of the scripts and processes `up` starts: this one's (what the user set reaches
     them), with the values these models resolved (from aima.env too) written out."""
     env = dict(os.environ)
+    if local.stack.cache_dir is not None:
+        env["AIMA_CACHE_DIR"] = local.stack.cache_dir
     env.update(
         AIMA_KAFKA_HEAP=local.stack.kafka_heap,
+        AIMA_KAFKA_START_TIMEOUT_S=str(local.stack.kafka_start_timeout_s),
+        AIMA_PG_DB=local.stack.pg_db,
+        AIMA_PG_USER=local.stack.pg_user,
         AIMA_STATE_DIR=str(settings.state_dir),
         AIMA_KAFKA_PORT=str(settings.kafka_port),
         AIMA_KAFKA_CONTROLLER_PORT=str(settings.kafka_controller_port),
