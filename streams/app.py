@@ -321,6 +321,7 @@ class Dispatcher:
     ) -> None:
         """One fetch: ``batches`` holds each partition's aiokafka records in offset order."""
         started = time.monotonic()
+        # at-least-once step 1: in flight, so a rebalance or a stop waits for this batch
         token = consumer.begin_batch()
         try:
             done: list[tuple[TP, list[Any]]] = []
@@ -331,18 +332,22 @@ class Dispatcher:
                 if inputs is None or not self._still_ours(generation):
                     break  # a rebalance or a stop came in between: not acknowledged, so fetched again
                 if inputs:
+                    # at-least-once step 2: the processors run; state writes go to the store and the sender
                     self._run(route, tp, records, inputs, committed)
                     form = "columns" if isinstance(inputs, LazyInputs) else "records"
                     self.metrics.forms.labels(route.spec.key, form).inc(len(inputs))
                 done.append((tp, records))
+            # at-least-once step 3: the broker has every changelog, output and dead letter of the batch
             if not await self._deliver(consumer, generation):
                 return  # a rebalance or a stop came first: not acknowledged, so processed again
             for tp, records in done:
+                # at-least-once step 4: only now are the offsets acknowledged
                 consumer.ack_batch(tp, records)
                 key = self.routes[tp.topic].spec.key
                 self.metrics.events.labels(key).inc(len(records))
                 self.metrics.batch_records.labels(key).observe(len(records))
         finally:
+            # at-least-once step 4: the batch leaves the in-flight set (acknowledged or to be fetched again)
             consumer.end_batch(token)
         self.metrics.batch_seconds.observe(time.monotonic() - started)
 

@@ -170,6 +170,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         broker away it would wait for the coordinator for ever). Cut short, nothing more is committed: the
         next start reads again from the last committed offsets."""
         if not self.app.should_stop:
+            # at-least-once step 5 (Faust's timer, a rebalance): flush the producer, then commit the offsets
             return await super().commit(topics, start_new_transaction=start_new_transaction)
         step_s = _stop_step_s(self.app)
         try:
@@ -261,6 +262,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
                     await handler(self, generation, batches)
                 if commit_every is not None and self._n_acked >= commit_every:
                     self._n_acked = 0
+                    # at-least-once step 5: Faust's commit flushes the producer, then commits the offsets
                     await self.commit()
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
