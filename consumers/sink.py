@@ -292,6 +292,7 @@ class Sink:
                 if place is None or self._held:
                     self._accept(message)
                 else:
+                    # at-least-once step 1: read natively into the batch's columns (checked valid)
                     self._append(message, None, *place)
 
     def _columnar(self, topic: str, messages: list[Message]) -> list[tuple[Chunk, int] | None]:
@@ -384,6 +385,7 @@ class Sink:
         CodecError (the record must wait)."""
         topic = message.topic()
         try:
+            # at-least-once step 1: decoded and turned into rows, or made a dead letter (row and record)
             name, record = self._codec.decode(message.value())
         except CodecError as exc:
             if exc.transient:
@@ -485,6 +487,7 @@ class Sink:
         index = self._free_writer()
         if index is None:  # callers check first
             raise RuntimeError("no writer is free")
+        # at-least-once step 2: to a writer thread, one transaction of COPY + upsert per table
         future = self._executors[index].submit(self._writers[index].write, entries)
         self._inflight.append(_InFlight(future, offsets, len(entries), started, index, letters))
 
@@ -499,6 +502,7 @@ class Sink:
         while self._inflight and self._inflight[0].future.done():
             inflight = self._inflight.popleft()
             result = inflight.future.result()  # a fatal database error ends the sink here, uncommitted
+            # at-least-once step 3: after the database commit, the database's dead letters are sent
             for letter in result.letters:
                 self._publish_letter(letter, inflight.letters)
             self._account(inflight, result)
@@ -524,6 +528,7 @@ class Sink:
         self._letters.serve()
         if self._commits_outstanding:  # one at a time: the next one carries what was stored meanwhile
             return
+        # at-least-once step 4: stored batches, oldest first, while every letter of each is acknowledged
         settled = 0
         while settled < len(self._ready_to_commit) and all(
             letter.delivered for letter in self._ready_to_commit[settled].letters

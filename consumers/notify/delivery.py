@@ -353,6 +353,7 @@ class Deliverer:
                         "channel": notification.channel,
                     },
                 )
+                # at-least-once step 2 (consumers/notify/notifier.py): told before, so settled unsent
                 return Result(outcome)
             if len(owed) < len(notification.alerts):
                 notification = dataclasses.replace(notification, alerts=tuple(owed))
@@ -447,6 +448,7 @@ class Deliverer:
             if not notification.repeat:
                 self._metrics.latency.labels(kind).observe(max(0.0, (now - newest).total_seconds()))
         self._metrics.notifications.labels(*labels, result.outcome.value).inc()
+        # at-least-once step 2: the outcome is in the notification log before the offsets are released
         if self._write(notification, result, now):
             self.told.logged(keys)
         return result
@@ -495,6 +497,7 @@ class Deliverer:
         failures = 0
         while True:
             try:
+                # at-least-once step 2: dead-lettered counts once the broker acknowledged it (publish waits)
                 self._dead_letters.publish(
                     origin_topic=self._origin_topic,
                     origin=first,

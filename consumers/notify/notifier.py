@@ -280,6 +280,7 @@ class Notifier:
             return self._dead_letter_record(message, origin, exc)
         self.metrics.received.labels(alert.status).inc()
         refs = self.grouper.add(alert, origin, self.clock())
+        # at-least-once step 1: the record's offset is owed by every group it joined
         self.tracker.add(origin, refs)
         return True
 
@@ -435,6 +436,7 @@ class Notifier:
         if job.flush is not None:
             self.grouper.done(job.flush, now, completed=completed, sent=job.alerts)
         if completed:
+            # at-least-once step 2: every channel settled (consumers/notify/delivery.py), offsets released
             for origin in job.origins:
                 self.tracker.release(origin)
         elif job.unconfirmed is not None and not self.stop.is_set():
@@ -455,6 +457,7 @@ class Notifier:
         self.metrics.groups.set(len(self.grouper))
         if self._commit_outstanding:  # one at a time: the next one carries whatever moved meanwhile
             return
+        # at-least-once step 3: per partition, up to the lowest offset still owed
         offsets = [TopicPartition(t, p, o) for t, p, o in self.tracker.committable()]
         if not offsets:
             return
