@@ -14,8 +14,9 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry
 
+from bus import self_metrics
 from bus.runtime import Service
 from consumers.notify.channels.webhook import SIGNATURE_HEADER, verify
 
@@ -23,6 +24,13 @@ log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 10.0
 DRAIN_S = 5.0
+
+
+class WebhookReceiverMetrics:
+    """The receiver's own Prometheus metrics; names, help and labels: bus/self_metrics.py."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.deliveries = self_metrics.counter("aima_webhook_receiver_deliveries_total", registry)
 
 
 class _InFlight:
@@ -58,12 +66,7 @@ class _Server(ThreadingHTTPServer):
 
 def serve(service: Service, host: str, port: int, key: str, out: Path) -> None:
     """Serve until the service is asked to stop."""
-    received = Counter(
-        "aima_webhook_receiver_deliveries",
-        "Webhook deliveries by signature check",
-        ["signature"],
-        registry=service.registry,
-    )
+    metrics = WebhookReceiverMetrics(service.registry)
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = threading.Lock()
     in_flight = _InFlight()
@@ -78,7 +81,7 @@ def serve(service: Service, host: str, port: int, key: str, out: Path) -> None:
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             valid = verify(body, key, self.headers.get(SIGNATURE_HEADER))
-            received.labels("valid" if valid else "invalid").inc()
+            metrics.deliveries.labels("valid" if valid else "invalid").inc()
             if not valid:
                 log.warning("rejected a webhook with a bad signature", extra={"path": self.path})
                 self.send_response(401)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bus import self_metrics
 
 __all__ = ["ApiMetrics", "MetricsMiddleware"]
 
@@ -16,25 +18,14 @@ _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class ApiMetrics:
+    """Names, help and labels: bus/self_metrics.py."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.requests = Counter(
-            "aima_api_requests_total",
-            "HTTP requests answered",
-            ["method", "route", "status"],
-            registry=registry,
-        )
-        self.latency = Histogram(
-            "aima_api_request_duration_seconds",
-            "Time to answer a request, up to the start of the response",
-            ["method", "route"],
-            buckets=_BUCKETS,
-            registry=registry,
-        )
-        self.streams = Gauge("aima_api_alert_streams", "Open /alerts/stream clients", registry=registry)
-        self.audit_failures = Counter(
-            "aima_api_audit_failures_total", "Audit rows that could not be written", registry=registry
-        )
+        self.requests = self_metrics.counter("aima_api_requests_total", registry)
+        self.latency = self_metrics.histogram("aima_api_request_duration_seconds", registry, buckets=_BUCKETS)
+        self.streams = self_metrics.gauge("aima_api_alert_streams", registry)
+        self.audit_failures = self_metrics.counter("aima_api_audit_failures_total", registry)
 
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from prometheus_client import REGISTRY, CollectorRegistry, Gauge, Info, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
-from bus import logs
+from bus import logs, self_metrics
 from bus.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -130,11 +130,9 @@ class Service:
         self.stopping = threading.Event()
         self.bound = StopBound(settings.stop_timeout_s)
         self.metrics_port: int | None = None
-        self._up = Gauge("aima_service_up", "1 while the service runs", ["service"], registry=registry)
-        self._started = Gauge(
-            "aima_service_start_time_seconds", "Unix time the service started", ["service"], registry=registry
-        )
-        self._info = Info("aima_service", "what this process is", registry=registry)
+        self._up = self_metrics.gauge("aima_service_up", registry)
+        self._started = self_metrics.gauge("aima_service_start_time_seconds", registry)
+        self._info = self_metrics.info("aima_service_info", registry)
 
     def start(self, log_level: str = "INFO") -> None:
         logs.configure(log_level, service=self.name)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from bus import self_metrics
 
 __all__ = ["LagCollector", "SinkMetrics"]
 
@@ -30,11 +32,7 @@ class LagCollector(Collector):
             self._offsets = dict(offsets)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(
-            "aima_sink_consumer_lag_records",
-            "Records in the partition not yet read by the sink (high watermark - position)",
-            labels=["topic", "partition"],
-        )
+        family = self_metrics.gauge_family("aima_sink_consumer_lag_records")
         with self._lock:
             offsets = dict(self._offsets)
         for (topic, partition), (high, position) in sorted(offsets.items()):
@@ -43,57 +41,22 @@ class LagCollector(Collector):
 
 
 class SinkMetrics:
+    """Names, help and labels: bus/self_metrics.py."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.records = Counter(
-            "aima_sink_records_total", "Kafka records read, by topic", ["topic"], registry=registry
+        self.records = self_metrics.counter("aima_sink_records_total", registry)
+        self.rows = self_metrics.counter("aima_sink_rows_total", registry)
+        self.batches = self_metrics.counter("aima_sink_batches_total", registry)
+        self.batch_records = self_metrics.histogram(
+            "aima_sink_batch_records", registry, buckets=(1, 10, 100, 500, 1000, 2000, 5000, 10000, 50000)
         )
-        self.rows = Counter(
-            "aima_sink_rows_total",
-            "Rows written per table: stored (inserted or updated) or skipped (stored already, or a newer "
-            "version is)",
-            ["table", "outcome"],
-            registry=registry,
+        self.batch_seconds = self_metrics.histogram(
+            "aima_sink_batch_duration_seconds", registry, buckets=_SECONDS
         )
-        self.batches = Counter("aima_sink_batches_total", "Batches committed", registry=registry)
-        self.batch_records = Histogram(
-            "aima_sink_batch_records",
-            "Records per batch",
-            buckets=(1, 10, 100, 500, 1000, 2000, 5000, 10000, 50000),
-            registry=registry,
-        )
-        self.batch_seconds = Histogram(
-            "aima_sink_batch_duration_seconds",
-            "Batch timings: fill (first record to hand-over), write (database, retries included), "
-            "commit (offset commit), total (first record to offsets committed)",
-            ["phase"],
-            buckets=_SECONDS,
-            registry=registry,
-        )
-        self.dead_letters = Counter(
-            "aima_sink_dead_letters_total",
-            "Records dead-lettered by the sink",
-            ["topic", "error_type"],
-            registry=registry,
-        )
-        self.db_retries = Counter(
-            "aima_sink_db_retries_total",
-            "Batch writes retried because the database was unavailable, by SQLSTATE",
-            ["sqlstate"],
-            registry=registry,
-        )
-        self.dead_letter_failures = Counter(
-            "aima_sink_dead_letter_failures_total",
-            "Sends of a dead letter the broker refused or that failed (each is sent again; the offsets wait)",
-            ["error"],
-            registry=registry,
-        )
-        self.commit_failures = Counter(
-            "aima_sink_commit_failures_total", "Offset commits the broker refused", registry=registry
-        )
-        self.paused = Gauge(
-            "aima_sink_paused",
-            "1 while the sink has paused its partitions (database away)",
-            registry=registry,
-        )
+        self.dead_letters = self_metrics.counter("aima_sink_dead_letters_total", registry)
+        self.db_retries = self_metrics.counter("aima_sink_db_retries_total", registry)
+        self.dead_letter_failures = self_metrics.counter("aima_sink_dead_letter_failures_total", registry)
+        self.commit_failures = self_metrics.counter("aima_sink_commit_failures_total", registry)
+        self.paused = self_metrics.gauge("aima_sink_paused", registry)
         self.lag = LagCollector()
         registry.register(self.lag)

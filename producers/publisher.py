@@ -14,8 +14,9 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, Message, Producer
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry
 
+from bus import self_metrics
 from bus.codec import Codec
 from bus.errors import CodecError
 from bus.kafka import client_config, quiet_config
@@ -44,18 +45,14 @@ def last_flush_s(service: _Stoppable | None, settings: Settings, default_s: floa
 
 
 class PublisherMetrics:
+    """Names, help and labels: bus/self_metrics.py."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.records = Counter(
-            "aima_producer_records_total",
-            "Records by outcome: queued, delivered, failed (delivery error), invalid, dropped (queue full)",
-            ["topic", "outcome"],
-            registry=registry,
-        )
-        self.latency = Histogram(
+        self.records = self_metrics.counter("aima_producer_records_total", registry)
+        self.latency = self_metrics.histogram(
             "aima_producer_send_latency_seconds",
-            "Time from produce to the broker's acknowledgement",
+            registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-            registry=registry,
         )
 
 

@@ -19,8 +19,9 @@ from typing import Any, NamedTuple, Protocol
 
 import httpx
 import psutil
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 
+from bus import self_metrics
 from bus.runtime import Service
 from bus.settings import Settings
 from producers.k8s import K8sApiError, K8sConfig, PodReader
@@ -28,7 +29,6 @@ from producers.publisher import Publisher, last_flush_s
 
 __all__ = [
     "GROUPS",
-    "CollectorMetrics",
     "ContainerCounter",
     "ContainerRuntimeError",
     "CpuMeter",
@@ -36,6 +36,7 @@ __all__ = [
     "Outgoing",
     "Schedule",
     "SystemCollector",
+    "SystemCollectorMetrics",
     "SystemIntervals",
     "loop",
     "publish",
@@ -278,26 +279,17 @@ class ContainerCounter:
 # -- the collector ---------------------------------------------------------------------------------------
 
 
-class CollectorMetrics:
+class SystemCollectorMetrics:
+    """The system collector's own health metrics (A5); names, help and labels: bus/self_metrics.py."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.samples = Counter(
-            "aima_system_collector_samples", "SystemSample records published", registry=registry
-        )
-        self.pods = Counter(
-            "aima_system_collector_pod_records", "PodStatus records published", registry=registry
-        )
-        self.errors = Counter(
-            "aima_system_collector_errors",
-            "Failed reads by group (cpu, memory, disk, network, containers, pods) and rejected publishes",
-            ["kind"],
-            registry=registry,
-        )
-        self.duration = Histogram(
+        self.samples = self_metrics.counter("aima_system_collector_samples_total", registry)
+        self.pods = self_metrics.counter("aima_system_collector_pod_records_total", registry)
+        self.errors = self_metrics.counter("aima_system_collector_errors_total", registry)
+        self.duration = self_metrics.histogram(
             "aima_system_collector_collection_duration_seconds",
-            "Time to read one group",
-            ["group"],
+            registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-            registry=registry,
         )
 
 
@@ -318,7 +310,7 @@ class SystemCollector:
     def __init__(
         self,
         host: str,
-        metrics: CollectorMetrics,
+        metrics: SystemCollectorMetrics,
         *,
         cpu: CpuMeter | None = None,
         network: NetworkMeter | None = None,
@@ -406,7 +398,9 @@ class SystemCollector:
             self.pods.close()
 
 
-def publish(publisher: Publisher, metrics: CollectorMetrics, records: Iterable[Outgoing]) -> list[Outgoing]:
+def publish(
+    publisher: Publisher, metrics: SystemCollectorMetrics, records: Iterable[Outgoing]
+) -> list[Outgoing]:
     """Hands records to the publisher; returns those it accepted."""
     accepted = []
     for record in records:
@@ -460,7 +454,7 @@ def run(
     publisher = publisher or Publisher(settings, registry=registry, source="system-collector")
     collector = SystemCollector(
         host or socket.gethostname(),
-        CollectorMetrics(registry),
+        SystemCollectorMetrics(registry),
         containers=ContainerCounter(docker_socket),
         pods=PodReader(k8s) if k8s is not None else None,
     )

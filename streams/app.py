@@ -34,10 +34,10 @@ import faust
 import orjson
 import polars as pl
 from faust.types import TP
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
-from bus import validation
+from bus import self_metrics, validation
 from bus.codec import Codec
 from bus.errors import CodecError
 from bus.frames import Frame, FrameDecoders
@@ -90,43 +90,20 @@ class _Truncated:
 
 
 class StreamMetrics:
-    """The app's own Prometheus metrics (A5)."""
+    """The app's own Prometheus metrics (A5); names, help and labels: bus/self_metrics.py."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.events = Counter("aima_stream_events_total", "Records consumed", ["topic"], registry=registry)
-        self.dead_letters = Counter(
-            "aima_stream_dead_letters_total",
-            "Records dead-lettered, by error type",
-            ["topic", "kind"],
-            registry=registry,
+        self.events = self_metrics.counter("aima_stream_events_total", registry)
+        self.dead_letters = self_metrics.counter("aima_stream_dead_letters_total", registry)
+        self.late = self_metrics.counter("aima_stream_late_records_total", registry)
+        self.outputs = self_metrics.counter("aima_stream_outputs_total", registry)
+        self.batch_records = self_metrics.histogram(
+            "aima_stream_batch_records", registry, buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
         )
-        self.late = Counter(
-            "aima_stream_late_records_total",
-            "Records later than the allowed lateness",
-            ["processor", "topic"],
-            registry=registry,
-        )
-        self.outputs = Counter(
-            "aima_stream_outputs_total", "Records published by the processors", ["topic"], registry=registry
-        )
-        self.batch_records = Histogram(
-            "aima_stream_batch_records",
-            "Records per partition batch",
-            ["topic"],
-            registry=registry,
-            buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
-        )
-        self.forms = Counter(
-            "aima_stream_handed_records_total",
-            "Records handed to the processors, by form: columns (the partition batch was read natively and "
-            "is all valid) or records (decoded and checked one by one)",
-            ["topic", "form"],
-            registry=registry,
-        )
-        self.batch_seconds = Histogram(
+        self.forms = self_metrics.counter("aima_stream_handed_records_total", registry)
+        self.batch_seconds = self_metrics.histogram(
             "aima_stream_batch_seconds",
-            "Time to process one fetched batch, outputs handed to the producer",
-            registry=registry,
+            registry,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
         )
         self.watermarks: dict[tuple[str, int], int] = {}
@@ -142,14 +119,8 @@ class _WatermarkCollector:
         self._clock = clock
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        mark = GaugeMetricFamily(
-            "aima_stream_watermark_seconds", "Event-time watermark (Unix time)", labels=["topic", "partition"]
-        )
-        lag = GaugeMetricFamily(
-            "aima_stream_watermark_lag_seconds",
-            "Wall clock minus the event-time watermark",
-            labels=["topic", "partition"],
-        )
+        mark = self_metrics.gauge_family("aima_stream_watermark_seconds")
+        lag = self_metrics.gauge_family("aima_stream_watermark_lag_seconds")
         now = self._clock()
         for (topic, partition), ms in sorted(self._watermarks.items()):
             mark.add_metric([topic, str(partition)], ms / 1000)

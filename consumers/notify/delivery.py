@@ -26,8 +26,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
+from bus import self_metrics
 from bus.codec import Codec
 from consumers.notify.channels.base import Channel, DeliveryError
 from consumers.notify.config import RetryPolicy
@@ -99,52 +100,22 @@ class Result:
 
 
 class NotifierMetrics:
-    """The notifier's own Prometheus metrics, registered on the registry it is given."""
+    """The notifier's own Prometheus metrics, registered on the registry it is given (names, help and
+    labels: bus/self_metrics.py)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.received = Counter(
-            "aima_notifier_alerts_received",
-            "Alert records read from the alerts topic",
-            ["status"],
-            registry=registry,
-        )
-        self.notifications = Counter(
-            "aima_notifier_notifications",
-            "Notifications settled, by receiver, channel and outcome (delivered, dead_lettered, duplicate, "
-            "not_owed, unrouted)",
-            ["receiver", "channel", "outcome"],
-            registry=registry,
-        )
-        self.latency = Histogram(
+        self.received = self_metrics.counter("aima_notifier_alerts_received_total", registry)
+        self.notifications = self_metrics.counter("aima_notifier_notifications_total", registry)
+        self.latency = self_metrics.histogram(
             "aima_notifier_delivery_latency_seconds",
-            "From the newest alert's event_time to the channel accepting the notification",
-            ["channel"],
+            registry,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
-            registry=registry,
         )
-        self.retries = Counter(
-            "aima_notifier_retries",
-            "Delivery attempts that failed and were retried",
-            ["channel"],
-            registry=registry,
-        )
-        self.dead_letters = Counter(
-            "aima_notifier_dead_letters",
-            "Records sent to the dead-letter topic (channel 'decode' for undecodable alert records)",
-            ["channel", "error_type"],
-            registry=registry,
-        )
-        self.silenced = Counter(
-            "aima_notifier_silenced_alerts",
-            "Alerts left out of a notification because a silence matched them",
-            registry=registry,
-        )
-        self.pending = Gauge(
-            "aima_notifier_pending_records",
-            "Alert records read but not yet settled (offsets held)",
-            registry=registry,
-        )
-        self.groups = Gauge("aima_notifier_groups", "Aggregation groups held in memory", registry=registry)
+        self.retries = self_metrics.counter("aima_notifier_retries_total", registry)
+        self.dead_letters = self_metrics.counter("aima_notifier_dead_letters_total", registry)
+        self.silenced = self_metrics.counter("aima_notifier_silenced_alerts_total", registry)
+        self.pending = self_metrics.gauge("aima_notifier_pending_records", registry)
+        self.groups = self_metrics.gauge("aima_notifier_groups", registry)
 
 
 def backoff_s(policy: RetryPolicy, failures: int, rng: Callable[[], float] = random.random) -> float:

@@ -16,9 +16,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.registry import Collector
 
+from bus import self_metrics
 from bus.settings import Settings
 from producers.gpu.exporter import GpuExporter
 from producers.gpu.probe import Device, attach, release
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from bus.runtime import Service
     from producers.publisher import Publisher
 
-__all__ = ["CollectorMetrics", "GpuCollector", "run"]
+__all__ = ["GpuCollector", "GpuCollectorMetrics", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -39,27 +40,17 @@ GPM_ONCE_WINDOW_S = 0.5
 """In --once mode, the least time between GPM's two samples, so tensor-core use is not a 1 ms guess."""
 
 
-class CollectorMetrics:
-    """The collector's own health metrics (A5)."""
+class GpuCollectorMetrics:
+    """The GPU collector's own health metrics (A5); names, help and labels: bus/self_metrics.py."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.samples = Counter(
-            "aima_gpu_collector_samples", "GpuSample records read", ["group"], registry=registry
-        )
-        self.errors = Counter(
-            "aima_gpu_collector_errors",
-            "Failures by kind: init (NVML unusable), nvml (device count), probe, read (a GPU failed"
-            " mid-read), publish (record not queued)",
-            ["kind"],
-            registry=registry,
-        )
-        self.devices = Gauge("aima_gpu_collector_devices", "Physical GPUs being read", registry=registry)
-        self.duration = Histogram(
+        self.samples = self_metrics.counter("aima_gpu_collector_samples_total", registry)
+        self.errors = self_metrics.counter("aima_gpu_collector_errors_total", registry)
+        self.devices = self_metrics.gauge("aima_gpu_collector_devices", registry)
+        self.duration = self_metrics.histogram(
             "aima_gpu_collector_collection_duration_seconds",
-            "Time to read one interval group from every GPU",
-            ["group"],
+            registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-            registry=registry,
         )
 
 
@@ -72,7 +63,7 @@ class GpuCollector:
         nvml: Any,
         *,
         host: str,
-        metrics: CollectorMetrics,
+        metrics: GpuCollectorMetrics,
         exporter: GpuExporter | None = None,
         fast_interval_s: float = 10.0,
         slow_interval_s: float = 30.0,
@@ -232,7 +223,7 @@ def run(
     if registry is None:
         registry = service.registry if service is not None else CollectorRegistry()
     stopping = service.stopping if service is not None else threading.Event()
-    metrics = CollectorMetrics(registry)
+    metrics = GpuCollectorMetrics(registry)
     exporter = GpuExporter()
     collector = GpuCollector(
         nvml,

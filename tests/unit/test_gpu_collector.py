@@ -18,7 +18,7 @@ from prometheus_client.utils import floatToGoString
 from bus.codec import Codec
 from bus.settings import Settings
 from bus.validation import check
-from producers.gpu.collector import CollectorMetrics, GpuCollector, run
+from producers.gpu.collector import GpuCollector, GpuCollectorMetrics, run
 from producers.gpu.exporter import GpuExporter
 from producers.gpu.reader import FIELDS, throttle_names
 from tests.fakes.nvml import FakeNvml, FakeProcess, ManualClock, a100, h100, legacy, mig
@@ -48,7 +48,7 @@ class Rig:
         self.nvml = FakeNvml(gpus, clock=self.clock)
         self.nvml.nvmlInit()
         self.registry = CollectorRegistry()
-        self.metrics = CollectorMetrics(self.registry)
+        self.metrics = GpuCollectorMetrics(self.registry)
         self.exporter = GpuExporter()
         self.collector = GpuCollector(
             self.nvml,
@@ -352,7 +352,7 @@ def test_configurable_intervals() -> None:
     assert groups.count("fast") == 6 and groups.count("slow") == 2
     with pytest.raises(ValueError, match="positive"):
         GpuCollector(
-            FakeNvml([]), host=HOST, metrics=CollectorMetrics(CollectorRegistry()), fast_interval_s=0
+            FakeNvml([]), host=HOST, metrics=GpuCollectorMetrics(CollectorRegistry()), fast_interval_s=0
         )
 
 

@@ -25,13 +25,13 @@ from bus.validation import check
 from producers.k8s import K8sConfig, PodReader
 from producers.settings import CollectorSettings
 from producers.system import (
-    CollectorMetrics,
     ContainerCounter,
     ContainerRuntimeError,
     CpuMeter,
     NetworkMeter,
     Schedule,
     SystemCollector,
+    SystemCollectorMetrics,
     SystemIntervals,
     loop,
     read_disks,
@@ -317,7 +317,7 @@ def test_a_socket_nobody_answers_is_null_and_counted_once_per_read(
     stale.bind(str(short_dir / "docker.sock"))  # bound, never listening: what a dead daemon leaves
     try:
         collector = SystemCollector(
-            "node-1", CollectorMetrics(registry), containers=ContainerCounter(stale.getsockname())
+            "node-1", SystemCollectorMetrics(registry), containers=ContainerCounter(stale.getsockname())
         )
         assert collector.collect({"containers"}) == []  # nothing measured, so no record
         assert collector.collect({"containers", "memory"})[0].value["containers_running"] is None
@@ -410,7 +410,7 @@ def _fake_collector(
 
     return SystemCollector(
         "node-1",
-        CollectorMetrics(registry),
+        SystemCollectorMetrics(registry),
         cpu=CpuMeter(cpu_times),
         network=NetworkMeter(counters, clock),
         disks=lambda: [{"mountpoint": "/", "used_bytes": 40, "total_bytes": 100}],
