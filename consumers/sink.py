@@ -21,6 +21,9 @@ the batch is stored, so nothing is lost and (by the upserts) nothing is stored t
 A stop (``stopping``) stores and commits what is safe within what the stop bound leaves (``time_left_s``),
 and closes each client within a bound of its own: what is not stored and committed by then is read again
 by the next start.
+
+The sink is given its clients (consumer, dead-letter producer, writers, codec): :func:`open_sink` builds
+them from the settings, closing what it opened when a later one fails, and :func:`run` runs the result.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from bus.codec import Codec
 from bus.errors import CodecError
@@ -65,7 +68,7 @@ from consumers.tables import BY_NAME, BY_RECORD, Origin, Table, dead_letter_row,
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_TOPICS", "Sink", "SinkStats", "run"]
+__all__ = ["DEFAULT_TOPICS", "CommitTracker", "Sink", "SinkStats", "open_sink", "run"]
 
 DEFAULT_TOPICS: tuple[str, ...] = (
     "gpu.samples",
@@ -108,6 +111,40 @@ class SinkStats:
     stored: dict[str, int] = field(default_factory=dict)
 
 
+class CommitTracker:
+    """The broker's answers to the sink's asynchronous offset commits. Made before the consumer, whose
+    ``on_commit`` it is (librdkafka runs it from ``consume``), and given to the sink with that consumer:
+    the answers need no sink to exist yet."""
+
+    def __init__(self, failures: Counter) -> None:
+        """``failures``: counts each commit the broker refused."""
+        self.committed: dict[tuple[str, int], int] = {}
+        """Offsets the broker acknowledged as committed, per (topic, partition)."""
+        self.outstanding = 0
+        """Commits sent and not answered yet."""
+        self._failures = failures
+
+    def sent(self) -> None:
+        self.outstanding += 1
+
+    def on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """The broker's answer to a commit; only what it acknowledged counts."""
+        self.outstanding = max(0, self.outstanding - 1)
+        if error is not None:
+            # The rows are stored; the records come again after a restart and are stored once.
+            self._failures.inc()
+            log.warning("offset commit failed", extra={"error": str(error)})
+            return
+        for tp in partitions:
+            if tp.error is None and tp.offset >= 0:
+                key = (tp.topic, tp.partition)
+                self.committed[key] = max(self.committed.get(key, -1), tp.offset)
+
+    def forget(self, partitions: Iterable[tuple[str, int]]) -> None:
+        for tp in partitions:
+            self.committed.pop(tp, None)
+
+
 @dataclass
 class _InFlight:
     future: Future[WriteResult]
@@ -130,28 +167,32 @@ class Sink:
     def __init__(
         self,
         settings: Settings,
-        writer: Writer | Sequence[Writer],
-        metrics: SinkMetrics,
         *,
-        codec: Codec | None = None,
+        consumer: Consumer,
+        producer: Producer,
+        writers: Sequence[Writer],
+        commits: CommitTracker,
+        metrics: SinkMetrics,
+        codec: Codec,
         topics: Sequence[str] = DEFAULT_TOPICS,
-        group_id: str = "aima-sink",
         batch_max: int = 5000,
         batch_timeout_s: float = 1.0,
         shutdown_timeout_s: float = 30.0,
-        consumer_config: dict[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
         time_left_s: Callable[[], float] | None = None,
     ) -> None:
-        """``shutdown_timeout_s``: the longest a stop waits for the database; ``time_left_s``: what the
-        stop bound leaves the process (``Service.time_left_s``), which caps that wait and the closes."""
+        """The sink owns the clients it is given and closes them when :meth:`run` ends. ``consumer``:
+        configured without auto commit or auto offset store, with ``commits.on_commit`` as its
+        ``on_commit`` (:func:`open_sink` does so); ``producer``: for the dead letters.
+        ``shutdown_timeout_s``: the longest a stop waits for the database; ``time_left_s``: what the stop
+        bound leaves the process (``Service.time_left_s``), which caps that wait and the closes."""
         if batch_max < 1 or batch_timeout_s <= 0:
             raise ValueError("batch_max must be >= 1 and batch_timeout_s > 0")
-        self._writers = [writer] if isinstance(writer, Writer) else list(writer)
+        self._writers = list(writers)
         if not self._writers:
             raise ValueError("a sink needs at least one writer")
         self._metrics = metrics
-        self._codec = codec or Codec.from_settings(settings)
+        self._codec = codec
         self._expected = {topic_name(settings, key): BY_KEY[key].schema for key in topics}
         self._deadletter_topic = topic_name(settings, "deadletter")
         self._batch_max = batch_max
@@ -162,36 +203,13 @@ class Sink:
         self._validator = Validator()
         self._column_validator = ColumnValidator()
         self._event_times = EventTimeGuard(settings.max_clock_skew_s)
-        config = client_config(
-            settings,
-            **{
-                "group.id": group_id,
-                "client.id": "aima-sink",
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
-                "enable.partition.eof": False,
-                "on_commit": self._on_commit,
-                **quiet_config("sink"),
-            },
-        )
-        config.update(consumer_config or {})
-        self._consumer = Consumer(config)
-        self._producer = Producer(
-            client_config(
-                settings,
-                **{
-                    "acks": "all",
-                    "enable.idempotence": True,
-                    "linger.ms": 20,
-                    "client.id": "aima-sink-dlq",
-                    **quiet_config("sink-dlq"),
-                },
-            )
-        )
+        self._consumer = consumer
+        self._producer = producer
+        self._commits = commits
         self._letters = LetterOutbox(
             self._producer, self._codec, self._deadletter_topic, metrics.dead_letter_failures
         )
+        # Their threads start with the first batch each is given.
         self._executors = [
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"aima-sink-writer-{i}")
             for i in range(len(self._writers))
@@ -208,9 +226,6 @@ class Sink:
         self._held_retry_at = 0.0
         self._held_delay_s = 0.2
         self._assigned: set[tuple[str, int]] = set()
-        self._committed: dict[tuple[str, int], int] = {}
-        """Offsets the broker acknowledged as committed (``_on_commit``)."""
-        self._commits_outstanding = 0
         self._paused = False
         self._pause_state_unknown = False
         self._lag_at = 0.0
@@ -221,11 +236,14 @@ class Sink:
     # -- the loop ----------------------------------------------------------------------------------------
 
     def run(self, stopping: threading.Event) -> SinkStats:
-        self._consumer.subscribe(
-            list(self._expected), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
-        )
-        log.info("sink consuming", extra={"topics": sorted(self._expected)})
         try:
+            self._consumer.subscribe(
+                list(self._expected),
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
+            )
+            log.info("sink consuming", extra={"topics": sorted(self._expected)})
             while not stopping.is_set():
                 self._step()
             self._drain()
@@ -526,7 +544,7 @@ class Sink:
         """Commit the stored batches, oldest first, up to the first one with a dead letter the broker has
         not acknowledged yet (that one and every later one wait: at least once)."""
         self._letters.serve()
-        if self._commits_outstanding:  # one at a time: the next one carries what was stored meanwhile
+        if self._commits.outstanding:  # one at a time: the next one carries what was stored meanwhile
             return
         # at-least-once step 4: stored batches, oldest first, while every letter of each is acknowledged
         settled = 0
@@ -547,13 +565,14 @@ class Sink:
         commit = [
             TopicPartition(topic, partition, offset)
             for (topic, partition), offset in sorted(offsets.items())
-            if (topic, partition) in self._assigned and offset > self._committed.get((topic, partition), -1)
+            if (topic, partition) in self._assigned
+            and offset > self._commits.committed.get((topic, partition), -1)
         ]
         if commit:
             try:
                 # Asynchronous: a synchronous commit blocks up to 45 s while the coordinator is away.
                 self._consumer.commit(offsets=commit, asynchronous=True)
-                self._commits_outstanding += 1
+                self._commits.sent()
             except KafkaException as exc:
                 # The rows are stored; the records come again after a restart and are stored once.
                 self._metrics.commit_failures.inc()
@@ -562,19 +581,6 @@ class Sink:
         self._metrics.batch_seconds.labels("commit").observe(now - started)
         for done in batches:
             self._metrics.batch_seconds.labels("total").observe(now - done.started)
-
-    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
-        """The broker's answer to a commit (served by consume); only what it acknowledged counts."""
-        self._commits_outstanding = max(0, self._commits_outstanding - 1)
-        if error is not None:
-            # The rows are stored; the records come again after a restart and are stored once.
-            self._metrics.commit_failures.inc()
-            log.warning("offset commit failed", extra={"error": str(error)})
-            return
-        for tp in partitions:
-            if tp.error is None and tp.offset >= 0:
-                key = (tp.topic, tp.partition)
-                self._committed[key] = max(self._committed.get(key, -1), tp.offset)
 
     def _drain(self) -> None:
         """Stop: store and commit the batch in hand, waiting at most ``shutdown_timeout_s`` for the
@@ -606,17 +612,17 @@ class Sink:
             self._set_paused(True)
             self._consumer.consume(num_messages=1, timeout=0)  # paused: serves callbacks; nothing is read
         # The last dead letters and the commits' acknowledgements, within what is left.
-        while (self._ready_to_commit or self._commits_outstanding) and self._clock() < deadline:
+        while (self._ready_to_commit or self._commits.outstanding) and self._clock() < deadline:
             self._commit()
             self._letters.serve(min(0.05, max(0.0, deadline - self._clock())))
             # Paused: nothing is read; this serves the commit's answer.
             self._consumer.consume(num_messages=1, timeout=min(0.05, max(0.0, deadline - self._clock())))
-        if self._ready_to_commit or self._commits_outstanding or self._letters.pending():
+        if self._ready_to_commit or self._commits.outstanding or self._letters.pending():
             log.warning(
                 "stopping with work not acknowledged; it is read again on the next start",
                 extra={
                     "batches_uncommitted": len(self._ready_to_commit),
-                    "commits_unanswered": self._commits_outstanding,
+                    "commits_unanswered": self._commits.outstanding,
                     "dead_letters_pending": self._letters.pending(),
                 },
             )
@@ -678,8 +684,7 @@ class Sink:
     def _forget(self, partitions: Iterable[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._assigned -= gone
-        for tp in gone:
-            self._committed.pop(tp, None)
+        self._commits.forget(gone)
         self._held = deque(m for m in self._held if (m.topic(), m.partition()) not in gone)
         self._pause_state_unknown = True
 
@@ -694,7 +699,7 @@ class Sink:
             for tp in self._consumer.position(partitions):
                 position = tp.offset
                 if position == OFFSET_INVALID:  # nothing read yet: count from the last commit
-                    position = self._committed.get((tp.topic, tp.partition), OFFSET_INVALID)
+                    position = self._commits.committed.get((tp.topic, tp.partition), OFFSET_INVALID)
                 _, high = self._consumer.get_watermark_offsets(tp, cached=True)
                 if position >= 0 and high >= 0:
                     offsets[(tp.topic, tp.partition)] = (high, position)
@@ -709,6 +714,69 @@ def _origin(message: Message) -> Origin:
         message.offset(),
         None if kind == TIMESTAMP_NOT_AVAILABLE else millis,
     )
+
+
+def open_sink(
+    settings: Settings,
+    metrics: SinkMetrics,
+    writers: Sequence[Writer],
+    *,
+    codec: Codec | None = None,
+    topics: Sequence[str] = DEFAULT_TOPICS,
+    group_id: str = "aima-sink",
+    consumer_config: dict[str, Any] | None = None,
+    **options: Any,
+) -> Sink:
+    """The sink with its clients built from ``settings``: the dead-letter producer, then the consumer
+    (``consumer_config`` added to its librdkafka settings); ``writers`` are handed over too. When a
+    step fails, what was opened before it is closed (and the writers are) before the error goes on.
+    ``options``: the rest of :class:`Sink`'s keyword arguments."""
+    with contextlib.ExitStack() as opened:
+        for writer in writers:
+            opened.callback(writer.close)
+        commits = CommitTracker(metrics.commit_failures)
+        producer = Producer(
+            client_config(
+                settings,
+                **{
+                    "acks": "all",
+                    "enable.idempotence": True,
+                    "linger.ms": 20,
+                    "client.id": "aima-sink-dlq",
+                    **quiet_config("sink-dlq"),
+                },
+            )
+        )
+        opened.callback(producer.close)  # nothing is queued yet: the close does not wait
+        config = client_config(
+            settings,
+            **{
+                "group.id": group_id,
+                "client.id": "aima-sink",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "enable.partition.eof": False,
+                "on_commit": commits.on_commit,
+                **quiet_config("sink"),
+            },
+        )
+        config.update(consumer_config or {})
+        consumer = Consumer(config)
+        opened.callback(consumer.close)
+        sink = Sink(
+            settings,
+            consumer=consumer,
+            producer=producer,
+            writers=writers,
+            commits=commits,
+            metrics=metrics,
+            codec=codec or Codec.from_settings(settings),
+            topics=topics,
+            **options,
+        )
+        opened.pop_all()  # the sink owns them now: its run closes them
+    return sink
 
 
 def run(
@@ -742,39 +810,40 @@ def run(
     hand (never past what the stop bound leaves); what it does not store is read again at the next start.
     ``writers``: database connections writing batches side by side (PostgreSQL's COPY is the sink's
     narrowest stage; two nearly double what one stores on a 2-core machine)."""
+    if writers < 1:
+        raise ValueError("writers must be at least 1")
     own_service = service is None
     if service is None:
         service = Service("sink", settings)
         service.start()
-    metrics = SinkMetrics(registry or service.registry)
-    if writers < 1:
-        raise ValueError("writers must be at least 1")
-    # Partition upkeep and retention are one writer's job: two doing it at once would race on the DDL.
-    pool = [
-        Writer(
-            settings.database_dsn(),
-            schema=schema,
-            on_retry=lambda reason: metrics.db_retries.labels(reason).inc(),
-            retry_max_s=retry_max_s,
-            maintenance_every_s=maintenance_every_s if i == 0 else None,
-            retention_every_s=retention_every_s if i == 0 else None,
-        )
-        for i in range(writers)
-    ]
-    sink = Sink(
-        settings,
-        pool,
-        metrics,
-        codec=codec,
-        topics=tuple(topics) if topics is not None else DEFAULT_TOPICS,
-        group_id=group_id,
-        batch_max=batch_max,
-        batch_timeout_s=batch_timeout_s,
-        shutdown_timeout_s=shutdown_timeout_s,
-        consumer_config=consumer_config,
-        time_left_s=service.time_left_s,
-    )
     try:
+        metrics = SinkMetrics(registry or service.registry)
+        # Partition upkeep and retention are one writer's job: two doing it at once would race on the DDL.
+        # A writer connects with its first batch.
+        pool = [
+            Writer(
+                settings.database_dsn(),
+                schema=schema,
+                on_retry=lambda reason: metrics.db_retries.labels(reason).inc(),
+                retry_max_s=retry_max_s,
+                maintenance_every_s=maintenance_every_s if i == 0 else None,
+                retention_every_s=retention_every_s if i == 0 else None,
+            )
+            for i in range(writers)
+        ]
+        sink = open_sink(
+            settings,
+            metrics,
+            pool,
+            codec=codec,
+            topics=tuple(topics) if topics is not None else DEFAULT_TOPICS,
+            group_id=group_id,
+            consumer_config=consumer_config,
+            batch_max=batch_max,
+            batch_timeout_s=batch_timeout_s,
+            shutdown_timeout_s=shutdown_timeout_s,
+            time_left_s=service.time_left_s,
+        )
         return sink.run(service.stopping)
     finally:
         if own_service:

@@ -18,7 +18,7 @@ from psycopg import sql
 from bus.codec import Codec
 from bus.settings import Settings
 from bus.topics import topic_name
-from consumers.sink import Sink
+from consumers.sink import open_sink
 from consumers.sink_metrics import SinkMetrics
 from consumers.sink_writer import Entry, Writer, WriteResult
 from tests.integration.test_db_sink import gpu_sample, wait_until
@@ -71,10 +71,10 @@ def test_offsets_commit_in_batch_order(topics: Settings, database_url: str, db_s
     first = GatedWriter(database_url, db_schema, gate)
     second = GatedWriter(database_url, db_schema)
     group = f"sink-{settings.topic_prefix}order"
-    sink = Sink(
+    sink = open_sink(
         settings,
-        [first, second],
         SinkMetrics(CollectorRegistry()),
+        [first, second],
         topics=("gpu.samples",),
         group_id=group,
         batch_max=10,
