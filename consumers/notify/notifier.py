@@ -19,6 +19,10 @@ an idempotency key for it). A resolution read together with its firing (the firi
 committing) is told where the log shows the firing (:meth:`Grouper.take_unconfirmed`).
 A stop settles and commits what it can within what the stop bound leaves (``time_left_s``), each client
 closed within a bound of its own.
+
+The notifier is given its clients (consumer, dead-letter producer, database pool, HTTP client and the
+channels on it, codec): :func:`open_notifier` builds them from the settings, closing what it opened when a
+later one fails, and :func:`run` runs the result.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -49,6 +53,7 @@ from bus.settings import Settings
 from bus.silences import Silence, active_silences, silenced_by
 from bus.topics import topic_name
 from consumers.notify import channels as channel_factory
+from consumers.notify.channels.base import Channel
 from consumers.notify.config import PUSH_CHANNELS, NotifyConfig, load_from_env
 from consumers.notify.delivery import (
     DeadLetters,
@@ -62,7 +67,7 @@ from consumers.notify.delivery import (
 from consumers.notify.grouping import Flush, Grouper, OffsetTracker, Unconfirmed
 from consumers.notify.model import Alert, Notification, Origin
 
-__all__ = ["Notifier", "run"]
+__all__ = ["Commits", "Notifier", "open_notifier", "run"]
 
 log = logging.getLogger(__name__)
 ALERT_RECORD = "aima.metrics.AlertEvent"
@@ -86,19 +91,127 @@ def run(
         config = load_from_env()
     if not config.receivers or all(not r.channels for r in config.receivers.values()):
         log.warning("no notification channels configured (AIMA_NOTIFY_CONFIG); alerts are only counted")
-    notifier = Notifier(
-        settings,
-        service.stopping,
-        config,
-        registry=service.registry,
-        schema=schema,
-        group_id=group_id,
-        time_left_s=service.time_left_s,
-    )
     try:
+        notifier = open_notifier(
+            settings,
+            service.stopping,
+            config,
+            registry=service.registry,
+            schema=schema,
+            group_id=group_id,
+            time_left_s=service.time_left_s,
+        )
         notifier.run()
     finally:
         service.stopped()
+
+
+def open_notifier(
+    settings: Settings,
+    stop: threading.Event,
+    config: NotifyConfig,
+    *,
+    schema: str | None = None,
+    group_id: str = "aima-notify",
+    consumer_config: dict[str, Any] | None = None,
+    **options: Any,
+) -> Notifier:
+    """The notifier with its clients built from ``settings``, in this order: the HTTP client and the
+    channels on it, the database pool (it connects in the background: PostgreSQL may be away), the
+    dead-letter producer, the consumer (``consumer_config`` added to its librdkafka settings). When a step
+    fails, what was opened before it is closed before the error goes on. ``options``: the rest of
+    :class:`Notifier`'s keyword arguments."""
+    dsn = settings.database_dsn()  # fails first, with a clear message, when no database is configured
+    with contextlib.ExitStack() as opened:
+        codec = Codec.from_settings(settings)
+        http = httpx.Client(
+            limits=httpx.Limits(max_connections=config.workers * 2, max_keepalive_connections=config.workers),
+            follow_redirects=False,
+        )
+        opened.callback(http.close)
+        channels: dict[tuple[str, str], Channel] = {}
+        for receiver in config.receivers.values():
+            for target in receiver.channels:
+                channel = channel_factory.build(target, http)
+                opened.callback(channel.close)
+                channels[(receiver.name, target.id)] = channel
+        pool = ConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=max(2, config.workers // 2 + 1),
+            kwargs={"autocommit": True},
+            configure=_search_path(schema),
+            timeout=5.0,
+            open=False,
+            name="aima-notify",
+        )
+        pool.open(wait=False)
+        opened.callback(pool.close, timeout=5.0)
+        producer = Producer(
+            client_config(
+                settings,
+                **{
+                    "enable.idempotence": True,
+                    "acks": "all",
+                    "linger.ms": 5,
+                    "client.id": f"{group_id}-deadletter",
+                    **quiet_config("notify-deadletter"),
+                },
+            )
+        )
+        opened.callback(producer.close)  # nothing is queued yet: the close does not wait
+        commits = Commits(OffsetTracker())
+        consumer = Consumer(
+            client_config(
+                settings,
+                **{
+                    "group.id": group_id,
+                    "client.id": group_id,
+                    "enable.auto.commit": False,
+                    "auto.offset.reset": "earliest",
+                    "session.timeout.ms": 10_000,
+                    "on_commit": commits.on_commit,
+                    **quiet_config("notify"),
+                    **(consumer_config or {}),
+                },
+            )
+        )
+        opened.callback(consumer.close)
+        notifier = Notifier(
+            settings,
+            stop,
+            config,
+            consumer=consumer,
+            producer=producer,
+            pool=pool,
+            http=http,
+            channels=channels,
+            commits=commits,
+            codec=codec,
+            **options,
+        )
+        opened.pop_all()  # the notifier owns them now: its run closes them
+    return notifier
+
+
+class Commits:
+    """The offsets the notifier owes (:class:`OffsetTracker`) and the broker's answers to its asynchronous
+    commits. Made before the consumer, whose ``on_commit`` it is (librdkafka runs it from poll/consume),
+    and given to the notifier with that consumer."""
+
+    def __init__(self, tracker: OffsetTracker) -> None:
+        self.tracker = tracker
+        self.outstanding = False
+        """A commit was sent and not answered yet."""
+
+    def on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        self.outstanding = False
+        if error is not None:
+            log.warning("commit failed, trying again later: %s", error)
+            return
+        for tp in partitions:
+            if tp.error is None and tp.offset >= 0:
+                self.tracker.committed(tp.topic, tp.partition, tp.offset)
 
 
 @dataclass
@@ -121,17 +234,25 @@ class Notifier:
         stop: threading.Event,
         config: NotifyConfig,
         *,
+        consumer: Consumer,
+        producer: Producer,
+        pool: ConnectionPool,
+        http: httpx.Client,
+        channels: Mapping[tuple[str, str], Channel],
+        commits: Commits,
+        codec: Codec,
         registry: CollectorRegistry | None = None,
-        schema: str | None = None,
-        group_id: str = "aima-notify",
         clock: Callable[[], float] = time.monotonic,
         max_pending: int = 10_000,
         commit_interval_s: float = 0.5,
         time_left_s: Callable[[], float] = lambda: 25.0,
     ) -> None:
-        """``time_left_s``: what the stop bound leaves the process (``Service.time_left_s``); the last
-        deliveries, commit and closes fit in it."""
-        dsn = settings.database_dsn()  # fails first, with a clear message, when no database is configured
+        """The notifier owns the clients it is given and closes them when :meth:`run` ends.
+        ``consumer``: configured without auto commit, with ``commits.on_commit`` as its ``on_commit``
+        (:func:`open_notifier` does so); ``producer``: for the dead letters; ``pool``: the silences and
+        the notification log; ``channels``: per (receiver, channel id) of ``config``, the HTTP ones on
+        ``http``. ``time_left_s``: what the stop bound leaves the process (``Service.time_left_s``); the
+        last deliveries, commit and closes fit in it."""
         self.settings = settings
         self.stop = stop
         self.config = config
@@ -140,56 +261,24 @@ class Notifier:
         self.commit_interval_s = commit_interval_s
         self.topic = topic_name(settings, "alerts")
         self.metrics = NotifierMetrics(registry if registry is not None else CollectorRegistry())
-        self.codec = Codec.from_settings(settings)
+        self.codec = codec
         self.grouper = Grouper(config.route)
-        self.tracker = OffsetTracker()
+        self.commits = commits
+        self.tracker = commits.tracker
         self.completions: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._silences: list[Silence] = []
         self._paused = False
         self._last_commit = 0.0
         self._time_left_s = time_left_s
-        self._commit_outstanding = False
         self._inflight: set[Future[Result]] = set()
         self._letter_failures = 0
         self._unconfirmed_again: list[Unconfirmed] = []
         """Unconfirmed resolutions whose delivery task failed: dispatched again (their origins still held)."""
-
-        self.http = httpx.Client(
-            limits=httpx.Limits(max_connections=config.workers * 2, max_keepalive_connections=config.workers),
-            follow_redirects=False,
-        )
-        try:
-            self.channels = {
-                (receiver.name, channel.id): channel_factory.build(channel, self.http)
-                for receiver in config.receivers.values()
-                for channel in receiver.channels
-            }
-        except Exception:
-            self.http.close()
-            raise
-        self.pool = ConnectionPool(
-            dsn,
-            min_size=1,
-            max_size=max(2, config.workers // 2 + 1),
-            kwargs={"autocommit": True},
-            configure=_search_path(schema),
-            timeout=5.0,
-            open=False,
-            name="aima-notify",
-        )
-        self.pool.open(wait=False)
-        self.producer = Producer(
-            client_config(
-                settings,
-                **{
-                    "enable.idempotence": True,
-                    "acks": "all",
-                    "linger.ms": 5,
-                    "client.id": f"{group_id}-deadletter",
-                    **quiet_config("notify-deadletter"),
-                },
-            )
-        )
+        self.http = http
+        self.channels = dict(channels)
+        self.pool = pool
+        self.producer = producer
+        self.consumer = consumer
         self.dead_letters = DeadLetters(
             self.producer, self.codec, topic_name(settings, "deadletter"), stop=stop
         )
@@ -200,35 +289,22 @@ class Notifier:
             stop=stop,
             log_store=NotificationLog(self.pool),
         )
+        # Its threads start with the first delivery.
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="notify")
-        self.consumer = Consumer(
-            client_config(
-                settings,
-                **{
-                    "group.id": group_id,
-                    "client.id": group_id,
-                    "enable.auto.commit": False,
-                    "auto.offset.reset": "earliest",
-                    "session.timeout.ms": 10_000,
-                    "on_commit": self._on_commit,
-                    **quiet_config("notify"),
-                },
-            )
-        )
 
     # -- the loop ------------------------------------------------------------------------------------------
 
     def run(self) -> None:
-        self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
-        log.info(
-            "notifier started",
-            extra={
-                "topic": self.topic,
-                "config": self.config.source,
-                "receivers": sorted(self.config.receivers),
-            },
-        )
         try:
+            self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+            log.info(
+                "notifier started",
+                extra={
+                    "topic": self.topic,
+                    "config": self.config.source,
+                    "receivers": sorted(self.config.receivers),
+                },
+            )
             while not self.stop.is_set():
                 self.step()
         finally:
@@ -455,7 +531,7 @@ class Notifier:
     def _commit(self) -> None:
         self.metrics.pending.set(self.tracker.pending())
         self.metrics.groups.set(len(self.grouper))
-        if self._commit_outstanding:  # one at a time: the next one carries whatever moved meanwhile
+        if self.commits.outstanding:  # one at a time: the next one carries whatever moved meanwhile
             return
         # at-least-once step 3: per partition, up to the lowest offset still owed
         offsets = [TopicPartition(t, p, o) for t, p, o in self.tracker.committable()]
@@ -466,17 +542,7 @@ class Notifier:
         except KafkaException as exc:
             log.warning("commit failed, trying again later: %s", exc)
             return
-        self._commit_outstanding = True
-
-    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
-        """The broker's answer to a commit (served by poll/consume)."""
-        self._commit_outstanding = False
-        if error is not None:
-            log.warning("commit failed, trying again later: %s", error)
-            return
-        for tp in partitions:
-            if tp.error is None and tp.offset >= 0:
-                self.tracker.committed(tp.topic, tp.partition, tp.offset)
+        self.commits.outstanding = True
 
     def _backpressure(self) -> None:
         pending = self.tracker.pending()
@@ -531,7 +597,7 @@ class Notifier:
         """The last commit, and its answer, until ``deadline`` (the broker away: it is read again)."""
         while time.monotonic() < deadline:
             self._commit()
-            if not self._commit_outstanding:
+            if not self.commits.outstanding:
                 return
             self.consumer.poll(min(0.1, max(0.0, deadline - time.monotonic())))
         log.warning("the last commit was not answered in time; its records are read again")
