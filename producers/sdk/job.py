@@ -1,19 +1,19 @@
 """What an AIMA job imports to report its metrics: lifecycle events (``JobEvent``: queued, started,
 finished, failed; M15 queue wait) and per-interval timing summaries (``JobTimings``: M6, M9-M13).
 
-    with JobMetrics(settings, job_id, project="news", user="alice", model="yolov8x") as metrics:
+    with JobReporter(settings, job_id, project="news", user="alice", model="yolov8x") as report:
         for batch in batches:
-            with metrics.batch():
-                with metrics.data_transfer("h2d", bytes=batch.nbytes):
+            with report.batch():
+                with report.data_transfer("h2d", bytes=batch.nbytes):
                     tensor = batch.to("cuda")
-                with metrics.inference(steps=len(batch)):
+                with report.inference(steps=len(batch)):
                     model(tensor)
-        metrics.finished(media_minutes=12.5)
+        report.finished(media_minutes=12.5)
 
 The job's threads only fold durations into in-memory aggregates; a background thread publishes the
 summaries every ``interval_s``. Publishing goes through :class:`producers.publisher.Publisher`, which never
 blocks: while Kafka is away records wait in its bounded buffer, and when that is full they are dropped,
-counted (:meth:`JobMetrics.stats`) and logged, and the job keeps running. User ids are pseudonymised
+counted (:meth:`JobReporter.stats`) and logged, and the job keeps running. User ids are pseudonymised
 (keyed hash) here, before anything leaves the process (P1)."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from producers.publisher import Publisher
 from producers.sdk.pseudonym import Pseudonymiser
 from producers.sdk.timings import KernelTimer, TimingAggregator
 
-__all__ = ["JobMetrics"]
+__all__ = ["JobReporter"]
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -84,10 +84,11 @@ class _Kernel:
         self._timer.stop(self._kernel, self._started)
 
 
-class JobMetrics:
-    """Metrics of one job. Use as a context manager (sends ``started`` on enter, ``finished`` or
-    ``failed`` on exit, then publishes what is left and flushes), or call the lifecycle methods and
-    :meth:`close` yourself."""
+class JobReporter:
+    """Reports one job's lifecycle and timings: the SDK's entry point (the ``*Metrics`` classes elsewhere
+    are bundles of a process's own Prometheus metrics). Use as a context manager (sends ``started`` on
+    enter, ``finished`` or ``failed`` on exit, then publishes what is left and flushes), or call the
+    lifecycle methods and :meth:`close` yourself."""
 
     def __init__(
         self,
@@ -114,7 +115,7 @@ class JobMetrics:
         """``user`` is the raw user id; only its pseudonym is kept and sent. ``pseudonym_key`` (else
         AIMA_PSEUDONYM_KEY or AIMA_PSEUDONYM_KEY_FILE) is required: without one this raises
         :class:`~producers.sdk.pseudonym.PseudonymKeyMissing` before anything starts. ``publisher``: share
-        one between the jobs of a process; by default each JobMetrics makes its own, with a private
+        one between the jobs of a process; by default each JobReporter makes its own, with a private
         Prometheus registry. ``clock``: tz-aware UTC event times (tests inject one). ``torch``: see
         :class:`~producers.sdk.timings.KernelTimer`. ``close_timeout_s``: how long :meth:`close` waits
         for the broker to acknowledge what is buffered."""
@@ -263,7 +264,7 @@ class JobMetrics:
         self.emit()
         self._send_event(event, self._clock(), **fields)
 
-    def __enter__(self) -> JobMetrics:
+    def __enter__(self) -> JobReporter:
         if not self._started:
             self.started()
         return self

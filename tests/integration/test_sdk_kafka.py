@@ -23,7 +23,7 @@ from bus.kafka import client_config, ensure_topics
 from bus.settings import REPO_ROOT, Settings
 from bus.topics import topic_name
 from producers.publisher import Publisher
-from producers.sdk import JobMetrics, Pseudonymiser
+from producers.sdk import JobReporter, Pseudonymiser
 
 pytestmark = pytest.mark.integration
 KEY = "integration-test-pseudonym-key"
@@ -64,7 +64,7 @@ def consume(settings: Settings, topic_keys: list[str], expected: int, timeout_s:
 
 def test_lifecycle_and_timings_arrive_and_decode(topics: Settings) -> None:
     publisher = Publisher(topics, registry=CollectorRegistry(), source="sdk")
-    metrics = JobMetrics(
+    metrics = JobReporter(
         topics, "job-int-1", project="news", user=RAW_USER, model="yolov8x", queue="default",
         gpu_model="NVIDIA L4", provider="gcp", pricing="on_demand", publisher=publisher, interval_s=0.2,
         pseudonym_key=KEY,
@@ -155,7 +155,7 @@ def test_broker_outage_neither_blocks_nor_loses_buffered_records(
     publisher = Publisher(
         settings, registry=CollectorRegistry(), source="sdk", buffer_records=50, delivery_timeout_s=120
     )
-    metrics = JobMetrics(
+    metrics = JobReporter(
         settings, "job-outage", project="news", user=RAW_USER, publisher=publisher, interval_s=0.1,
         pseudonym_key=KEY,
     )  # fmt: skip
@@ -165,7 +165,7 @@ def test_broker_outage_neither_blocks_nor_loses_buffered_records(
         metrics.close(timeout_s=0)
 
 
-def _outage(broker: PrivateBroker, settings: Settings, publisher: Publisher, metrics: JobMetrics) -> None:
+def _outage(broker: PrivateBroker, settings: Settings, publisher: Publisher, metrics: JobReporter) -> None:
     metrics.started()
     # A fresh broker may still be loading its coordinators: let the producer get its idempotence id
     # before the work starts, so that nothing is dropped before the outage.

@@ -19,7 +19,7 @@ from bus import sketch
 from bus.codec import Codec
 from bus.settings import Settings
 from bus.validation import check
-from producers.sdk import JobMetrics, Pseudonymiser, PseudonymKeyMissing, QueueSampler
+from producers.sdk import JobReporter, Pseudonymiser, PseudonymKeyMissing, QueueSampler
 from producers.sdk.pseudonym import load_key
 from producers.sdk.timings import TimingAggregator
 
@@ -70,14 +70,14 @@ class Clock:
         self.at += timedelta(seconds=seconds)
 
 
-def job(publisher: FakePublisher, **kwargs: Any) -> JobMetrics:
+def job(publisher: FakePublisher, **kwargs: Any) -> JobReporter:
     options: dict[str, Any] = {
         "project": "news", "user": RAW_USER, "model": "yolov8x", "queue": "default", "host": "gpu-node-1",
         "gpu_model": "NVIDIA L4", "provider": "gcp", "pricing": "spot", "interval_s": 3600.0,
         "pseudonym_key": KEY, "torch": False,
     }  # fmt: skip
     options.update(kwargs)
-    return JobMetrics(Settings(), "job-1", publisher=publisher, **options)
+    return JobReporter(Settings(), "job-1", publisher=publisher, **options)
 
 
 # -- aggregation ----------------------------------------------------------------------------------------
