@@ -1,5 +1,5 @@
 """Project budgets (S2, M26): the budgets file, utilisation, the linear forecast to the month's end, and
-the threshold alerts. Pure functions of event time; the cost processor (streams/costs.py) calls them.
+the threshold alerts. Pure functions of event time; the cost processor (streams/costs/jobs.py) calls them.
 
 File format::
 

@@ -344,6 +344,18 @@ def test_allocation_is_forwarded_by_gpu_model_for_idle_hours() -> None:
     assert last["project"] == "newsroom" and last["time"] == at(10, 10)
 
 
+def test_a_naive_datetime_is_refused_not_taken_for_utc() -> None:
+    """The cost processors convert times with streams.buckets (bus/tiers.py): a time without a zone is a
+    caller's bug (the decoder gives tz-aware UTC), so it raises instead of being read as UTC, as it was
+    once here while the rollups refused it."""
+    naive = at(10, 10).replace(tzinfo=None)
+    with pytest.raises(ValueError, match="naive datetime"):
+        costs_feed().send(job_event("started", "j1", naive))
+    sample = Input("gpu.samples", 0, 0, GPU, gpu_sample("GPU-1", naive), at(10, 10))
+    with pytest.raises(ValueError, match="naive datetime"):
+        Feed(DeviceHoursProcessor(), "gpu.samples", GPU).run([sample])
+
+
 def test_state_is_json_and_a_restored_copy_carries_on() -> None:
     feed = costs_feed()
     feed.send(job_event("started", "j1", at(10, 10, 30)))

@@ -1,0 +1,129 @@
+"""The cost processors (S2, M22-M26): GPU-hours, estimated cost, job cost, cost per media minute, budget
+utilisation with its forecast and threshold alerts, and idle GPU-hours (U: which GPUs sit idle).
+
+One module per processor, in data-flow order: ``repartition.py`` (JobRepartitioner), ``jobs.py``
+(CostProcessor), ``device_hours.py`` (DeviceHoursProcessor), ``idle_hours.py`` (IdleHoursProcessor);
+what they share is ``common.py``; the wiring is here. Times: see ``common.py`` (a naive datetime is
+refused).
+
+The data flow::
+
+    job.events ──JobRepartitioner──► streams.jobs-by-project (key: project)
+        ──CostProcessor──► costs:  gpu_hours per (project, gpu_model, provider, pricing, hour), job_cost per
+                                   finished job, budget per (project, budget, month)
+                           alerts: budget_<threshold> / budget_forecast_overrun
+                           streams.device-hours: allocated GPU-hours per (project, gpu_model, provider,
+                                   pricing, hour), key gpu_model
+    gpu.samples ──DeviceHoursProcessor──► streams.device-hours: device-hours per (gpu_uuid, hour)
+    streams.device-hours ──IdleHoursProcessor──► costs: per (gpu_model, hour) device_hours, idle_gpu_hours
+
+Allocated GPU-hours: a job holds ``gpu_count`` GPUs from its ``started`` to its ``finished``/``failed``
+event; each UTC hour gets ``gpu_count x overlap``. While a job runs, its hours are counted up to the
+partition's event-time watermark and re-sent as it advances (the current hour as a partial): every output
+is an upsert, the same key with a newer value. Partials advance with the job events of the partition; the
+end event puts the final figure in place.
+
+Clocks: every retention counts from the event-time watermark of the partition being processed as it
+stood at each record (a batch of a backfill spans days; its end is not the clock of its first records).
+On ``streams.device-hours``, which merges senders that keep their own pace, the clock is the slowest
+device (see IdleHoursProcessor). What the app emits itself is never dead-lettered: only a GPU sample more
+than its retention behind its own partition's watermark is.
+
+Device-hours (idle = device - allocated): a whole GPU (MIG instances are skipped: the collector samples
+their physical GPU too) counts as present for the time between two consecutive samples, at most
+``max_gap`` (default 60 s, twice the slow sampling interval), so a device that stops reporting counts for
+at most ``max_gap`` more; the time before its first sample counts nothing.
+
+Both sides meet on ``streams.device-hours`` (keyed by gpu_model, so one model's figures share a partition):
+the CostProcessor forwards each allocation bucket there, the DeviceHoursProcessor each device's hour.
+Every record there carries an absolute value, and the IdleHoursProcessor keeps per (gpu_model, hour) the
+latest value per sender (devices by gpu_uuid, allocations by project/provider/pricing), so a re-sent
+partial replaces and never adds. CostRecord has no gpu_uuid field; device records carry it in ``source``
+(``stream:device:<gpu_uuid>``) until the schema gains an optional ``gpu_uuid``, which is read first.
+
+Replays: each state entry stores the offset of the last record applied; records at or below it are
+skipped. Inputs repeated at new offsets (a re-sent repartition) are harmless too: a second ``started``
+for a known job and a second end event change nothing, and every output is an absolute value. Writes
+are ordered so that any prefix the changelog keeps is a state to continue from: months, days and hour
+buckets (all replace-by-sender, so folding a record twice changes nothing) before the job entries whose
+offsets mark a record as folded. On a resumed partition, whatever changed at or after the committed
+offset is published again (outputs sent before a crash may be lost); alerts re-sent so are duplicates
+with the same fingerprint.
+
+Costs are priced with the catalogue in force when a figure is (re)computed; no price is never invented:
+an unknown price gives a null cost (logged once per provider, model and pricing).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from streams.budgets import BudgetBook
+from streams.costs.common import DEVICE_SOURCE_PREFIX, gpu_hours_by_hour, split_by_hour
+from streams.costs.device_hours import DeviceHoursProcessor
+from streams.costs.idle_hours import IdleHoursProcessor
+from streams.costs.jobs import CostProcessor
+from streams.costs.repartition import JobRepartitioner
+from streams.pricing import PriceCatalogue, Reloading, ReloadingCatalogue
+from streams.processor import Processor
+
+if TYPE_CHECKING:
+    from streams.settings import CostSettings
+
+__all__ = [
+    "DEFAULT_PRICES_FILE",
+    "DEVICE_SOURCE_PREFIX",
+    "CostProcessor",
+    "DeviceHoursProcessor",
+    "IdleHoursProcessor",
+    "JobRepartitioner",
+    "cost_processors",
+    "cost_processors_from_settings",
+    "gpu_hours_by_hour",
+    "split_by_hour",
+]
+
+DEFAULT_PRICES_FILE = Path(__file__).resolve().parent.parent / "prices.yaml"
+"""The shipped price catalogue, streams/prices.yaml."""
+
+
+def cost_processors(
+    prices: PriceCatalogue | Reloading[PriceCatalogue],
+    budgets: BudgetBook | Reloading[BudgetBook] | None = None,
+    *,
+    max_gap: timedelta = timedelta(seconds=60),
+    cost_retention: timedelta = timedelta(hours=48),
+    device_retention: timedelta = timedelta(hours=48),
+    idle_retention: timedelta = timedelta(days=45),
+    idle_stale_after: timedelta = timedelta(days=7),
+) -> list[Processor]:
+    """Every processor the cost figures need, in data-flow order."""
+    return [
+        JobRepartitioner(),
+        CostProcessor(prices, budgets, retention=cost_retention),
+        DeviceHoursProcessor(max_gap=max_gap, retention=device_retention),
+        IdleHoursProcessor(retention=idle_retention, stale_after=idle_stale_after),
+    ]
+
+
+def cost_processors_from_settings(settings: CostSettings) -> list[Processor]:
+    """The cost processors the worker's :class:`streams.settings.CostSettings` describe; the price and
+    budget files are re-read when they change."""
+    check_s = settings.cost_config_check_s
+    prices = ReloadingCatalogue(settings.prices_file, check_interval_s=check_s)
+    budgets = (
+        Reloading(settings.budgets_file, BudgetBook.parse, check_interval_s=check_s)
+        if settings.budgets_file is not None
+        else None
+    )
+    return cost_processors(
+        prices,
+        budgets,
+        max_gap=timedelta(seconds=settings.device_max_gap_s),
+        cost_retention=timedelta(seconds=settings.cost_retention_s),
+        device_retention=timedelta(seconds=settings.device_hours_retention_s),
+        idle_retention=timedelta(seconds=settings.idle_hours_retention_s),
+        idle_stale_after=timedelta(seconds=settings.idle_device_stale_s),
+    )

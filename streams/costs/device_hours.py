@@ -1,0 +1,159 @@
+"""Device-hours per whole GPU and hour, from ``gpu.samples``, forwarded to ``streams.device-hours`` where
+the IdleHoursProcessor (streams/costs/idle_hours.py) sets them against the allocated hours."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from datetime import timedelta
+from typing import Any
+
+from streams.buckets import HOUR_MS, bucket_start, from_ms, iso, to_ms
+from streams.costs.common import (
+    COST_RECORD,
+    DEVICE_HOURS,
+    DEVICE_SOURCE_PREFIX,
+    MS,
+    Entries,
+    cost_record,
+    hour_crossed,
+    since_committed,
+    span,
+    split_by_hour,
+)
+from streams.processor import Input, Output, PartitionBatch, Result
+
+
+class DeviceHoursProcessor:
+    """Reads ``gpu.samples``; per whole GPU an entry ``dev|<gpu_uuid>`` with its last sample time and its
+    seconds present per hour. Publishes each changed (gpu_uuid, hour) to ``streams.device-hours``.
+
+    The clock is the partition's watermark as it stands at each record, in offset order (not at the end
+    of the batch: one batch of a backfill can span days). Hours more than ``retention`` behind it are
+    complete and dropped; a sample that old (out of order on its own partition) goes to ``Result.late``."""
+
+    topics = ("gpu.samples",)
+
+    def __init__(
+        self,
+        *,
+        name: str = "costs_device_hours",
+        max_gap: timedelta = timedelta(seconds=60),
+        retention: timedelta = timedelta(hours=48),
+    ) -> None:
+        if max_gap <= timedelta(0):
+            raise ValueError(f"max_gap must be positive, got {max_gap}")
+        if retention <= timedelta(0):
+            raise ValueError(f"retention must be positive, got {retention}")
+        self.name = name
+        self._max_gap_ms = max_gap // MS
+        self._retention_ms = retention // MS
+
+    def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
+        e = Entries(state)
+        retention = self._retention_ms
+        mark = None if batch.previous_watermark is None else to_ms(batch.previous_watermark)
+        result = Result()
+        changed: dict[str, tuple[dict[str, Any], set[int]]] = {}
+        if batch.resumed:  # publish again what may not have been published before a crash
+            for key in list(state.keys()):
+                device = e.get(key)
+                if device is not None and since_committed(device, batch.committed_offset):
+                    changed[key] = (device, {int(hour) for hour in device["hours"]})
+        devices: dict[str, dict[str, Any]] = {}  # each entry the batch touches, read once
+        gap = self._max_gap_ms
+        for row, offset, t, mig_instance, uuid, model in _gpu_samples(batch):
+            if mark is None or t > mark:
+                mark = t
+            if mig_instance is not None:
+                continue  # counted through its physical GPU
+            key = f"dev|{uuid}"
+            device = devices.get(key)
+            if device is None:
+                device = devices[key] = e.get(key) or {
+                    "gpu_uuid": uuid,
+                    "last_ms": None,
+                    "hours": {},
+                    "offset": -1,
+                }
+            if offset <= device["offset"]:
+                continue
+            horizon = bucket_start("hour", mark - retention)
+            if t < horizon:
+                result.late.append((_input(batch, row), self._late_reason(t, mark)))
+                continue
+            last = device["last_ms"]
+            if last is not None and t > last:
+                hours = device["hours"]
+                for hour, overlap in split_by_hour(max(last, horizon), min(t, last + gap)):
+                    label = str(hour)
+                    hours[label] = hours.get(label, 0) + overlap
+                    if key not in changed:
+                        changed[key] = (device, set())
+                    changed[key][1].add(hour)
+            if last is None or t > last:
+                device["last_ms"] = t
+            device["gpu_model"], device["offset"] = model, offset
+        for device, hours in changed.values():
+            for hour in sorted(hours):
+                if str(hour) not in device["hours"]:
+                    continue
+                value = cost_record(
+                    "gpu_hours",
+                    hour,
+                    hour + HOUR_MS,
+                    gpu_model=device["gpu_model"],
+                    device_hours=device["hours"][str(hour)] / HOUR_MS,
+                    source=DEVICE_SOURCE_PREFIX + device["gpu_uuid"],
+                )
+                result.outputs.append(Output(DEVICE_HOURS, device["gpu_model"], COST_RECORD, value))
+        horizon = bucket_start("hour", (to_ms(batch.watermark) if mark is None else mark) - retention)
+        for key, device in devices.items():
+            # Published above; no later sample reaches back past the horizon, so these are complete.
+            device["hours"] = {h: ms for h, ms in device["hours"].items() if int(h) >= horizon}
+            e.put(key, device)
+        if hour_crossed(batch):
+            for key in list(state.keys()):
+                device = e.get(key)
+                if device is not None and (device["last_ms"] or 0) < horizon:
+                    e.delete(key)  # not seen for the whole retention
+        e.flush()
+        return result
+
+    def _late_reason(self, event_ms: int, mark_ms: int) -> str:
+        return (
+            f"{self.name}: sample at {iso(event_ms)} is {from_ms(mark_ms) - from_ms(event_ms)} behind the "
+            f"partition watermark {iso(mark_ms)}, beyond the {span(self._retention_ms)} retention "
+            f"(AIMA_DEVICE_HOURS_RETENTION_S)"
+        )
+
+
+def _gpu_samples(batch: PartitionBatch) -> Iterator[tuple[int, int, int, str | None, str, str]]:
+    """(row, offset, event ms, mig_instance, gpu_uuid, gpu_model) of each GpuSample of the batch, read
+    from its columns when it has them."""
+    columns = batch.columns
+    if columns is not None:
+        yield from zip(
+            range(len(columns)),
+            columns.offsets,
+            columns.event_ms,
+            columns.values("mig_instance"),
+            columns.values("gpu_uuid"),
+            columns.values("gpu_model"),
+            strict=True,
+        )
+        return
+    for row, record in enumerate(batch.inputs):
+        value = record.value
+        yield (
+            row,
+            record.offset,
+            to_ms(value["time"]),
+            value.get("mig_instance"),
+            value["gpu_uuid"],
+            value["gpu_model"],
+        )
+
+
+def _input(batch: PartitionBatch, row: int) -> Input:
+    columns = batch.columns
+    return batch.inputs[row] if columns is None else columns.input(batch.topic_key, batch.partition, row)

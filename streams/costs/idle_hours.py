@@ -1,0 +1,142 @@
+"""Idle GPU-hours per GPU model and hour (device-hours less allocated GPU-hours), from
+``streams.device-hours``, published to ``costs`` as fleet records."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import MutableMapping
+from datetime import timedelta
+from typing import Any
+
+from streams.buckets import HOUR_MS, bucket_start, to_ms
+from streams.costs.common import (
+    COST_RECORD,
+    DEVICE_HOURS,
+    DEVICE_SOURCE_PREFIX,
+    INDEX,
+    MS,
+    Entries,
+    cost_record,
+    hour_label,
+    since_committed,
+    span,
+)
+from streams.processor import Output, PartitionBatch, Result
+
+log = logging.getLogger(__name__)
+
+
+class IdleHoursProcessor:
+    """Reads ``streams.device-hours``; per (gpu_model, hour) an entry ``idle|<gpu_model>|<hour>`` with the
+    latest device-hours per gpu_uuid and allocated GPU-hours per project/provider/pricing. Publishes to
+    ``costs`` a fleet record (project null) with device_hours and idle_gpu_hours = max(device - allocated,
+    0) for every changed hour with at least one device seen. gpu_hours stays null in it: the projects'
+    records carry the allocation, and a fleet copy would be counted twice by anyone summing gpu_hours.
+
+    This topic merges senders that each keep their own pace: device records come from every gpu.samples
+    partition, allocations from every jobs-by-project partition, and in a backfill the few job events run
+    days ahead of the many samples. So the partition's watermark, moved by the fastest sender, says nothing
+    about how late another sender is. The clock is the slowest device instead (each device's records come
+    in its own event-time order): an hour is dropped once every device still reporting is ``retention``
+    past it. A device more than ``stale_after`` behind the newest one (a GPU taken out) stops holding the
+    clock back. Nothing is dead-lettered here, the records are the app's own; one for an hour already
+    dropped is left out, logged. That happens to a device this processor has not heard of yet while the
+    others are more than the retention ahead: a backlog read one gpu.samples partition at a time (a
+    fetch takes megabytes from one partition) gets there, which is why the default retention is long
+    (45 days, a month-long backfill). State: one entry per (gpu_model, hour) with a figure per device."""
+
+    topics = (DEVICE_HOURS,)
+
+    def __init__(
+        self,
+        *,
+        name: str = "costs_idle_hours",
+        retention: timedelta = timedelta(days=45),
+        stale_after: timedelta = timedelta(days=7),
+    ) -> None:
+        if retention <= timedelta(0) or stale_after <= timedelta(0):
+            raise ValueError(f"retention and stale_after must be positive, got {retention}, {stale_after}")
+        self.name = name
+        self._retention_ms = retention // MS
+        self._stale_ms = stale_after // MS
+
+    def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
+        e = Entries(state)
+        index = e.get(INDEX) or {"devices": {}, "dropped_before": None}
+        progress: dict[str, int] = index["devices"]
+        """Newest hour seen per device: the clock."""
+        dropped = index["dropped_before"]
+        result = Result()
+        changed: dict[str, dict[str, Any]] = {}
+        if batch.resumed:  # publish again what may not have been published before a crash
+            for key in e.live_keys():
+                entry = e.get(key) if key.startswith("idle|") else None
+                if entry is not None and since_committed(entry, batch.committed_offset):
+                    changed[key] = entry
+        left_out: list[int] = []
+        for record in batch.inputs:
+            value = record.value
+            hour, model = bucket_start("hour", to_ms(value["time"])), value.get("gpu_model")
+            if model is None:
+                continue
+            if value.get("device_hours") is not None:
+                side, figure = "devices", value["device_hours"]
+                sender = value.get("gpu_uuid") or str(value.get("source", "")).removeprefix(
+                    DEVICE_SOURCE_PREFIX
+                )
+                progress[sender] = max(progress.get(sender, hour), hour)
+            elif value.get("gpu_hours") is not None and value.get("project") is not None:
+                side, figure = "allocated", value["gpu_hours"]
+                sender = f"{value['project']}|{value.get('provider') or ''}|{value.get('pricing') or ''}"
+            else:
+                continue
+            key = f"idle|{model}|{hour}"
+            entry = e.get(key)
+            if entry is not None and record.offset <= entry["offset"]:
+                continue  # a replay
+            if entry is None and dropped is not None and hour < dropped:
+                left_out.append(hour)
+                continue
+            if entry is None:
+                entry = {"gpu_model": model, "hour_ms": hour, "devices": {}, "allocated": {}, "offset": -1}
+            entry[side][sender] = figure
+            entry["offset"] = record.offset
+            e.put(key, entry)
+            changed[key] = entry
+        if left_out:
+            log.warning(
+                "%s: %d record(s) for hours from %s on left out: every device had moved on by more than the "
+                "%s retention (AIMA_IDLE_HOURS_RETENTION_S), so those hours' figures were dropped",
+                self.name,
+                len(left_out),
+                hour_label(min(left_out)),
+                span(self._retention_ms),
+            )
+        for entry in changed.values():
+            if not entry["devices"]:
+                continue  # no device seen: nothing to compare the allocation with
+            device = sum(entry["devices"].values())
+            allocated = sum(entry["allocated"].values())
+            hour, model = entry["hour_ms"], entry["gpu_model"]
+            value = cost_record(
+                "gpu_hours",
+                hour,
+                hour + HOUR_MS,
+                gpu_model=model,
+                device_hours=device,
+                idle_gpu_hours=max(device - allocated, 0.0),
+            )
+            result.outputs.append(Output("costs", f"idle|{model}|{hour_label(hour)}", COST_RECORD, value))
+        if progress:
+            newest = max(progress.values())
+            index["devices"] = {u: h for u, h in progress.items() if h >= newest - self._stale_ms}
+            horizon = bucket_start("hour", min(index["devices"].values()) - self._retention_ms)
+            if dropped is None or horizon > dropped:
+                for key in e.live_keys():
+                    entry = e.get(key) if key.startswith("idle|") else None
+                    if entry is not None and entry["hour_ms"] < horizon:
+                        e.delete(key)
+                index["dropped_before"] = horizon
+            e.put(INDEX, index)
+        e.flush(order=("idle|",))
+        return result
