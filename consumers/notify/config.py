@@ -6,7 +6,8 @@ Slack and Teams URLs, SMS tokens) come from environment variables or files named
 (``hmac_key_env: AIMA_WEBHOOK_KEY``, ``password_file: /run/secrets/smtp``), never from literals there::
 
     external_url: https://grafana.example.com
-    delivery: {max_attempts: 10, initial_backoff: 1s, max_backoff: 1m, max_elapsed: 10m, timeout: 10s}
+    delivery: {max_attempts: 10, initial_backoff: 1s, max_backoff: 1m, max_elapsed: 10m, timeout: 10s,
+               log_wait: 5m}               # how long a delivery waits for the notification log (below)
     route:
       receiver: ops                    # the root route matches every alert
       group_by: [alertname]            # "..." groups by all labels, i.e. one alert per group
@@ -27,6 +28,10 @@ Slack and Teams URLs, SMS tokens) come from environment variables or files named
                 username: aima, password_env: AIMA_SMTP_PASSWORD}
       - name: oncall
         sms: {account_sid: AC123, auth_token_env: AIMA_SMS_TOKEN, from: "+4930123", to: ["+4917012"]}
+
+``delivery.log_wait``: before a first delivery the notifier asks the notification log (PostgreSQL) whether
+this state was already told; while the database is away it waits, up to this long, and then sends
+unchecked (a repeat is possible; a lost alert is worse).
 """
 
 from __future__ import annotations
@@ -237,6 +242,8 @@ class NotifyConfig:
     external_url: str = ""
     workers: int = 16
     """Concurrent deliveries (threads)."""
+    log_wait_s: float = 300.0
+    """How long a delivery waits for an unreachable notification log before it sends unchecked."""
     source: str = "<defaults>"
 
     def receiver(self, name: str) -> Receiver:
@@ -306,10 +313,13 @@ class _Parser:
         _known(data, {"external_url", "delivery", "route", "receivers", "workers"}, "top level")
         delivery = _mapping(data.get("delivery", {}), "delivery")
         _known(
-            delivery, {"max_attempts", "initial_backoff", "max_backoff", "max_elapsed", "timeout"}, "delivery"
+            delivery,
+            {"max_attempts", "initial_backoff", "max_backoff", "max_elapsed", "timeout", "log_wait"},
+            "delivery",
         )
         retry = self.retry(delivery, RetryPolicy(), "delivery")
         timeout_s = parse_duration(delivery.get("timeout", 10), "delivery.timeout")
+        log_wait_s = parse_duration(delivery.get("log_wait", NotifyConfig.log_wait_s), "delivery.log_wait")
 
         receivers: dict[str, Receiver] = {}
         for i, raw in enumerate(_sequence(data.get("receivers", []), "receivers")):
@@ -320,7 +330,7 @@ class _Parser:
         if "route" not in data:
             if receivers:
                 raise ConfigError("'route' is missing: it names the default receiver (route.receiver)")
-            return replace(NotifyConfig.empty(), source=self.source)
+            return replace(NotifyConfig.empty(), log_wait_s=log_wait_s, source=self.source)
         root = self.route(_mapping(data["route"], "route"), None, "root", "route")
         self.check_receivers(root, receivers)
         workers = data.get("workers", 16)
@@ -331,6 +341,7 @@ class _Parser:
             receivers=receivers,
             external_url=str(data.get("external_url", "")),
             workers=workers,
+            log_wait_s=log_wait_s,
             source=self.source,
         )
 

@@ -87,11 +87,11 @@ def run(
     if service is None:
         service = Service("notify", settings)
         service.start()
-    if config is None:
-        config = load_from_env()
-    if not config.receivers or all(not r.channels for r in config.receivers.values()):
-        log.warning("no notification channels configured (AIMA_NOTIFY_CONFIG); alerts are only counted")
-    try:
+    try:  # a bad routing file, too, ends with the service stopped
+        if config is None:
+            config = load_from_env()
+        if not config.receivers or all(not r.channels for r in config.receivers.values()):
+            log.warning("no notification channels configured (AIMA_NOTIFY_CONFIG); alerts are only counted")
         notifier = open_notifier(
             settings,
             service.stopping,
@@ -288,6 +288,7 @@ class Notifier:
             metrics=self.metrics,
             stop=stop,
             log_store=NotificationLog(self.pool),
+            log_wait_s=config.log_wait_s,
         )
         # Its threads start with the first delivery.
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="notify")

@@ -73,6 +73,12 @@ def only(flushes: tuple[list[Flush], list[Origin]]) -> Flush:
 # -- routing ------------------------------------------------------------------------------------------------
 
 
+def test_the_wait_for_the_notification_log_is_configured_under_delivery() -> None:
+    base = {"route": {"receiver": "ops"}, "receivers": [{"name": "ops"}]}
+    assert parse(base, environ={}).log_wait_s == 300
+    assert parse({**base, "delivery": {"log_wait": "90s"}}, environ={}).log_wait_s == 90
+
+
 def test_defaults_are_alertmanagers() -> None:
     route = parse({"route": {"receiver": "ops"}, "receivers": [{"name": "ops"}]}, environ={}).route
     assert (route.group_wait_s, route.group_interval_s, route.repeat_interval_s) == (30, 300, 4 * 3600)
@@ -140,6 +146,14 @@ def test_route_children_inherit_and_nest() -> None:
             "unknown key(s) grouping",
         ),
         ({"receivers": [{"name": "ops"}]}, "'route' is missing"),
+        (
+            {
+                "delivery": {"log_wait": "a while"},
+                "route": {"receiver": "ops"},
+                "receivers": [{"name": "ops"}],
+            },
+            "delivery.log_wait",
+        ),
     ],
 )
 def test_config_errors_say_where(data: dict[str, Any], message: str) -> None:
