@@ -41,6 +41,7 @@ from streams.columns import Columns
 from streams.processor import Input, Output, PartitionBatch, Result
 from streams.rules import Rule, fingerprint, load_rules
 from streams.series import MetricColumn, Sample, SeriesIndex
+from streams.state import OFFSET, BatchState
 
 if TYPE_CHECKING:
     from streams.settings import AlertSettings
@@ -134,7 +135,9 @@ class JobOutcomeForwarder:
         self.events = frozenset(events)
 
     def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
-        applied = state.get(self._APPLIED, -1)
+        work = BatchState(state)
+        applied = work.get(self._APPLIED)
+        applied = -1 if applied is None else applied
         floor = applied
         if batch.resumed:
             # What was forwarded but not committed may be lost: forward it again (the ratio counts each
@@ -148,16 +151,20 @@ class JobOutcomeForwarder:
         ]
         last = max((record.offset for record in batch.inputs), default=-1)
         if last > applied:
-            state[self._APPLIED] = last
+            work.put(self._APPLIED, last)
+        work.flush()
         return Result(outputs)
 
 
 class _Batch:
-    """One call's working set: each entry read once and written once at the end if it matters, and the
-    outputs, each remembered in its entry until its offset is committed (for the re-send on resume)."""
+    """One call's working set: each entry read once (a copy, streams/state.py) and written at the end if it
+    matters, and the outputs, each remembered in its entry until its offset is committed (for the re-send
+    on resume). The no-data index is written before the entries: a restored index never misses a firing
+    entry."""
 
     def __init__(self, state: MutableMapping[str, Any], batch: PartitionBatch) -> None:
         self.state = state
+        self.work = BatchState(state, order=(_NO_DATA_INDEX,), load=dict)
         self.committed = batch.committed_offset
         self.last_offset = batch.last_offset
         self.outputs: list[Output] = []
@@ -167,11 +174,11 @@ class _Batch:
 
     def get(self, key: str) -> dict[str, Any] | None:
         if key not in self.entries:
-            stored = self.state.get(key)
-            self.loaded[key] = stored
-            if stored is None:
+            self.loaded[key] = self.state.get(key)
+            entry = self.work.get(key)
+            if entry is None:
                 return None
-            self.entries[key] = dict(stored)
+            self.entries[key] = entry
         return self.entries[key]
 
     def put(self, key: str, entry: dict[str, Any], *, force: bool = False) -> None:
@@ -183,23 +190,24 @@ class _Batch:
     def sent(self, entry: dict[str, Any], offset: int, item: dict[str, Any]) -> None:
         """Remember an output until the offset that caused it is committed."""
         kept = [
-            old for old in entry.get("sent", ()) if self.committed is None or old["offset"] >= self.committed
+            old for old in entry.get("sent", ()) if self.committed is None or old[OFFSET] >= self.committed
         ]
-        entry["sent"] = [*kept, {"offset": offset, **item}][-_MAX_SENT:]
+        entry["sent"] = [*kept, {OFFSET: offset, **item}][-_MAX_SENT:]
 
     def flush(self) -> None:
-        # By key: entries are independent, and a fixed order makes the writes the same however the
-        # batch was walked (record by record, or series by series from columns).
-        for key, entry in sorted(self.entries.items()):
+        # By key (BatchState.flush): entries are independent, and a fixed order makes the writes the same
+        # however the batch was walked (record by record, or series by series from columns).
+        for key, entry in self.entries.items():
             before = self.loaded.get(key)
             if entry.get("sent") and self.committed is not None:
-                entry["sent"] = [old for old in entry["sent"] if old["offset"] >= self.committed]
+                entry["sent"] = [old for old in entry["sent"] if old[OFFSET] >= self.committed]
             if entry == before:
                 continue
             if key in self.forced or entry["status"] != "inactive":
-                self.state[key] = entry
+                self.work.put(key, entry)
             elif before is not None and any(before.get(f) != entry.get(f) for f in _CORE):
-                self.state[key] = entry  # just went inactive; an entry never active is not worth a write
+                self.work.put(key, entry)  # just went inactive; an entry never active is not worth a write
+        self.work.flush()
 
 
 class AlertProcessor:
@@ -268,14 +276,14 @@ class AlertProcessor:
                 for rule in self._ratio_rules:
                     self._ratio(rule, record, work)
         else:
-            index = dict(state.get(_NO_DATA_INDEX) or {})
+            index = dict(work.work.get(_NO_DATA_INDEX) or {})
             before = dict(index)
             if batch.columns is None or not self._sample_columns(batch.columns, work, index):
                 for offset, t, found in self._samples(batch):
                     self._sample(offset, t, found, work, index)
             self._no_data(to_ms(batch.watermark), work, index)
-            if index != before:  # before the entries: a restored index never misses a firing entry
-                state[_NO_DATA_INDEX] = index
+            if index != before:  # written before the entries (_Batch)
+                work.work.put(_NO_DATA_INDEX, index)
         work.flush()
         return Result(work.outputs)
 
@@ -290,10 +298,10 @@ class AlertProcessor:
             if rule is None:
                 continue
             for item in stored.get("sent", ()):
-                if work.committed is None or item["offset"] >= work.committed:
+                if work.committed is None or item[OFFSET] >= work.committed:
                     log.info(
                         "sending an alert event again: its offset is not committed",
-                        extra={"key": key, "offset": item["offset"], "committed": work.committed},
+                        extra={"key": key, "offset": item[OFFSET], "committed": work.committed},
                     )
                     work.outputs.append(
                         self._event(
@@ -353,11 +361,11 @@ class AlertProcessor:
             for item in items:
                 row = column.rows[item]
                 offset = offsets[row]
-                if entry is not None and offset <= entry["offset"]:
+                if entry is not None and offset <= entry[OFFSET]:
                     continue  # applied before a restart
                 if entry is None:
                     entry = _new_entry(rule, fp, labels)
-                entry["offset"] = offset
+                entry[OFFSET] = offset
                 applied = True
                 t, value = times[row], column.values[item]
                 if entry["last_seen"] is None or t >= entry["last_seen"]:
@@ -381,11 +389,11 @@ class AlertProcessor:
                     continue
                 labels, fp, key = target
                 entry = work.get(key)
-                if entry is not None and offset <= entry["offset"]:
+                if entry is not None and offset <= entry[OFFSET]:
                     continue  # applied before a restart
                 if entry is None:
                     entry = _new_entry(rule, fp, labels)
-                entry["offset"] = offset
+                entry[OFFSET] = offset
                 if entry["last_seen"] is None or t >= entry["last_seen"]:
                     entry["last_seen"], entry["value"], entry["no_data"] = t, value, False
                     self._step(rule, entry, t, value, rule.holds(value), work, offset)
@@ -432,9 +440,9 @@ class AlertProcessor:
         fp = fingerprint(rule.name, labels)
         key = f"{rule.name}/{fp}"
         entry = work.get(key) or _new_entry(rule, fp, labels) | {"buckets": {}}
-        if record.offset <= entry["offset"]:
+        if record.offset <= entry[OFFSET]:
             return
-        entry["offset"] = record.offset
+        entry[OFFSET] = record.offset
         event = record.value.get("event")
         if event not in spec.events:
             work.put(key, entry)
@@ -549,7 +557,7 @@ def _new_entry(rule: Rule, fp: str, labels: Mapping[str, str]) -> dict[str, Any]
         "last_seen": None,
         "value": None,
         "no_data": False,
-        "offset": -1,
+        OFFSET: -1,
     }
 
 

@@ -35,6 +35,7 @@ from streams.buckets import from_ms, to_ms
 from streams.processor import Input, Output, PartitionBatch, Result
 from streams.rules import fingerprint, format_value
 from streams.series import MetricColumn, Sample, SeriesIndex, by_row
+from streams.state import OFFSET, BatchState, offset_of
 
 if TYPE_CHECKING:
     from streams.columns import Columns
@@ -129,19 +130,21 @@ class AnomalyProcessor:
         outputs: list[Output] = []
         if batch.resumed:
             outputs.extend(self._resend(state, committed))
+        work = BatchState(state)
         columns = batch.columns
         if columns is None:
-            touched = self._fold(self._records(batch.inputs), state, committed, outputs)
+            touched = self._fold(self._records(batch.inputs), work, committed, outputs)
         elif (index := self._index.get(columns.record_name)) is None:
             touched = {}  # a kind of record it watches no metric of
         elif (found := index.by_metric(columns)) is None:  # an array field: read per record
-            touched = self._fold(self._records(batch.inputs), state, committed, outputs)
+            touched = self._fold(self._records(batch.inputs), work, committed, outputs)
         else:
-            touched = self._fold_columns(columns, found, state, committed, outputs)
+            touched = self._fold_columns(columns, found, work, committed, outputs)
         for key, entry in touched.items():
             if entry.get("sent") and committed is not None:
-                entry["sent"] = [old for old in entry["sent"] if old["o"] >= committed]
-            state[key] = entry
+                entry["sent"] = [old for old in entry["sent"] if offset_of(old) >= committed]
+            work.put(key, entry)
+        work.flush()
         return Result(outputs)
 
     def _records(self, inputs: Iterable[Input]) -> Iterator[tuple[int, int, list[Sample]]]:
@@ -153,7 +156,7 @@ class AnomalyProcessor:
     def _fold(
         self,
         records: Iterable[tuple[int, int, list[Sample]]],
-        state: Mapping[str, Any],
+        state: BatchState,
         committed: int | None,
         outputs: list[Output],
     ) -> dict[str, dict[str, Any]]:
@@ -165,9 +168,9 @@ class AnomalyProcessor:
                 entry = touched.get(key)
                 if entry is None:
                     entry = _open(state, key)
-                if offset <= entry["offset"]:
+                if offset <= entry[OFFSET]:
                     continue
-                entry["offset"] = offset
+                entry[OFFSET] = offset
                 touched[key] = entry
                 findings = self._observe(metric, labels, value, t, entry)
                 if findings:
@@ -178,7 +181,7 @@ class AnomalyProcessor:
         self,
         columns: Columns,
         found: list[MetricColumn],
-        state: Mapping[str, Any],
+        state: BatchState,
         committed: int | None,
         outputs: list[Output],
     ) -> dict[str, dict[str, Any]]:
@@ -200,8 +203,8 @@ class AnomalyProcessor:
         published = []
         for finding in findings:
             published.append(self._output(key, finding))
-            kept = [old for old in entry.get("sent", ()) if committed is None or old["o"] >= committed]
-            entry["sent"] = [*kept, {"o": offset, **finding}][-_MAX_SENT:]
+            kept = [old for old in entry.get("sent", ()) if committed is None or offset_of(old) >= committed]
+            entry["sent"] = [*kept, {OFFSET: offset, **finding}][-_MAX_SENT:]
         return published
 
     def _resend(self, state: MutableMapping[str, Any], committed: int | None) -> list[Output]:
@@ -211,7 +214,7 @@ class AnomalyProcessor:
             self._output(key, finding)
             for key in sorted(state)
             for finding in (state.get(key) or {}).get("sent", ())
-            if committed is None or finding["o"] >= committed
+            if committed is None or offset_of(finding) >= committed
         ]
 
     def score(self, metric: catalogue.Metric, value: float, entry: Mapping[str, Any]) -> float:
@@ -334,10 +337,10 @@ class AnomalyProcessor:
         )
 
 
-def _open(state: Mapping[str, Any], key: str) -> dict[str, Any]:
+def _open(state: BatchState, key: str) -> dict[str, Any]:
     """A series' entry to change: a copy of the stored one, or a new one."""
     stored = state.get(key)
-    entry = dict(stored) if stored else {"n": 0, "mean": 0.0, "mad": 0.0, "offset": -1}
+    entry = dict(stored) if stored else {"n": 0, "mean": 0.0, "mad": 0.0, OFFSET: -1}
     if entry.get("alert"):
         entry["alert"] = dict(entry["alert"])  # never change the stored value in place
     return entry
@@ -354,7 +357,7 @@ class _Steps:
     count, most first, so the series still folding at step ``k`` are the first ``widths[k]`` slots and a
     step works on slices; ``value`` and ``row`` are (step, slot) matrices."""
 
-    def __init__(self, columns: Columns, found: list[MetricColumn], state: Mapping[str, Any]) -> None:
+    def __init__(self, columns: Columns, found: list[MetricColumn], state: BatchState) -> None:
         self.columns = columns
         self.metrics_per_row = len(found)
         keys: list[str] = []
@@ -379,7 +382,7 @@ class _Steps:
         row = np.fromiter(rows, np.intp, len(rows))
         value = np.fromiter(values, np.float64, len(values))
         # Replays: what a series has already folded is a prefix of its samples here (offsets ascend).
-        done = np.array([entry["offset"] for entry in entries], dtype=np.int64)
+        done = np.array([entry[OFFSET] for entry in entries], dtype=np.int64)
         if len(done) and done.max() >= columns.offsets[0]:
             new = np.asarray(columns.offsets, dtype=np.int64)[row] > done[code]
             code, row, value = code[new], row[new], value[new]

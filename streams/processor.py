@@ -16,7 +16,8 @@ State is restored from a changelog that holds a prefix of the writes in the orde
 changelog partition per topic partition); the app writes the partition's watermark after the processor's
 own writes, so ``previous_watermark`` never runs ahead of the restored state. A processor orders its own
 writes so that any prefix is a state it can continue from (e.g. a parent aggregate before the child that
-says it was merged).
+says it was merged): every processor reads and writes its state through ``streams.state.BatchState``,
+whose docstring states the write order and why, and whose ``OFFSET`` names the replay offset field.
 """
 
 from __future__ import annotations
@@ -107,5 +108,5 @@ class Processor(Protocol):
     def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
         """Fold ``batch`` into ``state`` and return what to publish. ``state`` holds this processor's
         entries for this topic partition only; values must be JSON-serialisable (dicts, lists, numbers,
-        strings). Write each key at most once per call."""
+        strings). Write each key at most once per call (``streams.state.BatchState`` does)."""
         ...

@@ -58,6 +58,7 @@ from bus.topics import BY_KEY
 from streams.buckets import TIERS, Tier, bucket_end, iso, to_ms
 from streams.processor import Output, PartitionBatch, Result
 from streams.rollups import PARTIALS_TOPIC, ROLLUP_RECORD, quantile_of_bins
+from streams.state import BatchState
 
 __all__ = ["RollupMerger"]
 
@@ -68,6 +69,8 @@ _TIER_OF: Mapping[str, Tier] = {_LETTER[tier]: tier for tier in TIERS}
 _PROGRESS = "~progress|"
 """State key prefix of a sender topic's progress: ``{partition: closed_before ms}``."""
 _NEVER = -(2**62)
+_BUCKETS_FIRST = tuple(f"{_LETTER[tier]}|" for tier in TIERS)
+"""The write order: bucket entries before the senders' progress (``_PROGRESS``, the rest)."""
 
 # A sender's partial: [count, sum, min, max, final, watermark ms, relative accuracy, zero count, keys, counts]
 Part = list[Any]
@@ -86,7 +89,7 @@ class RollupMerger:
         result = Result()
         if not batch.inputs:
             return result
-        work: dict[str, dict[str, Any]] = {}
+        work = BatchState(state, order=_BUCKETS_FIRST)
         progress: dict[str, dict[str, int]] = {}
         moved: set[str] = set()
         changed: set[str] = set()
@@ -98,7 +101,7 @@ class RollupMerger:
                 closed = value.get("closed_before")
                 if closed is None:
                     continue  # neither a partial nor progress: carries nothing to merge
-                known = self._progress(state, progress, topic)
+                known = self._progress(work, progress, topic)
                 ms = _ms(closed)
                 if ms > known.get(sender, _NEVER):
                     known[sender] = ms
@@ -108,9 +111,7 @@ class RollupMerger:
             key = f"{_LETTER[tier]}|{start}|{rollup['series']}"
             entry = work.get(key)
             if entry is None:
-                entry = state.get(key)
-            if entry is None:
-                closed_before = self._closed_before(topic, self._progress(state, progress, topic))
+                closed_before = self._closed_before(topic, self._progress(work, progress, topic))
                 if closed_before is not None and bucket_end(tier, start) <= closed_before:
                     continue  # a re-sent final of a bucket merged, published and dropped here
                 entry = {
@@ -128,23 +129,20 @@ class RollupMerger:
             if old is None or (part[0], part[4]) > (old[0], old[4]):
                 entry["p"][sender] = part
                 entry["w"] = max(entry["w"], part[5])
-                work[key] = entry
+                work.put(key, entry)
                 changed.add(key)
 
-        deletes: list[str] = []
         finalised: set[str] = set()
         if batch.resumed or moved:
-            self._close(batch, state, work, progress, changed, finalised, deletes, result.outputs)
+            self._close(batch, work, progress, changed, finalised, result.outputs)
         for key in changed:
-            if key not in finalised and "f" not in work[key]:
-                self._emit(result.outputs, key, work[key], final=False)
-        # Buckets before progress: a restored progress never covers a bucket the restored state lacks.
-        for key, entry in work.items():
-            state[key] = entry
+            if key not in finalised and "f" not in work.get(key):
+                self._emit(result.outputs, key, work.get(key), final=False)
+        # Buckets before progress (_BUCKETS_FIRST): a restored progress never covers a bucket the restored
+        # state lacks.
         for topic in moved:
-            state[_PROGRESS + topic] = progress[topic]
-        for key in deletes:
-            del state[key]
+            work.put(_PROGRESS + topic, progress[topic])
+        work.flush()
         return result
 
     # -- closing --------------------------------------------------------------------------------------------
@@ -152,12 +150,10 @@ class RollupMerger:
     def _close(
         self,
         batch: PartitionBatch,
-        state: MutableMapping[str, Any],
-        work: dict[str, dict[str, Any]],
+        work: BatchState,
         progress: dict[str, dict[str, int]],
         changed: set[str],
         finalised: set[str],
-        deletes: list[str],
         outputs: list[Output],
     ) -> None:
         """Finalise every bucket all its senders have closed; on a resumed partition emit again the finals
@@ -165,12 +161,11 @@ class RollupMerger:
         committed = batch.committed_offset
         unproven = committed if committed is not None else -1
         closed: dict[str, int | None] = {}
-        for key in sorted({*state.keys(), *work}):
+        deletes: list[str] = []
+        for key in work.live_keys():
             if key.startswith(_PROGRESS):
                 continue
             entry = work.get(key)
-            if entry is None:
-                entry = state[key]
             final_offset = entry.get("f")
             if final_offset is not None:
                 if batch.resumed and final_offset >= unproven:
@@ -180,7 +175,7 @@ class RollupMerger:
                 continue
             topic = entry["t"]
             if topic not in closed:
-                closed[topic] = self._closed_before(topic, self._progress(state, progress, topic))
+                closed[topic] = self._closed_before(topic, self._progress(work, progress, topic))
             closed_before = closed[topic]
             letter, start, _ = key.split("|", 2)
             if closed_before is None or bucket_end(_TIER_OF[letter], int(start)) > closed_before:
@@ -189,18 +184,18 @@ class RollupMerger:
                 # Cannot happen while senders list their finals before their progress: say so if it does.
                 log.warning("merged rollup final with a partial that is not", extra={"key": key})
             entry["f"] = batch.last_offset
-            work[key] = entry
+            work.put(key, entry)
             finalised.add(key)
             self._emit(outputs, key, entry, final=True)
+        for key in deletes:
+            work.delete(key)
 
     @staticmethod
-    def _progress(
-        state: MutableMapping[str, Any], progress: dict[str, dict[str, int]], topic: str
-    ) -> dict[str, int]:
+    def _progress(work: BatchState, progress: dict[str, dict[str, int]], topic: str) -> dict[str, int]:
         """The progress of ``topic``'s senders (a copy of the state's, written back by ``process``)."""
         found = progress.get(topic)
         if found is None:
-            found = progress[topic] = dict(state.get(_PROGRESS + topic) or {})
+            found = progress[topic] = dict(work.get(_PROGRESS + topic) or {})
         return found
 
     @staticmethod

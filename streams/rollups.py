@@ -23,10 +23,11 @@ offset order: not on where batches end, on replays or on the wall clock (the ``w
 which says how far the emitting partition's watermark was when the record went out).
 
 Crash safety (at-least-once input, a changelog that is a prefix of the writes in order):
-- every entry remembers the offset of the last record folded into it (``o``) and skips replays at or
-  below it, before judging lateness, so a replayed record is neither counted twice nor dead-lettered;
-- writes go parents first (year, month, day, hour), so a child is never marked final before its parent
-  holds it;
+- every entry remembers the offset of the last record folded into it (``offset``; ``o`` in state written
+  before streams/state.py gave the field one name, still read) and skips replays at or below it, before
+  judging lateness, so a replayed record is neither counted twice nor dead-lettered;
+- writes go parents first (year, month, day, hour: streams/state.py), so a child is never marked final
+  before its parent holds it;
 - a final entry keeps ``f``, the last offset of the batch that finalised it, and stays until that offset is
   committed (``PartitionBatch.committed_offset``); on a resumed partition, finals with ``f`` at or after the
   committed offset are emitted again, since their output may not have been flushed before a crash.
@@ -64,6 +65,7 @@ from bus.topics import BY_KEY, TOPICS
 from streams.buckets import HOUR_MS, PARENT, TIERS, Tier, bucket_end, bucket_start, iso, parse_series, to_ms
 from streams.processor import Input, Output, PartitionBatch, Result
 from streams.series import series_id
+from streams.state import OFFSET, BatchState
 
 if TYPE_CHECKING:
     from streams.columns import Columns
@@ -342,6 +344,16 @@ def _cumulative(mask: np.ndarray) -> np.ndarray:
     return counts
 
 
+def _restored(entry: dict[str, Any]) -> dict[str, Any]:
+    """A stored entry as the processor works on it: after a restore from the changelog (JSON) its bin keys
+    are strings again."""
+    for agg in entry["s"].values():
+        bins = agg[5]
+        if bins and isinstance(next(iter(bins)), str):
+            agg[5] = {int(k): count for k, count in bins.items()}
+    return entry
+
+
 def _label(value: Any) -> str | None:
     if value is None:
         return None
@@ -406,12 +418,13 @@ class RollupProcessor:
             return result
         previous = to_ms(batch.previous_watermark) if batch.previous_watermark is not None else None
         watermark = previous if previous is not None else _NO_WATERMARK
-        work: dict[str, dict[str, Any]] = {}
+        # Parents before children: a child is marked final only after its parent holds it.
+        work = BatchState(state, order=("y|", "m|", "d|", "h|"), load=_restored)
         folded: set[str] = set()
 
         if columns is None:
             watermark = self._route(
-                self._records(batch.inputs), state, work, folded, result.late, watermark, self._fold
+                self._records(batch.inputs), work, folded, result.late, watermark, self._fold
             )
         else:
             targets: dict[str, tuple[_Entity, dict[str, Any], list[int]]] = {}
@@ -433,21 +446,19 @@ class RollupProcessor:
                 range(len(columns)),
                 strict=True,
             )
-            watermark = self._route(rows, state, work, folded, late, watermark, collect)
+            watermark = self._route(rows, work, folded, late, watermark, collect)
             if plan is not None:
                 self._fold_columns(plan, columns, list(targets.values()), entities)
             topic, partition = batch.topic_key, batch.partition
             result.late = [(columns.input(topic, partition, row), reason) for row, reason in late]
 
-        dirty = set(folded)
         outputs = result.outputs
-        deletes: list[str] = []
         sender = (batch.topic_key, batch.partition)
         closed = batch.resumed or previous is None or self._deadline_crossed(previous, watermark)
         if closed:
-            self._close(batch, state, work, dirty, deletes, outputs, watermark)
+            self._close(batch, work, outputs, watermark)
         for key in folded:
-            entry = work[key]
+            entry = work.get(key)
             last = entry["e"]
             if "f" not in entry and (last is None or watermark - last >= self._emit_ms):
                 entry["e"] = watermark
@@ -458,31 +469,24 @@ class RollupProcessor:
         if closed and batch.topic_key in self._progress_topics:
             # Last: every partial this partition has finalised so far is listed before its progress.
             outputs.extend(progress_outputs(sender, watermark - self._lateness_ms, watermark, self.source))
-
-        # Parents before children: a child is marked final only after its parent holds it.
-        for letter in "ymdh":
-            for key in dirty:
-                if key[0] == letter:
-                    state[key] = work[key]
-        for key in deletes:
-            del state[key]
+        work.flush()
         return result
 
     def _route(
         self,
         rows: Iterable[tuple[int, int, Any, _Entity | None, Any]],
-        state: MutableMapping[str, Any],
-        work: dict[str, dict[str, Any]],
+        work: BatchState,
         folded: set[str],
         late: list[Any],
         watermark: int,
         fold: Callable[[Any, _Entity, Any, dict[str, Any], str], None],
     ) -> int:
         """Decide, record by record in offset order, what becomes of each: skipped as a replay, late (its
-        ``item`` and the reason appended to ``late``) or handed to ``fold`` with its hour entry, which then
-        enters ``work`` and ``folded``. ``rows`` gives (offset, event ms, plan, entity or None when the
-        record carries no metric, item). Returns the watermark after the last record."""
+        ``item`` and the reason appended to ``late``) or handed to ``fold`` with its hour entry, which is
+        then put in ``work`` and enters ``folded``. ``rows`` gives (offset, event ms, plan, entity or None
+        when the record carries no metric, item). Returns the watermark after the last record."""
         hour_span = HOUR_MS + self._lateness_ms
+        get = work.get
         for offset, event_ms, plan, entity, item in rows:
             if entity is not None:
                 hour = event_ms - event_ms % HOUR_MS
@@ -491,20 +495,19 @@ class RollupProcessor:
                     if len(entity.hour_keys) > 8:
                         entity.hour_keys.clear()
                     key = entity.hour_keys[hour] = f"h|{hour}|{entity.key}"
-                entry = work.get(key)
-                if entry is None:
-                    entry = self._load(state, key)
-                if entry is not None and offset <= entry["o"]:
+                entry = get(key)
+                if entry is not None and offset <= entry[OFFSET]:
                     pass  # a replay of a record already folded in
                 elif hour + hour_span <= watermark or (entry is not None and "f" in entry):
                     late.append((item, self._late_reason(event_ms, watermark, hour)))
                 else:
                     if entry is None:
-                        entry = {"o": -1, "s": {}, "e": None}
-                    work[key] = entry
+                        entry = {OFFSET: -1, "s": {}, "e": None}
+                    if key not in folded:
+                        work.put(key, entry)
+                        folded.add(key)
                     fold(plan, entity, item, entry, key)
-                    entry["o"] = offset
-                    folded.add(key)
+                    entry[OFFSET] = offset
             if event_ms > watermark:
                 watermark = event_ms
         return watermark
@@ -772,10 +775,7 @@ class RollupProcessor:
     def _close(
         self,
         batch: PartitionBatch,
-        state: MutableMapping[str, Any],
-        work: dict[str, dict[str, Any]],
-        dirty: set[str],
-        deletes: list[str],
+        work: BatchState,
         outputs: list[Output],
         watermark: int,
     ) -> None:
@@ -788,7 +788,8 @@ class RollupProcessor:
         # Finals at or after the committed position may have been lost with the outputs of a crash.
         unproven = committed if committed is not None else -1
         by_tier: dict[str, set[tuple[int, str]]] = {letter: set() for letter in "hdmy"}
-        for key in {*state.keys(), *work}:
+        deletes: list[str] = []
+        for key in work.live_keys():
             letter, start, _ = key.split("|", 2)
             if letter in by_tier:
                 by_tier[letter].add((int(start), key))
@@ -798,79 +799,58 @@ class RollupProcessor:
             for start, key in sorted(by_tier[letter]):
                 entry = work.get(key)
                 if entry is None:
-                    entry = self._load(state, key)
-                    if entry is None:
-                        continue
+                    continue
                 final_offset = entry.get("f")
                 if final_offset is not None:
                     if batch.resumed and final_offset >= unproven:
                         self._emit(
                             outputs, tier, start, entry, final=True, watermark=watermark, sender=sender
                         )
-                    if committed is not None and final_offset < committed and key not in dirty:
+                    if committed is not None and final_offset < committed and not work.written(key):
                         deletes.append(key)
                     continue
                 if bucket_end(tier, start) + self._lateness_ms > watermark:
                     continue
                 parent = PARENT[tier]
                 if parent is not None:
-                    parent_key = self._merge_into_parent(state, work, key, tier, parent, start, entry)
-                    dirty.add(parent_key)
+                    parent_key = self._merge_into_parent(work, key, parent, start, entry)
                     by_tier[_LETTER[parent]].add((int(parent_key.split("|", 2)[1]), parent_key))
                 entry["f"] = last_offset
-                work[key] = entry
-                dirty.add(key)
+                work.put(key, entry)
                 self._emit(outputs, tier, start, entry, final=True, watermark=watermark, sender=sender)
+        for key in deletes:
+            work.delete(key)
         for letter in "dmy":
-            for key in dirty:
-                if key[0] == letter and "f" not in work[key]:
+            for key in work.written_keys():
+                if key[0] == letter and "f" not in work.get(key):
                     _, start, _ = key.split("|", 2)
                     self._emit(
                         outputs,
                         _TIER_OF[letter],
                         int(start),
-                        work[key],
+                        work.get(key),
                         final=False,
                         watermark=watermark,
                         sender=sender,
                     )
 
     def _merge_into_parent(
-        self,
-        state: MutableMapping[str, Any],
-        work: dict[str, dict[str, Any]],
-        key: str,
-        tier: Tier,
-        parent: Tier,
-        start: int,
-        entry: dict[str, Any],
+        self, work: BatchState, key: str, parent: Tier, start: int, entry: dict[str, Any]
     ) -> str:
+        """Merge the hour, day or month ``entry`` (key ``key``, starting at ``start``) into its ``parent``
+        entry, once (the parent lists the children it holds), and put the parent; returns its key."""
         _, _, entity = key.split("|", 2)
         parent_start = bucket_start(parent, start)
         parent_key = f"{_LETTER[parent]}|{parent_start}|{entity}"
-        target = work.get(parent_key)
-        if target is None:
-            target = self._load(state, parent_key) or {"o": -1, "s": {}, "c": []}
-            work[parent_key] = target
+        target = work.get(parent_key) or {OFFSET: -1, "s": {}, "c": []}
         if start not in target["c"]:
             self._merge(target["s"], entry["s"])
             target["c"].append(start)
-            target["o"] = max(target["o"], entry["o"])
+            target[OFFSET] = max(target[OFFSET], entry[OFFSET])
+        work.put(parent_key, target)
         return parent_key
 
     # -- state and outputs ----------------------------------------------------------------------------------
-
-    @staticmethod
-    def _load(state: MutableMapping[str, Any], key: str) -> dict[str, Any] | None:
-        """The stored entry; after a restore from the changelog (JSON) its bin keys are strings again."""
-        entry = state.get(key)
-        if entry is None:
-            return None
-        for agg in entry["s"].values():
-            bins = agg[5]
-            if bins and isinstance(next(iter(bins)), str):
-                agg[5] = {int(k): count for k, count in bins.items()}
-        return entry
 
     def _emit(
         self,

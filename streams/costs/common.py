@@ -9,13 +9,13 @@ Every time a cost processor reads is tz-aware already (the decoder gives tz-awar
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
 from streams.buckets import HOUR_MS, bucket_start, from_ms, to_ms
 from streams.processor import Input, PartitionBatch
+from streams.state import OFFSET
 
 COST_RECORD = "aima.metrics.CostRecord"
 ALERT_RECORD = "aima.metrics.AlertEvent"
@@ -81,56 +81,10 @@ def cost_record(kind: str, start_ms: int, end_ms: int, **fields: Any) -> dict[st
     return value
 
 
-class Entries:
-    """The batch's view of the state: each entry read (copied) once, written or deleted once at the end."""
-
-    def __init__(self, state: MutableMapping[str, Any]) -> None:
-        self._state = state
-        self._cache: dict[str, dict[str, Any] | None] = {}
-        self._dirty: set[str] = set()
-        self._deleted: set[str] = set()
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        if key not in self._cache:
-            stored = self._state.get(key)
-            self._cache[key] = None if stored is None else copy.deepcopy(dict(stored))
-        return self._cache[key]
-
-    def put(self, key: str, entry: dict[str, Any]) -> None:
-        self._cache[key] = entry
-        self._dirty.add(key)
-        self._deleted.discard(key)
-
-    def live_keys(self) -> list[str]:
-        """Every key with an entry: stored or put in this batch, less those deleted in it."""
-        found = {key for key in list(self._state) if key not in self._deleted}
-        found.update(self._dirty)
-        return sorted(found)
-
-    def delete(self, key: str) -> None:
-        self._cache[key] = None
-        self._deleted.add(key)
-        self._dirty.discard(key)
-
-    def flush(self, order: Sequence[str] = ()) -> None:
-        """Write, then delete. Keys starting with ``order[0]`` are written first, then ``order[1]`` and
-        so on, then the rest: the changelog keeps a prefix of the writes, so aggregates go before the
-        entries whose offsets say a record was folded into them."""
-
-        def rank(key: str) -> tuple[int, str]:
-            return next((i for i, prefix in enumerate(order) if key.startswith(prefix)), len(order)), key
-
-        for key in sorted(self._dirty, key=rank):
-            self._state[key] = self._cache[key]
-        for key in self._deleted:
-            if key in self._state:
-                del self._state[key]
-
-
 def since_committed(entry: Mapping[str, Any], committed: int | None) -> bool:
     """Whether ``entry`` changed while folding a record at or after the committed offset (None: nothing
     committed), so outputs made then may not have been published."""
-    offset = entry.get("offset")
+    offset = entry.get(OFFSET)
     return committed is None or (offset is not None and offset >= committed)
 
 

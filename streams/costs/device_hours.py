@@ -3,6 +3,7 @@ the IdleHoursProcessor (streams/costs/idle_hours.py) sets them against the alloc
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, MutableMapping
 from datetime import timedelta
 from typing import Any
@@ -13,7 +14,6 @@ from streams.costs.common import (
     DEVICE_HOURS,
     DEVICE_SOURCE_PREFIX,
     MS,
-    Entries,
     cost_record,
     hour_crossed,
     since_committed,
@@ -21,6 +21,7 @@ from streams.costs.common import (
     split_by_hour,
 )
 from streams.processor import Input, Output, PartitionBatch, Result
+from streams.state import OFFSET, BatchState
 
 
 class DeviceHoursProcessor:
@@ -49,7 +50,7 @@ class DeviceHoursProcessor:
         self._retention_ms = retention // MS
 
     def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
-        e = Entries(state)
+        e = BatchState(state, load=copy.deepcopy)
         retention = self._retention_ms
         mark = None if batch.previous_watermark is None else to_ms(batch.previous_watermark)
         result = Result()
@@ -73,9 +74,9 @@ class DeviceHoursProcessor:
                     "gpu_uuid": uuid,
                     "last_ms": None,
                     "hours": {},
-                    "offset": -1,
+                    OFFSET: -1,
                 }
-            if offset <= device["offset"]:
+            if offset <= device[OFFSET]:
                 continue
             horizon = bucket_start("hour", mark - retention)
             if t < horizon:
@@ -92,7 +93,7 @@ class DeviceHoursProcessor:
                     changed[key][1].add(hour)
             if last is None or t > last:
                 device["last_ms"] = t
-            device["gpu_model"], device["offset"] = model, offset
+            device["gpu_model"], device[OFFSET] = model, offset
         for device, hours in changed.values():
             for hour in sorted(hours):
                 if str(hour) not in device["hours"]:

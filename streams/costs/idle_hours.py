@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import MutableMapping
 from datetime import timedelta
@@ -15,13 +16,13 @@ from streams.costs.common import (
     DEVICE_SOURCE_PREFIX,
     INDEX,
     MS,
-    Entries,
     cost_record,
     hour_label,
     since_committed,
     span,
 )
 from streams.processor import Output, PartitionBatch, Result
+from streams.state import OFFSET, BatchState
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class IdleHoursProcessor:
         self._stale_ms = stale_after // MS
 
     def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
-        e = Entries(state)
+        e = BatchState(state, order=("idle|",), load=copy.deepcopy)  # the figures before the clock
         index = e.get(INDEX) or {"devices": {}, "dropped_before": None}
         progress: dict[str, int] = index["devices"]
         """Newest hour seen per device: the clock."""
@@ -92,15 +93,15 @@ class IdleHoursProcessor:
                 continue
             key = f"idle|{model}|{hour}"
             entry = e.get(key)
-            if entry is not None and record.offset <= entry["offset"]:
+            if entry is not None and record.offset <= entry[OFFSET]:
                 continue  # a replay
             if entry is None and dropped is not None and hour < dropped:
                 left_out.append(hour)
                 continue
             if entry is None:
-                entry = {"gpu_model": model, "hour_ms": hour, "devices": {}, "allocated": {}, "offset": -1}
+                entry = {"gpu_model": model, "hour_ms": hour, "devices": {}, "allocated": {}, OFFSET: -1}
             entry[side][sender] = figure
-            entry["offset"] = record.offset
+            entry[OFFSET] = record.offset
             e.put(key, entry)
             changed[key] = entry
         if left_out:
@@ -138,5 +139,5 @@ class IdleHoursProcessor:
                         e.delete(key)
                 index["dropped_before"] = horizon
             e.put(INDEX, index)
-        e.flush(order=("idle|",))
+        e.flush()
         return result

@@ -5,6 +5,7 @@ what the clock is."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import MutableMapping
 from datetime import datetime, timedelta
@@ -19,7 +20,6 @@ from streams.costs.common import (
     INDEX,
     JOBS_BY_PROJECT,
     MS,
-    Entries,
     by_watermark_hour,
     cost_record,
     gpu_hours_by_hour,
@@ -31,6 +31,7 @@ from streams.costs.common import (
 )
 from streams.pricing import PriceCatalogue, Reloading
 from streams.processor import Input, Output, PartitionBatch, Result
+from streams.state import OFFSET, BatchState
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,13 @@ class CostProcessor:
 
     def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
         prices, book = self._prices.current(), self._budgets.current()
-        entries = Entries(state)
+        # Buckets (replace-by-job, so folding a record twice changes nothing) before the index and the job
+        # entries whose offsets mark a record as folded.
+        entries = BatchState(state, order=("month|", "day|", "hour|", INDEX, "job|"), load=copy.deepcopy)
         outputs: list[Output] = []
         for part in by_watermark_hour(batch):
             _CostRun(self, part, state, entries, prices, book, outputs).execute()
-        entries.flush(order=("month|", "day|", "hour|", INDEX, "job|"))
+        entries.flush()
         return Result(outputs=outputs)
 
     def price(
@@ -106,17 +109,17 @@ class _CostRun:
         processor: CostProcessor,
         batch: PartitionBatch,
         state: MutableMapping[str, Any],
-        entries: Entries,
+        entries: BatchState,
         prices: PriceCatalogue,
         book: BudgetBook,
         outputs: list[Output],
     ) -> None:
         self.p, self.batch, self.state, self.prices, self.book = processor, batch, state, prices, book
         self.e = entries
-        self.index = self.e.get(INDEX) or {"offset": None, "now_ms": None, "running": [], "months": []}
+        self.index = self.e.get(INDEX) or {OFFSET: None, "now_ms": None, "running": [], "months": []}
         self.now_ms = max(to_ms(batch.watermark), self.index["now_ms"] or 0)
         self.horizon = bucket_start("hour", self.now_ms - processor.retention_ms)
-        self.offset = batch.last_offset if len(batch.inputs) else self.index["offset"]
+        self.offset = batch.last_offset if len(batch.inputs) else self.index[OFFSET]
         self.outputs = outputs
         self.buckets: dict[str, dict[str, Any]] = {}
         self.months: set[str] = set()
@@ -174,7 +177,7 @@ class _CostRun:
         value = record.value
         key = f"job|{value['job_id']}"
         job = self.e.get(key)
-        if job is not None and record.offset <= job["offset"]:
+        if job is not None and record.offset <= job[OFFSET]:
             return  # a replay
         event = value["event"]
         if event == "started":
@@ -209,7 +212,7 @@ class _CostRun:
             ended.append(job)
         else:
             return  # queued: no GPU time yet
-        job["offset"] = record.offset
+        job[OFFSET] = record.offset
         self.e.put(key, job)
         touched[job["job_id"]] = job
 
@@ -239,7 +242,7 @@ class _CostRun:
                 bucket["jobs"][job["job_id"]] = counted
             else:
                 bucket["jobs"].pop(job["job_id"], None)
-            bucket["offset"] = self.offset
+            bucket[OFFSET] = self.offset
             self.buckets[key] = bucket
             self.e.put(key, bucket)
         if final:
@@ -310,7 +313,7 @@ class _CostRun:
                 or {"project": project, "day_ms": hour - hour % DAY_MS}
             )
             day.setdefault("costs", {})[f"{slot(bucket)}|{hour}"] = cost
-            day["offset"] = self.offset
+            day[OFFSET] = self.offset
             days[day_key] = day
         for day_key, day in days.items():
             self.e.put(day_key, day)
@@ -318,7 +321,7 @@ class _CostRun:
             month = self._month(month_key, day["project"], day["day_ms"])
             known = [cost for cost in day["costs"].values() if cost is not None]
             month["days"][from_ms(day["day_ms"]).strftime("%d")] = sum(known)
-            month["offset"] = self.offset
+            month[OFFSET] = self.offset
             self.e.put(month_key, month)
             self.months.add(month_key)
 
@@ -411,7 +414,7 @@ class _CostRun:
                     resolved.append(rule)
                     changed = True
         if changed:
-            month["offset"] = self.offset
+            month[OFFSET] = self.offset
             self.e.put(key, month)
 
     def _alert(

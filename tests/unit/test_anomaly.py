@@ -220,3 +220,22 @@ def test_a_resumed_partition_sends_again_what_is_not_committed() -> None:
     assert again[0].value["score"] == pytest.approx(18.75 / (1.4826 * 1.25))
     # Committed: nothing again.
     assert feed.apply(replace(calm, resumed=True, committed_offset=6)) == []
+
+
+def test_findings_remembered_under_the_old_offset_name_are_sent_again() -> None:
+    """State written when a sent finding kept its offset as ``o`` (before streams/state.py) re-sends as
+    it did."""
+    feed = Feed(AnomalyProcessor(HAND))
+    feed.run(10, 12, 10, 12)
+    feed.apply(feed.batch(30))  # offset 4: an anomaly and an alert
+    calm = feed.batch(15)
+    feed.apply(calm)
+    for entry in feed.state.values():
+        for finding in entry.get("sent", ()):
+            finding["o"] = finding.pop("offset")
+    again = feed.apply(replace(calm, resumed=True, committed_offset=4))
+    assert [(o.topic_key, o.value.get("status")) for o in again] == [
+        ("anomalies", None),
+        ("alerts", "firing"),
+    ]
+    assert feed.apply(replace(calm, resumed=True, committed_offset=6)) == []
