@@ -33,16 +33,27 @@ def stream() -> None:
 )
 def sink(batch_max: int, batch_timeout_s: float, writers: int | None) -> None:
     """Store samples, rollups, costs, alerts, anomalies and dead letters in PostgreSQL/TimescaleDB."""
-    from consumers.settings import SinkSettings
+    from consumers.settings import RetentionSettings, SinkSettings
     from consumers.sink import run
 
     if writers is not None and writers < 1:
         raise click.BadParameter("must be at least 1", param_hint="--writers")
     settings = Settings()
-    writers = writers if writers is not None else SinkSettings().writers
+    sink_settings = SinkSettings()
+    retention = RetentionSettings()  # read now, so a bad period stops the sink at its start
+    writers = writers if writers is not None else sink_settings.writers
     service = Service("sink", settings)
     service.start()
-    run(settings, service=service, batch_max=batch_max, batch_timeout_s=batch_timeout_s, writers=writers)
+    run(
+        settings,
+        service=service,
+        batch_max=batch_max,
+        batch_timeout_s=batch_timeout_s,
+        writers=writers,
+        # Retention by itself (K2): the running sink applies it, under `up`, compose and Kubernetes alike.
+        retention_every_s=sink_settings.retention_every_s or None,
+        retention=retention,
+    )
     service.stopped()
 
 
@@ -125,19 +136,30 @@ def silence_rm(silence_id: str) -> None:
 
 @click.command("retention")
 @click.option("--dry-run", is_flag=True, help="only list what would be dropped")
-def db_retention(dry_run: bool) -> None:
-    """Apply the retention policies (raw 24 h, hourly 7 d, daily 30 d, monthly 1 y, yearly forever)."""
-    from consumers.retention import apply_retention
+@click.option("--schema", default=None, help="schema to work in (default: the database's search_path)")
+def db_retention(dry_run: bool, schema: str | None) -> None:
+    """Apply retention once (periods: AIMA_RETENTION_*; raw 24 h, hourly 7 d, daily 30 d, monthly 1 y,
+    yearly forever, ...). The running sink does this by itself every AIMA_SINK_RETENTION_EVERY_S."""
+    from psycopg import sql
 
-    with psycopg.connect(Settings().database_dsn()) as conn:
-        actions = apply_retention(conn, dry_run=dry_run)
-    verb = "would drop" if dry_run else "dropped"
+    from consumers.retention import apply_retention, summary
+    from consumers.settings import RetentionSettings
+
+    retention = RetentionSettings()
+    with psycopg.connect(Settings().database_dsn(), autocommit=True) as conn:
+        if schema:
+            conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(schema)))
+        actions = apply_retention(conn, dry_run=dry_run, settings=retention)
     for action in actions:
+        if action.kind == "delete_rows" and not action.rows:
+            continue  # a table with nothing expired
         rows = "" if action.rows is None else f" ({action.rows} rows)"
         cutoff = action.cutoff.isoformat() if action.cutoff else "-"
-        where = f"{action.kind:<10} {action.table:<18} {action.target:<40}"
-        click.echo(f"{where} tier {action.tier:<6} before {cutoff}{rows}")
-    click.echo(f"{verb} {len(actions)} item(s)" if actions else "nothing has expired")
+        where = f"{action.kind:<14} {action.table:<18} {action.target:<40}"
+        tier = f" {action.tier}" if action.tier else ""
+        detail = f" {action.detail}" if action.detail else ""
+        click.echo(f"{where}{tier} before {cutoff}{rows}{detail}")
+    click.echo(summary(actions, dry_run))
 
 
 @click.command()

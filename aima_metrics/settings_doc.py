@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings
 from aima_metrics.settings import LifecycleSettings, StackSettings
 from api.config import ApiSettings
 from bus.settings import REPO_ROOT, Settings, env_name, shown_default
-from consumers.settings import NotifySettings, SinkSettings
+from consumers.settings import NotifySettings, RetentionSettings, SinkSettings
 from producers.settings import CollectorSettings, PseudonymSettings
 from streams.settings import AlertSettings, AnomalySettings, CostSettings, StreamsSettings
 
@@ -34,6 +34,7 @@ MODELS: tuple[tuple[str, type[BaseSettings]], ...] = (
     ("alert processor", AlertSettings),
     ("anomaly detector", AnomalySettings),
     ("sink", SinkSettings),
+    ("retention (the sink's scheduled run and `db retention`)", RetentionSettings),
     ("notifier", NotifySettings),
     ("API and token commands", ApiSettings),
     ("collectors (`aima-metrics collect`)", CollectorSettings),

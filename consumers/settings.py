@@ -1,16 +1,23 @@
-"""The consumers' settings beyond :class:`bus.settings.Settings`: the sink's writers and the notifier's
-routing file. Their `aima-metrics` commands build them once at the start and pass them down."""
+"""The consumers' settings beyond :class:`bus.settings.Settings`: the sink's writers and retention
+schedule, how long each table keeps its rows, and the notifier's routing file. Their `aima-metrics`
+commands build them once at the start and pass them down."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from bus.durations import parse_duration
 from bus.settings import AimaSettings, described
 
-__all__ = ["NotifySettings", "SinkSettings"]
+__all__ = ["FOREVER", "NotifySettings", "RetentionSettings", "SinkSettings"]
+
+FOREVER = ("forever", "unlimited", "never")
+"""Values of an AIMA_RETENTION_* variable that keep a table's rows for ever."""
 
 
 class SinkSettings(AimaSettings):
@@ -22,6 +29,90 @@ class SinkSettings(AimaSettings):
         description="database connections the sink writes batches on, side by side (`aima-metrics sink "
         "--writers` overrides it)",
     )
+    retention_every_s: float = Field(
+        3600.0,
+        ge=0,
+        description="seconds between the sink's retention runs (the periods: AIMA_RETENTION_*); 0: never "
+        "(then only `aima-metrics db retention` applies it). With TimescaleDB the tables its own policies "
+        "trim are left to them",
+    )
+
+
+class RetentionSettings(AimaSettings):
+    """How long each table keeps its rows (D2, K2): durations such as 24h, 7d, 1y (a year is 365 days), or
+    ``forever``. consumers/retention.py's POLICIES says which table and column each one governs; the sink's
+    scheduled run and `aima-metrics db retention` both read this model."""
+
+    model_config = SettingsConfigDict(env_prefix="AIMA_RETENTION_")
+
+    raw: timedelta | None = described(
+        timedelta(hours=24),
+        "raw samples (gpu_samples, system_samples, system_disk_samples, system_network_samples, job_timings, "
+        "job_events, queue_samples, pod_status; by time); plain PostgreSQL drops whole daily partitions, so "
+        "a row lives up to one day longer. With TimescaleDB its retention policy, set at migration, rules",
+        shown="24h",
+    )
+    hour: timedelta | None = described(
+        timedelta(days=7), "hourly rollups (rollups of tier hour; by bucket_end)", shown="7d"
+    )
+    day: timedelta | None = described(
+        timedelta(days=30), "daily rollups (rollups of tier day; by bucket_end)", shown="30d"
+    )
+    month: timedelta | None = described(
+        timedelta(days=365), "monthly rollups (rollups of tier month; by bucket_end)", shown="1y"
+    )
+    year: timedelta | None = described(
+        None, "yearly rollups (rollups of tier year; by bucket_end)", shown="forever"
+    )
+    costs: timedelta | None = described(
+        timedelta(days=365),
+        "GPU hours and job costs (costs of kind gpu_hours and job_cost; by period_end)",
+        shown="1y",
+    )
+    budgets: timedelta | None = described(
+        timedelta(days=730),
+        "budget figures (costs of kind budget, the budgets view; by period_end, so a running period stays)",
+        shown="2y",
+    )
+    alert_history: timedelta | None = described(
+        timedelta(days=90),
+        "alert state changes (alert_history; by event_time); the firing row of an episode not yet resolved "
+        "stays, so current alerts are never lost",
+        shown="90d",
+    )
+    anomalies: timedelta | None = described(timedelta(days=30), "anomalies (by time)", shown="30d")
+    dead_letters: timedelta | None = described(
+        timedelta(days=30), "dead letters of every stage (dead_letters; by time)", shown="30d"
+    )
+    notification_log: timedelta | None = described(
+        timedelta(days=90),
+        "what the notifier delivered where (notification_log; by updated_at); rows of an episode still "
+        "firing in alert_history stay, so its resolution is still told once",
+        shown="90d",
+    )
+    audit_log: timedelta | None = described(
+        timedelta(days=365),
+        "API access audit (audit_log; by time; A3 asks for at least a year)",
+        shown="1y",
+    )
+    silences: timedelta | None = described(
+        timedelta(days=90),
+        "silences that ended this long ago (silences; by ends_at: a pending or active one never goes). "
+        "api_tokens are never expired (revoke them instead)",
+        shown="90d",
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in FOREVER:
+            return None
+        if value is None or isinstance(value, timedelta) or (isinstance(value, str) and not value.strip()):
+            return value  # a blank value keeps the default (AimaSettings)
+        keep = parse_duration(value)  # its InvalidDuration is a ValueError: pydantic names the variable
+        if keep <= timedelta(0):
+            raise ValueError(f"must be longer than 0 or one of {', '.join(FOREVER)}")
+        return keep
 
 
 class NotifySettings(AimaSettings):

@@ -60,6 +60,7 @@ from bus.runtime import Service, bounded_call
 from bus.settings import Settings
 from bus.topics import BY_KEY, topic_name
 from bus.validation import FUTURE_EVENT_TIME, ColumnValidator, EventTimeGuard, Validator
+from consumers.settings import RetentionSettings
 from consumers.sink_chunks import Chunk
 from consumers.sink_letters import Letter, LetterOutbox
 from consumers.sink_metrics import SinkMetrics
@@ -792,6 +793,7 @@ def run(
     codec: Codec | None = None,
     maintenance_every_s: float | None = 3600.0,
     retention_every_s: float | None = None,
+    retention: RetentionSettings | None = None,
     shutdown_timeout_s: float = 10.0,
     retry_max_s: float = 5.0,
     consumer_config: dict[str, Any] | None = None,
@@ -804,8 +806,9 @@ def run(
     service's. Without a ``service``, one named ``sink`` is started (signals, metrics port) and stopped
     here; a caller's service is left for the caller to stop.
     ``maintenance_every_s``: how often daily partitions are created ahead (plain PostgreSQL).
-    ``retention_every_s``: also apply retention this often (None: leave it to ``db retention`` or, with
-    TimescaleDB, to its policies).
+    ``retention_every_s``: also apply retention this often (None: leave it to ``db retention``; the
+    `sink` command passes SinkSettings.retention_every_s), with the periods of ``retention`` (default the
+    environment's); with TimescaleDB what its policies trim is left to them.
     ``shutdown_timeout_s``: how long a stop waits for an unavailable database to store the batch in
     hand (never past what the stop bound leaves); what it does not store is read again at the next start.
     ``writers``: database connections writing batches side by side (PostgreSQL's COPY is the sink's
@@ -828,6 +831,7 @@ def run(
                 retry_max_s=retry_max_s,
                 maintenance_every_s=maintenance_every_s if i == 0 else None,
                 retention_every_s=retention_every_s if i == 0 else None,
+                retention=retention,
             )
             for i in range(writers)
         ]

@@ -28,6 +28,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from consumers.settings import RetentionSettings
 from consumers.sink_chunks import Chunk
 from consumers.tables import BY_NAME, TABLES, Table, dead_letter_row
 
@@ -122,6 +123,7 @@ class Writer:
         connect_timeout_s: int = 5,
         maintenance_every_s: float | None = 3600.0,
         retention_every_s: float | None = None,
+        retention: RetentionSettings | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._dsn = dsn
@@ -132,6 +134,7 @@ class Writer:
         self._connect_timeout_s = connect_timeout_s
         self._maintenance_every_s = maintenance_every_s
         self._retention_every_s = retention_every_s
+        self._retention = retention
         self._clock = clock
         self._conn: psycopg.Connection | None = None
         self._types: dict[str, list[int]] = {}
@@ -349,7 +352,10 @@ class Writer:
         if self._retention_every_s is not None and now - self._last_retention >= self._retention_every_s:
             from consumers.retention import apply_retention
 
-            self._best_effort(conn, "retention", lambda: apply_retention(conn))
+            # scheduled: what TimescaleDB's own policies trim is left to them.
+            self._best_effort(
+                conn, "retention", lambda: apply_retention(conn, settings=self._retention, scheduled=True)
+            )
             self._last_retention = now
 
     def _best_effort(self, conn: psycopg.Connection, what: str, step: Callable[[], object]) -> None:
