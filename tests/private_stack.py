@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -18,16 +19,44 @@ from pathlib import Path
 
 from bus.settings import REPO_ROOT, Settings
 
-__all__ = ["PrivateStack", "free_port"]
+__all__ = ["PrivateStack", "free_port", "free_port_block"]
 
 INFRA = REPO_ROOT / "infra"
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now (the kernel's pick)."""
+def _bindable(port: int) -> bool:
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        try:
+            probe.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port_block(size: int = 10) -> int:
+    """A base port whose ``size`` ports from it are all free now, below the kernel's ephemeral range: a
+    port among the ephemeral ones (the kernel's ``bind(0)`` pick, plus n) can be taken by any test's
+    outgoing connection or ``bind(0)`` before the process meant for it listens (tests run side by side
+    under xdist)."""
+    top = _ephemeral_start() - size
+    for _ in range(200):
+        base = random.randrange(20_000, top)
+        if all(_bindable(base + i) for i in range(size)):
+            return base
+    raise RuntimeError(f"no free block of {size} ports below {top + size}")
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now, for a server a test starts (see :func:`free_port_block`
+    for why not the kernel's pick)."""
+    return free_port_block(1)
 
 
 class PrivateStack:

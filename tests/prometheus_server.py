@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -21,15 +20,11 @@ import httpx
 import pytest
 import yaml
 
+from tests.private_stack import free_port
+
 __all__ = ["PrometheusServer", "free_port", "running_prometheus", "wait_until"]
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(check: Callable[[], T], timeout_s: float, what: str, every_s: float = 0.25) -> T:

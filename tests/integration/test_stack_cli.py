@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,14 +17,9 @@ from aima_metrics.stack import INFRA
 from bus.codec import Codec
 from bus.settings import Settings
 from bus.topics import TOPICS, topic_name
+from tests.private_stack import free_port, free_port_block
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _first_record(settings: Settings, key: str, timeout_s: float = 60) -> dict | None:
@@ -48,24 +42,6 @@ def _first_record(settings: Settings, key: str, timeout_s: float = 60) -> dict |
         consumer.close()
 
 
-def _free_port_block(size: int = 10) -> int:
-    """A base port whose next ``size`` ports are free now."""
-    for _ in range(50):
-        base = _free_port()
-        if base + size < 65535 and all(_port_free(base + i) for i in range(1, size)):
-            return base
-    raise RuntimeError("no free block of ports")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def _cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "aima_metrics", *args],
@@ -84,11 +60,11 @@ def test_up_status_down_from_empty_state(tmp_path: Path) -> None:
     env = dict(
         os.environ,
         AIMA_STATE_DIR=str(state),
-        AIMA_KAFKA_PORT=str(_free_port()),
-        AIMA_KAFKA_CONTROLLER_PORT=str(_free_port()),
-        AIMA_PG_PORT=str(_free_port()),
-        AIMA_PORT_BASE=str(_free_port_block()),
-        AIMA_GPU_EXPORTER_PORT=str(_free_port()),
+        AIMA_KAFKA_PORT=str(free_port()),
+        AIMA_KAFKA_CONTROLLER_PORT=str(free_port()),
+        AIMA_PG_PORT=str(free_port()),
+        AIMA_PORT_BASE=str(free_port_block()),
+        AIMA_GPU_EXPORTER_PORT=str(free_port()),
     )
     env.pop("AIMA_KAFKA_BOOTSTRAP", None)
     env.pop("AIMA_DATABASE_URL", None)

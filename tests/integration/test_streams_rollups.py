@@ -9,7 +9,6 @@ import math
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from bus.settings import REPO_ROOT, Settings
 from bus.topics import BY_KEY, topic_name
 from streams.buckets import HOUR_MS, TIERS, bucket_end, bucket_start, to_ms
 from streams.series import series_id
+from tests.private_stack import free_port as _free_port
 
 pytestmark = pytest.mark.integration
 
@@ -244,12 +244,6 @@ def worker(settings: Settings, app_id: str, log: Path, **env: str) -> subprocess
         return subprocess.Popen(
             [sys.executable, "-m", "streams.main"], env=environment, cwd=REPO_ROOT, stdout=out, stderr=out
         )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _events(port: int) -> float:

@@ -25,21 +25,13 @@ import psutil
 import pytest
 
 from aima_metrics.stack import INFRA
-from tests.private_stack import free_port
+from tests.private_stack import free_port, free_port_block
 
 pytestmark = pytest.mark.integration
 
 STOP_TIMEOUT_S = 10.0
 START_DEADLINE_S = 300.0
 UP = [sys.executable, "-m", "aima_metrics", "up"]
-
-
-def _port_block(size: int = 10) -> int:
-    for _ in range(50):
-        base = free_port()
-        if base + size < 65535 and all(_listening(base + i) is False for i in range(1, size)):
-            return base
-    raise RuntimeError("no free block of ports")
 
 
 def _listening(port: int) -> bool:
@@ -53,7 +45,7 @@ def state() -> Iterator[tuple[Path, dict[str, str]]]:
     # The PostgreSQL server runs as the 'postgres' user, which must reach the state folder.
     folder = Path(tempfile.mkdtemp(prefix="aima-up-stop-"))
     folder.chmod(0o755)
-    base = _port_block()
+    base = free_port_block()
     env = dict(
         os.environ,
         AIMA_STATE_DIR=str(folder),
