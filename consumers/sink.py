@@ -258,6 +258,8 @@ class Sink:
         now = self._clock()
         if self._batch_due(now) and self._free_writer() is not None:
             self._submit()
+        elif not self._batch and not self._inflight and self._writers[0].upkeep_due():
+            self._submit_upkeep(now)
         if self._ready_to_commit:  # after the hand-over: the writer works on while offsets commit
             self._commit()
         full = len(self._batch) >= self._batch_max
@@ -510,6 +512,12 @@ class Sink:
         future = self._executors[index].submit(self._writers[index].write, entries)
         self._inflight.append(_InFlight(future, offsets, len(entries), started, index, letters))
 
+    def _submit_upkeep(self, now: float) -> None:
+        """An idle sink hands its first writer (the one doing partition upkeep and retention) an empty
+        write, so retention runs on schedule also while no record comes; it carries no offsets."""
+        future = self._executors[0].submit(self._writers[0].write, [])
+        self._inflight.append(_InFlight(future, {}, 0, now, 0))
+
     def _free_writer(self) -> int | None:
         """A writer with no batch still being written (its last one may wait for an older batch)."""
         busy = {inflight.writer for inflight in self._inflight if not inflight.future.done()}
@@ -524,7 +532,8 @@ class Sink:
             # at-least-once step 3: after the database commit, the database's dead letters are sent
             for letter in result.letters:
                 self._publish_letter(letter, inflight.letters)
-            self._account(inflight, result)
+            if inflight.records:  # an upkeep-only write is no batch
+                self._account(inflight, result)
             self._ready_to_commit.append(inflight)
         if commit and self._ready_to_commit:
             self._commit()
@@ -581,7 +590,8 @@ class Sink:
         now = self._clock()
         self._metrics.batch_seconds.labels("commit").observe(now - started)
         for done in batches:
-            self._metrics.batch_seconds.labels("total").observe(now - done.started)
+            if done.records:
+                self._metrics.batch_seconds.labels("total").observe(now - done.started)
 
     def _drain(self) -> None:
         """Stop: store and commit the batch in hand, waiting at most ``shutdown_timeout_s`` for the

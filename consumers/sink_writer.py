@@ -150,10 +150,22 @@ class Writer:
         """Store every entry's rows; returns once they are committed. Raises Aborted or a fatal error."""
         result = WriteResult()
         started = self._clock()
-        if entries:
+        if entries or self.upkeep_due():  # no entries: the upkeep alone (the sink asks while idle)
             self._write_or_bisect(list(entries), result)
         result.seconds = self._clock() - started
         return result
+
+    def upkeep_due(self) -> bool:
+        """Whether partition upkeep or retention is due: the sink hands an idle writer an empty write then,
+        so retention runs on schedule also while no record comes."""
+        now = self._clock()
+        return any(
+            every is not None and now - last >= every
+            for every, last in (
+                (self._maintenance_every_s, self._last_maintenance),
+                (self._retention_every_s, self._last_retention),
+            )
+        )
 
     def close(self) -> None:
         if self._conn is not None:

@@ -175,6 +175,17 @@ def test_the_running_sink_applies_retention_by_itself(
             assert f"{wave}-new" in tags[table], table
 
 
+def test_an_idle_sink_applies_retention_too(topics: Settings, db_schema: str, db: psycopg.Connection) -> None:
+    # No record comes at all: the sink still hands its writer the upkeep on schedule.
+    _old_and_fresh(db, "idle")
+    with running_sink(topics, db_schema, retention_every_s=1.0, retention=DEFAULTS):
+        wait_until(lambda: _only_fresh_left(db, "idle"), timeout_s=90, what="old rows gone, none sent")
+        _old_and_fresh(db, "idle2")
+        wait_until(lambda: _only_fresh_left(db, "idle2"), timeout_s=90, what="and again on the schedule")
+    tags = _tags(db)
+    assert {"idle-new", "idle2-new"} <= tags["gpu_samples"] and {"idle-new", "idle2-new"} <= tags["audit_log"]
+
+
 # -- (2) each table's period, exactly ---------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """The sink's loop without Kafka or PostgreSQL: a Sink given doubles of its clients (tests/unit/
 kafka_doubles.py, and a writer that stores nothing until the test lets it) hands a full batch to the
 writer and commits the batch's offsets only once the writer's future has completed; a stop closes every
-client it was given."""
+client it was given; an idle sink hands its first writer an empty write when upkeep (retention) is due."""
 
 from __future__ import annotations
 
@@ -31,10 +31,17 @@ class GatedWriter:
         self.retrying = False
         self.taken: list[list[int]] = []
         self.closed = False
+        self.upkeeps_due = 0
+        """How many more times ``upkeep_due`` answers True (as a writer whose retention came due)."""
+
+    def upkeep_due(self) -> bool:
+        return self.upkeeps_due > 0
 
     def write(self, entries: Sequence[Entry]) -> WriteResult:
         offsets = [entry.offset for entry in entries]
         self.taken.append(offsets)
+        if not entries:
+            self.upkeeps_due -= 1
         assert self.gate.wait(30), "the test never opened the gate"
         self.journal.append(("stored", offsets))
         rows = Counter({"gpu_samples": len(entries)})
@@ -87,3 +94,41 @@ def test_a_batch_is_committed_only_after_its_write_completes() -> None:
     assert commits.committed == {(topic, 0): 5}  # the broker's answer reached the tracker
     assert sink.stats.records == 5 and sink.stats.stored == {"gpu_samples": 5}
     assert consumer.closed and writer.closed
+
+
+def test_an_idle_sink_hands_its_writer_the_upkeep_when_it_is_due_and_commits_nothing_for_it() -> None:
+    settings = Settings(kafka_bootstrap="127.0.0.1:1", topic_prefix="unit.")
+    journal: Journal = []
+    metrics = SinkMetrics(CollectorRegistry())
+    commits = CommitTracker(metrics.commit_failures)
+    consumer = FakeConsumer(journal, [], commits.on_commit)
+    writer = GatedWriter(journal)
+    writer.gate.set()
+    sink = Sink(
+        settings,
+        consumer=consumer,  # type: ignore[arg-type]
+        producer=FakeProducer(journal),  # type: ignore[arg-type]
+        writers=[writer],  # type: ignore[list-item]
+        commits=commits,
+        metrics=metrics,
+        codec=Codec(),
+        topics=("gpu.samples",),
+        batch_timeout_s=0.2,
+    )
+    stopping = threading.Event()
+    thread = threading.Thread(target=sink.run, args=(stopping,), daemon=True)
+    thread.start()
+    try:
+        rounds = consumer.reads
+        wait_until(lambda: consumer.reads >= rounds + 5, "five idle rounds")
+        assert writer.taken == []  # nothing due: nothing handed over
+        writer.upkeeps_due = 2
+        wait_until(lambda: writer.taken == [[], []], "two upkeep-only writes")
+        rounds = consumer.reads
+        wait_until(lambda: consumer.reads >= rounds + 5, "five more idle rounds")
+    finally:
+        stopping.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert writer.taken == [[], []]  # once done, no more
+    assert consumer.committed == [] and sink.stats.batches == 0
