@@ -49,15 +49,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from ddsketch.mapping import LogarithmicMapping
 
 from bus.topics import BY_KEY
+from streams.aggregate import Aggregate, bins_of
 from streams.buckets import TIERS, Tier, bucket_end, iso, to_ms
 from streams.processor import Output, PartitionBatch, Result
-from streams.rollups import PARTIALS_TOPIC, ROLLUP_RECORD, quantile_of_bins
+from streams.rollups import PARTIALS_TOPIC, ROLLUP_RECORD
 from streams.state import BatchState
 
 __all__ = ["RollupMerger"]
@@ -72,8 +74,74 @@ _NEVER = -(2**62)
 _BUCKETS_FIRST = tuple(f"{_LETTER[tier]}|" for tier in TIERS)
 """The write order: bucket entries before the senders' progress (``_PROGRESS``, the rest)."""
 
-# A sender's partial: [count, sum, min, max, final, watermark ms, relative accuracy, zero count, keys, counts]
-Part = list[Any]
+
+@dataclass(slots=True)
+class _Part:
+    """A sender's latest partial of one bucket. Stored (state, changelog JSON) as ``[count, sum, min, max,
+    final, watermark ms, relative accuracy, zero count, keys, counts]``, as it always was."""
+
+    aggregate: Aggregate
+    final: bool
+    watermark: int
+    accuracy: float
+
+    @classmethod
+    def of_rollup(cls, rollup: Mapping[str, Any]) -> _Part:
+        sketch = rollup["sketch"]
+        aggregate = Aggregate(
+            int(rollup["count"]),
+            float(rollup["sum"]),
+            float(rollup["min"]),
+            float(rollup["max"]),
+            float(sketch["zero_count"]),
+            bins_of([int(k) for k in sketch["keys"]], [float(c) for c in sketch["counts"]]),
+        )
+        accuracy = float(sketch["relative_accuracy"])
+        return cls(aggregate, bool(rollup["final"]), _ms(rollup["watermark"]), accuracy)
+
+    @classmethod
+    def from_state(cls, stored: list[Any]) -> _Part:
+        count, total, low, high, final, watermark, accuracy, zeros, keys, counts = stored
+        aggregate = Aggregate(count, total, low, high, zeros, bins_of(keys, counts))
+        return cls(aggregate, final, watermark, accuracy)
+
+    def to_state(self) -> list[Any]:
+        agg = self.aggregate
+        return [
+            agg.count,
+            agg.sum,
+            agg.min,
+            agg.max,
+            self.final,
+            self.watermark,
+            self.accuracy,
+            agg.zeros,
+            list(agg.bins),
+            list(agg.bins.values()),
+        ]
+
+    def grows(self, old: _Part | None) -> bool:
+        """Whether this partial is later than ``old`` in its sender's order (the module doc)."""
+        return old is None or (self.aggregate.count, self.final) > (old.aggregate.count, old.final)
+
+
+def _loaded(stored: Any) -> Any:
+    """A stored entry as the merge works on it: a bucket's partials as :class:`_Part` (the senders'
+    progress as it is); the stored entry itself is left as it was."""
+    if "p" not in stored:
+        return stored if type(stored) is not dict else dict(stored)
+    entry = dict(stored)
+    entry["p"] = {sender: _Part.from_state(part) for sender, part in stored["p"].items()}
+    return entry
+
+
+def _stored(entry: Any) -> Any:
+    """The stored (JSON) form of a working entry (:func:`_loaded`)."""
+    if type(entry) is not dict or "p" not in entry:
+        return entry
+    stored = dict(entry)
+    stored["p"] = {sender: part.to_state() for sender, part in entry["p"].items()}
+    return stored
 
 
 class RollupMerger:
@@ -89,7 +157,7 @@ class RollupMerger:
         result = Result()
         if not batch.inputs:
             return result
-        work = BatchState(state, order=_BUCKETS_FIRST)
+        work = BatchState(state, order=_BUCKETS_FIRST, load=_loaded, dump=_stored)
         progress: dict[str, dict[str, int]] = {}
         moved: set[str] = set()
         changed: set[str] = set()
@@ -124,11 +192,10 @@ class RollupMerger:
                 }
             if "f" in entry:
                 continue  # final here: a sender re-sent what the final already holds
-            part = _part(rollup)
-            old = entry["p"].get(sender)
-            if old is None or (part[0], part[4]) > (old[0], old[4]):
+            part = _Part.of_rollup(rollup)
+            if part.grows(entry["p"].get(sender)):
                 entry["p"][sender] = part
-                entry["w"] = max(entry["w"], part[5])
+                entry["w"] = max(entry["w"], part.watermark)
                 work.put(key, entry)
                 changed.add(key)
 
@@ -180,7 +247,7 @@ class RollupMerger:
             letter, start, _ = key.split("|", 2)
             if closed_before is None or bucket_end(_TIER_OF[letter], int(start)) > closed_before:
                 continue
-            if not all(part[4] for part in entry["p"].values()):
+            if not all(part.final for part in entry["p"].values()):
                 # Cannot happen while senders list their finals before their progress: say so if it does.
                 log.warning("merged rollup final with a partial that is not", extra={"key": key})
             entry["f"] = batch.last_offset
@@ -219,32 +286,20 @@ class RollupMerger:
         letter, start_text, series = key.split("|", 2)
         tier, start = _TIER_OF[letter], int(start_text)
         parts = [entry["p"][sender] for sender in sorted(entry["p"], key=int)]
-        count = sum(part[0] for part in parts)
-        total = 0.0
-        for part in parts:  # in partition order, so the sum does not depend on arrival order
-            total += part[1]
-        low, high = min(part[2] for part in parts), max(part[3] for part in parts)
-        accuracy = parts[0][6]
+        first = parts[0]
+        accuracy = first.accuracy
         mapping = self._mapping(accuracy)
-        zeros = 0.0
-        bins: dict[int, float] = {}
-        for part in parts:
-            zeros += part[7]
-            if part[6] == accuracy:
-                for bin_key, weight in zip(part[8], part[9], strict=True):
-                    bins[bin_key] = bins.get(bin_key, 0.0) + weight
+        merged = Aggregate(0, 0.0, first.aggregate.min, first.aggregate.max, 0.0, {})
+        for part in parts:  # in partition order, so the sum does not depend on arrival order
+            if part.accuracy == accuracy:
+                merged.merge(part.aggregate)
             else:
                 # Bins of another width do not line up: re-bin each at its representative value (senders
                 # of one app share one accuracy, so this is for a mixed deployment only).
-                other = self._mapping(part[6])
-                for bin_key, weight in zip(part[8], part[9], strict=True):
-                    mine = mapping.key(other.value(bin_key))
-                    bins[mine] = bins.get(mine, 0.0) + weight
-        keys = sorted(bins)
-        counts = [bins[k] for k in keys]
-        p95 = quantile_of_bins(mapping, zeros, keys, counts, 0.95)
-        # The true p95 lies within [min, max]; clamping only brings the estimate closer.
-        p95 = high if p95 is None else min(max(p95, low), high)
+                other = self._mapping(part.accuracy)
+                merged.merge(part.aggregate, lambda key, other=other: mapping.key(other.value(key)))
+        keys, counts, p95 = merged.sketch_and_p95(mapping)
+        count, total, low, high, zeros = merged.count, merged.sum, merged.min, merged.max, merged.zeros
         value = {
             "series": series,
             "metric": entry["m"],
@@ -269,19 +324,3 @@ class RollupMerger:
 def _ms(moment: datetime | int) -> int:
     """A timestamp as decoded (datetime) or as a processor built it (milliseconds)."""
     return moment if isinstance(moment, int) else to_ms(moment)
-
-
-def _part(rollup: Mapping[str, Any]) -> Part:
-    sketch = rollup["sketch"]
-    return [
-        int(rollup["count"]),
-        float(rollup["sum"]),
-        float(rollup["min"]),
-        float(rollup["max"]),
-        bool(rollup["final"]),
-        _ms(rollup["watermark"]),
-        float(sketch["relative_accuracy"]),
-        float(sketch["zero_count"]),
-        [int(k) for k in sketch["keys"]],
-        [float(c) for c in sketch["counts"]],
-    ]

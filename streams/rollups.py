@@ -6,11 +6,11 @@ is what one record describes (a GPU, a host, a pod, a job), named by the labels 
 type carries, so one sample causes one state write per batch, however many metrics it carries, and every
 series lives in exactly one entry (k8s_pod_restarts {namespace, pod} and k8s_pod_status {namespace, pod,
 phase} of one pod share the pod's entry; a phase change does not split the restarts). An entry holds, per
-series, ``[count, sum, min, max, zeros, bins]``: ``bins`` maps DDSketch bin keys
-(``ddsketch.LogarithmicMapping`` of ``relative_accuracy``, the mapping of bus/sketch.py) to counts, and
-``zeros`` counts values the mapping cannot index (zero; negative values too, which the Avro ``Sketch`` cannot
-carry). Merging adds counts per key, so a month's p95 is the p95 of all its samples within the sketch's
-relative accuracy (1 % by default), not an average of p95s.
+series, an ``Aggregate`` (streams/aggregate.py; stored as ``[count, sum, min, max, zeros, bins]``): ``bins``
+maps DDSketch bin keys (``ddsketch.LogarithmicMapping`` of ``relative_accuracy``, the mapping of
+bus/sketch.py) to counts, and ``zeros`` counts values the mapping cannot index (zero; negative values too,
+which the Avro ``Sketch`` cannot carry). Merging adds counts per key, so a month's p95 is the p95 of all its
+samples within the sketch's relative accuracy (1 % by default), not an average of p95s.
 
 Lifecycle of a bucket, driven only by event time: samples fold into their hour entry while the partition's
 watermark (the largest event time seen so far, record by record in offset order) is before the hour's end
@@ -51,7 +51,6 @@ import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from functools import reduce
 from itertools import accumulate, repeat
 from math import ceil, log
 from typing import TYPE_CHECKING, Any
@@ -62,6 +61,7 @@ from ddsketch.mapping import LogarithmicMapping
 from bus.catalogue import METRICS, Metric
 from bus.sketch import DEFAULT_RELATIVE_ACCURACY
 from bus.topics import BY_KEY, TOPICS
+from streams.aggregate import Aggregate, bins_of, quantile_of_bins
 from streams.buckets import HOUR_MS, PARENT, TIERS, Tier, bucket_end, bucket_start, iso, parse_series, to_ms
 from streams.processor import Input, Output, PartitionBatch, Result
 from streams.series import series_id
@@ -90,9 +90,6 @@ _NO_WATERMARK = -(2**62)
 _LOG2 = log(2)  # the denominator of math.log(x, 2)
 _OWN_SOURCES = frozenset({"cost_processor"})
 """Catalogue sources that are the stream app's own outputs."""
-
-# An aggregate: [count, sum, min, max, zeros, {bin key: count}]
-Agg = list[Any]
 
 
 def partial_output(sender: tuple[str, int], rollup: dict[str, Any], watermark: int, source: str) -> Output:
@@ -136,32 +133,6 @@ def rollup_topics() -> tuple[str, ...]:
     folding them by event time would count every re-send and judge a month's budget record late."""
     records = {metric.record for metric in METRICS if metric.source not in _OWN_SOURCES}
     return tuple(spec.key for spec in TOPICS if spec.schema in records and not spec.internal)
-
-
-def quantile_of_bins(
-    mapping: LogarithmicMapping, zeros: float, keys: list[int], counts: list[float], q: float
-) -> float | None:
-    """The ``q`` quantile of a sketch given as ascending bin keys and their counts, exactly as
-    ``ddsketch.DDSketch.get_quantile_value`` (and so ``bus.sketch.quantile``) answers for the same bins:
-    the first bin whose running count exceeds the rank ``q * (n - 1)``. Walked from the top, where a high
-    quantile is found sooner."""
-    stored = sum(counts)
-    total = zeros + stored
-    if total <= 0:
-        return None
-    rank = q * (total - 1)
-    if rank < zeros or not keys:
-        return 0.0
-    # running(i) > rank - zeros  <=>  (counts above i) < stored - (rank - zeros)
-    limit = stored - (rank - zeros)
-    above = 0.0
-    found = len(keys) - 1
-    for index in range(len(keys) - 1, -1, -1):
-        if above >= limit:
-            break
-        found = index
-        above += counts[index]
-    return float(mapping.value(keys[found]))
 
 
 @dataclass(slots=True)
@@ -344,14 +315,19 @@ def _cumulative(mask: np.ndarray) -> np.ndarray:
     return counts
 
 
-def _restored(entry: dict[str, Any]) -> dict[str, Any]:
-    """A stored entry as the processor works on it: after a restore from the changelog (JSON) its bin keys
-    are strings again."""
-    for agg in entry["s"].values():
-        bins = agg[5]
-        if bins and isinstance(next(iter(bins)), str):
-            agg[5] = {int(k): count for k, count in bins.items()}
+def _loaded(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored entry as the processor works on it, its series' aggregates as :class:`Aggregate`; the
+    stored entry itself is left as it was (its bins aside, which the aggregates take over)."""
+    entry = dict(stored)
+    entry["s"] = {series: Aggregate.from_state(agg) for series, agg in stored["s"].items()}
     return entry
+
+
+def _stored(entry: dict[str, Any]) -> dict[str, Any]:
+    """The stored (JSON) form of a working entry (:func:`_loaded`)."""
+    stored = dict(entry)
+    stored["s"] = {series: agg.to_state() for series, agg in entry["s"].items()}
+    return stored
 
 
 def _label(value: Any) -> str | None:
@@ -419,7 +395,7 @@ class RollupProcessor:
         previous = to_ms(batch.previous_watermark) if batch.previous_watermark is not None else None
         watermark = previous if previous is not None else _NO_WATERMARK
         # Parents before children: a child is marked final only after its parent holds it.
-        work = BatchState(state, order=("y|", "m|", "d|", "h|"), load=_restored)
+        work = BatchState(state, order=("y|", "m|", "d|", "h|"), load=_loaded, dump=_stored)
         folded: set[str] = set()
 
         if columns is None:
@@ -623,25 +599,11 @@ class RollupProcessor:
                 aggs = aggs_of[number]
                 agg = aggs.get(series)
                 if agg is None:
-                    first = chunk[0]
-                    aggs[series] = agg = [0, 0.0, first, first, 0, {}]
+                    aggs[series] = agg = Aggregate.starting_at(chunk[0])
                     if rows_present is None:
                         rows_present = np.broadcast_to(order, values.shape)[present].tolist()
                     added.setdefault(number, []).append((rows_present[low], position, series))
-                agg[0] += high - low
-                agg[1] = reduce(operator.add, chunk, agg[1])
-                least = min(chunk)
-                if least < agg[2]:
-                    agg[2] = least
-                most = max(chunk)
-                if most > agg[3]:
-                    agg[3] = most
-                first_key, end_key = key_bounds[number], key_bounds[number + 1]
-                agg[4] += (high - low) - (end_key - first_key)
-                bins = agg[5]
-                get = bins.get
-                for key in keys[first_key:end_key]:
-                    bins[key] = get(key, 0) + 1
+                agg.add_column(chunk, keys[key_bounds[number] : key_bounds[number + 1]])
         for number, new in added.items():
             if len(new) > 1:  # inserted metric by metric: reinsert them as the records brought them
                 new.sort()
@@ -662,7 +624,7 @@ class RollupProcessor:
         return keys
 
     def _fold_group(
-        self, entity: _Entity, group: _Group, value: Mapping[str, Any], aggs: dict[str, Agg]
+        self, entity: _Entity, group: _Group, value: Mapping[str, Any], aggs: dict[str, Aggregate]
     ) -> None:
         multiplier, smallest = self._multiplier, self._min_indexable
         for name, series in group.scalars:
@@ -672,19 +634,8 @@ class RollupProcessor:
             x = float(raw)
             agg = aggs.get(series)
             if agg is None:
-                aggs[series] = agg = [0, 0.0, x, x, 0, {}]
-            agg[0] += 1
-            agg[1] += x
-            if x < agg[2]:
-                agg[2] = x
-            elif x > agg[3]:
-                agg[3] = x
-            if x > smallest:
-                bins = agg[5]
-                key = ceil(log(x, 2) * multiplier)  # ddsketch's LogarithmicMapping.key, inlined
-                bins[key] = bins.get(key, 0) + 1
-            else:
-                agg[4] += 1
+                aggs[series] = agg = Aggregate.starting_at(x)
+            agg.add(x, multiplier, smallest)
         for metric, array, leaf, own, item_labels in group.arrays:
             items = value.get(array)
             if not items:
@@ -706,65 +657,43 @@ class RollupProcessor:
             if value["count"] > 0:
                 self._add_summary(aggs, series, value)
 
-    def _add(self, aggs: dict[str, Agg], series: str, x: float) -> None:
+    def _add(self, aggs: dict[str, Aggregate], series: str, x: float) -> None:
         agg = aggs.get(series)
         if agg is None:
-            aggs[series] = agg = [0, 0.0, x, x, 0, {}]
-        agg[0] += 1
-        agg[1] += x
-        if x < agg[2]:
-            agg[2] = x
-        elif x > agg[3]:
-            agg[3] = x
-        if x > self._min_indexable:
-            bins = agg[5]
-            key = ceil(log(x, 2) * self._multiplier)
-            bins[key] = bins.get(key, 0) + 1
-        else:
-            agg[4] += 1
+            aggs[series] = agg = Aggregate.starting_at(x)
+        agg.add(x, self._multiplier, self._min_indexable)
 
-    def _add_summary(self, aggs: dict[str, Agg], series: str, value: Mapping[str, Any]) -> None:
+    def _add_summary(self, aggs: dict[str, Aggregate], series: str, value: Mapping[str, Any]) -> None:
         """A JobTimings summary: its count, sum, min and max merge directly, its sketch by bins."""
         low, high = float(value["min_seconds"]), float(value["max_seconds"])
+        sketch = value["sketch"]
+        summary = Aggregate(
+            int(value["count"]),
+            float(value["sum_seconds"]),
+            low,
+            high,
+            sketch["zero_count"],
+            bins_of(sketch["keys"], sketch["counts"]),  # equal lengths: validated
+        )
         agg = aggs.get(series)
         if agg is None:
-            agg = aggs[series] = [0, 0.0, low, high, 0, {}]
-        agg[0] += int(value["count"])
-        agg[1] += float(value["sum_seconds"])
-        if low < agg[2]:
-            agg[2] = low
-        if high > agg[3]:
-            agg[3] = high
-        sketch = value["sketch"]
-        agg[4] += sketch["zero_count"]
-        bins = agg[5]
-        get = bins.get
+            agg = aggs[series] = Aggregate(0, 0.0, low, high, 0, {})
         if sketch["relative_accuracy"] == self._accuracy:
-            for key, count in zip(sketch["keys"], sketch["counts"], strict=False):  # equal lengths: validated
-                bins[key] = get(key, 0) + count
+            agg.merge(summary)
         else:
             # Bins of another width do not line up: re-bin each at its representative value, which adds
             # that sketch's own error to ours (documented; the SDK writes our accuracy).
             other = LogarithmicMapping(float(sketch["relative_accuracy"]))
-            for key, count in zip(sketch["keys"], sketch["counts"], strict=True):
-                mine = self.mapping.key(other.value(key))
-                bins[mine] = get(mine, 0) + count
+            agg.merge(summary, lambda key: self.mapping.key(other.value(key)))
 
     @staticmethod
-    def _merge(into: dict[str, Agg], aggs: Mapping[str, Agg]) -> None:
+    def _merge(into: dict[str, Aggregate], aggs: Mapping[str, Aggregate]) -> None:
         for series, agg in aggs.items():
             target = into.get(series)
             if target is None:
-                into[series] = [agg[0], agg[1], agg[2], agg[3], agg[4], dict(agg[5])]
-                continue
-            target[0] += agg[0]
-            target[1] += agg[1]
-            target[2] = min(target[2], agg[2])
-            target[3] = max(target[3], agg[3])
-            target[4] += agg[4]
-            bins = target[5]
-            for key, count in agg[5].items():
-                bins[key] = bins.get(key, 0) + count
+                into[series] = agg.copy()
+            else:
+                target.merge(agg)
 
     # -- closing buckets ------------------------------------------------------------------------------------
 
@@ -868,17 +797,13 @@ class RollupProcessor:
         end = bucket_end(tier, start)
         start_iso = iso(start)
         for series, agg in entry["s"].items():
-            count, total, low, high, zeros, bins = agg
+            count, total = agg.count, agg.sum
             parsed = self._parsed.get(series)
             if parsed is None:
                 if len(self._parsed) > 200_000:
                     self._parsed.clear()
                 parsed = self._parsed[series] = parse_series(series)
-            keys = sorted(bins)
-            counts = [float(bins[k]) for k in keys]
-            p95 = quantile_of_bins(self.mapping, zeros, keys, counts, 0.95)
-            # The true p95 lies within [min, max]; clamping only brings the estimate closer.
-            p95 = high if p95 is None else min(max(p95, low), high)
+            keys, counts, p95 = agg.sketch_and_p95(self.mapping)
             value = {
                 "series": series,
                 "metric": parsed[0],
@@ -887,14 +812,14 @@ class RollupProcessor:
                 "bucket_start": start,
                 "bucket_end": end,
                 "count": int(count),
-                "min": float(low),
-                "max": float(high),
+                "min": float(agg.min),
+                "max": float(agg.max),
                 "sum": float(total),
                 "avg": float(total) / count if count else 0.0,
                 "p95": p95,
                 "sketch": {
                     "relative_accuracy": self._accuracy,
-                    "zero_count": float(zeros),
+                    "zero_count": float(agg.zeros),
                     "keys": keys,
                     "counts": counts,
                 },

@@ -57,11 +57,12 @@ class BatchState:
     ``get`` reads a key once and keeps what it gave: ``load(stored value)`` when given, a copy (a processor
     that changes entries in place and may leave one unwritten, so that the store never holds a change its
     changelog lacks) or the value made whole again after a restore from JSON. ``put`` and ``delete`` take
-    effect in :meth:`flush`, which the processor calls once at the end of the call. ``order``: the key
-    prefixes to write first (module doc).
+    effect in :meth:`flush`, which the processor calls once at the end of the call, writing ``dump(value)``
+    when given: a processor that works on its own types (streams/aggregate.py) stores their JSON form.
+    ``order``: the key prefixes to write first (module doc).
     """
 
-    __slots__ = ("_deleted", "_dirty", "_load", "_order", "_state", "_values")
+    __slots__ = ("_deleted", "_dirty", "_dump", "_load", "_order", "_state", "_values")
 
     def __init__(
         self,
@@ -69,10 +70,12 @@ class BatchState:
         *,
         order: Sequence[str] = (),
         load: Callable[[Any], Any] | None = None,
+        dump: Callable[[Any], Any] | None = None,
     ) -> None:
         self._state = state
         self._order = tuple(order)
         self._load = load
+        self._dump = dump
         self._values: dict[str, Any] = {}
         self._dirty: dict[str, None] = {}
         self._deleted: set[str] = set()
@@ -125,15 +128,17 @@ class BatchState:
         return sorted(found)
 
     def flush(self) -> None:
-        """Write every put entry once, in ``order`` (module doc), then delete."""
+        """Write every put entry once (``dump`` of it, when given), in ``order`` (module doc), then
+        delete."""
         order = self._order
+        dump = self._dump
 
         def rank(key: str) -> tuple[int, str]:
             return next((i for i, prefix in enumerate(order) if key.startswith(prefix)), len(order)), key
 
         state, values = self._state, self._values
         for key in sorted(self._dirty, key=rank):
-            state[key] = values[key]
+            state[key] = values[key] if dump is None else dump(values[key])
         for key in self._deleted:
             if key in state:
                 del state[key]

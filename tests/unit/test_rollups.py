@@ -374,6 +374,80 @@ def test_a_changelog_written_when_the_offset_was_called_o_carries_on() -> None:
     assert restarted.late() == reference.late() == []
 
 
+_GPU_A0 = '["GpuSample","0","H100","GPU-a-0","a",null]'
+_UTIL_A0 = 'gpu_utilization_percent{gpu="0",gpu_model="H100",gpu_uuid="GPU-a-0",host="a"}'
+_POWER_A0 = 'gpu_power_watts{gpu="0",gpu_model="H100",gpu_uuid="GPU-a-0",host="a"}'
+POSITIONAL_CHANGELOG = [
+    (
+        f"d|1772409600000|{_GPU_A0}",
+        {
+            "offset": 2,
+            "s": {
+                _UTIL_A0: [3, 49.75, 0.0, 42.5, 1, {"188": 1, "100": 1}],
+                _POWER_A0: [1, 300.0, 300.0, 300.0, 0, {"286": 1}],
+            },
+            "c": [1772445600000],
+        },
+    ),
+    (
+        f"h|1772445600000|{_GPU_A0}",
+        {
+            "offset": 2,
+            "s": {
+                _UTIL_A0: [3, 49.75, 0.0, 42.5, 1, {"188": 1, "100": 1}],
+                _POWER_A0: [1, 300.0, 300.0, 300.0, 0, {"286": 1}],
+            },
+            "e": None,
+            "f": 3,
+        },
+    ),
+    (
+        f"h|1772449200000|{_GPU_A0}",
+        {"offset": 3, "s": {_UTIL_A0: [1, 99.0, 99.0, 99.0, 0, {"230": 1}]}, "e": 1772450100000},
+    ),
+]
+"""The changelog the processor wrote before aggregates had a type (streams/aggregate.py), each series as a
+positional ``[count, sum, min, max, zeros, bins]``, for the first four of ``positional_samples``."""
+
+
+def positional_samples() -> list[dict]:
+    return [
+        gpu(at(2026, 3, 2, 10, 0), 0.0),
+        gpu(at(2026, 3, 2, 10, 20), 42.5, power_watts=300.0),
+        gpu(at(2026, 3, 2, 10, 40), 7.25),
+        gpu(at(2026, 3, 2, 11, 15), 99.0),
+        gpu(at(2026, 3, 2, 11, 30), 0.5, power_watts=120.0),
+        gpu(at(2026, 3, 2, 12, 5), 63.0),
+        gpu(at(2026, 3, 3, 1, 0), 12.0),
+        CLOSE_ALL,
+    ]
+
+
+def test_the_changelog_keeps_the_positional_form() -> None:
+    """State is written as it was before aggregates had a type: a changelog reader sees no change."""
+    partition = Partition(RollupProcessor())
+    partition.run(partition.inputs(positional_samples()[:4]))
+    log = [(key, json.loads(value)) for key, value in partition.state.log if key != "#progress"]
+    assert log == POSITIONAL_CHANGELOG
+
+
+def test_a_changelog_of_positional_aggregates_restores_to_the_same_finals() -> None:
+    inputs = Partition(RollupProcessor()).inputs(positional_samples())
+    reference = Partition(RollupProcessor())
+    reference.run(inputs[:4])
+    reference.run(inputs[4:])
+
+    restarted = Partition(RollupProcessor())
+    restarted.state = restore((key, json.dumps(value)) for key, value in POSITIONAL_CHANGELOG)
+    restarted.watermark = at(2026, 3, 2, 11, 15)
+    restarted.run(inputs, resumed=True)  # the first four replayed, then new ones
+
+    durable = [o.value for o in reference.results[0].outputs]
+    assert finals_of([*durable, *restarted.outputs()]) == reference.finals()
+    assert any(key[1] == "year" for key in reference.finals())
+    assert restarted.late() == reference.late() == []
+
+
 def test_non_final_upserts_are_throttled_by_event_time() -> None:
     partition = Partition(RollupProcessor(emit_interval=timedelta(seconds=60)))
     values = [gpu(at(2026, 3, 2, 10) + timedelta(seconds=10 * i), float(i)) for i in range(30)]

@@ -81,3 +81,21 @@ def test_state_written_with_the_old_offset_name_still_loads() -> None:
     assert work.get("h|0|a")[OFFSET] == 41 and "o" not in work.get("h|0|a")
     assert work.get("new") == {OFFSET: 7}
     assert offset_of({"o": 3}) == 3 and offset_of({OFFSET: 4}) == 4 and offset_of({}) == -1
+
+
+def test_a_working_type_is_stored_through_dump() -> None:
+    """A processor that works on its own types (streams/aggregate.py) gets them from ``load`` and stores
+    their JSON form through ``dump``; the stored value is not changed by the working copy."""
+    state = Changelog({"k": {"n": [1, 2]}})
+    work = BatchState(
+        state,
+        load=lambda stored: {"n": tuple(stored["n"])},
+        dump=lambda value: {"n": list(value["n"])},
+    )
+    entry = work.get("k")
+    assert entry == {"n": (1, 2)}
+    entry["n"] = (*entry["n"], 3)
+    assert state["k"] == {"n": [1, 2]}
+    work.put("k", entry)
+    work.flush()
+    assert state.log == [("k", {"n": [1, 2, 3]})] and state["k"] == {"n": [1, 2, 3]}
