@@ -212,6 +212,10 @@ class Ledger:
             AIMA_WEBHOOK_KEY=WEBHOOK_KEY,
             LEDGER_WEBHOOK_URL=self.receiver.url,
             AIMA_API_PORT=str(self.api_port),
+            # The account counts every raw row the simulator sent, some older than the raw retention
+            # (24 h): the sink's scheduled retention would rightly delete them (tests/integration/
+            # test_retention.py shows that part).
+            AIMA_SINK_RETENTION_EVERY_S="0",
         )
 
         def proc(name: str, *args: str, **env: str) -> Proc:
