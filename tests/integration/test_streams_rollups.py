@@ -5,7 +5,6 @@ mid-stream and a restart, and with two workers sharing the partitions."""
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import signal
@@ -30,6 +29,7 @@ from bus.topics import BY_KEY, topic_name
 from streams.buckets import HOUR_MS, TIERS, bucket_end, bucket_start, to_ms
 from streams.series import series_id
 from tests.private_stack import free_port as _free_port
+from tests.unit.test_rollups import exact_summary
 
 pytestmark = pytest.mark.integration
 
@@ -169,14 +169,7 @@ def offline(samples: list[Sent]) -> tuple[dict[Key, dict[str, Any]], set[tuple[s
     for key, found in values.items():
         if bucket_end(key[1], key[2]) + LATENESS_MS > watermark[bucket_partition[key]]:
             continue  # not final yet
-        ordered = sorted(found)
-        finals[key] = {
-            "count": len(found),
-            "min": ordered[0],
-            "max": ordered[-1],
-            "avg": math.fsum(found) / len(found),
-            "p95": ordered[math.floor(0.95 * (len(found) - 1))],
-        }
+        finals[key] = exact_summary(found)
     return finals, dead
 
 
@@ -451,14 +444,7 @@ def offline_waits(samples: list[Sent]) -> dict[Key, dict[str, Any]]:
     expected = {}
     for key, found in values.items():
         assert bucket_end(key[1], key[2]) + LATENESS_MS <= to_ms(JOBS_CLOSER)  # final, every one
-        ordered = sorted(found)
-        expected[key] = {
-            "count": len(found),
-            "min": ordered[0],
-            "max": ordered[-1],
-            "avg": math.fsum(found) / len(found),
-            "p95": ordered[math.floor(0.95 * (len(found) - 1))],
-        }
+        expected[key] = exact_summary(found)
     return expected
 
 

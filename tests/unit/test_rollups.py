@@ -153,6 +153,18 @@ def finals_of(values: Iterable[dict]) -> dict[tuple[str, str, int], dict]:
     return found
 
 
+def exact_summary(found: list[float]) -> dict[str, float]:
+    """count, min, max, avg and the exact p95 (rank floor(0.95 (n-1))) of one bucket's values."""
+    ordered = sorted(found)
+    return {
+        "count": len(found),
+        "min": ordered[0],
+        "max": ordered[-1],
+        "avg": math.fsum(found) / len(found),
+        "p95": ordered[math.floor(0.95 * (len(found) - 1))],
+    }
+
+
 def offline(samples: Iterable[tuple[str, datetime, float]]) -> dict[tuple[str, str, int], dict]:
     """count, min, max, avg and the exact p95 (rank floor(0.95 (n-1))) per (series, tier, bucket start)."""
     values: dict[tuple[str, str, int], list[float]] = {}
@@ -161,14 +173,7 @@ def offline(samples: Iterable[tuple[str, datetime, float]]) -> dict[tuple[str, s
             values.setdefault((series, tier, bucket_start(tier, to_ms(time))), []).append(value)
     expected = {}
     for key, found in values.items():
-        ordered = sorted(found)
-        expected[key] = {
-            "count": len(found),
-            "min": ordered[0],
-            "max": ordered[-1],
-            "avg": math.fsum(found) / len(found),
-            "p95": ordered[math.floor(0.95 * (len(found) - 1))],
-        }
+        expected[key] = exact_summary(found)
     return expected
 
 
