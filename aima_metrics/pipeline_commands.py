@@ -33,6 +33,8 @@ def stream() -> None:
 )
 def sink(batch_max: int, batch_timeout_s: float, writers: int | None) -> None:
     """Store samples, rollups, costs, alerts, anomalies and dead letters in PostgreSQL/TimescaleDB."""
+    from bus.selective_storage import SelectiveStorageError
+    from bus.selective_storage import load as load_selective
     from consumers.settings import RetentionSettings, SinkSettings
     from consumers.sink import run
 
@@ -41,6 +43,10 @@ def sink(batch_max: int, batch_timeout_s: float, writers: int | None) -> None:
     settings = Settings()
     sink_settings = SinkSettings()
     retention = RetentionSettings()  # read now, so a bad period stops the sink at its start
+    try:
+        selective = load_selective(sink_settings.selective_storage)
+    except SelectiveStorageError as exc:  # a bad deadband file stops the sink before it reads
+        raise click.ClickException(str(exc)) from None
     writers = writers if writers is not None else sink_settings.writers
     service = Service("sink", settings)
     service.start()
@@ -53,6 +59,7 @@ def sink(batch_max: int, batch_timeout_s: float, writers: int | None) -> None:
         # Retention by itself (K2): the running sink applies it, under `up`, compose and Kubernetes alike.
         retention_every_s=sink_settings.retention_every_s or None,
         retention=retention,
+        selective=selective,
     )
     service.stopped()
 

@@ -63,6 +63,7 @@ CounterName = Literal[
     "aima_stream_handed_records_total",
     "aima_sink_records_total",
     "aima_sink_rows_total",
+    "aima_sink_rows_filtered_total",
     "aima_sink_batches_total",
     "aima_sink_dead_letters_total",
     "aima_sink_db_retries_total",
@@ -253,6 +254,14 @@ _DEFS = (
         "version is)",
         "table",
         "outcome",
+    ),
+    _d(
+        "aima_sink_rows_filtered_total",
+        "counter",
+        "sink",
+        "Raw rows selective storage (D6, bus/selective_storage.yaml) left out, per table: no metric moved "
+        "beyond its deadband and no heartbeat was due; their records are committed, never dead-lettered",
+        "table",
     ),
     _d("aima_sink_batches_total", "counter", "sink", "Batches committed"),
     _d("aima_sink_batch_records", "histogram", "sink", "Records per batch"),

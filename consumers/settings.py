@@ -36,6 +36,12 @@ class SinkSettings(AimaSettings):
         "(then only `aima-metrics db retention` applies it). With TimescaleDB the tables its own policies "
         "trim are left to them",
     )
+    selective_storage: Path | None = described(
+        None,
+        "selective storage file (D6: per-metric deadband and heartbeat of raw GPU and system samples; "
+        "format in bus/selective_storage.yaml); unset: that file, which ships with `enabled: false`",
+        shown="bus/selective_storage.yaml (off)",
+    )
 
 
 class RetentionSettings(AimaSettings):

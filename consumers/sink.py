@@ -7,7 +7,10 @@ Order of work for each batch (bounded by ``batch_max`` records and ``batch_timeo
      the record its topic carries, or breaks the value rules every reader applies (``bus.validation``:
      InvalidRecord, and FutureEventTime for an event time more than AIMA_MAX_CLOCK_SKEW_S ahead of the
      sink's clock) becomes a dead letter: a dead_letters row in the batch, and a record on the
-     dead-letter topic (``consumers/sink_letters.py``);
+     dead-letter topic (``consumers/sink_letters.py``); with selective storage on (D6,
+     ``consumers/sink_filter.py``), a raw sample row no metric of which moved beyond its deadband, and
+     whose heartbeat is not due, is left out: its record is in the batch with no rows, so its offset is
+     committed like any other (never a dead letter);
   2. the batch goes to the writer thread: one transaction of COPY + upsert per table; the database may
      reject single records too (bisected out and dead-lettered);
   3. after the database commit, the database's dead letters are sent too;
@@ -57,11 +60,13 @@ from bus.errors import CodecError
 from bus.frames import FrameDecoder, FrameDecoders
 from bus.kafka import client_config, quiet_config
 from bus.runtime import Service, bounded_call
+from bus.selective_storage import SelectiveStorage
 from bus.settings import Settings
 from bus.topics import BY_KEY, topic_name
 from bus.validation import FUTURE_EVENT_TIME, ColumnValidator, EventTimeGuard, Validator
 from consumers.settings import RetentionSettings
 from consumers.sink_chunks import Chunk
+from consumers.sink_filter import RowFilter
 from consumers.sink_letters import Letter, LetterOutbox
 from consumers.sink_metrics import SinkMetrics
 from consumers.sink_writer import Aborted, Entry, Writer, WriteResult, now_ms
@@ -99,6 +104,8 @@ _MAX_UNCOMMITTED_BATCHES = 50
 """Stored batches waiting for a dead letter's acknowledgement before the sink pauses its partitions."""
 _COLUMNAR_MIN = 64
 """Fewer records than this from one consume are decoded one by one: the native read would not pay."""
+_FILTERED = "filtered"
+"""A place of a record read natively whose rows selective storage left out."""
 
 
 @dataclass
@@ -110,6 +117,8 @@ class SinkStats:
     dead_letters: int = 0
     staged: dict[str, int] = field(default_factory=dict)
     stored: dict[str, int] = field(default_factory=dict)
+    filtered: dict[str, int] = field(default_factory=dict)
+    """Raw rows selective storage left out, per table."""
 
 
 class CommitTracker:
@@ -181,12 +190,14 @@ class Sink:
         shutdown_timeout_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         time_left_s: Callable[[], float] | None = None,
+        selective: SelectiveStorage | None = None,
     ) -> None:
         """The sink owns the clients it is given and closes them when :meth:`run` ends. ``consumer``:
         configured without auto commit or auto offset store, with ``commits.on_commit`` as its
         ``on_commit`` (:func:`open_sink` does so); ``producer``: for the dead letters.
         ``shutdown_timeout_s``: the longest a stop waits for the database; ``time_left_s``: what the stop
-        bound leaves the process (``Service.time_left_s``), which caps that wait and the closes."""
+        bound leaves the process (``Service.time_left_s``), which caps that wait and the closes.
+        ``selective``: deadbands and heartbeats of raw samples (D6); None: every row is stored."""
         if batch_max < 1 or batch_timeout_s <= 0:
             raise ValueError("batch_max must be >= 1 and batch_timeout_s > 0")
         self._writers = list(writers)
@@ -232,6 +243,9 @@ class Sink:
         self._lag_at = 0.0
         self._closing = False
         self._frames = FrameDecoders(self._codec)
+        self._filter = RowFilter(selective or SelectiveStorage())
+        if self._filter.active and selective is not None:
+            log.info("selective storage on (D6)", extra={"file": selective.source})
         self.stats = SinkStats()
 
     # -- the loop ----------------------------------------------------------------------------------------
@@ -309,16 +323,21 @@ class Sink:
                 continue
             by_topic.setdefault(message.topic(), []).append(message)
         for topic, batch in by_topic.items():
-            for message, place in zip(batch, self._columnar(topic, batch), strict=True):
+            # Once a record waits for the registry, every later one waits behind it, decided then.
+            places = self._columnar(topic, batch) if not self._held else [None] * len(batch)
+            for message, place in zip(batch, places, strict=True):
                 if place is None or self._held:
                     self._accept(message)
-                else:
+                elif isinstance(place, tuple):
                     # at-least-once step 1: read natively into the batch's columns (checked valid)
                     self._append(message, None, *place)
+                else:  # _FILTERED by selective storage: no rows, and its offset is committed all the same
+                    self._append(message, [])
 
-    def _columnar(self, topic: str, messages: list[Message]) -> list[tuple[Chunk, int] | None]:
-        """For each message read natively, its chunk and row; None for those to decode one by one."""
-        places: list[tuple[Chunk, int] | None] = [None] * len(messages)
+    def _columnar(self, topic: str, messages: list[Message]) -> list[tuple[Chunk, int] | str | None]:
+        """For each message read natively, its chunk and row (or ``_FILTERED``: selective storage left
+        its rows out); None for those to decode one by one."""
+        places: list[tuple[Chunk, int] | str | None] = [None] * len(messages)
         decoder = self._frame_decoder(self._expected[topic])
         if decoder is None:
             return places
@@ -326,20 +345,44 @@ class Sink:
         if frame.columns is None or not self._columns_valid(topic, frame.record_name, frame.columns):
             return places
         tables = BY_RECORD[frame.record_name]
-        origins = None
-        if Chunk.needs_origins(tables):
-            origins = [_origin(messages[position]) for position in frame.rows]
-        chunk = Chunk(tables, frame.columns, origins)
-        # Its CSV is made now, while the writer copies the previous batch (polars works without the GIL):
-        # the writer thread is the narrowest stage of the sink.
-        try:
-            chunk.prepare()
-        except (pl.exceptions.PolarsError, TypeError, ValueError) as exc:
-            log.warning("no CSV for these records; storing them one by one", extra={"error": str(exc)})
-            return places
-        for index, position in enumerate(frame.rows):
-            places[position] = (chunk, index)
+        columns, rows, plan = frame.columns, frame.rows, None
+        if self._filter.filters(frame.record_name):
+            if frame.rest or not self._filter.columnar(frame.record_name):
+                # One by one, in offset order: each source's decisions depend on its previous row.
+                return places
+            partitions = [(topic, messages[position].partition()) for position in frame.rows]
+            plan = self._filter.plan(tables[0], columns, partitions)
+            if not all(plan.keep):
+                columns = columns.filter(pl.Series(plan.keep, dtype=pl.Boolean))
+                rows = [position for position, kept in zip(frame.rows, plan.keep, strict=True) if kept]
+        chunk = None
+        if rows:
+            origins = None
+            if Chunk.needs_origins(tables):
+                origins = [_origin(messages[position]) for position in rows]
+            chunk = Chunk(tables, columns, origins)
+            # Its CSV is made now, while the writer copies the previous batch (polars works without the
+            # GIL): the writer thread is the narrowest stage of the sink.
+            try:
+                chunk.prepare()
+            except (pl.exceptions.PolarsError, TypeError, ValueError) as exc:
+                log.warning("no CSV for these records; storing them one by one", extra={"error": str(exc)})
+                return places  # the plan is not applied: the one-by-one path decides them
+        if plan is not None:
+            self._filter.apply(plan)
+            self._count_filtered(plan.filtered)
+            for position, kept in zip(frame.rows, plan.keep, strict=True):
+                if not kept:
+                    places[position] = _FILTERED
+        if chunk is not None:
+            for index, position in enumerate(rows):
+                places[position] = (chunk, index)
         return places
+
+    def _count_filtered(self, filtered: dict[str, int]) -> None:
+        for table, count in filtered.items():
+            self._metrics.rows_filtered.labels(table).inc(count)
+            self.stats.filtered[table] = self.stats.filtered.get(table, 0) + count
 
     def _columns_valid(self, topic: str, record_name: str, columns: pl.DataFrame) -> bool:
         """Whether every record read natively passes the value rules and the event-time guard; when not
@@ -423,6 +466,10 @@ class Sink:
                     rows = rows_for(name, record, _origin(message))
                 except (KeyError, TypeError, ValueError, AttributeError) as exc:
                     rows = self._poison(message, f"{name} does not fit its tables: {exc}", type(exc).__name__)
+                else:
+                    if self._filter.filters(name):
+                        rows, filtered = self._filter.rows((topic, message.partition()), rows)
+                        self._count_filtered(filtered)
         self._append(message, rows)
 
     def _invalid(self, topic: str, name: str, record: dict[str, Any]) -> tuple[str, str] | None:
@@ -696,6 +743,7 @@ class Sink:
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._assigned -= gone
         self._commits.forget(gone)
+        self._filter.forget(gone)  # their next owner stores the first row of each source again
         self._held = deque(m for m in self._held if (m.topic(), m.partition()) not in gone)
         self._pause_state_unknown = True
 
@@ -808,6 +856,7 @@ def run(
     retry_max_s: float = 5.0,
     consumer_config: dict[str, Any] | None = None,
     writers: int = 2,
+    selective: SelectiveStorage | None = None,
 ) -> SinkStats:
     """Run the sink until ``service.stopping`` is set, then store and commit the batch in hand and close.
 
@@ -822,7 +871,9 @@ def run(
     ``shutdown_timeout_s``: how long a stop waits for an unavailable database to store the batch in
     hand (never past what the stop bound leaves); what it does not store is read again at the next start.
     ``writers``: database connections writing batches side by side (PostgreSQL's COPY is the sink's
-    narrowest stage; two nearly double what one stores on a 2-core machine)."""
+    narrowest stage; two nearly double what one stores on a 2-core machine).
+    ``selective``: selective storage of raw samples (D6; the `sink` command loads the file
+    AIMA_SINK_SELECTIVE_STORAGE names); None: every row is stored."""
     if writers < 1:
         raise ValueError("writers must be at least 1")
     own_service = service is None
@@ -857,6 +908,7 @@ def run(
             batch_timeout_s=batch_timeout_s,
             shutdown_timeout_s=shutdown_timeout_s,
             time_left_s=service.time_left_s,
+            selective=selective,
         )
         return sink.run(service.stopping)
     finally:

@@ -1,5 +1,6 @@
-"""The sink's own Prometheus metrics: rows per table, batches and their timings, dead letters, database
-retries, whether it is paused, and the consumer lag per partition (computed at scrape time)."""
+"""The sink's own Prometheus metrics: rows per table (and those selective storage left out), batches and
+their timings, dead letters, database retries, whether it is paused, and the consumer lag per partition
+(computed at scrape time)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class SinkMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.records = self_metrics.counter("aima_sink_records_total", registry)
         self.rows = self_metrics.counter("aima_sink_rows_total", registry)
+        self.rows_filtered = self_metrics.counter("aima_sink_rows_filtered_total", registry)
         self.batches = self_metrics.counter("aima_sink_batches_total", registry)
         self.batch_records = self_metrics.histogram(
             "aima_sink_batch_records", registry, buckets=(1, 10, 100, 500, 1000, 2000, 5000, 10000, 50000)
