@@ -243,3 +243,6 @@ def _register_pipeline_commands() -> None:
     ):
         cli.add_command(command)
     db.add_command(commands.db_retention)
+    from aima_metrics.archive_commands import archive
+
+    cli.add_command(archive)

@@ -35,7 +35,7 @@ def sink(batch_max: int, batch_timeout_s: float, writers: int | None) -> None:
     """Store samples, rollups, costs, alerts, anomalies and dead letters in PostgreSQL/TimescaleDB."""
     from bus.selective_storage import SelectiveStorageError
     from bus.selective_storage import load as load_selective
-    from consumers.settings import RetentionSettings, SinkSettings
+    from consumers.settings import ArchiveSettings, RetentionSettings, SinkSettings
     from consumers.sink import run
 
     if writers is not None and writers < 1:
@@ -43,6 +43,7 @@ def sink(batch_max: int, batch_timeout_s: float, writers: int | None) -> None:
     settings = Settings()
     sink_settings = SinkSettings()
     retention = RetentionSettings()  # read now, so a bad period stops the sink at its start
+    archive = ArchiveSettings()  # and a bad archive setting (D5)
     try:
         selective = load_selective(sink_settings.selective_storage)
     except SelectiveStorageError as exc:  # a bad deadband file stops the sink before it reads
@@ -59,6 +60,7 @@ def sink(batch_max: int, batch_timeout_s: float, writers: int | None) -> None:
         # Retention by itself (K2): the running sink applies it, under `up`, compose and Kubernetes alike.
         retention_every_s=sink_settings.retention_every_s or None,
         retention=retention,
+        archive=archive,
         selective=selective,
     )
     service.stopped()

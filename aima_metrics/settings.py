@@ -28,6 +28,22 @@ class StackSettings(AimaSettings):
     )
     pg_db: str = Field("aima", description="database of the local PostgreSQL (infra/postgres/postgres.sh)")
     pg_user: str = Field("aima", description="user of the local PostgreSQL (infra/postgres/postgres.sh)")
+    s3_port: int = Field(
+        8333,
+        gt=0,
+        lt=55535,
+        description="S3 port of the local SeaweedFS (infra/seaweedfs/seaweedfs.sh; the archive's store, D5); "
+        "its master, volume and filer take the next three ports",
+    )
+    s3_access_key: str = Field("aima", description="access key of the local SeaweedFS's S3 identity")
+    s3_secret_key: SecretStr | None = described(
+        None,
+        "secret key of the local SeaweedFS's S3 identity (the compose stack requires it)",
+        shown="generated into .aima/seaweedfs/secret_key",
+    )
+    s3_start_timeout_s: int = Field(
+        60, gt=0, description="how long infra/seaweedfs/seaweedfs.sh waits for the local S3 store to answer"
+    )
     webhook_key: SecretStr | None = described(
         None,
         "HMAC key of signed webhooks: the local notifier signs with it, `aima-metrics webhook-receiver` "

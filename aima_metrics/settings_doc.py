@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings
 from aima_metrics.settings import LifecycleSettings, StackSettings
 from api.config import ApiSettings
 from bus.settings import REPO_ROOT, Settings, env_name, shown_default
-from consumers.settings import NotifySettings, RetentionSettings, SinkSettings
+from consumers.settings import ArchiveSettings, NotifySettings, RetentionSettings, SinkSettings
 from producers.settings import CollectorSettings, PseudonymSettings
 from streams.settings import AlertSettings, AnomalySettings, CostSettings, StreamsSettings
 
@@ -35,6 +35,7 @@ MODELS: tuple[tuple[str, type[BaseSettings]], ...] = (
     ("anomaly detector", AnomalySettings),
     ("sink", SinkSettings),
     ("retention (the sink's scheduled run and `db retention`)", RetentionSettings),
+    ("archive (D5: retention writes it, `archive list` and `archive restore` read it)", ArchiveSettings),
     ("notifier", NotifySettings),
     ("API and token commands", ApiSettings),
     ("collectors (`aima-metrics collect`)", CollectorSettings),

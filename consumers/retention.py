@@ -14,6 +14,13 @@ aima_rollup_retention job, which this reports; a hypertable without a policy get
 scheduled run (``scheduled=True``) leaves whatever TimescaleDB trims alone, so the two never race.
 A dry run changes nothing and lists what would go.
 
+With the archive on (D5, AIMA_ARCHIVE_*), the raw tables and rollup tiers it names go another way
+(consumers/archive/drop.py): each UTC day that has wholly expired is archived to the S3 store and then
+dropped (partition), deleted (rows) or dropped (chunks) in one transaction, so such rows go by whole days,
+and a day whose archive fails keeps its rows until a later run archives it. In TimescaleDB mode the
+retention policies of those hypertables and the rollup job are switched off first, so that TimescaleDB
+never drops what is not archived.
+
 The ``retention_policies`` table keeps, for the SQL side (aima_ensure_partitions, the TimescaleDB rollup
 job), the periods of the raw tables and rollup tiers; each run writes the configured ones into it.
 """
@@ -23,18 +30,22 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import psycopg
 from psycopg import sql
 
-from consumers.settings import RetentionSettings
+from consumers.settings import ArchiveSettings, RetentionSettings
+
+if TYPE_CHECKING:
+    from consumers.archive.archiver import Archiver
+    from consumers.archive.metrics import ArchiveMetrics
 
 log = logging.getLogger(__name__)
 
 __all__ = ["KEPT_FOREVER", "POLICIES", "RAW_TABLES", "Action", "Policy", "apply_retention", "summary"]
 
-ActionKind = Literal["drop_partition", "delete_rows", "drop_chunk", "policy", "skipped"]
+ActionKind = Literal["drop_partition", "delete_rows", "drop_chunk", "policy", "skipped", "held_back"]
 LOCK_TIMEOUT = "5s"
 """How long a drop waits for its table lock; a dashboard query holding the table makes the drop give up
 (and retry at the next run) rather than queue every insert behind it."""
@@ -139,10 +150,14 @@ def apply_retention(
     *,
     settings: RetentionSettings | None = None,
     scheduled: bool = False,
+    archive: ArchiveSettings | None = None,
+    archive_metrics: ArchiveMetrics | None = None,
 ) -> list[Action]:
     """Apply every line of :data:`POLICIES` in the connection's schema (its search_path) as of ``now``, with
     the periods of ``settings`` (default: the environment's). ``scheduled``: the sink's run, which leaves
-    the tables TimescaleDB's own policies and jobs trim to them."""
+    the tables TimescaleDB's own policies and jobs trim to them. ``archive`` (default: the environment's
+    AIMA_ARCHIVE_*): when on, what it names is archived before it is dropped (consumers/archive/drop.py),
+    and nothing whose archive failed is dropped."""
     now = now or datetime.now(UTC)
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
@@ -154,6 +169,15 @@ def apply_retention(
         with conn.transaction():
             conn.execute("SELECT aima_ensure_partitions(%s)", (now,))
     hypertables = _hypertables(conn) if mode == "timescaledb" else set()
+    archive = archive if archive is not None else ArchiveSettings()
+    archiver = _archiver(archive, archive_metrics)
+    archived = {
+        (p.relation, p.tier)
+        for p, keep in periods
+        if keep is not None and archive.archived(p.relation, p.tier)
+    }
+    if mode == "timescaledb" and archived and not dry_run:
+        _take_over_from_timescale(conn, {relation for relation, _ in archived}, hypertables)
     left_to_timescale = set()
     if mode == "timescaledb" and scheduled:
         left_to_timescale = _trimmed_by_timescale(conn, hypertables)
@@ -162,6 +186,20 @@ def apply_retention(
         if keep is None or policy.relation in left_to_timescale:
             continue
         cutoff = now - keep
+        if archiver is not None and (policy.relation, policy.tier) in archived:
+            from consumers.archive.drop import archive_then_drop
+
+            hypertable = policy.relation in hypertables
+            actions += archive_then_drop(
+                conn,
+                archiver,
+                policy,
+                cutoff,
+                partitions=None if hypertable else _partitions(conn, policy.relation),
+                hypertable=hypertable,
+                dry_run=dry_run,
+            )
+            continue
         if policy.relation in hypertables:
             actions += _timescale(conn, policy.relation, cutoff, dry_run)
             continue
@@ -195,6 +233,7 @@ def summary(actions: list[Action], dry_run: bool = False) -> str:
     dropped = sum(1 for a in actions if a.kind in ("drop_partition", "drop_chunk") and (a.done or dry_run))
     deleted = sum(a.rows or 0 for a in actions if a.kind == "delete_rows" and (a.done or dry_run))
     skipped = sum(1 for a in actions if a.kind == "skipped")
+    held = sum(1 for a in actions if a.kind == "held_back")
     if not dropped and not deleted:
         text = "nothing has expired"
     else:
@@ -202,6 +241,8 @@ def summary(actions: list[Action], dry_run: bool = False) -> str:
         text = f"{verb[0]} {dropped} partition(s) or chunk(s), {verb[1]} {deleted} row(s)"
     if skipped:
         text += f"; {skipped} drop(s) skipped (lock timeout), retried at the next run"
+    if held:
+        text += f"; {held} drop(s) held back (their archive failed), retried at the next run"
     return text
 
 
@@ -217,6 +258,32 @@ def _record(conn: psycopg.Connection, periods: list[tuple[Policy, timedelta | No
             )
 
 
+def _archiver(archive: ArchiveSettings, metrics: ArchiveMetrics | None) -> Archiver | None:
+    if not archive.enabled:
+        return None
+    from consumers.archive.archiver import Archiver
+    from consumers.archive.store import open_store
+
+    return Archiver(open_store(archive), metrics)
+
+
+def _take_over_from_timescale(conn: psycopg.Connection, archived: set[str], hypertables: set[str]) -> None:
+    """With the archive on, TimescaleDB must not drop what is archived first: the retention policies of
+    archived hypertables are removed and the rollup retention job paused, and this module archives and
+    drops those rows itself (then also when the archive is turned off again: a hypertable without a
+    policy gets drop_chunks here, and a paused job leaves the rollups to this module). Not exercised by
+    the test suite, which runs plain PostgreSQL."""
+    with conn.transaction():
+        for table in sorted(archived & hypertables):
+            conn.execute("SELECT remove_retention_policy(%s::regclass, if_exists => true)", (table,))
+        if "rollups" in archived:
+            conn.execute(
+                """SELECT alter_job(job_id, scheduled => false) FROM timescaledb_information.jobs
+                    WHERE proc_name = 'aima_rollup_retention' AND proc_schema = current_schema()
+                      AND scheduled"""
+            )
+
+
 def _trimmed_by_timescale(conn: psycopg.Connection, hypertables: set[str]) -> set[str]:
     """The relations a TimescaleDB job of this schema trims: hypertables with a retention policy, and
     rollups when the aima_rollup_retention job exists."""
@@ -227,7 +294,7 @@ def _trimmed_by_timescale(conn: psycopg.Connection, hypertables: set[str]) -> se
     trimmed = {name for (name,) in rows} & hypertables
     if conn.execute(
         """SELECT 1 FROM timescaledb_information.jobs
-            WHERE proc_name = 'aima_rollup_retention' AND proc_schema = current_schema()"""
+            WHERE proc_name = 'aima_rollup_retention' AND proc_schema = current_schema() AND scheduled"""
     ).fetchone():
         trimmed.add("rollups")
     return trimmed

@@ -8,13 +8,20 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from bus.durations import parse_duration
 from bus.settings import AimaSettings, described
 
-__all__ = ["FOREVER", "NotifySettings", "RetentionSettings", "SinkSettings"]
+__all__ = [
+    "ARCHIVABLE",
+    "FOREVER",
+    "ArchiveSettings",
+    "NotifySettings",
+    "RetentionSettings",
+    "SinkSettings",
+]
 
 FOREVER = ("forever", "unlimited", "never")
 """Values of an AIMA_RETENTION_* variable that keep a table's rows for ever."""
@@ -119,6 +126,89 @@ class RetentionSettings(AimaSettings):
         if keep <= timedelta(0):
             raise ValueError(f"must be longer than 0 or one of {', '.join(FOREVER)}")
         return keep
+
+
+ARCHIVABLE = (
+    "gpu_samples",
+    "system_samples",
+    "system_disk_samples",
+    "system_network_samples",
+    "job_timings",
+    "job_events",
+    "queue_samples",
+    "pod_status",
+    "rollups:hour",
+    "rollups:day",
+    "rollups:month",
+    "rollups:year",
+)
+"""What the archive can hold (D5): the raw tables and each rollup tier (``rollups`` alone: every tier)."""
+
+
+class ArchiveSettings(AimaSettings):
+    """The long-term archive (D5, consumers/archive/): before retention drops raw rows or rollups, they go
+    to an S3-compatible bucket as Parquet. Off unless AIMA_ARCHIVE_BUCKET is set."""
+
+    model_config = SettingsConfigDict(env_prefix="AIMA_ARCHIVE_")
+
+    bucket: str | None = described(
+        None,
+        "S3 bucket of the archive; set, retention drops nothing it has not archived first; unset: no archive",
+        shown="unset (off)",
+    )
+    endpoint_url: str | None = described(
+        None,
+        "S3 endpoint of a non-AWS store (SeaweedFS, MinIO: http://127.0.0.1:8333); unset: AWS",
+        shown="unset (AWS)",
+    )
+    region: str = Field("us-east-1", description="S3 region the requests are signed for")
+    access_key_id: SecretStr | None = described(
+        None, "S3 access key; unset: the AWS SDK's own chain (AWS_* variables, instance roles)", shown="unset"
+    )
+    secret_access_key: SecretStr | None = described(
+        None, "S3 secret key (with the access key)", shown="unset"
+    )
+    prefix: str | None = described(
+        None,
+        "key prefix inside the bucket (several deployments or schemas sharing one bucket)",
+        shown="none: keys start with the table",
+    )
+    tables: str = described(
+        ",".join(ARCHIVABLE),
+        "what is archived before it is dropped, comma-separated: raw table names, rollups:<tier> or "
+        "rollups (every tier); what is not listed is dropped without archive",
+        shown="every raw table and rollup tier",
+    )
+    timeout_s: float = Field(
+        30.0, gt=0, description="seconds an S3 request may take to connect or answer before the run gives up"
+    )
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("tables")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        unknown = [n for n in names if n not in ARCHIVABLE and n != "rollups"]
+        if unknown:
+            raise ValueError(f"cannot archive {', '.join(unknown)}; known: rollups, {', '.join(ARCHIVABLE)}")
+        return ",".join(names)
+
+    @property
+    def enabled(self) -> bool:
+        return self.bucket is not None
+
+    def archived(self, table: str, tier: str = "") -> bool:
+        """Whether the rows of ``table`` (of rollup ``tier``) are archived before they are dropped."""
+        if not self.enabled:
+            return False
+        names = set(self.tables.split(","))
+        return table in names or (bool(tier) and f"{table}:{tier}" in names)
 
 
 class NotifySettings(AimaSettings):

@@ -64,7 +64,7 @@ from bus.selective_storage import SelectiveStorage
 from bus.settings import Settings
 from bus.topics import BY_KEY, topic_name
 from bus.validation import FUTURE_EVENT_TIME, ColumnValidator, EventTimeGuard, Validator
-from consumers.settings import RetentionSettings
+from consumers.settings import ArchiveSettings, RetentionSettings
 from consumers.sink_chunks import Chunk
 from consumers.sink_filter import RowFilter
 from consumers.sink_letters import Letter, LetterOutbox
@@ -852,6 +852,7 @@ def run(
     maintenance_every_s: float | None = 3600.0,
     retention_every_s: float | None = None,
     retention: RetentionSettings | None = None,
+    archive: ArchiveSettings | None = None,
     shutdown_timeout_s: float = 10.0,
     retry_max_s: float = 5.0,
     consumer_config: dict[str, Any] | None = None,
@@ -867,7 +868,8 @@ def run(
     ``maintenance_every_s``: how often daily partitions are created ahead (plain PostgreSQL).
     ``retention_every_s``: also apply retention this often (None: leave it to ``db retention``; the
     `sink` command passes SinkSettings.retention_every_s), with the periods of ``retention`` (default the
-    environment's); with TimescaleDB what its policies trim is left to them.
+    environment's); with TimescaleDB what its policies trim is left to them. ``archive``: the long-term
+    archive (D5) that retention writes to before it drops (default the environment's AIMA_ARCHIVE_*).
     ``shutdown_timeout_s``: how long a stop waits for an unavailable database to store the batch in
     hand (never past what the stop bound leaves); what it does not store is read again at the next start.
     ``writers``: database connections writing batches side by side (PostgreSQL's COPY is the sink's
@@ -893,6 +895,8 @@ def run(
                 maintenance_every_s=maintenance_every_s if i == 0 else None,
                 retention_every_s=retention_every_s if i == 0 else None,
                 retention=retention,
+                archive=archive,
+                archive_metrics=metrics.archive if i == 0 else None,
             )
             for i in range(writers)
         ]

@@ -12,6 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from bus import self_metrics
+from consumers.archive.metrics import ArchiveMetrics
 
 __all__ = ["LagCollector", "SinkMetrics"]
 
@@ -62,3 +63,5 @@ class SinkMetrics:
         self.paused = self_metrics.gauge("aima_sink_paused", registry)
         self.lag = LagCollector()
         registry.register(self.lag)
+        # The sink's retention archives before it drops (D5): its metrics are the sink's.
+        self.archive = ArchiveMetrics(registry)

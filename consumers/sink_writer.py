@@ -28,7 +28,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from consumers.settings import RetentionSettings
+from consumers.archive.metrics import ArchiveMetrics
+from consumers.settings import ArchiveSettings, RetentionSettings
 from consumers.sink_chunks import Chunk
 from consumers.tables import BY_NAME, TABLES, Table, dead_letter_row
 
@@ -124,6 +125,8 @@ class Writer:
         maintenance_every_s: float | None = 3600.0,
         retention_every_s: float | None = None,
         retention: RetentionSettings | None = None,
+        archive: ArchiveSettings | None = None,
+        archive_metrics: ArchiveMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._dsn = dsn
@@ -135,6 +138,8 @@ class Writer:
         self._maintenance_every_s = maintenance_every_s
         self._retention_every_s = retention_every_s
         self._retention = retention
+        self._archive = archive
+        self._archive_metrics = archive_metrics
         self._clock = clock
         self._conn: psycopg.Connection | None = None
         self._types: dict[str, list[int]] = {}
@@ -366,7 +371,15 @@ class Writer:
 
             # scheduled: what TimescaleDB's own policies trim is left to them.
             self._best_effort(
-                conn, "retention", lambda: apply_retention(conn, settings=self._retention, scheduled=True)
+                conn,
+                "retention",
+                lambda: apply_retention(
+                    conn,
+                    settings=self._retention,
+                    scheduled=True,
+                    archive=self._archive,
+                    archive_metrics=self._archive_metrics,
+                ),
             )
             self._last_retention = now
 

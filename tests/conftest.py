@@ -15,7 +15,9 @@ import os
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -201,3 +203,54 @@ def private_stack(tmp_path: Path) -> Iterator[PrivateStack]:
         yield stack.start()
     finally:
         stack.close()
+
+
+@dataclass(frozen=True)
+class S3Service:
+    """The session's S3 store (SeaweedFS): its endpoint and the credentials it accepts."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+
+    def client(self, secret_key: str | None = None) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=secret_key or self.secret_key,
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required"),
+        )
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Service]:
+    """AIMA_TEST_S3_ENDPOINT (with AIMA_TEST_S3_ACCESS_KEY and AIMA_TEST_S3_SECRET_KEY) when a store is
+    already running; else the project's SeaweedFS (infra/seaweedfs/seaweedfs.sh, built on first use),
+    stopped again at the end if this session started it. Only the archive's tests ask for it, all in one
+    file, so under xdist one worker starts it."""
+    endpoint = os.environ.get("AIMA_TEST_S3_ENDPOINT")
+    if endpoint:
+        yield S3Service(
+            endpoint, os.environ["AIMA_TEST_S3_ACCESS_KEY"], os.environ["AIMA_TEST_S3_SECRET_KEY"]
+        )
+        return
+    script = INFRA / "seaweedfs" / "seaweedfs.sh"
+    env = dict(os.environ, AIMA_STATE_DIR=str(Settings().state_dir))
+    was_up = subprocess.run([script, "status"], env=env, capture_output=True).returncode == 0
+    subprocess.run([script, "start"], env=env, check=True)
+    lines = subprocess.run([script, "env"], env=env, check=True, capture_output=True, text=True).stdout
+    values = dict(line.split("=", 1) for line in lines.splitlines() if "=" in line)
+    try:
+        yield S3Service(
+            values["AIMA_ARCHIVE_ENDPOINT_URL"],
+            values["AIMA_ARCHIVE_ACCESS_KEY_ID"],
+            values["AIMA_ARCHIVE_SECRET_ACCESS_KEY"],
+        )
+    finally:
+        if not was_up:
+            subprocess.run([script, "stop"], env=env, check=False)
