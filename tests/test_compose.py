@@ -29,6 +29,7 @@ DASHBOARD_PROVIDER_FILE = GRAFANA / "provisioning" / "dashboards" / "dashboards.
 DASHBOARDS_DIR = GRAFANA / "dashboards"
 
 PASSWORD = "compose-test-Secret-4d1c"
+S3_SECRET = "compose-test-S3-7a2e"
 DATASOURCE_UID = "aima-postgres"
 
 # Every project service: the `aima-metrics` arguments it runs and the profile it needs (None: always on).
@@ -42,12 +43,14 @@ PROJECT_SERVICES: dict[str, tuple[list[str], str | None]] = {
     "gpu-exporter": (["collect", "gpu"], "gpu"),
     "system-collector": (["collect", "system"], None),
     "simulator": (["collect", "jobs-sim"], "sim"),
+    "archive-bucket": (["archive", "bucket"], None),
 }
 INFRA_IMAGES = {
     "kafka": "apache/kafka:4.1.1",
     "timescaledb": "timescale/timescaledb:latest-pg16",
     "prometheus": "prom/prometheus",
     "grafana": "grafana/grafana",
+    "s3": "chrislusf/seaweedfs",
 }
 SELF_METRICS_SERVICES = ["stream", "sink", "notify", "api", "system-collector", "simulator"]
 
@@ -62,7 +65,9 @@ def _docker_compose() -> str:
     return path
 
 
-def _compose_config(password: str | None, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def _compose_config(
+    password: str | None, tmp_path: Path, s3_secret: str | None = S3_SECRET
+) -> subprocess.CompletedProcess[str]:
     """`docker-compose config` in a clean environment: no inherited AIMA_* variables and an empty env file,
     so a developer's .env cannot supply (or hide the lack of) the password."""
     env_file = tmp_path / "empty.env"
@@ -70,6 +75,8 @@ def _compose_config(password: str | None, tmp_path: Path) -> subprocess.Complete
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "LANG": "C.UTF-8"}
     if password is not None:
         env["AIMA_DB_PASSWORD"] = password
+    if s3_secret is not None:
+        env["AIMA_S3_SECRET_KEY"] = s3_secret
     command = [
         _docker_compose(),
         "--project-directory", str(REPO),
@@ -407,3 +414,24 @@ def test_dockerignore_keeps_what_the_wheel_needs() -> None:
         assert any(fnmatch(secret_or_bulk, p) for p in patterns), (
             f".dockerignore should exclude {secret_or_bulk}"
         )
+
+
+def test_the_archive_store_and_the_sink_that_writes_to_it(
+    services: dict[str, dict[str, Any]], config: dict[str, Any]
+) -> None:
+    s3 = services["s3"]
+    assert s3["command"][:1] == ["server"] and "-s3" in s3["command"]
+    assert _environment(s3)["AWS_SECRET_ACCESS_KEY"] == S3_SECRET, "the secret comes from AIMA_S3_SECRET_KEY"
+    assert "/healthz" in " ".join(s3["healthcheck"]["test"])
+    assert _mounts(s3)["/data"] in config.get("volumes", {}), "the archive lives on a named volume"
+    sink = _environment(services["sink"])
+    assert sink["AIMA_ARCHIVE_ENDPOINT_URL"] == "http://s3:8333"
+    assert sink["AIMA_ARCHIVE_SECRET_ACCESS_KEY"] == S3_SECRET
+    assert sink["AIMA_ARCHIVE_BUCKET"] == _environment(services["archive-bucket"])["AIMA_ARCHIVE_BUCKET"]
+    assert services["sink"]["depends_on"]["archive-bucket"]["condition"] == "service_completed_successfully"
+    assert services["archive-bucket"]["depends_on"]["s3"]["condition"] == "service_healthy"
+
+
+def test_config_fails_without_the_archive_secret(tmp_path: Path) -> None:
+    result = _compose_config(PASSWORD, tmp_path, s3_secret=None)
+    assert result.returncode != 0 and "AIMA_S3_SECRET_KEY" in result.stderr
