@@ -282,6 +282,8 @@ def restore(
             raise ArchiveError(f"{table} has no columns {missing} that the archive of {manifest.day} holds")
         wanted = tuple(c.name for c in manifest.columns)
         day_start, day_end = day_bounds(manifest.day)
+        if day_start >= end or day_end <= start:
+            continue  # the range touches the day only at its edge
         whole_day = start <= day_start and day_end <= end
         with tempfile.TemporaryDirectory(prefix="aima-restore-") as folder, conn.transaction():
             conn.execute(

@@ -410,6 +410,27 @@ def test_archive_list_and_restore_commands(
             "0 there already)"
         )
         assert _rows(db, f"SELECT * FROM {scratch}.gpu_samples ORDER BY {GPU_KEY}") == before
+        # The scratch table has the original's natural key: restoring again adds nothing. A range ending
+        # at a day's start does not touch that day.
+        again = _cli(
+            env,
+            "restore",
+            "--table",
+            "gpu_samples",
+            "--from",
+            days[1].isoformat(),
+            "--to",
+            days[2].isoformat(),
+            "--schema",
+            db_schema,
+            "--into-schema",
+            scratch,
+        )
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.strip() == (
+            f"restored 0 row(s) into {scratch}.gpu_samples from 1 archived day(s) (40 row(s) in range, "
+            "40 there already)"
+        )
     finally:
         db.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(scratch)))
 
