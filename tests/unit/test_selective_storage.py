@@ -456,3 +456,15 @@ def test_only_the_sinks_raw_row_path_filters() -> None:
         "aima_metrics/pipeline_commands.py",
         "bench/deadband.py",
     }
+
+
+def test_the_sink_command_refuses_a_bad_file_before_it_reads(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from aima_metrics.pipeline_commands import sink
+
+    bad = tmp_path / "deadband.yaml"
+    bad.write_text("enabled: true\nmetrics:\n  gpu_power: {abs: 1}\n")
+    result = CliRunner().invoke(sink, [], env={"AIMA_SINK_SELECTIVE_STORAGE": str(bad)})
+    assert result.exit_code == 1
+    assert f"{bad}: metrics.gpu_power: unknown metric 'gpu_power'" in result.output
