@@ -64,7 +64,8 @@ KEY = uuid.uuid4().hex
 # One worker of the stream app with only the alert processors (the shipped rules include GpuTemperatureHigh).
 STREAM_WORKER = (
     "import sys; from bus.settings import Settings; from streams.main import run; "
-    "from streams.alerts import alert_processors_from_settings; from streams.settings import AlertSettings; "
+    "from streams.alerts.processor import alert_processors_from_settings; "
+    "from streams.alerts.settings import AlertSettings; "
     "sys.exit(run(Settings(), processors=alert_processors_from_settings(AlertSettings())))"
 )
 

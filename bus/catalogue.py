@@ -50,7 +50,7 @@ class Metric:
     """Its labels do not include its topic's message key (bus/topics.py), so one series is spread over
     several partitions of the topic (job events are keyed by job_id, the queue wait is labelled by queue
     and project): each partition's rollup is only a part, and the stream app merges the parts
-    (streams/rollup_merge.py) before it publishes the rollup."""
+    (streams/rollups/merge.py) before it publishes the rollup."""
 
     @property
     def label_fields(self) -> tuple[str, ...]:

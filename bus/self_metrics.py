@@ -42,7 +42,7 @@ Component = Literal[
     "publisher",  # producers/publisher.py: the collectors, the simulator, the job SDK
     "gpu_collector",  # producers/gpu/collector.py
     "system_collector",  # producers/system.py
-    "stream",  # streams/app.py
+    "stream",  # streams/runtime/app.py
     "sink",  # consumers/sink_metrics.py
     "notifier",  # consumers/notify/delivery.py
     "api",  # api/metrics.py

@@ -1,6 +1,6 @@
 """The rollup tiers (hour -> day -> month -> year: calendar buckets in UTC) and their bucket arithmetic,
-shared by the stream processors (streams/buckets.py) and the API (api/params.py, api/sql.py); ``1h``, ``1d``,
-``1mo`` and ``1y`` are the tiers' other names in requests.
+shared by the stream processors (streams/runtime/buckets.py) and the API (api/params.py, api/sql.py); ``1h``,
+``1d``, ``1mo`` and ``1y`` are the tiers' other names in requests.
 
 Times are integer milliseconds since the Unix epoch (what the Avro records carry), so bucket arithmetic is
 exact and cheap; :func:`to_ms` and :func:`from_ms` convert to and from tz-aware datetimes."""

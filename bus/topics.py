@@ -58,7 +58,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("streams.device-hours", f"{NS}.CostRecord", 4, timedelta(days=7), "gpu_model", internal=True),
     TopicSpec("streams.job-outcomes", f"{NS}.JobEvent", 1, timedelta(days=7), "fleet", internal=True),
     # Partial rollups of series that span partitions (Metric.spans_partitions), merged per series; the
-    # senders' progress records go to every partition (streams/rollup_merge.py).
+    # senders' progress records go to every partition (streams/rollups/merge.py).
     TopicSpec(
         "streams.rollup-partials", f"{NS}.RollupPartial", 4, timedelta(days=7), "series", internal=True
     ),

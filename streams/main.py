@@ -10,8 +10,8 @@ besides the shared ``AIMA_*`` settings of bus/settings.py. Self-metrics are serv
 Stopping: a worker exits within ``AIMA_STOP_TIMEOUT_S`` (default 30 s) of SIGTERM or SIGINT whatever it is
 doing, and a second signal ends it at once (bus/runtime.py's stop bound). Before the service starts a
 signal ends the process (exit 0: nothing started, nothing to flush); while it waits for the broker, creates
-topics or builds the app, the stop is seen between those steps; once Faust runs, streams/transport.py routes
-the signals through the same stop request into Faust's graceful stop, whose steps share the bound. The
+topics or builds the app, the stop is seen between those steps; once Faust runs, streams/runtime/transport.py
+routes the signals through the same stop request into Faust's graceful stop, whose steps share the bound. The
 modules this worker runs are imported inside :func:`run` and :func:`default_processors`, so that
 ``python -m streams.main`` holds the signals within milliseconds of starting rather than after the
 seconds that importing Faust takes on a loaded machine.
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from bus.runtime import Service
     from bus.settings import Settings
-    from streams.processor import Processor
+    from streams.runtime.processor import Processor
     from streams.settings import WorkerSettings
 
 __all__ = ["default_processors", "main", "run"]
@@ -44,11 +44,11 @@ log = logging.getLogger(__name__)
 
 def default_processors(settings: Settings, worker: WorkerSettings) -> list[Processor]:
     """Every processor the stream app runs by default, configured by ``worker``."""
-    from streams.alerts import alert_processors_from_settings
-    from streams.anomaly import AnomalyProcessor
+    from streams.alerts.processor import alert_processors_from_settings
+    from streams.anomaly.processor import AnomalyProcessor
     from streams.costs import cost_processors_from_settings
-    from streams.rollup_merge import RollupMerger
-    from streams.rollups import RollupProcessor
+    from streams.rollups.merge import RollupMerger
+    from streams.rollups.processor import RollupProcessor
 
     processors: list[Processor] = [
         RollupProcessor(lateness=worker.app.lateness, emit_interval=worker.app.emit_interval),
@@ -79,9 +79,9 @@ def run(
 
     from bus.kafka import ensure_topics
     from bus.runtime import Service
-    from streams.app import create_app
+    from streams.runtime.app import create_app
+    from streams.runtime.transport import StreamsWorker
     from streams.settings import WorkerSettings
-    from streams.transport import StreamsWorker
 
     config = config or WorkerSettings.load()
     options = config.app.model_copy(update={"app_id": app_id}) if app_id else config.app

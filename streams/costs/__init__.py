@@ -3,8 +3,9 @@ utilisation with its forecast and threshold alerts, and idle GPU-hours (U: which
 
 One module per processor, in data-flow order: ``repartition.py`` (JobRepartitioner), ``jobs.py``
 (CostProcessor), ``device_hours.py`` (DeviceHoursProcessor), ``idle_hours.py`` (IdleHoursProcessor);
-what they share is ``common.py``; the wiring is here. Times: see ``common.py`` (a naive datetime is
-refused).
+what they share is ``common.py``; prices (``pricing.py``, the shipped ``prices.yaml``) and budgets
+(``budgets.py``) are what the cost processor reads; ``settings.py`` holds the variables; the wiring is
+here. Times: see ``common.py`` (a naive datetime is refused).
 
 The data flow::
 
@@ -57,20 +58,19 @@ an unknown price gives a null cost (logged once per provider, model and pricing)
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from streams.budgets import BudgetBook
+from streams.costs.budgets import BudgetBook
 from streams.costs.common import DEVICE_SOURCE_PREFIX, gpu_hours_by_hour, split_by_hour
 from streams.costs.device_hours import DeviceHoursProcessor
 from streams.costs.idle_hours import IdleHoursProcessor
 from streams.costs.jobs import CostProcessor
+from streams.costs.pricing import DEFAULT_PRICES_FILE, PriceCatalogue, Reloading, ReloadingCatalogue
 from streams.costs.repartition import JobRepartitioner
-from streams.pricing import PriceCatalogue, Reloading, ReloadingCatalogue
-from streams.processor import Processor
+from streams.runtime.processor import Processor
 
 if TYPE_CHECKING:
-    from streams.settings import CostSettings
+    from streams.costs.settings import CostSettings
 
 __all__ = [
     "DEFAULT_PRICES_FILE",
@@ -84,9 +84,6 @@ __all__ = [
     "gpu_hours_by_hour",
     "split_by_hour",
 ]
-
-DEFAULT_PRICES_FILE = Path(__file__).resolve().parent.parent / "prices.yaml"
-"""The shipped price catalogue, streams/prices.yaml."""
 
 
 def cost_processors(

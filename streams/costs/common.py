@@ -2,8 +2,8 @@
 split of a job's GPU time, and the batch plumbing (the state view, the cue for a prune pass, a batch cut
 where the watermark enters a new hour).
 
-Times are integer milliseconds since the epoch, converted with :func:`streams.buckets.to_ms` and
-:func:`streams.buckets.from_ms`: a naive datetime is refused with ``ValueError``, never taken for UTC.
+Times are integer milliseconds since the epoch, converted with :func:`streams.runtime.buckets.to_ms` and
+:func:`streams.runtime.buckets.from_ms`: a naive datetime is refused with ``ValueError``, never taken for UTC.
 Every time a cost processor reads is tz-aware already (the decoder gives tz-aware UTC, and
 ``Input.event_time`` is so by contract), so a naive one is a caller's bug to surface, not to guess at."""
 
@@ -13,9 +13,9 @@ from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from streams.buckets import HOUR_MS, bucket_start, from_ms, to_ms
-from streams.processor import Input, PartitionBatch
-from streams.state import OFFSET
+from streams.runtime.buckets import HOUR_MS, bucket_start, from_ms, to_ms
+from streams.runtime.processor import Input, PartitionBatch
+from streams.runtime.state import OFFSET
 
 COST_RECORD = "aima.metrics.CostRecord"
 ALERT_RECORD = "aima.metrics.AlertEvent"

@@ -8,7 +8,6 @@ from collections.abc import Iterator, MutableMapping
 from datetime import timedelta
 from typing import Any
 
-from streams.buckets import HOUR_MS, bucket_start, from_ms, iso, to_ms
 from streams.costs.common import (
     COST_RECORD,
     DEVICE_HOURS,
@@ -20,8 +19,9 @@ from streams.costs.common import (
     span,
     split_by_hour,
 )
-from streams.processor import Input, Output, PartitionBatch, Result
-from streams.state import OFFSET, BatchState
+from streams.runtime.buckets import HOUR_MS, bucket_start, from_ms, iso, to_ms
+from streams.runtime.processor import Input, Output, PartitionBatch, Result
+from streams.runtime.state import OFFSET, BatchState
 
 
 class DeviceHoursProcessor:

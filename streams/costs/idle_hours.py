@@ -9,7 +9,6 @@ from collections.abc import MutableMapping
 from datetime import timedelta
 from typing import Any
 
-from streams.buckets import HOUR_MS, bucket_start, to_ms
 from streams.costs.common import (
     COST_RECORD,
     DEVICE_HOURS,
@@ -21,8 +20,9 @@ from streams.costs.common import (
     since_committed,
     span,
 )
-from streams.processor import Output, PartitionBatch, Result
-from streams.state import OFFSET, BatchState
+from streams.runtime.buckets import HOUR_MS, bucket_start, to_ms
+from streams.runtime.processor import Output, PartitionBatch, Result
+from streams.runtime.state import OFFSET, BatchState
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,14 @@ from collections.abc import MutableMapping
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from streams.buckets import DAY_MS, HOUR_MS, bucket_end, bucket_start, from_ms, to_ms
-from streams.budgets import Budget, BudgetBook, alert_event, crossings, linear_forecast, utilization_percent
+from streams.costs.budgets import (
+    Budget,
+    BudgetBook,
+    alert_event,
+    crossings,
+    linear_forecast,
+    utilization_percent,
+)
 from streams.costs.common import (
     ALERT_RECORD,
     COST_RECORD,
@@ -29,15 +35,16 @@ from streams.costs.common import (
     slot,
     span,
 )
-from streams.pricing import PriceCatalogue, Reloading
-from streams.processor import Input, Output, PartitionBatch, Result
-from streams.state import OFFSET, BatchState
+from streams.costs.pricing import PriceCatalogue, Reloading
+from streams.runtime.buckets import DAY_MS, HOUR_MS, bucket_end, bucket_start, from_ms, to_ms
+from streams.runtime.processor import Input, Output, PartitionBatch, Result
+from streams.runtime.state import OFFSET, BatchState
 
 log = logging.getLogger(__name__)
 
 
 class _Current(Protocol):
-    """A price catalogue or budget book, fixed or re-read when its file changes (streams/pricing.py)."""
+    """A price catalogue or budget book, fixed or re-read when its file changes (streams/costs/pricing.py)."""
 
     def current(self) -> Any: ...
 
@@ -52,7 +59,7 @@ class CostProcessor:
     - ``~index``: running jobs, months still open, the watermark so far.
 
     Buckets older than ``retention`` before the watermark are final: they are no longer updated and their
-    entries are dropped. ``min_forecast_elapsed``: see :func:`streams.budgets.linear_forecast`.
+    entries are dropped. ``min_forecast_elapsed``: see :func:`streams.costs.budgets.linear_forecast`.
     """
 
     topics = (JOBS_BY_PROJECT,)

@@ -6,7 +6,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from streams.costs.common import JOBS_BY_PROJECT
-from streams.processor import Output, PartitionBatch, Result
+from streams.runtime.processor import Output, PartitionBatch, Result
 
 
 class JobRepartitioner:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import sys
 
 from bus.settings import Settings
-from streams.alerts import alert_processors_from_settings
-from streams.anomaly import AnomalyProcessor
+from streams.alerts.processor import alert_processors_from_settings
+from streams.anomaly.processor import AnomalyProcessor
 from streams.main import run
 from streams.settings import WorkerSettings
 

@@ -20,8 +20,8 @@ from bus.codec import Codec
 from bus.settings import Settings
 from bus.topics import BY_KEY
 from producers.simulator import Fleet, backfill, generate
-from streams.buckets import HOUR_MS, TIERS, bucket_end, bucket_start, to_ms
-from streams.series import series_id
+from streams.runtime.buckets import HOUR_MS, TIERS, bucket_end, bucket_start, to_ms
+from streams.runtime.series import series_id
 from tests.integration.test_streams_rollups import Topic, assert_same, stop, wait_until, worker
 
 pytestmark = pytest.mark.integration

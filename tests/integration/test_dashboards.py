@@ -34,7 +34,7 @@ from consumers.gen_views import view_source
 from consumers.sink_writer import Entry, Writer
 from consumers.tables import Origin, rows_for
 from producers.simulator import Fleet, generate
-from streams.series import points, series_id
+from streams.runtime.series import points, series_id
 from tests.grafana_macros import (
     MacroError,
     TimeRange,
@@ -54,7 +54,7 @@ SIM_HOURS = 2
 STEP_S = 10.0
 HAND = "test-hand-inserted"
 """``source`` of the rows made here rather than by the stream app."""
-# EUR per GPU-hour of the simulator's host profiles, from streams/prices.yaml.
+# EUR per GPU-hour of the simulator's host profiles, from streams/costs/prices.yaml.
 PRICES = {
     ("aws", "NVIDIA H100 80GB HBM3", "on_demand"): 6.10,
     ("gcp", "NVIDIA A100-SXM4-40GB", "spot"): 1.10,

@@ -73,7 +73,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.ledger]
 SPLIT_ACROSS_PARTITIONS: frozenset[str] = frozenset()
 """Metrics reported in the account but not balanced, because each partition's partial rollup of their
 series overwrote the others. None now: job_queue_wait_seconds (one {queue, project} series over the
-partitions of job.events) is merged by streams/rollup_merge.py, and
+partitions of job.events) is merged by streams/rollups/merge.py, and
 tests/unit/test_rollups.py::test_every_rolled_up_series_lives_on_one_partition_of_its_topic_or_is_merged
 fails for any metric that would need a place here."""
 

@@ -26,8 +26,8 @@ from bus.codec import Codec
 from bus.kafka import client_config
 from bus.settings import REPO_ROOT, Settings
 from bus.topics import BY_KEY, topic_name
-from streams.buckets import HOUR_MS, TIERS, bucket_end, bucket_start, to_ms
-from streams.series import series_id
+from streams.runtime.buckets import HOUR_MS, TIERS, bucket_end, bucket_start, to_ms
+from streams.runtime.series import series_id
 from tests.private_stack import free_port as _free_port
 from tests.unit.test_rollups import exact_summary
 

@@ -1,6 +1,6 @@
 """Test support: the same simulated partition batches given to a processor twice, once as per-record
-``inputs`` only and once with ``columns`` (streams/columns.py), so a test can show that the columnar path
-gives exactly the state and outputs of the per-record path."""
+``inputs`` only and once with ``columns`` (streams/runtime/columns.py), so a test can show that the columnar
+path gives exactly the state and outputs of the per-record path."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from typing import Any
 from bus.codec import Codec
 from bus.frames import _MIN_ROWS, FrameDecoders
 from producers.simulator import Fleet, generate
-from streams.alerts import topic_of_record
-from streams.buckets import from_ms, to_ms
-from streams.columns import Columns, LazyInputs
-from streams.processor import Input, Output, PartitionBatch, Processor
+from streams.alerts.processor import topic_of_record
+from streams.runtime.buckets import from_ms, to_ms
+from streams.runtime.columns import Columns, LazyInputs
+from streams.runtime.processor import Input, Output, PartitionBatch, Processor
 
 START = datetime(2026, 1, 5, tzinfo=UTC)
 SAMPLE_RECORDS = (

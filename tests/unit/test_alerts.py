@@ -14,15 +14,15 @@ from typing import Any
 import pytest
 
 from bus.codec import Codec
-from streams.alerts import (
+from streams.alerts.processor import (
     AlertProcessor,
     JobOutcomeForwarder,
     alert_processors,
     alert_processors_from_settings,
 )
-from streams.processor import Input, Output, PartitionBatch
-from streams.rules import default_rules, fingerprint, parse_rules
-from streams.settings import AlertSettings
+from streams.alerts.rules import default_rules, fingerprint, parse_rules
+from streams.alerts.settings import AlertSettings
+from streams.runtime.processor import Input, Output, PartitionBatch
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 GPU = "aima.metrics.GpuSample"

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from bus.codec import Codec
-from streams.anomaly import AnomalyConfig, AnomalyProcessor, default_metrics
-from streams.processor import Input, Output, PartitionBatch
-from streams.rules import fingerprint
-from streams.settings import AnomalySettings
+from streams.alerts.rules import fingerprint
+from streams.anomaly.processor import AnomalyConfig, AnomalyProcessor, default_metrics
+from streams.anomaly.settings import AnomalySettings
+from streams.runtime.processor import Input, Output, PartitionBatch
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 GPU = "aima.metrics.GpuSample"
@@ -223,8 +223,8 @@ def test_a_resumed_partition_sends_again_what_is_not_committed() -> None:
 
 
 def test_findings_remembered_under_the_old_offset_name_are_sent_again() -> None:
-    """State written when a sent finding kept its offset as ``o`` (before streams/state.py) re-sends as
-    it did."""
+    """State written when a sent finding kept its offset as ``o`` (before streams/runtime/state.py) re-sends
+    as it did."""
     feed = Feed(AnomalyProcessor(HAND))
     feed.run(10, 12, 10, 12)
     feed.apply(feed.batch(30))  # offset 4: an anomaly and an alert

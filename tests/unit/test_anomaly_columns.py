@@ -12,9 +12,9 @@ from typing import Any
 import polars as pl
 import pytest
 
-from streams import anomaly
-from streams.anomaly import AnomalyConfig, AnomalyProcessor
-from streams.columns import Columns, LazyInputs
+from streams.anomaly.processor import AnomalyConfig, AnomalyProcessor
+from streams.anomaly import processor as anomaly
+from streams.runtime.columns import Columns, LazyInputs
 from tests.unit.columnar import Delivery, Run, deliveries, run_both, simulated_values
 
 GPU = "aima.metrics.GpuSample"

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from streams.buckets import (
+from streams.runtime.buckets import (
     DAY_MS,
     HOUR_MS,
     PARENT,
@@ -19,7 +19,7 @@ from streams.buckets import (
     parse_series,
     to_ms,
 )
-from streams.series import series_id
+from streams.runtime.series import series_id
 
 
 def ms(*args: int) -> int:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from streams.budgets import (
+from streams.costs.budgets import (
     FORECAST_RULE,
     Budget,
     BudgetBook,
@@ -19,7 +19,7 @@ from streams.budgets import (
     month_label,
     utilization_percent,
 )
-from streams.pricing import CatalogueError
+from streams.costs.pricing import CatalogueError
 
 
 def at(*parts: int) -> datetime:

@@ -1,4 +1,4 @@
-"""streams.columns and the columnar paths that are not a processor's own module: Columns gives exactly
+"""streams.runtime.columns and the columnar paths that are not a processor's own module: Columns gives exactly
 what Codec.decode gives, LazyInputs builds the dicts only when asked, SeriesIndex.rows equals
 SeriesIndex.series record for record, ColumnValidator agrees with Validator, and the alert and device-hours
 processors give the same state and outputs from columns as from per-record inputs, without building the
@@ -15,10 +15,10 @@ import pytest
 from bus.codec import Codec
 from bus.frames import FrameDecoders
 from bus.validation import ColumnValidator, Validator
-from streams.alerts import AlertProcessor
+from streams.alerts.processor import AlertProcessor
+from streams.alerts.rules import default_rules, parse_rules
 from streams.costs import DeviceHoursProcessor
-from streams.rules import default_rules, parse_rules
-from streams.series import SeriesIndex, metrics_of
+from streams.runtime.series import SeriesIndex, metrics_of
 from tests.unit.columnar import SAMPLE_RECORDS, deliveries, run_both, simulated_values
 
 GPU = "aima.metrics.GpuSample"

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from streams.budgets import BudgetBook
 from streams.costs import (
     DEVICE_SOURCE_PREFIX,
     CostProcessor,
@@ -25,9 +24,10 @@ from streams.costs import (
     gpu_hours_by_hour,
     split_by_hour,
 )
-from streams.pricing import PriceCatalogue, Reloading
-from streams.processor import Input, Output, PartitionBatch, Result
-from streams.settings import CostSettings
+from streams.costs.budgets import BudgetBook
+from streams.costs.pricing import PriceCatalogue, Reloading
+from streams.costs.settings import CostSettings
+from streams.runtime.processor import Input, Output, PartitionBatch, Result
 
 JOB = "aima.metrics.JobEvent"
 GPU = "aima.metrics.GpuSample"
@@ -345,8 +345,8 @@ def test_allocation_is_forwarded_by_gpu_model_for_idle_hours() -> None:
 
 
 def test_a_naive_datetime_is_refused_not_taken_for_utc() -> None:
-    """The cost processors convert times with streams.buckets (bus/tiers.py): a time without a zone is a
-    caller's bug (the decoder gives tz-aware UTC), so it raises instead of being read as UTC, as it was
+    """The cost processors convert times with streams.runtime.buckets (bus/tiers.py): a time without a zone is
+    a caller's bug (the decoder gives tz-aware UTC), so it raises instead of being read as UTC, as it was
     once here while the rollups refused it."""
     naive = at(10, 10).replace(tzinfo=None)
     with pytest.raises(ValueError, match="naive datetime"):

@@ -15,7 +15,7 @@ from api.params import parse_interval
 from bus.durations import InvalidDuration, format_duration, parse_duration
 from consumers.notify.config import ConfigError
 from consumers.notify.config import parse_duration as notify_duration
-from streams.rules import RuleError, parse_rules
+from streams.alerts.rules import RuleError, parse_rules
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,12 @@
 """The private faust-streaming, mode-streaming and aiokafka names the stream app relies on, checked against
 the installed libraries, so that an upgrade fails here, loudly, instead of misbehaving at run time.
 
-Every such name is used in streams/transport.py only (checked below). The libraries are pinned exactly in
-constraints.txt, which ./dev installs with. Upgrading: change a pin, run this test; for each failure re-read
-the library's new code next to its use in streams/transport.py, adapt, and update the expectation here. The
-functions transport.py mirrors (``Consumer._drain_messages`` and ``getmany``, ``ack``) are pinned by a
-digest of their source: when one changes, merge the change into ``BatchConsumer`` and take the new digest.
+Every such name is used in streams/runtime/transport.py only (checked below). The libraries are pinned exactly
+in constraints.txt, which ./dev installs with. Upgrading: change a pin, run this test; for each failure
+re-read the library's new code next to its use in streams/runtime/transport.py, adapt, and update the
+expectation here. The functions transport.py mirrors (``Consumer._drain_messages`` and ``getmany``, ``ack``)
+are pinned by a digest of their source: when one changes, merge the change into ``BatchConsumer`` and take the
+new digest.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from bus.settings import REPO_ROOT
-from streams.transport import BatchConsumer, StreamsApp
+from streams.runtime.transport import BatchConsumer, StreamsApp
 
 PINNED = ("faust-streaming", "mode-streaming", "aiokafka")
 PINNED_MODULES = {"faust", "mode", "aiokafka"}
@@ -154,7 +155,7 @@ def test_library_functions_and_objects_used() -> None:
 @pytest.mark.parametrize(("owner", "name"), list(MIRRORED), ids=lambda v: getattr(v, "__qualname__", v))
 def test_mirrored_functions_are_unchanged(owner: type, name: str) -> None:
     assert _digest(getattr(owner, name)) == MIRRORED[(owner, name)], (
-        f"{owner.__qualname__}.{name} changed: merge the change into streams/transport.py, "
+        f"{owner.__qualname__}.{name} changed: merge the change into streams/runtime/transport.py, "
         "then update its digest"
     )
 
@@ -183,12 +184,15 @@ def test_instances_have_the_attributes_used() -> None:
 
 
 def test_no_private_library_name_outside_transport() -> None:
-    """Outside streams/transport.py, the app imports only public faust names and touches none of the
+    """Outside streams/runtime/transport.py, the app imports only public faust names and touches none of the
     private ones that transport.py wraps."""
     wrapped = {"_current_event", "_to_message", "_ensure_producer", "_leader_assignor", "_drain_messages"}
     for path in sorted(Path(REPO_ROOT).glob("*/**/*.py")):
         parts = path.relative_to(REPO_ROOT).parts
-        if parts[0] in {".venv", "tests", "bench"} or path == REPO_ROOT / "streams" / "transport.py":
+        if (
+            parts[0] in {".venv", "tests", "bench"}
+            or path == REPO_ROOT / "streams" / "runtime" / "transport.py"
+        ):
             continue
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
@@ -197,5 +201,5 @@ def test_no_private_library_name_outside_transport() -> None:
                 assert not private, f"{path}: imports {private} from {node.module}"
             if isinstance(node, ast.Attribute) and node.attr in wrapped:
                 raise AssertionError(
-                    f"{path}:{node.lineno}: uses {node.attr}; go through streams/transport.py"
+                    f"{path}:{node.lineno}: uses {node.attr}; go through streams/runtime/transport.py"
                 )

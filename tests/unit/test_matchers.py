@@ -8,7 +8,7 @@ import pytest
 
 from bus.matchers import InvalidMatcher, Matcher, matchers_of, parse_matchers
 from consumers.notify.config import ConfigError, parse
-from streams.rules import RuleError, parse_rules
+from streams.alerts.rules import RuleError, parse_rules
 
 # Alertmanager's TestMatchers: input -> (name, op, value) triples, in order.
 ALERTMANAGER_LISTS = [

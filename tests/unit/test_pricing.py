@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from streams.pricing import CatalogueError, PriceCatalogue, ReloadingCatalogue, model_tokens
+from streams.costs.pricing import CatalogueError, PriceCatalogue, ReloadingCatalogue, model_tokens
 
-SHIPPED = Path(__file__).resolve().parents[2] / "streams" / "prices.yaml"
+SHIPPED = Path(__file__).resolve().parents[2] / "streams" / "costs" / "prices.yaml"
 
 CATALOGUE = """
 default_provider: aws

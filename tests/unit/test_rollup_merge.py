@@ -1,4 +1,4 @@
-"""The merge of partial rollups (streams/rollup_merge.py) as pure processor logic: the rollup processor on
+"""The merge of partial rollups (streams/rollups/merge.py) as pure processor logic: the rollup processor on
 every partition of job.events, the merger on every partition of streams.rollup-partials, records routed
 between them as the app routes them (key hash or the named partition, in the order listed) and through the
 Avro codec. Several senders of one series, replays of the same partial, a partial older than the one the
@@ -16,11 +16,11 @@ import pytest
 
 from bus.codec import Codec
 from bus.topics import BY_KEY
-from streams.buckets import TIERS, to_ms
-from streams.processor import Input, Output, PartitionBatch
-from streams.rollup_merge import RollupMerger
-from streams.rollups import PARTIALS_TOPIC, RollupProcessor
-from streams.series import series_id
+from streams.rollups.merge import RollupMerger
+from streams.rollups.processor import PARTIALS_TOPIC, RollupProcessor
+from streams.runtime.buckets import TIERS, to_ms
+from streams.runtime.processor import Input, Output, PartitionBatch
+from streams.runtime.series import series_id
 from tests.unit.test_rollups import RecordingState, assert_matches, at, finals_of, offline, restore
 
 JOB = "aima.metrics.JobEvent"

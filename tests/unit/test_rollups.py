@@ -19,10 +19,10 @@ from ddsketch.mapping import LogarithmicMapping
 from bus import sketch
 from bus.catalogue import BY_NAME, METRICS
 from bus.topics import BY_KEY
-from streams.buckets import PARENT, TIERS, bucket_end, bucket_start, iso, to_ms
-from streams.processor import Input, PartitionBatch, Result
-from streams.rollups import RollupProcessor, quantile_of_bins, rollup_topics
-from streams.series import series_id
+from streams.rollups.processor import RollupProcessor, quantile_of_bins, rollup_topics
+from streams.runtime.buckets import PARENT, TIERS, bucket_end, bucket_start, iso, to_ms
+from streams.runtime.processor import Input, PartitionBatch, Result
+from streams.runtime.series import series_id
 
 GPU_FIELDS = (
     "utilization_percent",
@@ -350,7 +350,7 @@ def test_a_restart_from_any_changelog_prefix_gives_the_same_finals(cut: float) -
 
 
 def test_a_changelog_written_when_the_offset_was_called_o_carries_on() -> None:
-    """State written by the version before streams/state.py named the replay offset ``offset`` (it was
+    """State written by the version before streams/runtime/state.py named the replay offset ``offset`` (it was
     ``o`` in rollup entries) restores and carries on: the same finals, nothing counted twice or late."""
     samples = [*spanning_samples(), CLOSE_ALL]
     inputs = Partition(RollupProcessor()).inputs(samples)
@@ -411,8 +411,8 @@ POSITIONAL_CHANGELOG = [
         {"offset": 3, "s": {_UTIL_A0: [1, 99.0, 99.0, 99.0, 0, {"230": 1}]}, "e": 1772450100000},
     ),
 ]
-"""The changelog the processor wrote before aggregates had a type (streams/aggregate.py), each series as a
-positional ``[count, sum, min, max, zeros, bins]``, for the first four of ``positional_samples``."""
+"""The changelog the processor wrote before aggregates had a type (streams/rollups/aggregate.py), each series
+as a positional ``[count, sum, min, max, zeros, bins]``, for the first four of ``positional_samples``."""
 
 
 def positional_samples() -> list[dict]:
@@ -688,7 +688,7 @@ def test_every_rolled_up_series_lives_on_one_partition_of_its_topic_or_is_merged
     # partitions gets a partial aggregate on each, which must not go out as the series' rollup (the parts
     # would overwrite each other under one (series, tier, bucket) key). Either the series lives on one
     # partition (its labels include the topic's key fields), or the catalogue says it spans partitions and
-    # the rollup processor sends its parts to the merge (streams/rollup_merge.py) instead.
+    # the rollup processor sends its parts to the merge (streams/rollups/merge.py) instead.
     metric = BY_NAME[name]
     key_fields = set(BY_KEY[topic].message_key.split("/"))
     labels = set(metric.labels)

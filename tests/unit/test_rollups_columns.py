@@ -15,10 +15,10 @@ import polars as pl
 import pytest
 
 from bus.codec import Codec
-from streams.buckets import from_ms
-from streams.columns import Columns, LazyInputs
-from streams.processor import Input, PartitionBatch
-from streams.rollups import RollupProcessor
+from streams.rollups.processor import RollupProcessor
+from streams.runtime.buckets import from_ms
+from streams.runtime.columns import Columns, LazyInputs
+from streams.runtime.processor import Input, PartitionBatch
 from tests.unit.columnar import START, Delivery, Run, deliveries, run_both, simulated_values
 
 

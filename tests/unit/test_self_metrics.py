@@ -57,7 +57,7 @@ def _bundles() -> dict[str, Callable[[CollectorRegistry], object]]:
     from producers.gpu.collector import GpuCollectorMetrics
     from producers.publisher import PublisherMetrics
     from producers.system import SystemCollectorMetrics
-    from streams.app import StreamMetrics
+    from streams.runtime.app import StreamMetrics
 
     return {
         "runtime": lambda registry: Service("test", Settings(), registry=registry),

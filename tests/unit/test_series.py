@@ -1,5 +1,5 @@
-"""streams.series: SeriesIndex and series_of give what extract and series_id give, record for record, for
-every catalogue metric of every simulated record kind (scalars, array items, ``where`` selectors)."""
+"""streams.runtime.series: SeriesIndex and series_of give what extract and series_id give, record for record,
+for every catalogue metric of every simulated record kind (scalars, array items, ``where`` selectors)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from bus import catalogue
 from producers.simulator import Fleet, generate
-from streams.series import SeriesIndex, extract, metrics_of, series_id, series_of
+from streams.runtime.series import SeriesIndex, extract, metrics_of, series_id, series_of
 
 START = datetime(2026, 11, 29, tzinfo=UTC)
 

@@ -1,13 +1,13 @@
-"""streams/state.py: a processor's batch state writes each key once, in the order that keeps any changelog
-prefix a state to continue from (named prefixes first, deletes last), and reads state written when the
-replay offset was still called ``o``."""
+"""streams/runtime/state.py: a processor's batch state writes each key once, in the order that keeps any
+changelog prefix a state to continue from (named prefixes first, deletes last), and reads state written when
+the replay offset was still called ``o``."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from streams.state import OFFSET, BatchState, offset_of
+from streams.runtime.state import OFFSET, BatchState, offset_of
 
 
 class Changelog(dict[str, Any]):
@@ -84,8 +84,8 @@ def test_state_written_with_the_old_offset_name_still_loads() -> None:
 
 
 def test_a_working_type_is_stored_through_dump() -> None:
-    """A processor that works on its own types (streams/aggregate.py) gets them from ``load`` and stores
-    their JSON form through ``dump``; the stored value is not changed by the working copy."""
+    """A processor that works on its own types (streams/rollups/aggregate.py) gets them from ``load`` and
+    stores their JSON form through ``dump``; the stored value is not changed by the working copy."""
     state = Changelog({"k": {"n": [1, 2]}})
     work = BatchState(
         state,

@@ -11,8 +11,8 @@ import pytest
 
 from bus import validation
 from bus.validation import Validator
-from streams.app import PartitionView, _partition_of
-from streams.settings import StreamsSettings
+from streams.runtime.app import PartitionView, _partition_of
+from streams.runtime.settings import StreamsSettings
 
 
 class _Store:

@@ -20,7 +20,7 @@ from bus import catalogue
 from bus.catalogue import Metric
 
 if TYPE_CHECKING:
-    from streams.columns import Columns
+    from streams.runtime.columns import Columns
 
 __all__ = [
     "MetricColumn",

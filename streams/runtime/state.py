@@ -1,9 +1,10 @@
 """A processor's state for one call, owned by the runtime: :class:`BatchState` reads each entry once,
 hands the processor its working copy, and writes every changed entry once, in an order that keeps any
-prefix of the writes a state to continue from (the contract: streams/processor.py).
+prefix of the writes a state to continue from (the contract: streams/runtime/processor.py).
 
-Why the order matters. The app writes each state change as a changelog record (streams/app.py), and after a
-crash the state is restored from what the changelog kept: a prefix of the writes, in the order they were
+Why the order matters. The app writes each state change as a changelog record (streams/runtime/app.py), and
+after a crash the state is restored from what the changelog kept: a prefix of the writes, in the order they
+were
 made. So, within one call:
 
 1. every key is written at most once: one changelog record per key and batch, however many records were
@@ -58,7 +59,7 @@ class BatchState:
     that changes entries in place and may leave one unwritten, so that the store never holds a change its
     changelog lacks) or the value made whole again after a restore from JSON. ``put`` and ``delete`` take
     effect in :meth:`flush`, which the processor calls once at the end of the call, writing ``dump(value)``
-    when given: a processor that works on its own types (streams/aggregate.py) stores their JSON form.
+    when given: a processor that works on its own types (streams/rollups/aggregate.py) stores their JSON form.
     ``order``: the key prefixes to write first (module doc).
     """
 

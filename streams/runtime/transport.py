@@ -8,7 +8,7 @@ consumer's rate. :class:`BatchConsumer` keeps Faust's consumer, rebalancing, off
 tables and recovery, and replaces only the per-record dispatch of the topics it is told about (mirroring
 ``Consumer._drain_messages``); :class:`Sender` appends records to aiokafka record batches directly.
 
-At-least-once, step by step, for one fetched batch (see ``streams.app.Dispatcher.handle``):
+At-least-once, step by step, for one fetched batch (see ``streams.runtime.app.Dispatcher.handle``):
 1. the batch is registered as in flight, so a rebalance or a stop waits for it (``Consumer.wait_empty``);
 2. the processors run; their state writes go to the table store and, as changelog records, to the sender;
 3. the sender hands every record (changelogs, outputs, dead letters) to the aiokafka producer and waits
@@ -666,7 +666,7 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-# -- what streams/app.py needs of Faust's internals, kept here (tests/unit/test_faust_coupling.py) ----------
+# -- what streams/runtime/app.py needs of Faust's internals, kept here (tests/unit/test_faust_coupling.py) --
 
 
 def still_current(app: faust.App, generation: int) -> bool:

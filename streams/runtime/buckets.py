@@ -53,7 +53,7 @@ def deadline(tier: Tier, start: int, lateness_ms: int) -> int:
 
 
 def parse_series(series: str) -> tuple[str, dict[str, str]]:
-    """The inverse of :func:`streams.series.series_id`: (metric, labels)."""
+    """The inverse of :func:`streams.runtime.series.series_id`: (metric, labels)."""
     brace = series.find("{")
     if brace < 0:
         return series, {}

@@ -30,15 +30,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bus import catalogue
-from streams.alerts import alert_event, topic_of_record
-from streams.buckets import from_ms, to_ms
-from streams.processor import Input, Output, PartitionBatch, Result
-from streams.rules import fingerprint, format_value
-from streams.series import MetricColumn, Sample, SeriesIndex, by_row
-from streams.state import OFFSET, BatchState, offset_of
+from streams.alerts.processor import alert_event, topic_of_record
+from streams.alerts.rules import fingerprint, format_value
+from streams.runtime.buckets import from_ms, to_ms
+from streams.runtime.processor import Input, Output, PartitionBatch, Result
+from streams.runtime.series import MetricColumn, Sample, SeriesIndex, by_row
+from streams.runtime.state import OFFSET, BatchState, offset_of
 
 if TYPE_CHECKING:
-    from streams.columns import Columns
+    from streams.runtime.columns import Columns
 
 __all__ = ["ANOMALY_RECORD", "AnomalyConfig", "AnomalyProcessor", "default_metrics"]
 

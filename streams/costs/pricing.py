@@ -39,6 +39,7 @@ from typing import Any, Generic, Literal, TypeVar
 import yaml
 
 __all__ = [
+    "DEFAULT_PRICES_FILE",
     "PRICINGS",
     "CatalogueError",
     "ModelPrice",
@@ -55,6 +56,9 @@ PRICINGS: tuple[Pricing, ...] = ("on_demand", "spot")
 _TOP_KEYS = frozenset({"providers", "energy_eur_per_kwh", "default_provider"})
 _SPLIT = re.compile(r"[\s\-_/,()]+")
 _VENDOR_WORDS = frozenset({"nvidia"})
+
+DEFAULT_PRICES_FILE = Path(__file__).resolve().with_name("prices.yaml")
+"""The shipped price catalogue, streams/costs/prices.yaml."""
 
 
 class CatalogueError(ValueError):

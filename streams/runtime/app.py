@@ -1,12 +1,12 @@
-"""The Faust app that runs every stream processor (the contract is streams/processor.py).
+"""The Faust app that runs every stream processor (the contract is streams/runtime/processor.py).
 
-Per fetched batch (streams/transport.py says how Faust hands it over, and the at-least-once steps): group
-the records by topic partition, decode and validate them (a partition batch that ``bus.frames`` reads whole
-and that is all valid reaches the processors as columns, streams/columns.py; otherwise each record is
-decoded and checked alone, and what fails goes to the dead-letter topic with its reason and origin), advance
-the partition's event-time watermark, call every processor of the topic once with the partition's inputs and
-a view of its table restricted to that partition, publish the outputs, dead-letter the late records, and
-acknowledge the offsets. A processor that raises stops the worker with the batch unacknowledged
+Per fetched batch (streams/runtime/transport.py says how Faust hands it over, and the at-least-once steps):
+group the records by topic partition, decode and validate them (a partition batch that ``bus.frames`` reads
+whole and that is all valid reaches the processors as columns, streams/runtime/columns.py; otherwise each
+record is decoded and checked alone, and what fails goes to the dead-letter topic with its reason and origin),
+advance the partition's event-time watermark, call every processor of the topic once with the partition's
+inputs and a view of its table restricted to that partition, publish the outputs, dead-letter the late
+records, and acknowledge the offsets. A processor that raises stops the worker with the batch unacknowledged
 (at-least-once: a fixed worker processes it again).
 
 Tables: one Faust table per (processor, topic), with the topic's partition count, so that Faust
@@ -44,10 +44,10 @@ from bus.frames import Frame, FrameDecoders
 from bus.kafka import aiokafka_config, create_topics, wait_for_group_coordinator
 from bus.settings import Settings
 from bus.topics import BY_KEY, TopicSpec, topic_name
-from streams.buckets import from_ms, to_ms
-from streams.columns import Columns, LazyInputs
-from streams.processor import Input, Output, PartitionBatch, Processor
-from streams.transport import (
+from streams.runtime.buckets import from_ms, to_ms
+from streams.runtime.columns import Columns, LazyInputs
+from streams.runtime.processor import Input, Output, PartitionBatch, Processor
+from streams.runtime.transport import (
     BatchConsumer,
     DeliveryFailed,
     Refused,
@@ -62,7 +62,7 @@ from streams.transport import (
 )
 
 if TYPE_CHECKING:
-    from streams.settings import StreamsSettings
+    from streams.runtime.settings import StreamsSettings
 
 __all__ = ["Dispatcher", "PartitionView", "StreamMetrics", "create_app"]
 
@@ -261,7 +261,7 @@ class Dispatcher:
 
     def on_revocation(self) -> None:
         """A rebalance starts (Faust revokes every partition first; an in-flight batch has finished, see
-        streams/transport.py): each partition's next batch is a resumed one."""
+        streams/runtime/transport.py): each partition's next batch is a resumed one."""
         self._fresh.clear()
 
     def on_assignment(self, assigned: Iterable[TP]) -> None:
@@ -678,12 +678,12 @@ def create_app(
     registry: CollectorRegistry | None = None,
     codec: Codec | None = None,
 ) -> StreamsApp:
-    """The Faust app running ``processors``; start it with ``streams.transport.StreamsWorker(app)``
+    """The Faust app running ``processors``; start it with ``streams.runtime.transport.StreamsWorker(app)``
     (streams/main.py does). Needs the broker: creates the app's internal topics (table changelogs, the
     leader assignor's topic) and waits for its consumer group's coordinator. ``options``: the worker's
     :class:`streams.settings.StreamsSettings`; without them, their defaults (the environment is read
     where the process starts, streams/main.py, not here)."""
-    from streams.settings import StreamsSettings
+    from streams.runtime.settings import StreamsSettings
 
     options = options or StreamsSettings.from_environ({})
     if not processors:

@@ -1,4 +1,4 @@
-"""The contract between the Faust app (streams/app.py) and its processors (rollups, costs, alerts,
+"""The contract between the Faust app (streams/runtime/app.py) and its processors (rollups, costs, alerts,
 anomalies).
 
 The app consumes the topics its processors name, decodes and validates every record (dead-lettering what
@@ -16,7 +16,7 @@ State is restored from a changelog that holds a prefix of the writes in the orde
 changelog partition per topic partition); the app writes the partition's watermark after the processor's
 own writes, so ``previous_watermark`` never runs ahead of the restored state. A processor orders its own
 writes so that any prefix is a state it can continue from (e.g. a parent aggregate before the child that
-says it was merged): every processor reads and writes its state through ``streams.state.BatchState``,
+says it was merged): every processor reads and writes its state through ``streams.runtime.state.BatchState``,
 whose docstring states the write order and why, and whose ``OFFSET`` names the replay offset field.
 """
 
@@ -28,7 +28,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from streams.columns import Columns
+    from streams.runtime.columns import Columns
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +56,7 @@ class Output:
     value: dict[str, Any]
     partition: int | None = None
     """Where to send it instead of the key's partition (a record every partition must see, such as a
-    sender's progress in streams/rollup_merge.py). The outputs of one call reach each partition in the
+    sender's progress in streams/rollups/merge.py). The outputs of one call reach each partition in the
     order they are listed, whichever way each was routed."""
 
 
@@ -80,7 +80,7 @@ class PartitionBatch:
     state was just restored, inputs may replay records already folded in, and outputs sent before a crash
     may be missing (a processor re-sends what it cannot prove was committed)."""
     columns: Columns | None = None
-    """The same records as columns (streams/columns.py), when every one was read natively; a processor
+    """The same records as columns (streams/runtime/columns.py), when every one was read natively; a processor
     may fold these instead of ``inputs`` and must then give the same state and outputs."""
 
     @property
@@ -108,5 +108,5 @@ class Processor(Protocol):
     def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
         """Fold ``batch`` into ``state`` and return what to publish. ``state`` holds this processor's
         entries for this topic partition only; values must be JSON-serialisable (dicts, lists, numbers,
-        strings). Write each key at most once per call (``streams.state.BatchState`` does)."""
+        strings). Write each key at most once per call (``streams.runtime.state.BatchState`` does)."""
         ...

@@ -2,8 +2,9 @@
 partitions (``Metric.spans_partitions`` in bus/catalogue.py: job_queue_wait_seconds {queue, project} on
 job.events, which is keyed by job_id).
 
-Rollup state lives per input partition (streams/processor.py), so each partition holds only a part of such a
-series; published as Rollups under one (series, tier, bucket) key, the parts would overwrite each other.
+Rollup state lives per input partition (streams/runtime/processor.py), so each partition holds only a part of
+such a series; published as Rollups under one (series, tier, bucket) key, the parts would overwrite each
+other.
 Instead::
 
     job.events[p] ──RollupProcessor──► streams.rollup-partials (key: series)
@@ -56,11 +57,11 @@ from typing import Any
 from ddsketch.mapping import LogarithmicMapping
 
 from bus.topics import BY_KEY
-from streams.aggregate import Aggregate, bins_of
-from streams.buckets import TIERS, Tier, bucket_end, iso, to_ms
-from streams.processor import Output, PartitionBatch, Result
-from streams.rollups import PARTIALS_TOPIC, ROLLUP_RECORD
-from streams.state import BatchState
+from streams.rollups.aggregate import Aggregate, bins_of
+from streams.rollups.processor import PARTIALS_TOPIC, ROLLUP_RECORD
+from streams.runtime.buckets import TIERS, Tier, bucket_end, iso, to_ms
+from streams.runtime.processor import Output, PartitionBatch, Result
+from streams.runtime.state import BatchState
 
 __all__ = ["RollupMerger"]
 

@@ -1,5 +1,5 @@
-"""The aggregate of one rollup series (streams/rollups.py) and of one sender's partial in the merge
-(streams/rollup_merge.py): count, sum, min, max and a DDSketch state (``zeros``, values the mapping cannot
+"""The aggregate of one rollup series (streams/rollups/processor.py) and of one sender's partial in the merge
+(streams/rollups/merge.py): count, sum, min, max and a DDSketch state (``zeros``, values the mapping cannot
 index, and ``bins``, counts by bin key of the ``LogarithmicMapping`` of bus/sketch.py).
 
 One update path each: :meth:`Aggregate.add` (one value), :meth:`Aggregate.add_column` (the values of a

@@ -1,13 +1,13 @@
 """S1 rollups: count, min, max, sum, avg and p95 per series (metric + labels) in hour, day, month and year
 buckets of event time, cascading hour -> day -> month -> year.
 
-State, per topic partition (see streams/processor.py), one entry per (tier, bucket start, entity): an entity
-is what one record describes (a GPU, a host, a pod, a job), named by the labels every metric of its record
-type carries, so one sample causes one state write per batch, however many metrics it carries, and every
-series lives in exactly one entry (k8s_pod_restarts {namespace, pod} and k8s_pod_status {namespace, pod,
+State, per topic partition (see streams/runtime/processor.py), one entry per (tier, bucket start, entity): an
+entity is what one record describes (a GPU, a host, a pod, a job), named by the labels every metric of its
+record type carries, so one sample causes one state write per batch, however many metrics it carries, and
+every series lives in exactly one entry (k8s_pod_restarts {namespace, pod} and k8s_pod_status {namespace, pod,
 phase} of one pod share the pod's entry; a phase change does not split the restarts). An entry holds, per
-series, an ``Aggregate`` (streams/aggregate.py; stored as ``[count, sum, min, max, zeros, bins]``): ``bins``
-maps DDSketch bin keys (``ddsketch.LogarithmicMapping`` of ``relative_accuracy``, the mapping of
+series, an ``Aggregate`` (streams/rollups/aggregate.py; stored as ``[count, sum, min, max, zeros, bins]``):
+``bins`` maps DDSketch bin keys (``ddsketch.LogarithmicMapping`` of ``relative_accuracy``, the mapping of
 bus/sketch.py) to counts, and ``zeros`` counts values the mapping cannot index (zero; negative values too,
 which the Avro ``Sketch`` cannot carry). Merging adds counts per key, so a month's p95 is the p95 of all its
 samples within the sketch's relative accuracy (1 % by default), not an average of p95s.
@@ -24,9 +24,9 @@ which says how far the emitting partition's watermark was when the record went o
 
 Crash safety (at-least-once input, a changelog that is a prefix of the writes in order):
 - every entry remembers the offset of the last record folded into it (``offset``; ``o`` in state written
-  before streams/state.py gave the field one name, still read) and skips replays at or below it, before
-  judging lateness, so a replayed record is neither counted twice nor dead-lettered;
-- writes go parents first (year, month, day, hour: streams/state.py), so a child is never marked final
+  before streams/runtime/state.py gave the field one name, still read) and skips replays at or below it,
+  before judging lateness, so a replayed record is neither counted twice nor dead-lettered;
+- writes go parents first (year, month, day, hour: streams/runtime/state.py), so a child is never marked final
   before its parent holds it;
 - a final entry keeps ``f``, the last offset of the batch that finalised it, and stays until that offset is
   committed (``PartitionBatch.committed_offset``); on a resumed partition, finals with ``f`` at or after the
@@ -35,10 +35,10 @@ Crash safety (at-least-once input, a changelog that is a prefix of the writes in
 Series that span partitions (``Metric.spans_partitions``: job_queue_wait_seconds {queue, project} on
 job.events, keyed by job_id): this partition's rollups of them are only parts, so they go to
 ``streams.rollup-partials`` as its partials (the same records, tagged with this topic partition), followed
-by its progress whenever it closes buckets, and streams/rollup_merge.py publishes the merged rollups.
+by its progress whenever it closes buckets, and streams/rollups/merge.py publishes the merged rollups.
 
-Columnar batches: when a batch comes with ``columns`` (streams/columns.py) and every metric of its record
-type is a top-level scalar (GpuSample, QueueSample, PodStatus, JobEvent, CostRecord; not SystemSample,
+Columnar batches: when a batch comes with ``columns`` (streams/runtime/columns.py) and every metric of its
+record type is a top-level scalar (GpuSample, QueueSample, PodStatus, JobEvent, CostRecord; not SystemSample,
 whose disks and networks are arrays, nor JobTimings, a summary), the records are routed one by one as above
 (replay, late or folded into which hour entry), then folded metric by metric from the columns into the same
 aggregates, bit for bit and in the same series order, without building the per-record dicts.
@@ -61,14 +61,24 @@ from ddsketch.mapping import LogarithmicMapping
 from bus.catalogue import METRICS, Metric
 from bus.sketch import DEFAULT_RELATIVE_ACCURACY
 from bus.topics import BY_KEY, TOPICS
-from streams.aggregate import Aggregate, bins_of, quantile_of_bins
-from streams.buckets import HOUR_MS, PARENT, TIERS, Tier, bucket_end, bucket_start, iso, parse_series, to_ms
-from streams.processor import Input, Output, PartitionBatch, Result
-from streams.series import series_id
-from streams.state import OFFSET, BatchState
+from streams.rollups.aggregate import Aggregate, bins_of, quantile_of_bins
+from streams.runtime.buckets import (
+    HOUR_MS,
+    PARENT,
+    TIERS,
+    Tier,
+    bucket_end,
+    bucket_start,
+    iso,
+    parse_series,
+    to_ms,
+)
+from streams.runtime.processor import Input, Output, PartitionBatch, Result
+from streams.runtime.series import series_id
+from streams.runtime.state import OFFSET, BatchState
 
 if TYPE_CHECKING:
-    from streams.columns import Columns
+    from streams.runtime.columns import Columns
 
 __all__ = [
     "PARTIALS_TOPIC",
@@ -93,7 +103,7 @@ _OWN_SOURCES = frozenset({"cost_processor"})
 
 
 def partial_output(sender: tuple[str, int], rollup: dict[str, Any], watermark: int, source: str) -> Output:
-    """``rollup`` as the partial of the topic partition ``sender``, for the merge (streams/rollup_merge.py):
+    """``rollup`` as the partial of the topic partition ``sender``, for the merge (streams/rollups/merge.py):
     keyed by series, so that one merge partition holds every partial of a series."""
     value = {
         "time": watermark,
@@ -372,7 +382,7 @@ class RollupProcessor:
         self._plans = {record: _RecordPlan(record, metrics) for record, metrics in by_record.items()}
         self.merged_metrics = frozenset(metric.name for metric in METRICS if metric.spans_partitions)
         """Metrics whose rollups go out as this partition's partials, to be merged across partitions
-        (streams/rollup_merge.py): those the catalogue marks ``spans_partitions``."""
+        (streams/rollups/merge.py): those the catalogue marks ``spans_partitions``."""
         spanning_records = {metric.record for metric in METRICS if metric.spans_partitions}
         self._progress_topics = frozenset(
             key for key in self.topics if key in BY_KEY and BY_KEY[key].schema in spanning_records
@@ -793,7 +803,7 @@ class RollupProcessor:
         sender: tuple[str, int],
     ) -> None:
         """One Rollup per series of ``entry``; a series whose metric spans partitions goes instead as this
-        partition's partial (streams/rollup_merge.py), to be merged with the other partitions' first."""
+        partition's partial (streams/rollups/merge.py), to be merged with the other partitions' first."""
         end = bucket_end(tier, start)
         start_iso = iso(start)
         for series, agg in entry["s"].items():

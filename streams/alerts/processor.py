@@ -36,15 +36,15 @@ from typing import TYPE_CHECKING, Any
 
 from bus import catalogue
 from bus.topics import TOPICS
-from streams.buckets import from_ms, to_ms
-from streams.columns import Columns
-from streams.processor import Input, Output, PartitionBatch, Result
-from streams.rules import Rule, fingerprint, load_rules
-from streams.series import MetricColumn, Sample, SeriesIndex
-from streams.state import OFFSET, BatchState
+from streams.alerts.rules import Rule, fingerprint, load_rules
+from streams.runtime.buckets import from_ms, to_ms
+from streams.runtime.columns import Columns
+from streams.runtime.processor import Input, Output, PartitionBatch, Result
+from streams.runtime.series import MetricColumn, Sample, SeriesIndex
+from streams.runtime.state import OFFSET, BatchState
 
 if TYPE_CHECKING:
-    from streams.settings import AlertSettings
+    from streams.alerts.settings import AlertSettings
 
 __all__ = [
     "ALERT_RECORD",
@@ -157,10 +157,10 @@ class JobOutcomeForwarder:
 
 
 class _Batch:
-    """One call's working set: each entry read once (a copy, streams/state.py) and written at the end if it
-    matters, and the outputs, each remembered in its entry until its offset is committed (for the re-send
-    on resume). The no-data index is written before the entries: a restored index never misses a firing
-    entry."""
+    """One call's working set: each entry read once (a copy, streams/runtime/state.py) and written at the end
+    if it matters, and the outputs, each remembered in its entry until its offset is committed (for the
+    re-send on resume). The no-data index is written before the entries: a restored index never misses a
+    firing entry."""
 
     def __init__(self, state: MutableMapping[str, Any], batch: PartitionBatch) -> None:
         self.state = state
@@ -211,7 +211,7 @@ class _Batch:
 
 
 class AlertProcessor:
-    """Evaluates ``rules`` (see streams/rules.py) on the sample topics they need and on
+    """Evaluates ``rules`` (see streams/alerts/rules.py) on the sample topics they need and on
     ``streams.job-outcomes`` for ratio rules."""
 
     name = "alerts"

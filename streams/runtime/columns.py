@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from bus.frames import Frame, python_values
-from streams.processor import Input
+from streams.runtime.processor import Input
 
 __all__ = ["Columns", "LazyInputs"]
 
