@@ -194,6 +194,7 @@ class TlsStack:
             except psycopg.OperationalError:
                 if time.monotonic() > deadline:
                     raise
+                time.sleep(0.5)  # the server is still starting: ask again shortly
 
     def close(self) -> None:
         if self._broker is not None and self._broker.poll() is None:
