@@ -30,36 +30,32 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bus import catalogue
-from bus.topics import TOPICS
-from streams.alerts.rules import Rule, fingerprint, load_rules
-from streams.runtime.buckets import from_ms, to_ms
+from streams.alerts.rules import Rule, load_rules
+from streams.runtime.buckets import to_ms
 from streams.runtime.columns import Columns
+from streams.runtime.findings import alert_event, fingerprint
 from streams.runtime.processor import Input, Output, PartitionBatch, Result
-from streams.runtime.series import MetricColumn, Sample, SeriesIndex
+from streams.runtime.series import MetricColumn, Sample, SeriesIndex, topic_of_record
 from streams.runtime.state import OFFSET, BatchState
 
 if TYPE_CHECKING:
     from streams.alerts.settings import AlertSettings
 
 __all__ = [
-    "ALERT_RECORD",
     "OUTCOMES_TOPIC",
     "AlertProcessor",
     "JobOutcomeForwarder",
-    "alert_event",
     "alert_processors",
     "alert_processors_from_settings",
 ]
 
 log = logging.getLogger(__name__)
 
-ALERT_RECORD = "aima.metrics.AlertEvent"
-ALERTS_TOPIC = "alerts"
 OUTCOMES_TOPIC = "streams.job-outcomes"
 OUTCOMES_KEY = "fleet"
 _NO_DATA_INDEX = "~no-data"
@@ -70,56 +66,6 @@ _MAX_SENT = 16
 _TARGETS_MAX = 1 << 16
 """Most (rule, series) pairs whose alert labels and fingerprint are kept worked out."""
 """Most outputs an entry remembers for the re-send after a restart (a flapping alert keeps the latest)."""
-
-
-def at(ms: int | None) -> datetime | None:
-    """A tz-aware UTC datetime for epoch milliseconds (None stays None)."""
-    return None if ms is None else from_ms(ms)
-
-
-def topic_of_record(record_name: str) -> str:
-    """The public topic carrying ``record_name`` (the first in the catalogue that is not internal)."""
-    for spec in TOPICS:
-        if spec.schema == record_name and not spec.internal:
-            return spec.key
-    raise LookupError(f"no public topic carries {record_name}")
-
-
-def alert_event(
-    *,
-    fingerprint: str,
-    rule: str,
-    status: str,
-    severity: str,
-    starts_at_ms: int,
-    ends_at_ms: int | None,
-    event_time_ms: int,
-    value: float | None,
-    labels: Mapping[str, str],
-    annotations: Mapping[str, str],
-    channels: Iterable[str],
-    source: str = "stream",
-) -> Output:
-    """An AlertEvent (avro/AlertEvent.avsc) for the alerts topic, keyed by fingerprint."""
-    return Output(
-        ALERTS_TOPIC,
-        fingerprint,
-        ALERT_RECORD,
-        {
-            "fingerprint": fingerprint,
-            "rule": rule,
-            "status": status,
-            "severity": severity,
-            "starts_at": at(starts_at_ms),
-            "ends_at": at(ends_at_ms),
-            "event_time": at(event_time_ms),
-            "value": value,
-            "labels": dict(labels),
-            "annotations": dict(annotations),
-            "channels": list(channels),
-            "source": source,
-        },
-    )
 
 
 class JobOutcomeForwarder:

@@ -29,7 +29,6 @@ is a percentage (numerator over denominator, times 100)::
 
 from __future__ import annotations
 
-import hashlib
 import math
 import operator
 import re
@@ -45,6 +44,7 @@ import yaml
 from bus import catalogue
 from bus.durations import format_duration, parse_duration
 from bus.matchers import Matcher, matchers_of
+from streams.runtime.findings import format_value
 
 __all__ = [
     "CONDITIONS",
@@ -53,7 +53,6 @@ __all__ = [
     "Rule",
     "RuleError",
     "default_rules",
-    "fingerprint",
     "load_rules",
     "parse_rules",
     "render",
@@ -104,15 +103,6 @@ _TEMPLATE = re.compile(
 _TEMPLATE_VARS = ("value", "labels", "threshold", "rule", "metric", "severity")
 
 
-def format_value(value: float | None) -> str:
-    """A value as people read it: ``90``, ``5.5``, ``96.12``; ``n/a`` for none."""
-    if value is None:
-        return "n/a"
-    if math.isfinite(value) and value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return f"{value:.2f}".rstrip("0").rstrip(".") if abs(value) >= 0.01 else f"{value:.3g}"
-
-
 def _template_problems(text: str, labels: Iterable[str] | None) -> list[str]:
     problems = []
     for hit in _TEMPLATE.finditer(text):
@@ -160,20 +150,6 @@ def render(text: str, *, value: float | None, labels: Mapping[str, str], rule: R
         return format_value(raw)
 
     return _TEMPLATE.sub(expand, text)
-
-
-# -- fingerprint -------------------------------------------------------------------------------------------
-
-
-def fingerprint(rule: str, labels: Mapping[str, str]) -> str:
-    """Stable id of an alert: sha256 over the rule name and the labels sorted by name (each part followed
-    by a 0xff separator, which UTF-8 never contains, as Prometheus' label hashing does); 16 hex digits. The
-    same in every process and whatever the labels' order."""
-    digest = hashlib.sha256()
-    for part in (rule, *(item for name in sorted(labels) for item in (name, labels[name]))):
-        digest.update(part.encode("utf-8"))
-        digest.update(b"\xff")
-    return digest.hexdigest()[:16]
 
 
 # -- the model ---------------------------------------------------------------------------------------------

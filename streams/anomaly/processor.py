@@ -30,11 +30,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bus import catalogue
-from streams.alerts.processor import alert_event, topic_of_record
-from streams.alerts.rules import fingerprint, format_value
 from streams.runtime.buckets import from_ms, to_ms
+from streams.runtime.findings import alert_event, fingerprint, format_value
 from streams.runtime.processor import Input, Output, PartitionBatch, Result
-from streams.runtime.series import MetricColumn, Sample, SeriesIndex, by_row
+from streams.runtime.series import MetricColumn, Sample, SeriesIndex, by_row, topic_of_record
 from streams.runtime.state import OFFSET, BatchState, offset_of
 
 if TYPE_CHECKING:

@@ -25,8 +25,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from streams.alerts.rules import fingerprint
 from streams.costs.pricing import CatalogueError, load_yaml, read_config
+from streams.runtime.findings import fingerprint
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -244,7 +244,7 @@ def alert_event(
     ends_at: datetime | None = None,
 ) -> dict[str, Any]:
     """An AlertEvent value for one budget rule. The fingerprint hashes the rule and the labels (project,
-    budget, month), as every alert of the stream app does (streams.alerts.rules.fingerprint)."""
+    budget, month), as every alert of the stream app does (streams.runtime.findings.fingerprint)."""
     labels = {"project": budget.project, "budget": budget.name, "month": month}
     used = utilization_percent(spent_eur, budget.monthly_eur)
     forecast = "n/a" if forecast_eur is None else f"{forecast_eur:.2f}"

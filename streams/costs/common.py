@@ -18,7 +18,6 @@ from streams.runtime.processor import Input, PartitionBatch
 from streams.runtime.state import OFFSET
 
 COST_RECORD = "aima.metrics.CostRecord"
-ALERT_RECORD = "aima.metrics.AlertEvent"
 JOBS_BY_PROJECT = "streams.jobs-by-project"
 DEVICE_HOURS = "streams.device-hours"
 DEVICE_SOURCE_PREFIX = "stream:device:"

@@ -20,7 +20,6 @@ from streams.costs.budgets import (
     utilization_percent,
 )
 from streams.costs.common import (
-    ALERT_RECORD,
     COST_RECORD,
     DEVICE_HOURS,
     INDEX,
@@ -37,6 +36,7 @@ from streams.costs.common import (
 )
 from streams.costs.pricing import PriceCatalogue, Reloading
 from streams.runtime.buckets import DAY_MS, HOUR_MS, bucket_end, bucket_start, from_ms, to_ms
+from streams.runtime.findings import ALERT_RECORD, ALERTS_TOPIC
 from streams.runtime.processor import Input, Output, PartitionBatch, Result
 from streams.runtime.state import OFFSET, BatchState
 
@@ -450,7 +450,7 @@ class _CostRun:
             forecast_eur=forecast,
             ends_at=ends_at,
         )
-        self.outputs.append(Output("alerts", event["fingerprint"], ALERT_RECORD, event))
+        self.outputs.append(Output(ALERTS_TOPIC, event["fingerprint"], ALERT_RECORD, event))
 
     def _prune(self) -> None:
         """Drop what can no longer change: ended jobs, hours and days before the horizon, closed months;

@@ -18,6 +18,7 @@ import polars as pl
 
 from bus import catalogue
 from bus.catalogue import Metric
+from bus.topics import TOPICS
 
 if TYPE_CHECKING:
     from streams.runtime.columns import Columns
@@ -31,6 +32,7 @@ __all__ = [
     "points",
     "series_id",
     "series_of",
+    "topic_of_record",
 ]
 
 
@@ -43,6 +45,15 @@ class Point:
     labels: dict[str, str]
     value: float
     event_time: datetime | None = None
+
+
+def topic_of_record(record_name: str) -> str:
+    """The public topic carrying ``record_name`` (the first in the catalogue that is not internal): where the
+    samples of a metric whose record it is come from."""
+    for spec in TOPICS:
+        if spec.schema == record_name and not spec.internal:
+            return spec.key
+    raise LookupError(f"no public topic carries {record_name}")
 
 
 def _escape(value: str) -> str:

@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from bus.codec import Codec
 from bus.settings import REPO_ROOT, Settings
 from bus.topics import BY_KEY, topic_name
-from streams.alerts.rules import fingerprint
+from streams.runtime.findings import fingerprint
 
 pytestmark = pytest.mark.integration
 

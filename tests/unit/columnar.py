@@ -13,10 +13,10 @@ from typing import Any
 from bus.codec import Codec
 from bus.frames import _MIN_ROWS, FrameDecoders
 from producers.simulator import Fleet, generate
-from streams.alerts.processor import topic_of_record
 from streams.runtime.buckets import from_ms, to_ms
 from streams.runtime.columns import Columns, LazyInputs
 from streams.runtime.processor import Input, Output, PartitionBatch, Processor
+from streams.runtime.series import topic_of_record
 
 START = datetime(2026, 1, 5, tzinfo=UTC)
 SAMPLE_RECORDS = (

@@ -20,8 +20,9 @@ from streams.alerts.processor import (
     alert_processors,
     alert_processors_from_settings,
 )
-from streams.alerts.rules import default_rules, fingerprint, parse_rules
+from streams.alerts.rules import default_rules, parse_rules
 from streams.alerts.settings import AlertSettings
+from streams.runtime.findings import fingerprint
 from streams.runtime.processor import Input, Output, PartitionBatch
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from bus.codec import Codec
-from streams.alerts.rules import fingerprint
 from streams.anomaly.processor import AnomalyConfig, AnomalyProcessor, default_metrics
 from streams.anomaly.settings import AnomalySettings
+from streams.runtime.findings import fingerprint
 from streams.runtime.processor import Input, Output, PartitionBatch
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bus.topics import TOPICS
-from tests.unit.test_layering import ALLOWED, OURS
+from tests.unit.test_layering import ALLOWED, OURS, STREAMS_ALLOWED
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -146,3 +146,11 @@ def test_the_layering_table_is_the_layering_test() -> None:
             assert set(re.findall(r"`(\w+)`", allowed)) == ALLOWED[package], package
         else:
             assert allowed.startswith("any"), f"{package} is not restricted by the test: say 'any'"
+
+
+def test_the_streams_table_is_the_rooms_test() -> None:
+    documented = {}
+    for row in _rows(DOCS / "layering.md"):
+        if len(row) == 2 and (match := re.fullmatch(r"`streams/(\w+)`", row[0])):
+            documented[match[1]] = set(re.findall(r"`(\w+)`", row[1]))
+    assert documented == STREAMS_ALLOWED

@@ -14,7 +14,8 @@ import pytest
 from bus.durations import parse_duration
 from bus.matchers import Matcher
 from bus.settings import REPO_ROOT
-from streams.alerts.rules import RuleError, default_rules, fingerprint, load_rules, parse_rules, render
+from streams.alerts.rules import RuleError, default_rules, load_rules, parse_rules, render
+from streams.runtime.findings import fingerprint
 
 GPU_LABELS = {"host": "a", "gpu": "0", "gpu_uuid": "GPU-1", "gpu_model": "NVIDIA H100"}
 
@@ -232,7 +233,8 @@ def test_fingerprint_is_sha256_of_rule_and_sorted_labels() -> None:
 
 def test_fingerprint_is_the_same_in_another_process() -> None:
     code = (
-        "from streams.alerts.rules import fingerprint; print(fingerprint('Hot', {'host': 'a', 'gpu': '0'}))"
+        "from streams.runtime.findings import fingerprint; "
+        "print(fingerprint('Hot', {'host': 'a', 'gpu': '0'}))"
     )
     other = subprocess.run(
         [sys.executable, "-c", code],
