@@ -15,7 +15,9 @@ co-partitions it with the topic and restores it where the topic partition goes. 
 changelog partition of the topic partition, through the sender (Faust's own table write would take its
 per-record producer path, and picks the partition from its *current event*, which the app sets anyway).
 The watermark of a partition is kept in the same table under ``<partition>#progress``, written after the
-processor's writes, so a restored watermark never runs ahead of the restored state.
+processor's writes, so a restored watermark never runs ahead of the restored state; with it the offset of
+the last record processed, under the field every state entry uses (``offset``; records written before
+named it ``o``, still read: :func:`_progress_offset`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from bus.topics import BY_KEY, TopicSpec, topic_name
 from streams.runtime.buckets import from_ms, to_ms
 from streams.runtime.columns import Columns, LazyInputs
 from streams.runtime.processor import Input, Output, PartitionBatch, Processor
+from streams.runtime.state import OFFSET, offset_of
 from streams.runtime.transport import (
     BatchConsumer,
     DeliveryFailed,
@@ -496,6 +499,7 @@ class Dispatcher:
                             "first_offset": first_offset,
                             "committed_offset": committed,
                             "watermark_ms": previous,
+                            "state_offset": _progress_offset(progress),
                         },
                     )
                 partition_batch = PartitionBatch(
@@ -511,7 +515,7 @@ class Dispatcher:
                 changelog = self._changelog_writer(binding.changelog, tp.partition)
                 view = PartitionView(store, tp.partition, changelog)
                 result = binding.processor.process(partition_batch, view)
-                progress = {"wm": mark, "o": last_offset}
+                progress = {"wm": mark, OFFSET: last_offset}
                 store[progress_key] = progress
                 changelog(progress_key, progress)
                 self._fresh.add(fresh)
@@ -640,6 +644,12 @@ def _truncated(record: dict[str, Any], why: str) -> dict[str, Any]:
     value = record["value"] or b""
     cut = f"value truncated from {len(value)} to {DEAD_LETTER_VALUE_MAX} bytes ({why})"
     return {**record, "value": value[:DEAD_LETTER_VALUE_MAX], "reason": f"{record['reason']}; {cut}"}
+
+
+def _progress_offset(progress: Mapping[str, Any] | None) -> int | None:
+    """The offset of the last record a partition's restored state has processed (None before its first
+    batch), from its progress record, whichever name the offset was written under."""
+    return None if progress is None else offset_of(progress)
 
 
 def _partition_of(key: str) -> int:

@@ -26,8 +26,9 @@ made. So, within one call:
 
 Replays. Each entry that folds records remembers the offset of the last one under :data:`OFFSET`, and a
 processor skips records at or below it (:func:`offset_of`). State written before the field had one name
-kept it as ``"o"`` (rollups' entries, anomalies' sent findings); :meth:`BatchState.get` renames it in the
-entries it loads and :func:`offset_of` reads either, so a changelog written by that version still loads.
+kept it as ``"o"`` (rollups' entries, anomalies' sent findings, the app's own progress records);
+:meth:`BatchState.get` renames it in the entries it loads and :func:`offset_of` reads either, so a
+changelog written by that version still loads.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ __all__ = ["LEGACY_OFFSET", "OFFSET", "BatchState", "offset_of"]
 OFFSET = "offset"
 """The field of a state entry holding the offset of the last record folded into it."""
 LEGACY_OFFSET = "o"
-"""What :data:`OFFSET` was called in rollup entries and anomaly findings before it had one name: read,
-never written."""
+"""What :data:`OFFSET` was called in rollup entries, anomaly findings and the app's progress records before
+it had one name: read, never written."""
 
 
 def offset_of(entry: Mapping[str, Any], default: int = -1) -> int:

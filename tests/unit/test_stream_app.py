@@ -1,4 +1,5 @@
-"""Pieces of the stream app that need no broker: the per-partition state view and the fast validation."""
+"""Pieces of the stream app that need no broker: the per-partition state view, the partition's progress
+record and the fast validation."""
 
 from __future__ import annotations
 
@@ -7,12 +8,22 @@ import random
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
+from aiokafka.structs import ConsumerRecord
+from faust.types import TP
+from prometheus_client import CollectorRegistry
 
 from bus import validation
+from bus.codec import Codec
+from bus.settings import Settings
+from bus.topics import topic_name
 from bus.validation import Validator
-from streams.runtime.app import PartitionView, _partition_of
+from streams.runtime.app import Dispatcher, PartitionView, StreamMetrics, _partition_of
+from streams.runtime.buckets import to_ms
+from streams.runtime.processor import Input, PartitionBatch, Result
 from streams.runtime.settings import StreamsSettings
+from streams.runtime.transport import StreamsApp
 
 
 class _Store:
@@ -45,6 +56,54 @@ def test_partition_view_prefixes_keys_and_changelogs_every_change() -> None:
 def test_partition_of_table_keys() -> None:
     assert _partition_of("3|h|123|x") == 3
     assert _partition_of("12#progress") == 12
+
+
+class _Probe:
+    """A processor that keeps the batches it is given and writes nothing."""
+
+    name = "probe"
+    topics = ("gpu.samples",)
+
+    def __init__(self) -> None:
+        self.batches: list[PartitionBatch] = []
+
+    def process(self, batch: PartitionBatch, state: Any) -> Result:
+        self.batches.append(batch)
+        return Result()
+
+
+def test_a_progress_record_with_the_old_offset_name_restores_and_the_next_one_says_offset(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The app's progress record (``<partition>#progress``) named its offset ``o`` before every state record
+    said ``offset``: one restored from such a changelog still gives the partition its watermark and its
+    offset, and the record written next uses ``offset``. No broker: the app is built, never started."""
+    settings = Settings.from_environ({})
+    app = StreamsApp("progress", broker="kafka://127.0.0.1:1", autodiscover=False, store="memory://")
+    probe = _Probe()
+    options = StreamsSettings.from_environ({})
+    metrics = StreamMetrics(CollectorRegistry())
+    dispatcher = Dispatcher(app, settings, [probe], Codec.from_settings(settings), metrics, options)
+    name = topic_name(settings, "gpu.samples")
+    route = dispatcher.routes[name]
+    store = route.bindings[0].table.data
+    restored_mark = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+    store["0#progress"] = {"wm": to_ms(restored_mark), "o": 41}  # as the changelog of the previous version
+    newer = datetime(2026, 12, 1, 10, 5, tzinfo=UTC)
+    inputs = [Input("gpu.samples", 0, 42, "aima.metrics.GpuSample", {}, newer)]
+    record = ConsumerRecord(name, 0, 42, to_ms(newer), 0, b"k", b"v", None, 1, 1, [])
+
+    with caplog.at_level("INFO", logger="streams.runtime.app"):
+        dispatcher._run(route, TP(name, 0), [record], inputs, 42)
+
+    (batch,) = probe.batches
+    assert batch.previous_watermark == restored_mark and batch.watermark == newer and batch.resumed
+    (resumed,) = [r for r in caplog.records if r.getMessage() == "partition resumed"]
+    assert resumed.state_offset == 41  # type: ignore[attr-defined]
+    assert store["0#progress"] == {"wm": to_ms(newer), "offset": 42}
+    changelog = route.bindings[0].changelog
+    written = [(key, value) for _, (key, value, _) in dispatcher.sender._records[changelog]]
+    assert written == [(b'"0#progress"', orjson.dumps({"wm": to_ms(newer), "offset": 42}))]
 
 
 def _gpu_sample(**values: Any) -> dict[str, Any]:
