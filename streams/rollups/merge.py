@@ -58,8 +58,8 @@ from ddsketch.mapping import LogarithmicMapping
 
 from bus.topics import BY_KEY
 from streams.rollups.aggregate import Aggregate, bins_of
-from streams.rollups.processor import PARTIALS_TOPIC, ROLLUP_RECORD
-from streams.runtime.buckets import TIERS, Tier, bucket_end, iso, to_ms
+from streams.rollups.processor import PARTIALS_TOPIC, ROLLUP_RECORD, TIER_LETTER, TIER_OF
+from streams.runtime.buckets import TIERS, bucket_end, iso, to_ms
 from streams.runtime.processor import Output, PartitionBatch, Result
 from streams.runtime.state import BatchState
 
@@ -67,12 +67,10 @@ __all__ = ["RollupMerger"]
 
 log = logging.getLogger(__name__)
 
-_LETTER: Mapping[str, str] = {"hour": "h", "day": "d", "month": "m", "year": "y"}
-_TIER_OF: Mapping[str, Tier] = {_LETTER[tier]: tier for tier in TIERS}
 _PROGRESS = "~progress|"
 """State key prefix of a sender topic's progress: ``{partition: closed_before ms}``."""
 _NEVER = -(2**62)
-_BUCKETS_FIRST = tuple(f"{_LETTER[tier]}|" for tier in TIERS)
+_BUCKETS_FIRST = tuple(f"{TIER_LETTER[tier]}|" for tier in TIERS)
 """The write order: bucket entries before the senders' progress (``_PROGRESS``, the rest)."""
 
 
@@ -177,7 +175,7 @@ class RollupMerger:
                     moved.add(topic)
                 continue
             tier, start = rollup["tier"], _ms(rollup["bucket_start"])
-            key = f"{_LETTER[tier]}|{start}|{rollup['series']}"
+            key = f"{TIER_LETTER[tier]}|{start}|{rollup['series']}"
             entry = work.get(key)
             if entry is None:
                 closed_before = self._closed_before(topic, self._progress(work, progress, topic))
@@ -246,7 +244,7 @@ class RollupMerger:
                 closed[topic] = self._closed_before(topic, self._progress(work, progress, topic))
             closed_before = closed[topic]
             letter, start, _ = key.split("|", 2)
-            if closed_before is None or bucket_end(_TIER_OF[letter], int(start)) > closed_before:
+            if closed_before is None or bucket_end(TIER_OF[letter], int(start)) > closed_before:
                 continue
             if not all(part.final for part in entry["p"].values()):
                 # Cannot happen while senders list their finals before their progress: say so if it does.
@@ -285,7 +283,7 @@ class RollupMerger:
 
     def _emit(self, outputs: list[Output], key: str, entry: dict[str, Any], *, final: bool) -> None:
         letter, start_text, series = key.split("|", 2)
-        tier, start = _TIER_OF[letter], int(start_text)
+        tier, start = TIER_OF[letter], int(start_text)
         parts = [entry["p"][sender] for sender in sorted(entry["p"], key=int)]
         first = parts[0]
         accuracy = first.accuracy

@@ -84,6 +84,8 @@ __all__ = [
     "PARTIALS_TOPIC",
     "PARTIAL_RECORD",
     "ROLLUP_RECORD",
+    "TIER_LETTER",
+    "TIER_OF",
     "RollupProcessor",
     "partial_output",
     "progress_outputs",
@@ -94,8 +96,13 @@ __all__ = [
 ROLLUP_RECORD = "aima.metrics.Rollup"
 PARTIAL_RECORD = "aima.metrics.RollupPartial"
 PARTIALS_TOPIC = "streams.rollup-partials"
-_LETTER: Mapping[Tier, str] = {"hour": "h", "day": "d", "month": "m", "year": "y"}
-_TIER_OF = {letter: tier for tier, letter in _LETTER.items()}
+TIER_LETTER: Mapping[Tier, str] = {"hour": "h", "day": "d", "month": "m", "year": "y"}
+"""A tier's letter in state keys (``<letter>|<bucket start>|...``): the changelog's key format, here and in
+streams/rollups/merge.py."""
+TIER_OF: Mapping[str, Tier] = {letter: tier for tier, letter in TIER_LETTER.items()}
+_PARENTS_FIRST = tuple(f"{TIER_LETTER[tier]}|" for tier in reversed(TIERS))
+"""The write order, parents first (``y|``, ``m|``, ``d|``, ``h|``): a child is marked final only after its
+parent holds it."""
 _NO_WATERMARK = -(2**62)
 _LOG2 = log(2)  # the denominator of math.log(x, 2)
 _OWN_SOURCES = frozenset({"cost_processor"})
@@ -404,8 +411,7 @@ class RollupProcessor:
             return result
         previous = to_ms(batch.previous_watermark) if batch.previous_watermark is not None else None
         watermark = previous if previous is not None else _NO_WATERMARK
-        # Parents before children: a child is marked final only after its parent holds it.
-        work = BatchState(state, order=("y|", "m|", "d|", "h|"), load=_loaded, dump=_stored)
+        work = BatchState(state, order=_PARENTS_FIRST, load=_loaded, dump=_stored)
         folded: set[str] = set()
 
         if columns is None:
@@ -733,7 +739,7 @@ class RollupProcessor:
             if letter in by_tier:
                 by_tier[letter].add((int(start), key))
         for tier in TIERS:
-            letter = _LETTER[tier]
+            letter = TIER_LETTER[tier]
             # Parents land in a later tier's set, which is sorted only when its turn comes.
             for start, key in sorted(by_tier[letter]):
                 entry = work.get(key)
@@ -753,7 +759,7 @@ class RollupProcessor:
                 parent = PARENT[tier]
                 if parent is not None:
                     parent_key = self._merge_into_parent(work, key, parent, start, entry)
-                    by_tier[_LETTER[parent]].add((int(parent_key.split("|", 2)[1]), parent_key))
+                    by_tier[TIER_LETTER[parent]].add((int(parent_key.split("|", 2)[1]), parent_key))
                 entry["f"] = last_offset
                 work.put(key, entry)
                 self._emit(outputs, tier, start, entry, final=True, watermark=watermark, sender=sender)
@@ -765,7 +771,7 @@ class RollupProcessor:
                     _, start, _ = key.split("|", 2)
                     self._emit(
                         outputs,
-                        _TIER_OF[letter],
+                        TIER_OF[letter],
                         int(start),
                         work.get(key),
                         final=False,
@@ -780,7 +786,7 @@ class RollupProcessor:
         entry, once (the parent lists the children it holds), and put the parent; returns its key."""
         _, _, entity = key.split("|", 2)
         parent_start = bucket_start(parent, start)
-        parent_key = f"{_LETTER[parent]}|{parent_start}|{entity}"
+        parent_key = f"{TIER_LETTER[parent]}|{parent_start}|{entity}"
         target = work.get(parent_key) or {OFFSET: -1, "s": {}, "c": []}
         if start not in target["c"]:
             self._merge(target["s"], entry["s"])
