@@ -271,8 +271,10 @@ def _take_over_from_timescale(conn: psycopg.Connection, archived: set[str], hype
     """With the archive on, TimescaleDB must not drop what is archived first: the retention policies of
     archived hypertables are removed and the rollup retention job paused, and this module archives and
     drops those rows itself (then also when the archive is turned off again: a hypertable without a
-    policy gets drop_chunks here, and a paused job leaves the rollups to this module). Not exercised by
-    the test suite, which runs plain PostgreSQL."""
+    policy gets drop_chunks here, and a paused job leaves the rollups to this module). What TimescaleDB
+    dropped before the first such run (its jobs' first runs come seconds after the migration) was not
+    archived. Tested when the database has TimescaleDB (tests/integration/test_archive.py); CI runs plain
+    PostgreSQL."""
     with conn.transaction():
         for table in sorted(archived & hypertables):
             conn.execute("SELECT remove_retention_policy(%s::regclass, if_exists => true)", (table,))
