@@ -69,12 +69,15 @@ def sink(batch_max: int, batch_timeout_s: float, writers: int | None) -> None:
 @click.command()
 def notify() -> None:
     """Deliver alerts to their channels (webhook, Slack, Teams, email, SMS), routed by AIMA_NOTIFY_CONFIG."""
-    from consumers.notify.config import load_configured
+    from consumers.notify.config import ConfigError, load_configured
     from consumers.notify.notifier import run
     from consumers.settings import NotifySettings
 
     settings = Settings()
-    config = load_configured(NotifySettings())
+    try:
+        config = load_configured(NotifySettings())
+    except ConfigError as exc:  # a routing file that cannot be used stops the notifier before it reads
+        raise click.ClickException(str(exc)) from None
     service = Service("notify", settings)
     service.start()
     run(settings, service=service, config=config)  # marks the service stopped itself

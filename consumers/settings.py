@@ -217,6 +217,6 @@ class NotifySettings(AimaSettings):
     config: Path | None = described(
         None,
         "notification routing and channels (format: consumers/notify/config.py); secrets by variable or file "
-        "name only; unset: no channels, alerts are only counted",
+        "name only; unset: no receiver, every alert is dead-lettered (error type NoReceiver)",
         shown="infra/notify/local.yaml under `up`",
     )

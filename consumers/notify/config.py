@@ -1,5 +1,5 @@
 """The notifier's routing configuration: receivers (each a set of channels), a route tree that picks
-receivers by rule, severity, labels and requested channels, and the grouping timers.
+receivers by rule, severity, labels and the channels a rule names, and the grouping timers.
 
 Read from the YAML file that ``AIMA_NOTIFY_CONFIG`` names. Secrets (webhook HMAC keys, SMTP passwords,
 Slack and Teams URLs, SMS tokens) come from environment variables or files named in the YAML
@@ -16,7 +16,7 @@ Slack and Teams URLs, SMS tokens) come from environment variables or files named
       repeat_interval: 4h
       routes:
         - matchers: ["severity=critical"]
-          channels: [sms]              # only alerts whose rule asks for sms
+          channels: [sms]              # only alerts whose rule names sms (its routing hint)
           receiver: oncall
           group_wait: 0s
           continue: true
@@ -28,6 +28,16 @@ Slack and Teams URLs, SMS tokens) come from environment variables or files named
                 username: aima, password_env: AIMA_SMTP_PASSWORD}
       - name: oncall
         sms: {account_sid: AC123, auth_token_env: AIMA_SMS_TOKEN, from: "+4930123", to: ["+4917012"]}
+
+Routing, Alertmanager's way: the root route takes every alert; an alert goes down to the first child that
+matches (and on to the next ones where a matching child says ``continue``), and a route no child of which
+matches is where it ends. Its receiver is told on every one of its channels. A rule's ``channels`` are a
+routing hint, never a filter: a route's ``channels`` (or a matcher on the ``channels`` label) picks the
+alerts whose rule names one of them, and a receiver without a channel of that kind still gets them. So a
+receiver named by a route without a channel is refused at start (the alerts it would take reach nobody),
+and so is a file that routes nothing. Without a routing file at all there is no receiver: every
+notification then goes to the dead-letter topic with the reason (:class:`NowhereConfig`), counted, never
+settled untold.
 
 ``delivery.log_wait``: before a first delivery the notifier asks the notification log (PostgreSQL) whether
 this state was already told; while the database is away it waits, up to this long, and then sends
@@ -46,7 +56,7 @@ import yaml
 
 from bus import durations
 from bus.matchers import InvalidMatcher, Matcher, matchers_of, matches_all
-from consumers.notify.model import Alert
+from consumers.notify.model import Alert, channel_kind
 
 if TYPE_CHECKING:
     from consumers.settings import NotifySettings
@@ -59,6 +69,7 @@ __all__ = [
     "ConfigError",
     "EmailConfig",
     "NotifyConfig",
+    "NowhereConfig",
     "Receiver",
     "RetryPolicy",
     "Route",
@@ -76,10 +87,9 @@ __all__ = [
 
 ALL_LABELS = "..."
 CHANNEL_KINDS = ("webhook", "slack", "teams", "email", "sms", "apprise")
-# Other names a rule may use in its ``channels`` for the same kind.
-CHANNEL_ALIASES = {"msteams": "teams", "mail": "email", "smtp": "email", "text": "sms"}
-# Channels a rule may name that the notifier does not serve: the web UI's feed comes from the database.
-PUSH_CHANNELS = frozenset({"push", "web", "webui", "ui"})
+HINT_KINDS = (*CHANNEL_KINDS, "push")
+"""What a route's ``channels`` may name: a channel kind, or ``push`` (the web UI's feed, served from the
+database, which a rule may name too)."""
 
 
 class ConfigError(ValueError):
@@ -185,16 +195,20 @@ class AppriseConfig(ChannelConfig):
 
 
 @dataclass(frozen=True)
+class NowhereConfig(ChannelConfig):
+    """The one channel of the configuration without a routing file (:meth:`NotifyConfig.empty`): it
+    reaches nobody, so every notification on it is dead-lettered with :attr:`reason` (channels/nowhere.py),
+    counted and logged like any other, instead of being settled untold."""
+
+    reason: str = "no routing file (AIMA_NOTIFY_CONFIG) names a receiver: nobody was told"
+
+
+@dataclass(frozen=True)
 class Receiver:
+    """Who is told: every one of its channels gets each notification routed here."""
+
     name: str
     channels: tuple[ChannelConfig, ...]
-
-    def channels_for(self, requested: Sequence[str]) -> tuple[ChannelConfig, ...]:
-        """The channels a group's rules ask for; all of them when the rules name none."""
-        kinds = {CHANNEL_ALIASES.get(c, c) for c in requested}
-        if not kinds:
-            return self.channels
-        return tuple(c for c in self.channels if c.kind in kinds)
 
 
 @dataclass(frozen=True)
@@ -204,7 +218,8 @@ class Route:
     receiver: str
     matchers: tuple[Matcher, ...] = ()
     channels: tuple[str, ...] = ()
-    """Matches only alerts whose rule asks for one of these channels; empty matches any."""
+    """Matches only alerts whose rule names one of these channel kinds (its routing hint, the
+    ``channels`` match label); empty matches any."""
     group_by: tuple[str, ...] = ("alertname",)
     group_wait_s: float = 30.0
     group_interval_s: float = 300.0
@@ -213,7 +228,7 @@ class Route:
     routes: tuple[Route, ...] = ()
 
     def matches(self, alert: Alert) -> bool:
-        if self.channels and not {CHANNEL_ALIASES.get(c, c) for c in alert.channels} & set(self.channels):
+        if self.channels and not set(alert.hints) & set(self.channels):
             return False
         return matches_all(self.matchers, alert.match_labels)
 
@@ -234,6 +249,15 @@ class Route:
                     break
         return found or [self]
 
+    def walk(self) -> list[Route]:
+        """This route and every one below it, depth first."""
+        return [self, *(route for child in self.routes for route in child.walk())]
+
+    @property
+    def place(self) -> str:
+        """Where the route is in the file: ``route``, ``route.routes[0]``, ``route.routes[0].routes[1]``."""
+        return "route" + "".join(f".routes[{i}]" for i in self.id.split("/")[1:])
+
 
 @dataclass(frozen=True)
 class NotifyConfig:
@@ -246,13 +270,39 @@ class NotifyConfig:
     """How long a delivery waits for an unreachable notification log before it sends unchecked."""
     source: str = "<defaults>"
 
+    def __post_init__(self) -> None:
+        """Every route ends at a receiver that exists and has a channel: an alert always reaches someone
+        (or, without a routing file, the dead-letter topic)."""
+        for route in self.route.walk():
+            receiver = self.receivers.get(route.receiver)
+            if receiver is None:
+                known = ", ".join(sorted(self.receivers)) or "none"
+                raise ConfigError(
+                    f"route {route.id} names receiver {route.receiver!r}, which is not defined "
+                    f"(receivers: {known})"
+                )
+            if not receiver.channels:
+                raise ConfigError(
+                    f"route {route.id} ({route.place}) ends at receiver {receiver.name!r}, which has no "
+                    f"channel: the alerts routed there would reach nobody. Give receiver "
+                    f"{receiver.name!r} a channel ({', '.join(CHANNEL_KINDS)}) or route those alerts to "
+                    "a receiver that has one"
+                )
+
     def receiver(self, name: str) -> Receiver:
         return self.receivers[name]
 
+    @property
+    def nowhere(self) -> bool:
+        """Without a routing file: every notification goes to the dead-letter topic."""
+        return any(isinstance(c, NowhereConfig) for r in self.receivers.values() for c in r.channels)
+
     @classmethod
     def empty(cls) -> NotifyConfig:
-        """No receivers: alerts are consumed and counted as unrouted (web push still works)."""
-        return cls(route=Route(id="root", receiver="none"), receivers={"none": Receiver("none", ())})
+        """Without a routing file: one receiver, ``none``, whose one channel dead-letters every
+        notification with the reason (the web UI's feed, from the database, shows the alerts still)."""
+        nowhere = NowhereConfig(kind="none", id="none")
+        return cls(route=Route(id="root", receiver="none"), receivers={"none": Receiver("none", (nowhere,))})
 
 
 # ---- parsing -----------------------------------------------------------------------------------------
@@ -330,9 +380,11 @@ class _Parser:
         if "route" not in data:
             if receivers:
                 raise ConfigError("'route' is missing: it names the default receiver (route.receiver)")
-            return replace(NotifyConfig.empty(), log_wait_s=log_wait_s, source=self.source)
+            raise ConfigError(
+                "no route and no receivers: every alert would reach nobody (give a route and a receiver "
+                "with a channel, or leave AIMA_NOTIFY_CONFIG unset: then every alert is dead-lettered)"
+            )
         root = self.route(_mapping(data["route"], "route"), None, "root", "route")
-        self.check_receivers(root, receivers)
         workers = data.get("workers", 16)
         if not isinstance(workers, int) or workers < 1:
             raise ConfigError(f"workers: {workers!r} is not a positive integer")
@@ -344,16 +396,6 @@ class _Parser:
             log_wait_s=log_wait_s,
             source=self.source,
         )
-
-    def check_receivers(self, route: Route, receivers: Mapping[str, Receiver]) -> None:
-        if route.receiver not in receivers:
-            known = ", ".join(sorted(receivers)) or "none"
-            raise ConfigError(
-                f"route {route.id} names receiver {route.receiver!r}, which is not defined "
-                f"(receivers: {known})"
-            )
-        for child in route.routes:
-            self.check_receivers(child, receivers)
 
     def retry(self, raw: Mapping[str, Any], base: RetryPolicy, where: str) -> RetryPolicy:
         attempts = raw.get("max_attempts", base.max_attempts)
@@ -398,9 +440,9 @@ class _Parser:
             raise ConfigError(f"{where}.matchers: the root route matches every alert and takes no matchers")
         channels = tuple(str(c) for c in _sequence(raw.get("channels", []), f"{where}.channels"))
         for name in channels:
-            if CHANNEL_ALIASES.get(name, name) not in CHANNEL_KINDS:
+            if channel_kind(name) not in HINT_KINDS:
                 raise ConfigError(
-                    f"{where}.channels: unknown channel {name!r} (known: {', '.join(CHANNEL_KINDS)})"
+                    f"{where}.channels: unknown channel {name!r} (known: {', '.join(HINT_KINDS)})"
                 )
         inherited = parent or Route(id="", receiver=str(receiver))
         group_by = raw.get("group_by")
@@ -408,7 +450,7 @@ class _Parser:
             id=route_id,
             receiver=str(receiver),
             matchers=matchers,
-            channels=tuple(CHANNEL_ALIASES.get(c, c) for c in channels),
+            channels=tuple(channel_kind(c) for c in channels),
             group_by=(
                 tuple(str(g) for g in _sequence(group_by, f"{where}.group_by"))
                 if group_by is not None

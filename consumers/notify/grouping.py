@@ -1,7 +1,8 @@
 """Aggregation groups, Alertmanager's way, as pure bookkeeping: no I/O, no threads, the clock passed in.
 
 Every alert goes to the routes that match it; per route it joins the group of its ``group_by`` label values
-(and the channels its rule asks for). A new group waits ``group_wait`` before its first notification, so
+(and of the channels its rule names: a routing hint, kept apart in groups but never a filter on the
+receiver's channels). A new group waits ``group_wait`` before its first notification, so
 alerts that fire together arrive together; after that the group is looked at every ``group_interval`` and
 notifies when something changed (a new firing alert, an announced alert resolved) or ``repeat_interval``
 has passed since the last notification. A group notifies one batch at a time. An alert that fires again
@@ -79,7 +80,8 @@ class Flush:
     route: Route
     group_labels: dict[str, str]
     channels: tuple[str, ...]
-    """The channels the group's rules ask for (empty: all of the receiver's)."""
+    """The channels the group's rules name (their routing hint, part of the group key); the notification
+    goes to every channel of the route's receiver all the same."""
     alerts: tuple[Alert, ...]
     origins: tuple[Origin, ...]
     repeat: bool

@@ -8,10 +8,29 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["Alert", "Notification", "Origin", "rfc3339"]
+__all__ = ["CHANNEL_ALIASES", "HINT_LABEL", "Alert", "Notification", "Origin", "channel_kind", "rfc3339"]
 
 # Alertmanager sends this for a firing alert's endsAt; webhook receivers written for it expect it.
 ZERO_TIME = "0001-01-01T00:00:00Z"
+
+CHANNEL_ALIASES = {
+    "msteams": "teams",
+    "mail": "email",
+    "smtp": "email",
+    "text": "sms",
+    # The web UI's feed comes from the database, not from the notifier; a rule may still name it.
+    "web": "push",
+    "webui": "push",
+    "ui": "push",
+}
+"""Other names a rule may use in its ``channels`` for the same kind."""
+HINT_LABEL = "channels"
+"""The match label that carries a rule's channels (its routing hint) for route matchers and silences."""
+
+
+def channel_kind(name: str) -> str:
+    """The kind a channel name in a rule stands for (``msteams`` -> ``teams``)."""
+    return CHANNEL_ALIASES.get(name, name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +82,20 @@ class Alert:
         )
 
     @property
+    def hints(self) -> tuple[str, ...]:
+        """The channel kinds the alert's rule names, sorted: a routing hint that routes may match
+        (``Route.channels``, or the ``channels`` match label), never a filter on a receiver's channels."""
+        return tuple(sorted({channel_kind(c) for c in self.channels}))
+
+    @property
     def match_labels(self) -> dict[str, str]:
-        """What matchers, silences and group_by see: the labels plus ``rule`` (same as ``alertname``)."""
-        return {"rule": self.rule, **self.labels}
+        """What matchers, silences and group_by see: the labels plus ``rule`` (same as ``alertname``) and,
+        where the rule names channels, ``channels``: their kinds, sorted and comma-separated
+        (``channels="webhook"``, ``channels=~"(.+,)?slack(,.+)?"``). The alert's own labels win."""
+        derived = {"rule": self.rule}
+        if self.channels:
+            derived[HINT_LABEL] = ",".join(self.hints)
+        return {**derived, **self.labels}
 
     @property
     def identity(self) -> tuple[str, datetime]:

@@ -54,7 +54,7 @@ from bus.silences import Silence, active_silences, silenced_by
 from bus.topics import topic_name
 from consumers.notify import channels as channel_factory
 from consumers.notify.channels.base import Channel
-from consumers.notify.config import PUSH_CHANNELS, NotifyConfig, load_from_env
+from consumers.notify.config import NotifyConfig, load_from_env
 from consumers.notify.delivery import (
     DeadLetters,
     Deliverer,
@@ -90,8 +90,11 @@ def run(
     try:  # a bad routing file, too, ends with the service stopped
         if config is None:
             config = load_from_env()
-        if not config.receivers or all(not r.channels for r in config.receivers.values()):
-            log.warning("no notification channels configured (AIMA_NOTIFY_CONFIG); alerts are only counted")
+        if config.nowhere:
+            log.warning(
+                "no routing file (AIMA_NOTIFY_CONFIG): every alert goes to the dead-letter topic "
+                "(error type NoReceiver) until one names a receiver"
+            )
         notifier = open_notifier(
             settings,
             service.stopping,
@@ -421,7 +424,7 @@ class Notifier:
         wall = datetime.now(UTC)
         alerts = tuple(a for a in item.alerts if silenced_by(silences, a.match_labels, wall) is None)
         receiver = self.config.receiver(item.route.receiver)
-        targets = [t for t in receiver.channels_for(item.channels) if t.send_resolved] if alerts else []
+        targets = [t for t in receiver.channels if t.send_resolved] if alerts else []
         job = _Job(None, alerts, expected=len(targets), origins=item.origins, unconfirmed=item)
         if not targets:
             self._settle(job, now)
@@ -447,20 +450,12 @@ class Notifier:
         if len(alerts) < len(flush.alerts):
             self.metrics.silenced.inc(len(flush.alerts) - len(alerts))
         receiver = self.config.receiver(flush.route.receiver)
-        targets = receiver.channels_for(flush.channels)
-        if not alerts or not targets:
-            if alerts and not set(flush.channels) <= PUSH_CHANNELS:
-                self.metrics.notifications.labels(receiver.name, "none", "unrouted").inc()
-                log.warning(
-                    "no channel of the receiver serves this notification",
-                    extra={
-                        "receiver": receiver.name,
-                        "group_key": flush.group_key,
-                        "requested": list(flush.channels),
-                    },
-                )
+        if not alerts:  # all silenced: settled untold, and the group remembers none of them as told
             self._settle(_Job(flush, alerts, expected=0, origins=flush.origins), now)
             return
+        # Every channel of the route's receiver: the channels a rule names picked the route (a hint) and
+        # filter nothing here. NotifyConfig makes sure the receiver has one, so the job completes.
+        targets = receiver.channels
         job = _Job(flush, alerts, expected=len(targets), origins=flush.origins)
         for target in targets:
             told = alerts if target.send_resolved else tuple(a for a in alerts if a.firing)

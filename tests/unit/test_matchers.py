@@ -166,7 +166,7 @@ def test_rules_take_a_list_in_braces() -> None:
 def notify_config(matchers: list[object]) -> dict[str, object]:
     return {
         "route": {"receiver": "ops", "routes": [{"receiver": "ops", "matchers": matchers}]},
-        "receivers": [{"name": "ops"}],
+        "receivers": [{"name": "ops", "slack": {"url": "https://hooks.slack.test/ops"}}],
     }
 
 

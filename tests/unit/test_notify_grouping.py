@@ -45,6 +45,11 @@ def alert(
     )
 
 
+def slack(name: str) -> dict[str, Any]:
+    """A receiver with one channel (a receiver a route names must have one)."""
+    return {"name": name, "slack": {"url": f"https://hooks.slack.test/{name}"}}
+
+
 def config(route: dict[str, Any] | None = None, **extra: Any) -> NotifyConfig:
     data = {
         "route": {
@@ -54,7 +59,7 @@ def config(route: dict[str, Any] | None = None, **extra: Any) -> NotifyConfig:
             "repeat_interval": "4h",
             **(route or {}),
         },
-        "receivers": [{"name": "ops"}, {"name": "oncall"}, {"name": "mail"}],
+        "receivers": [slack("ops"), slack("oncall"), slack("mail")],
         **extra,
     }
     return parse(data, environ={})
@@ -74,13 +79,13 @@ def only(flushes: tuple[list[Flush], list[Origin]]) -> Flush:
 
 
 def test_the_wait_for_the_notification_log_is_configured_under_delivery() -> None:
-    base = {"route": {"receiver": "ops"}, "receivers": [{"name": "ops"}]}
+    base = {"route": {"receiver": "ops"}, "receivers": [slack("ops")]}
     assert parse(base, environ={}).log_wait_s == 300
     assert parse({**base, "delivery": {"log_wait": "90s"}}, environ={}).log_wait_s == 90
 
 
 def test_defaults_are_alertmanagers() -> None:
-    route = parse({"route": {"receiver": "ops"}, "receivers": [{"name": "ops"}]}, environ={}).route
+    route = parse({"route": {"receiver": "ops"}, "receivers": [slack("ops")]}, environ={}).route
     assert (route.group_wait_s, route.group_interval_s, route.repeat_interval_s) == (30, 300, 4 * 3600)
     assert route.group_by == ("alertname",)
 

@@ -9,6 +9,7 @@ from consumers.notify.config import (
     AppriseConfig,
     ChannelConfig,
     EmailConfig,
+    NowhereConfig,
     SlackConfig,
     SmsConfig,
     TeamsConfig,
@@ -44,4 +45,8 @@ def build(config: ChannelConfig, client: httpx.Client) -> Channel:
         from consumers.notify.channels.apprise import AppriseChannel
 
         return AppriseChannel(config)
+    if isinstance(config, NowhereConfig):
+        from consumers.notify.channels.nowhere import NowhereChannel
+
+        return NowhereChannel(config)
     raise TypeError(f"no channel for {type(config).__name__}")
