@@ -12,8 +12,8 @@ from typing import Any
 import polars as pl
 import pytest
 
-from streams.anomaly.processor import AnomalyConfig, AnomalyProcessor
 from streams.anomaly import processor as anomaly
+from streams.anomaly.processor import AnomalyConfig, AnomalyProcessor
 from streams.runtime.columns import Columns, LazyInputs
 from tests.unit.columnar import Delivery, Run, deliveries, run_both, simulated_values
 

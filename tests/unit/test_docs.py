@@ -85,7 +85,7 @@ def _defines(path: Path, dotted: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize("document", ["architecture.md", "layering.md", "requirements.md"])
+@pytest.mark.parametrize("document", ["architecture.md", "layering.md", "recipes.md", "requirements.md"])
 def test_every_file_and_test_a_document_names_exists(document: str) -> None:
     missing = []
     for token in _named_paths(DOCS / document):
