@@ -30,6 +30,7 @@ DASHBOARDS_DIR = GRAFANA / "dashboards"
 
 PASSWORD = "compose-test-Secret-4d1c"
 S3_SECRET = "compose-test-S3-7a2e"
+WEBHOOK_KEY = "compose-test-Webhook-93f0"
 DATASOURCE_UID = "aima-postgres"
 
 # Every project service: the `aima-metrics` arguments it runs and the profile it needs (None: always on).
@@ -44,6 +45,7 @@ PROJECT_SERVICES: dict[str, tuple[list[str], str | None]] = {
     "system-collector": (["collect", "system"], None),
     "simulator": (["collect", "jobs-sim"], "sim"),
     "archive-bucket": (["archive", "bucket"], None),
+    "webhook-receiver": (["webhook-receiver", "--host", "0.0.0.0", "--port", "8080"], None),
 }
 INFRA_IMAGES = {
     "kafka": "apache/kafka:4.1.1",
@@ -66,7 +68,10 @@ def _docker_compose() -> str:
 
 
 def _compose_config(
-    password: str | None, tmp_path: Path, s3_secret: str | None = S3_SECRET
+    password: str | None,
+    tmp_path: Path,
+    s3_secret: str | None = S3_SECRET,
+    webhook_key: str | None = WEBHOOK_KEY,
 ) -> subprocess.CompletedProcess[str]:
     """`docker-compose config` in a clean environment: no inherited AIMA_* variables and an empty env file,
     so a developer's .env cannot supply (or hide the lack of) the password."""
@@ -77,6 +82,8 @@ def _compose_config(
         env["AIMA_DB_PASSWORD"] = password
     if s3_secret is not None:
         env["AIMA_S3_SECRET_KEY"] = s3_secret
+    if webhook_key is not None:
+        env["AIMA_WEBHOOK_KEY"] = webhook_key
     command = [
         _docker_compose(),
         "--project-directory", str(REPO),
@@ -435,3 +442,25 @@ def test_the_archive_store_and_the_sink_that_writes_to_it(
 def test_config_fails_without_the_archive_secret(tmp_path: Path) -> None:
     result = _compose_config(PASSWORD, tmp_path, s3_secret=None)
     assert result.returncode != 0 and "AIMA_S3_SECRET_KEY" in result.stderr
+
+
+def test_the_notifier_routes_every_alert_to_the_webhook_receiver(services: dict[str, dict[str, Any]]) -> None:
+    """Without a routing file the notifier would dead-letter every alert (NoReceiver): compose mounts
+    infra/notify and routes with local.yaml to the webhook-receiver service, both holding the same key."""
+    notify, receiver = _environment(services["notify"]), _environment(services["webhook-receiver"])
+    mounted = Path(notify["AIMA_NOTIFY_CONFIG"])
+    assert _mounts(services["notify"])[str(mounted.parent)] == str(REPO / "infra" / "notify")
+    routing = yaml.safe_load((REPO / "infra" / "notify" / mounted.name).read_text())
+    (receiver_spec,) = [r for r in routing["receivers"] if r["name"] == routing["route"]["receiver"]]
+    webhook = receiver_spec["webhook"]
+    assert webhook == {"url_env": "AIMA_LOCAL_WEBHOOK_URL", "hmac_key_env": "AIMA_WEBHOOK_KEY"}
+    command = _command(services["webhook-receiver"])
+    port = command[command.index("--port") + 1]
+    assert notify["AIMA_LOCAL_WEBHOOK_URL"] == f"http://webhook-receiver:{port}/alerts"
+    assert notify["AIMA_WEBHOOK_KEY"] == receiver["AIMA_WEBHOOK_KEY"] == WEBHOOK_KEY
+    assert _depends_on(services["notify"]).get("webhook-receiver") == "service_healthy"
+
+
+def test_config_fails_without_the_webhook_key(tmp_path: Path) -> None:
+    result = _compose_config(PASSWORD, tmp_path, webhook_key=None)
+    assert result.returncode != 0 and "AIMA_WEBHOOK_KEY" in result.stderr
