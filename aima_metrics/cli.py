@@ -192,10 +192,13 @@ def db_migrate() -> None:
     import psycopg
 
     from bus.settings import Settings
-    from consumers.migrate import migrate
+    from consumers.migrate import MigrationError, migrate
 
-    with psycopg.connect(Settings().database_dsn()) as conn:
-        report = migrate(conn)
+    try:
+        with psycopg.connect(Settings().database_dsn()) as conn:
+            report = migrate(conn)
+    except MigrationError as exc:  # a database to fix first: the reason, not a traceback
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"mode: {report.mode}")
     for label in report.applied:
         click.echo(f"applied {label}")

@@ -26,7 +26,7 @@ from psycopg import sql
 
 from bus.kafka import ensure_topics, wait_for_broker
 from bus.settings import REPO_ROOT, Settings
-from consumers.migrate import migrate
+from consumers.migrate import MigrationError, detect_mode, migrate, timescaledb_preloaded
 from tests.private_stack import PrivateStack
 
 INFRA = REPO_ROOT / "infra"
@@ -193,6 +193,36 @@ def db(database_url: str, db_schema: str) -> Iterator[psycopg.Connection]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(db_schema)))
         yield conn
+
+
+def _why_not_timescaledb(database_url: str) -> str | None:
+    """Why the session's database cannot run the migrations in TimescaleDB mode; None when it can."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone():
+            return "the server has no timescaledb extension"
+        if not timescaledb_preloaded(conn):
+            return "the server has timescaledb but not in shared_preload_libraries"
+        try:
+            if detect_mode(conn) != "timescaledb":
+                return "the extension cannot be created in the database (that needs a superuser)"
+        except MigrationError as exc:
+            return str(exc)
+    return None
+
+
+@pytest.fixture(scope="session")
+def timescaledb(database_url: str) -> None:
+    """Skips a TimescaleDB-mode test unless the session's database (whichever way it came: the
+    environment, a container or the local stack) migrates in that mode; CI's plain PostgreSQL skips."""
+    reason = _why_not_timescaledb(database_url)
+    if reason is not None:
+        pytest.skip(f"TimescaleDB mode not available on the session's database: {reason}")
+
+
+@pytest.fixture
+def ts_db(timescaledb: None, db: psycopg.Connection) -> psycopg.Connection:
+    """:func:`db` in a schema migrated in TimescaleDB mode."""
+    return db
 
 
 @pytest.fixture

@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
 # Runs Debian's PostgreSQL server as a cluster of the project's own, in the state folder, on its own port.
+# The server is the one whose `postgres` comes first on PATH, else the newest /usr/lib/postgresql/*/bin.
+# When that PostgreSQL has the TimescaleDB library, the server starts with
+# shared_preload_libraries=timescaledb (without it the extension cannot be used) and the database gets the
+# extension, in schema public: TimescaleDB mode. Otherwise plain PostgreSQL.
 #   postgres.sh start    install the server if missing, initdb once, start, create role and database,
 #                        try TimescaleDB, write the DSN to <state>/postgres/dsn
 #   postgres.sh stop     fast shutdown (clean: checkpoints and closes sessions)
@@ -23,6 +27,10 @@ log() { printf '%s postgres: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
 bindir() {
   local d
+  if d="$(command -v postgres 2>/dev/null)"; then
+    d="$(dirname "$(readlink -f "$d")")"
+    [[ -x "$d/pg_ctl" && -x "$d/initdb" && -x "$d/psql" ]] && { echo "$d"; return 0; }
+  fi
   for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
     [[ -x "$d/postgres" ]] && { echo "$d"; return 0; }
   done
@@ -87,7 +95,11 @@ start() {
   init_cluster
   if running; then log "already up at $address"; else
     local t0=$SECONDS
-    as_owner "$(bindir)/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 start >/dev/null
+    local options=()
+    # On the command line rather than in postgresql.conf, so the server still starts (plain) once the
+    # library is gone.
+    if has_timescaledb; then options=(-o "-c shared_preload_libraries=timescaledb"); fi
+    as_owner "$(bindir)/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 "${options[@]}" start >/dev/null
     log "up at $address after $((SECONDS - t0)) s, log $data/server.log"
   fi
   ensure_role_and_db
@@ -111,10 +123,20 @@ ensure_role_and_db() {
   (umask 077; echo "postgresql://$user:$pw@$address/$db" > "$state/dsn")
 }
 
-# TimescaleDB when the extension can be created (it needs shared_preload_libraries too); plain otherwise.
+# Whether this PostgreSQL has the TimescaleDB library (installed by a package or `make install`).
+has_timescaledb() {
+  local lib
+  lib="$("$(bindir)/pg_config" --pkglibdir 2>/dev/null || echo "$(bindir)/../lib")"
+  [[ -f "$lib/timescaledb.so" ]]
+}
+
+# TimescaleDB when the extension can be created (in public, which every migrated schema has on its
+# search path); plain otherwise. The migrations create it too, but only a superuser may.
 mode() {
   local m=postgres
-  if psql_super -d "$db" -c "CREATE EXTENSION IF NOT EXISTS timescaledb" >/dev/null 2>&1; then m=timescaledb; fi
+  if psql_super -d "$db" -c "CREATE EXTENSION IF NOT EXISTS timescaledb WITH SCHEMA public" >/dev/null 2>&1; then
+    m=timescaledb
+  fi
   echo "$m" > "$state/mode"
   log "mode: $m"
   echo "$m"
