@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Literal
 import psycopg
 from psycopg import sql
 
-from consumers.settings import ArchiveSettings, RetentionSettings
+from consumers.settings import RAW_TABLES, ArchiveSettings, RetentionSettings
 
 if TYPE_CHECKING:
     from consumers.archive.archiver import Archiver
@@ -50,17 +50,6 @@ LOCK_TIMEOUT = "5s"
 """How long a drop waits for its table lock; a dashboard query holding the table makes the drop give up
 (and retry at the next run) rather than queue every insert behind it."""
 
-RAW_TABLES = (
-    "gpu_samples",
-    "system_samples",
-    "system_disk_samples",
-    "system_network_samples",
-    "job_timings",
-    "job_events",
-    "queue_samples",
-    "pod_status",
-)
-"""The raw tables (daily partitions in plain PostgreSQL, hypertables with TimescaleDB)."""
 
 _EPISODE_UNRESOLVED = """NOT EXISTS (SELECT 1 FROM alert_history r
                         WHERE r.fingerprint = t.fingerprint AND r.starts_at = t.starts_at

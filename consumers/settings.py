@@ -13,10 +13,12 @@ from pydantic_settings import SettingsConfigDict
 
 from bus.durations import parse_duration
 from bus.settings import AimaSettings, described
+from bus.tiers import TIERS
 
 __all__ = [
     "ARCHIVABLE",
     "FOREVER",
+    "RAW_TABLES",
     "ArchiveSettings",
     "NotifySettings",
     "RetentionSettings",
@@ -128,7 +130,7 @@ class RetentionSettings(AimaSettings):
         return keep
 
 
-ARCHIVABLE = (
+RAW_TABLES = (
     "gpu_samples",
     "system_samples",
     "system_disk_samples",
@@ -137,11 +139,11 @@ ARCHIVABLE = (
     "job_events",
     "queue_samples",
     "pod_status",
-    "rollups:hour",
-    "rollups:day",
-    "rollups:month",
-    "rollups:year",
 )
+"""The raw tables (daily partitions in plain PostgreSQL, hypertables with TimescaleDB): what the raw
+retention period governs and the archive holds first."""
+
+ARCHIVABLE = (*RAW_TABLES, *(f"rollups:{tier}" for tier in TIERS))
 """What the archive can hold (D5): the raw tables and each rollup tier (``rollups`` alone: every tier)."""
 
 
