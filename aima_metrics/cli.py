@@ -246,6 +246,10 @@ def _register_pipeline_commands() -> None:
     ):
         cli.add_command(command)
     db.add_command(commands.db_retention)
+    from aima_metrics import reader_commands
+
+    db.add_command(reader_commands.grant_reader)
+    db.add_command(reader_commands.revoke_reader)
     from aima_metrics.archive_commands import archive
 
     cli.add_command(archive)

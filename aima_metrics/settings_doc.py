@@ -17,7 +17,13 @@ from pydantic_settings import BaseSettings
 from aima_metrics.settings import LifecycleSettings, StackSettings
 from api.config import ApiSettings
 from bus.settings import REPO_ROOT, Settings, env_name, shown_default
-from consumers.settings import ArchiveSettings, NotifySettings, RetentionSettings, SinkSettings
+from consumers.settings import (
+    ArchiveSettings,
+    NotifySettings,
+    ReaderSettings,
+    RetentionSettings,
+    SinkSettings,
+)
 from producers.settings import CollectorSettings, PseudonymSettings
 from streams.settings import AlertSettings, AnomalySettings, CostSettings, StreamsSettings
 
@@ -37,6 +43,7 @@ MODELS: tuple[tuple[str, type[BaseSettings]], ...] = (
     ("retention (the sink's scheduled run and `db retention`)", RetentionSettings),
     ("archive (D5: retention writes it, `archive list` and `archive restore` read it)", ArchiveSettings),
     ("notifier", NotifySettings),
+    ("dashboard logins (`db grant-reader`)", ReaderSettings),
     ("API and token commands", ApiSettings),
     ("collectors (`aima-metrics collect`)", CollectorSettings),
     ("job SDK", PseudonymSettings),

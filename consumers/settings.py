@@ -21,6 +21,7 @@ __all__ = [
     "RAW_TABLES",
     "ArchiveSettings",
     "NotifySettings",
+    "ReaderSettings",
     "RetentionSettings",
     "SinkSettings",
 ]
@@ -211,6 +212,19 @@ class ArchiveSettings(AimaSettings):
             return False
         names = set(self.tables.split(","))
         return table in names or (bool(tier) and f"{table}:{tier}" in names)
+
+
+class ReaderSettings(AimaSettings):
+    """The password `aima-metrics db grant-reader` gives a dashboard login (consumers/readers.py)."""
+
+    model_config = SettingsConfigDict(env_prefix="AIMA_DB_READER_")
+
+    password: SecretStr | None = described(
+        None,
+        "password of the login `aima-metrics db grant-reader` creates or updates (Grafana's datasource "
+        "uses the same variable); unset: the command asks for it",
+        shown="unset (asked)",
+    )
 
 
 class NotifySettings(AimaSettings):

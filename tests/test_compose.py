@@ -31,11 +31,14 @@ DASHBOARDS_DIR = GRAFANA / "dashboards"
 PASSWORD = "compose-test-Secret-4d1c"
 S3_SECRET = "compose-test-S3-7a2e"
 WEBHOOK_KEY = "compose-test-Webhook-93f0"
+READER_PASSWORD = "compose-test-Reader-5b8e"
+GRAFANA_ADMIN_PASSWORD = "compose-test-Grafana-c61d"
 DATASOURCE_UID = "aima-postgres"
 
 # Every project service: the `aima-metrics` arguments it runs and the profile it needs (None: always on).
 PROJECT_SERVICES: dict[str, tuple[list[str], str | None]] = {
     "migrate": (["db", "migrate"], None),
+    "db-reader": (["db", "grant-reader", "aima_grafana"], None),
     "topics": (["topics", "--create"], None),
     "stream": (["stream"], None),
     "sink": (["sink"], None),
@@ -72,6 +75,8 @@ def _compose_config(
     tmp_path: Path,
     s3_secret: str | None = S3_SECRET,
     webhook_key: str | None = WEBHOOK_KEY,
+    reader_password: str | None = READER_PASSWORD,
+    grafana_admin_password: str | None = GRAFANA_ADMIN_PASSWORD,
 ) -> subprocess.CompletedProcess[str]:
     """`docker-compose config` in a clean environment: no inherited AIMA_* variables and an empty env file,
     so a developer's .env cannot supply (or hide the lack of) the password."""
@@ -84,6 +89,10 @@ def _compose_config(
         env["AIMA_S3_SECRET_KEY"] = s3_secret
     if webhook_key is not None:
         env["AIMA_WEBHOOK_KEY"] = webhook_key
+    if reader_password is not None:
+        env["AIMA_DB_READER_PASSWORD"] = reader_password
+    if grafana_admin_password is not None:
+        env["AIMA_GRAFANA_ADMIN_PASSWORD"] = grafana_admin_password
     command = [
         _docker_compose(),
         "--project-directory", str(REPO),
@@ -293,7 +302,14 @@ def test_grafana_service(services: dict[str, dict[str, Any]]) -> None:
     assert mounts["/etc/grafana/provisioning"] == GRAFANA / "provisioning"
     assert mounts["/var/lib/grafana/dashboards"] == DASHBOARDS_DIR
     assert DASHBOARDS_DIR.is_dir()
-    assert _environment(grafana).get("AIMA_DB_PASSWORD") == PASSWORD, "the datasource reads AIMA_DB_PASSWORD"
+    env = _environment(grafana)
+    assert env.get("AIMA_DB_READER_PASSWORD") == READER_PASSWORD, "the datasource reads the reader's password"
+    assert "AIMA_DB_PASSWORD" not in env, "Grafana never gets the database owner's password"
+    assert env.get("GF_SECURITY_ADMIN_PASSWORD") == GRAFANA_ADMIN_PASSWORD, "no default admin password"
+    assert _depends_on(grafana).get("db-reader") == "service_completed_successfully"
+    reader = services["db-reader"]
+    assert _environment(reader).get("AIMA_DB_READER_PASSWORD") == READER_PASSWORD
+    assert _depends_on(reader) == {"migrate": "service_completed_successfully"}
     assert (3000, 3000) in _ports(grafana)
 
 
@@ -347,13 +363,14 @@ def test_grafana_datasource(services: dict[str, dict[str, Any]]) -> None:
     assert datasource["type"] in {"grafana-postgresql-datasource", "postgres"}
     host, port = datasource["url"].rsplit(":", 1)
     assert host == "timescaledb" and host in services and port == "5432"
-    assert datasource["user"] == "aima"
+    assert datasource["user"] == "aima_grafana", "the read-only login `db-reader` creates, not the owner"
     json_data = datasource["jsonData"]
     assert json_data["database"] == "aima"
     assert json_data["timescaledb"] is True
     assert json_data["postgresVersion"] == 1600
     assert json_data["sslmode"] == "disable"
-    assert datasource["secureJsonData"]["password"] in {"$AIMA_DB_PASSWORD", "${AIMA_DB_PASSWORD}"}
+    password = datasource["secureJsonData"]["password"]
+    assert password in {"$AIMA_DB_READER_PASSWORD", "${AIMA_DB_READER_PASSWORD}"}
 
 
 def test_grafana_dashboard_provider_reads_the_mounted_folder() -> None:
@@ -464,3 +481,16 @@ def test_the_notifier_routes_every_alert_to_the_webhook_receiver(services: dict[
 def test_config_fails_without_the_webhook_key(tmp_path: Path) -> None:
     result = _compose_config(PASSWORD, tmp_path, webhook_key=None)
     assert result.returncode != 0 and "AIMA_WEBHOOK_KEY" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("missing", "variable"),
+    [
+        ("reader_password", "AIMA_DB_READER_PASSWORD"),
+        ("grafana_admin_password", "AIMA_GRAFANA_ADMIN_PASSWORD"),
+    ],
+)
+def test_config_fails_without_the_grafana_secrets(tmp_path: Path, missing: str, variable: str) -> None:
+    """Grafana's admin password and its reader login's are required like the database password."""
+    result = _compose_config(PASSWORD, tmp_path, **{missing: None})
+    assert result.returncode != 0 and variable in result.stderr, result.stderr

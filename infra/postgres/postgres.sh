@@ -113,9 +113,10 @@ ensure_role_and_db() {
   fi
   local pw; pw="$(cat "$pwfile")"
   if [[ "$(psql_super -c "SELECT 1 FROM pg_roles WHERE rolname = '$user'")" != 1 ]]; then
-    psql_super -c "CREATE ROLE \"$user\" LOGIN CREATEDB PASSWORD '$pw'"
+    psql_super -c "CREATE ROLE \"$user\" LOGIN CREATEDB CREATEROLE PASSWORD '$pw'"
   else
-    psql_super -c "ALTER ROLE \"$user\" PASSWORD '$pw'" >/dev/null
+    # CREATEROLE: migration 0012 creates the dashboards' read-only group roles, `db grant-reader` their logins.
+    psql_super -c "ALTER ROLE \"$user\" CREATEROLE PASSWORD '$pw'" >/dev/null
   fi
   if [[ "$(psql_super -c "SELECT 1 FROM pg_database WHERE datname = '$db'")" != 1 ]]; then
     psql_super -c "CREATE DATABASE \"$db\" OWNER \"$user\""

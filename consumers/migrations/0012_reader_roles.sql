@@ -1,0 +1,124 @@
+-- Least privilege for the dashboards (A2, A4, P3): two read-only group roles, NOLOGIN, whose logins
+-- (`aima-metrics db grant-reader`) Grafana's datasources use instead of the owner.
+--
+--   <database>_reader          fleet-wide: SELECT on exactly the tables and views the admin, finance and
+--                              users dashboards read (never api_tokens, audit_log, silences, dead letters,
+--                              the notification log or schema_migrations).
+--   <database>_project_reader  per project: SELECT on schema <schema>_by_project, views with the names of
+--                              the users dashboard's project tables and views that keep only the rows of the
+--                              projects its reader_projects lists for current_user, plus the fleet's GPU and host
+--                              relations, which carry no project. The login's search_path puts
+--                              <schema>_by_project first, so the users dashboard's SQL runs unchanged.
+--
+-- Roles are cluster-wide, so they are named after the database, created when missing and granted per
+-- schema: every schema of one database (each test's own) shares them, and DROP SCHEMA takes the grants
+-- along. Views rather than row-level security: TimescaleDB refuses RLS on compressed hypertables, and its
+-- chunks would not inherit the policies. The views are security barriers, so a reader's own (leaky)
+-- function cannot see rows before the project filter. Creating the roles needs CREATEROLE (or a superuser)
+-- unless an administrator made them first.
+
+DO $$
+DECLARE
+    role_name text;
+BEGIN
+    FOREACH role_name IN ARRAY ARRAY[left(current_database(), 40) || '_reader',
+                                     left(current_database(), 40) || '_project_reader'] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = role_name) THEN
+            BEGIN
+                EXECUTE format('CREATE ROLE %I NOLOGIN', role_name);
+            EXCEPTION
+                -- Another database's migration created it meanwhile.
+                WHEN duplicate_object OR unique_violation THEN NULL;
+                WHEN insufficient_privilege THEN
+                    RAISE EXCEPTION 'role % is missing and % may not create it', role_name, current_user
+                        USING HINT = format('ALTER ROLE %I CREATEROLE, or have a superuser run: CREATE ROLE %I NOLOGIN',
+                                            current_user, role_name);
+            END;
+        END IF;
+    END LOOP;
+END $$;
+
+-- Which projects each project-reader login may see; written by `aima-metrics db grant-reader`. Beside the
+-- views that read it, in <schema>_by_project: readers have no grant on it.
+DO $$
+BEGIN
+    EXECUTE format('CREATE SCHEMA IF NOT EXISTS %I', current_schema() || '_by_project');
+    EXECUTE format('CREATE TABLE %I.reader_projects (
+                        login   text NOT NULL,
+                        project text NOT NULL,
+                        PRIMARY KEY (login, project))', current_schema() || '_by_project');
+END $$;
+
+CREATE FUNCTION aima_reader_role(kind text) RETURNS text LANGUAGE sql STABLE AS $$
+    SELECT left(current_database(), 40) || CASE kind WHEN 'fleet' THEN '_reader'
+                                                     WHEN 'project' THEN '_project_reader' END
+$$;
+
+-- (Re)applies every reader grant and the per-project views of the current schema; a migration that
+-- re-creates a view the dashboards read calls it again (dropping a view drops its grants).
+CREATE FUNCTION aima_reader_grants() RETURNS void LANGUAGE plpgsql AS $fn$
+DECLARE
+    s       text := current_schema();
+    mine    text := current_schema() || '_by_project';
+    fleet   text := aima_reader_role('fleet');
+    project text := aima_reader_role('project');
+    rel     text;
+    -- Every relation the dashboards read (tests/integration/test_reader_access.py keeps this in step).
+    fleet_relations text[] := ARRAY[
+        'alert_history', 'anomalies', 'costs', 'rollups', 'gpu_samples', 'system_samples', 'job_events',
+        'job_timings', 'budgets', 'budget_forecast_eur', 'budget_utilization_percent', 'cost_estimated_eur',
+        'cuda_kernel_duration_seconds', 'gpu_ecc_corrected_errors', 'gpu_ecc_uncorrected_errors',
+        'gpu_energy_joules', 'gpu_hours', 'gpu_idle_hours', 'gpu_memory_bandwidth_utilization_percent',
+        'gpu_memory_clock_hz', 'gpu_memory_used_bytes', 'gpu_memory_utilization_percent',
+        'gpu_pcie_rx_bytes_per_second', 'gpu_pcie_tx_bytes_per_second', 'gpu_power_watts', 'gpu_sm_clock_hz',
+        'gpu_temperature_celsius', 'gpu_tensor_core_utilization_percent', 'gpu_utilization_percent',
+        'host_containers_running', 'host_cpu_utilization_percent', 'host_disk_used_bytes',
+        'host_memory_used_bytes', 'host_network_receive_bytes_per_second',
+        'host_network_transmit_bytes_per_second', 'job_batch_processing_seconds', 'job_cost_eur',
+        'job_cost_per_media_minute_eur', 'job_data_transfer_bytes', 'job_data_transfer_seconds',
+        'job_frame_processing_seconds', 'job_inference_seconds', 'job_model_load_seconds',
+        'job_queue_wait_seconds', 'k8s_pod_restarts', 'k8s_pod_status', 'queue_length_jobs'];
+    -- Fleet relations without project data that the users dashboard reads as they are.
+    shared_relations text[] := ARRAY[
+        'system_samples', 'gpu_utilization_percent', 'gpu_temperature_celsius', 'gpu_sm_clock_hz',
+        'host_cpu_utilization_percent', 'gpu_pcie_rx_bytes_per_second'];
+    -- The users dashboard's project relations, filtered by their project column.
+    by_project text[] := ARRAY[
+        'job_events', 'job_timings', 'costs', 'cost_estimated_eur', 'job_cost_eur',
+        'job_cost_per_media_minute_eur', 'job_queue_wait_seconds', 'job_frame_processing_seconds',
+        'job_inference_seconds', 'job_batch_processing_seconds', 'job_data_transfer_bytes',
+        'job_data_transfer_seconds', 'job_model_load_seconds'];
+    visible text := format('(SELECT r.project FROM %I.reader_projects r WHERE r.login = current_user)', mine);
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I, %I', s, fleet, project);
+    FOREACH rel IN ARRAY fleet_relations LOOP
+        EXECUTE format('GRANT SELECT ON %I.%I TO %I', s, rel, fleet);
+    END LOOP;
+    FOREACH rel IN ARRAY shared_relations LOOP
+        EXECUTE format('GRANT SELECT ON %I.%I TO %I', s, rel, project);
+    END LOOP;
+    -- gpu_samples without its process list (pids and names of every project's processes).
+    EXECUTE format('GRANT SELECT (time, host, gpu, gpu_uuid, gpu_model, mig_instance, throttle_reasons) '
+                   'ON %I.gpu_samples TO %I', s, project);
+
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', mine, project);
+    FOREACH rel IN ARRAY by_project LOOP
+        EXECUTE format('CREATE OR REPLACE VIEW %I.%I WITH (security_barrier) AS '
+                       'SELECT * FROM %I.%I WHERE project IN %s', mine, rel, s, rel, visible);
+        EXECUTE format('GRANT SELECT ON %I.%I TO %I', mine, rel, project);
+    END LOOP;
+    -- Kernel timings carry the job only: the jobs of the visible projects.
+    EXECUTE format('CREATE OR REPLACE VIEW %I.cuda_kernel_duration_seconds WITH (security_barrier) AS '
+                   'SELECT * FROM %I.cuda_kernel_duration_seconds WHERE job_id IN '
+                   '(SELECT t.job_id FROM %I.job_timings t WHERE t.project IN %s)', mine, s, s, visible);
+    -- Alerts of the visible projects and those of no project (a hot GPU, a queue backlog).
+    EXECUTE format('CREATE OR REPLACE VIEW %I.alert_history WITH (security_barrier) AS '
+                   'SELECT * FROM %I.alert_history WHERE labels->>''project'' IS NULL '
+                   'OR labels->>''project'' IN %s', mine, s, visible);
+    FOR rel IN SELECT unnest(ARRAY['cuda_kernel_duration_seconds', 'alert_history']) LOOP
+        EXECUTE format('GRANT SELECT ON %I.%I TO %I', mine, rel, project);
+    END LOOP;
+END
+$fn$;
+
+SELECT aima_reader_grants();
