@@ -10,12 +10,14 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import tomllib
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
@@ -77,9 +79,12 @@ def _compose_config(
     webhook_key: str | None = WEBHOOK_KEY,
     reader_password: str | None = READER_PASSWORD,
     grafana_admin_password: str | None = GRAFANA_ADMIN_PASSWORD,
+    files: tuple[Path, ...] = (COMPOSE_FILE,),
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """`docker-compose config` in a clean environment: no inherited AIMA_* variables and an empty env file,
-    so a developer's .env cannot supply (or hide the lack of) the password."""
+    """`docker-compose config` of ``files`` (merged in order) in a clean environment: no inherited AIMA_*
+    variables and an empty env file, so a developer's .env cannot supply (or hide the lack of) the
+    password."""
     env_file = tmp_path / "empty.env"
     env_file.write_text("")
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "LANG": "C.UTF-8"}
@@ -93,11 +98,12 @@ def _compose_config(
         env["AIMA_DB_READER_PASSWORD"] = reader_password
     if grafana_admin_password is not None:
         env["AIMA_GRAFANA_ADMIN_PASSWORD"] = grafana_admin_password
+    env.update(extra_env or {})
     command = [
         _docker_compose(),
         "--project-directory", str(REPO),
         "--env-file", str(env_file),
-        "-f", str(COMPOSE_FILE),
+        *[arg for path in files for arg in ("-f", str(path))],
         "config",
     ]  # fmt: skip
     return subprocess.run(
@@ -494,3 +500,363 @@ def test_config_fails_without_the_grafana_secrets(tmp_path: Path, missing: str, 
     """Grafana's admin password and its reader login's are required like the database password."""
     result = _compose_config(PASSWORD, tmp_path, **{missing: None})
     assert result.returncode != 0 and variable in result.stderr, result.stderr
+
+
+# ---- docker-compose.tls.yml: the TLS overlay (P2) --------------------------------------------------
+
+TLS_FILE = REPO / "docker-compose.tls.yml"
+MAKE_CERTS = REPO / "infra" / "tls" / "make-certs.sh"
+KAFKA_PASSWORD = "compose-test-Kafka-2f9a"
+KAFKA_ADMIN_PASSWORD = "compose-test-KafkaAdmin-8d3b"
+TLS_SECRETS = {"AIMA_KAFKA_PASSWORD": KAFKA_PASSWORD, "AIMA_KAFKA_ADMIN_PASSWORD": KAFKA_ADMIN_PASSWORD}
+TLS_DIR = REPO / "tls"  # the overlay's default AIMA_TLS_DIR, resolved by compose against the project dir
+CA_IN_CONTAINER = "/etc/aima/tls/ca.pem"
+
+
+@pytest.fixture(scope="module")
+def tls_services(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    folder = tmp_path_factory.mktemp("compose-tls")
+    result = _compose_config(PASSWORD, folder, files=(COMPOSE_FILE, TLS_FILE), extra_env=TLS_SECRETS)
+    assert result.returncode == 0, f"docker-compose config of the TLS overlay failed:\n{result.stderr}"
+    return yaml.safe_load(result.stdout)["services"]
+
+
+@pytest.fixture(scope="module")
+def example_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The certificates as a user makes them: infra/tls/make-certs.sh with the system's openssl."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is not on PATH (`apt-get install -y openssl`): infra/tls/make-certs.sh needs it")
+    folder = tmp_path_factory.mktemp("certs") / "tls"
+    result = subprocess.run(
+        ["sh", str(MAKE_CERTS), str(folder)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return folder
+
+
+def _mounted_from_tls_dir(service: dict[str, Any], target: str, name: str) -> None:
+    source = _mounts(service).get(target)
+    assert source is not None, f"{target} is not mounted"
+    assert Path(source) == TLS_DIR / name, f"{target} comes from {source}, not ./tls/{name}"
+
+
+@pytest.mark.parametrize("missing", sorted(TLS_SECRETS))
+def test_tls_overlay_requires_the_kafka_secrets(tmp_path: Path, missing: str) -> None:
+    secrets = {key: value for key, value in TLS_SECRETS.items() if key != missing}
+    result = _compose_config(PASSWORD, tmp_path, files=(COMPOSE_FILE, TLS_FILE), extra_env=secrets)
+    assert result.returncode != 0 and missing in result.stderr, result.stderr
+
+
+def test_tls_overlay_has_no_secret_literal() -> None:
+    raw = yaml.safe_load(TLS_FILE.read_text())
+    envs = [("x-aima-tls-env", raw["x-aima-tls-env"])]
+    envs += [(name, _environment(service)) for name, service in raw["services"].items()]
+    for name, env in envs:
+        for key, value in env.items():
+            if "PASSWORD" in key or "SECRET" in key:
+                assert str(value).startswith("${") and ":?" in str(value), f"{name}.{key} must be required"
+
+
+@pytest.mark.parametrize("name", sorted(PROJECT_SERVICES))
+def test_tls_every_project_service_talks_sasl_ssl_and_verify_full(
+    tls_services: dict[str, dict[str, Any]], name: str
+) -> None:
+    """Every project service (each has the broker and the database in its environment) gets the README's
+    variables: SASL_SSL with SCRAM as aima, the CA mounted, and the database URL at verify-full against it."""
+    service = tls_services[name]
+    env = _environment(service)
+    assert env["AIMA_KAFKA_BOOTSTRAP"] == "kafka:9092"
+    assert env["AIMA_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert env["AIMA_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+    assert env["AIMA_KAFKA_SASL_USERNAME"] == "aima"
+    assert env["AIMA_KAFKA_SASL_PASSWORD"] == KAFKA_PASSWORD
+    assert env["AIMA_KAFKA_SSL_CA_LOCATION"] == CA_IN_CONTAINER
+    _mounted_from_tls_dir(service, CA_IN_CONTAINER, "ca.pem")
+    url = urlsplit(env["AIMA_DATABASE_URL"])
+    assert (url.hostname, url.port, url.path, url.password) == ("timescaledb", 5432, "/aima", PASSWORD)
+    query = parse_qs(url.query)
+    assert query == {"sslmode": ["verify-full"], "sslrootcert": [CA_IN_CONTAINER]}, query
+    assert _command(service) == PROJECT_SERVICES[name][0], "the overlay changes no command"
+    assert service.get("profiles", []) == ([PROJECT_SERVICES[name][1]] if PROJECT_SERVICES[name][1] else [])
+
+
+def test_tls_overlay_keeps_the_base_services_own_settings(
+    tls_services: dict[str, dict[str, Any]], services: dict[str, dict[str, Any]]
+) -> None:
+    """Compose merges environment and volumes key by key: nothing of the base file is lost."""
+    for name, base in services.items():
+        merged = _environment(tls_services[name])
+        for key, value in _environment(base).items():
+            if key != "AIMA_DATABASE_URL":
+                assert merged.get(key) == value, f"{name}.{key} changed by the overlay"
+        for target, source in _mounts(base).items():
+            if name == "kafka" and target == "/var/lib/kafka/data":
+                continue
+            assert _mounts(tls_services[name]).get(target) == source, f"{name}: {target} lost"
+
+
+KAFKA_ADMIN_PASSWORD_ODD = "odd|pass&word"  # sed's special characters survive the script
+
+
+def _properties(text: str) -> dict[str, str]:
+    props = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def _run_kafka_entrypoint(
+    script: Path, template: Path, tmp_path: Path, formatted: bool = False
+) -> dict[str, Any]:
+    """Runs the kafka service's entrypoint with KAFKA_HOME holding stubs of kafka-storage.sh and
+    kafka-server-start.sh; returns the configuration files it wrote and the format arguments."""
+    home = tmp_path / ("formatted" if formatted else "fresh")
+    (home / "bin").mkdir(parents=True)
+    (home / "data").mkdir()
+    if formatted:
+        (home / "data" / "meta.properties").write_text("node.id=1\n")
+    out = home / "out"
+    out.mkdir()
+    stubs = {
+        "kafka-storage.sh": f'for a in "$@"; do printf "%s\\n" "$a"; done > {out}/kafka-storage.args\n',
+        "kafka-server-start.sh": f'cp "$1" {out}/server.properties\n',
+    }
+    for name, body in stubs.items():
+        (home / "bin" / name).write_text("#!/bin/sh\n" + body)
+        (home / "bin" / name).chmod(0o755)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "KAFKA_HOME": str(home),
+        "TMPDIR": str(home / "tmp"),
+        "AIMA_KAFKA_TEMPLATE": str(template),
+        "AIMA_KAFKA_DATA_DIR": "/var/lib/kafka/data",
+        "CLUSTER_ID": "XRS0DkdhSqaz4jPWCfl3Ag",
+        "AIMA_KAFKA_PASSWORD": KAFKA_PASSWORD,
+        "AIMA_KAFKA_ADMIN_PASSWORD": KAFKA_ADMIN_PASSWORD_ODD,
+    }
+    if formatted:
+        env["AIMA_KAFKA_DATA_DIR"] = str(home / "data")
+    result = subprocess.run(
+        ["sh", str(script)], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    found: dict[str, Any] = {"server.properties": _properties((out / "server.properties").read_text())}
+    found["admin-client.properties"] = _properties(
+        (home / "tmp" / "aima-kafka" / "admin-client.properties").read_text()
+    )
+    if (out / "kafka-storage.args").exists():
+        found["kafka-storage.args"] = (out / "kafka-storage.args").read_text().splitlines()
+    return found
+
+
+def test_tls_kafka_broker_is_sasl_ssl_only(tls_services: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    kafka = tls_services["kafka"]
+    entrypoint = kafka["entrypoint"]
+    script = Path(_mounts(kafka)[entrypoint[-1]])
+    assert script == REPO / "infra" / "kafka" / "compose-sasl-ssl.sh"
+    template = Path(_mounts(kafka)["/etc/aima/kafka/server-sasl-ssl.properties"])
+    assert template == REPO / "infra" / "kafka" / "server-sasl-ssl.properties"
+    _mounted_from_tls_dir(kafka, "/etc/aima/tls/kafka.pem", "kafka.pem")
+    _mounted_from_tls_dir(kafka, "/etc/aima/tls/ca.pem", "ca.pem")
+    env = _environment(kafka)
+    assert env["AIMA_KAFKA_PASSWORD"] == KAFKA_PASSWORD
+    assert env["AIMA_KAFKA_ADMIN_PASSWORD"] == KAFKA_ADMIN_PASSWORD
+    # The SCRAM users exist only on a volume formatted by the script, never on the plain stack's.
+    assert _mounts(kafka)["/var/lib/kafka/data"] == "kafka-tls-data"
+    # The broker's configuration as the script writes it (run here, with the image's two Kafka commands
+    # replaced by stubs that record what they were given); later keys win, as in java.util.Properties.
+    generated = _run_kafka_entrypoint(script, template, tmp_path)
+    props = generated["server.properties"]
+    assert not re.findall(r"@[A-Z_]+@", "\n".join(props.values())), "a template placeholder is left"
+    protocols = dict(item.split(":", 1) for item in props["listener.security.protocol.map"].split(","))
+    listeners = dict(item.split("://", 1) for item in props["listeners"].split(","))
+    advertised = dict(item.split("://", 1) for item in props["advertised.listeners"].split(","))
+    for name, address in listeners.items():
+        if name == props["controller.listener.names"]:
+            assert address.startswith("127.0.0.1:"), "the PLAINTEXT controller listener stays on loopback"
+        else:
+            assert protocols[name] == "SASL_SSL", f"listener {name} is {protocols[name]}"
+            jaas = props[f"listener.name.{name.lower()}.scram-sha-512.sasl.jaas.config"]
+            assert "ScramLoginModule required" in jaas
+    by_address = {address: name for name, address in advertised.items()}
+    assert protocols[by_address["kafka:9092"]] == "SASL_SSL", "containers' bootstrap kafka:9092"
+    external = by_address["localhost:9092"]
+    assert protocols[external] == "SASL_SSL"
+    assert (9092, int(listeners[external].rsplit(":", 1)[1])) in _ports(kafka), "the host's localhost:9092"
+    assert props["sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
+    assert props["ssl.keystore.type"] == "PEM" and props["ssl.keystore.location"] == "/etc/aima/tls/kafka.pem"
+    assert props["ssl.truststore.location"] == CA_IN_CONTAINER
+    assert props["log.dirs"] == "/var/lib/kafka/data"
+    assert (
+        f'password="{KAFKA_ADMIN_PASSWORD_ODD}"'
+        in props["listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config"]
+    )
+    # The storage is formatted with both SCRAM users, once: a second start keeps the volume as it is.
+    format_args = generated["kafka-storage.args"]
+    assert format_args[:3] == ["format", "-t", _environment(kafka)["CLUSTER_ID"]]
+    assert f"SCRAM-SHA-512=[name=aima,password={KAFKA_PASSWORD}]" in format_args
+    assert f"SCRAM-SHA-512=[name=admin,password={KAFKA_ADMIN_PASSWORD_ODD}]" in format_args
+    assert _run_kafka_entrypoint(script, template, tmp_path, formatted=True).get("kafka-storage.args") is None
+    client = generated["admin-client.properties"]
+    assert client["security.protocol"] == "SASL_SSL" and client["ssl.truststore.location"] == CA_IN_CONTAINER
+    health = " ".join(kafka["healthcheck"]["test"])
+    assert "--command-config /tmp/aima-kafka/admin-client.properties" in health
+
+
+def test_tls_timescaledb_takes_tcp_only_over_tls(tls_services: dict[str, dict[str, Any]]) -> None:
+    db = tls_services["timescaledb"]
+    command = _command(db)
+    assert command[0] == "postgres"
+    settings = dict(command[i + 1].split("=", 1) for i, arg in enumerate(command) if arg == "-c")
+    assert settings["ssl"] == "on"
+    hba = Path(_mounts(db)[settings["hba_file"]])
+    assert hba == REPO / "infra" / "postgres" / "pg_hba-tls.conf"
+    lines = hba.read_text().splitlines()
+    rules = [line.split() for line in lines if line.strip() and not line.startswith("#")]
+    assert all(rule[0] in {"local", "hostssl", "hostnossl"} for rule in rules), "no `host` rule: TLS only"
+    assert ["hostnossl", "all", "all", "all", "reject"] in rules
+    assert all(rule[-1] != "trust" for rule in rules if rule[0] != "local"), "TCP always authenticates"
+    entrypoint = Path(_mounts(db)[db["entrypoint"][-1]])
+    assert entrypoint == REPO / "infra" / "postgres" / "compose-tls-entrypoint.sh"
+    script = entrypoint.read_text()
+    # The entrypoint copies the mounted pair to where ssl_cert_file and ssl_key_file point.
+    for name, setting in [("timescaledb.crt", "ssl_cert_file"), ("timescaledb.key", "ssl_key_file")]:
+        _mounted_from_tls_dir(db, f"/etc/aima/tls/{name}", name)
+        copied = settings[setting].rsplit("/", 1)[1]
+        assert f'cp "$src/{name}" "$dst/{copied}"' in script
+        assert settings[setting] == f"/var/lib/postgresql/tls/{copied}"
+    assert "exec docker-entrypoint.sh" in script
+    assert "pg_isready" in " ".join(db["healthcheck"]["test"]), "the base healthcheck stays"
+
+
+def test_tls_api_serves_https(tls_services: dict[str, dict[str, Any]]) -> None:
+    api = tls_services["api"]
+    env = _environment(api)
+    _mounted_from_tls_dir(api, env["AIMA_API_TLS_CERT"], "api.crt")
+    _mounted_from_tls_dir(api, env["AIMA_API_TLS_KEY"], "api.key")
+    assert (8000, 8000) in _ports(api)
+
+
+def test_tls_grafana_datasource_is_verify_full(tls_services: dict[str, dict[str, Any]]) -> None:
+    """The overlay mounts a TLS variant of the TimescaleDB datasource over the plain one (whose database
+    speaks no TLS, so it stays at sslmode=disable); apart from TLS the two are the same datasource."""
+    grafana = tls_services["grafana"]
+    mounts = _mounts(grafana)
+    variant = Path(mounts["/etc/grafana/provisioning/datasources/postgres.yml"])
+    assert variant == GRAFANA / "tls" / "postgres.yml"
+    assert mounts["/etc/grafana/provisioning"] == str(GRAFANA / "provisioning")
+    (tls_ds,) = _load_yaml(variant)["datasources"]
+    (plain_ds,) = [d for d in _load_yaml(DATASOURCE_FILE)["datasources"] if d.get("uid") == DATASOURCE_UID]
+    tls_json = tls_ds["jsonData"]
+    assert tls_json["sslmode"] == "verify-full"
+    assert tls_json["tlsConfigurationMethod"] == "file-path"
+    _mounted_from_tls_dir(grafana, tls_json["sslRootCertFile"], "ca.pem")
+    tls_only = {"sslmode", "tlsConfigurationMethod", "sslRootCertFile"}
+    assert {k: v for k, v in tls_json.items() if k not in tls_only} == {
+        k: v for k, v in plain_ds["jsonData"].items() if k not in tls_only
+    }
+    assert {k: v for k, v in tls_ds.items() if k != "jsonData"} == {
+        k: v for k, v in plain_ds.items() if k != "jsonData"
+    }
+
+
+def _sans(pem: bytes) -> set[str]:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(pem)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {str(v) for v in names.get_values_for_type(x509.DNSName)} | {
+        str(v) for v in names.get_values_for_type(x509.IPAddress)
+    }
+
+
+def _handshake(cert_chain: Path, key: Path, ca: Path, server_name: str) -> str:
+    """A verifying client (host name checked, as verify-full and both Kafka clients do) against a server
+    with ``cert_chain``/``key``, over a local socket pair; returns the negotiated protocol."""
+    import socket
+    import ssl
+    import threading
+
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert_chain, key)
+    client_ctx = ssl.create_default_context(cafile=str(ca))
+    left, right = socket.socketpair()
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            with server_ctx.wrap_socket(right, server_side=True) as tls:
+                tls.recv(1)
+        except (ssl.SSLError, OSError) as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with client_ctx.wrap_socket(left, server_hostname=server_name) as tls:
+            version = str(tls.version())
+            tls.sendall(b"x")
+    finally:
+        thread.join(timeout=10)
+    assert not errors, errors
+    return version
+
+
+def test_make_certs_issues_what_the_overlay_mounts(
+    example_certs: Path, tls_services: dict[str, dict[str, Any]]
+) -> None:
+    """Every ./tls file the merged config mounts is one the script makes, and each server's certificate
+    verifies against ca.pem for the host name its clients use (the compose service, and localhost)."""
+    wanted = {
+        Path(source).name
+        for service in tls_services.values()
+        for source in _mounts(service).values()
+        if Path(source).parent == TLS_DIR
+    }
+    assert wanted == {"ca.pem", "kafka.pem", "timescaledb.crt", "timescaledb.key", "api.crt", "api.key"}
+    for name in wanted:
+        path = example_certs / name
+        assert path.is_file(), f"make-certs.sh does not make {name}"
+        assert path.stat().st_mode & 0o444 == 0o444, f"{name} must be readable by the containers' users"
+    assert (example_certs / "ca.key").stat().st_mode & 0o077 == 0, "the CA key is private"
+    assert example_certs.stat().st_mode & 0o077 == 0, "the folder is only the user's"
+    ca = example_certs / "ca.pem"
+    # Kafka's PEM keystore: the unencrypted PKCS#8 key, then the chain.
+    keystore = (example_certs / "kafka.pem").read_text()
+    assert keystore.startswith("-----BEGIN PRIVATE KEY-----")
+    key_end = keystore.index("-----END PRIVATE KEY-----") + len("-----END PRIVATE KEY-----\n")
+    kafka_dir = example_certs.parent / "kafka-split"
+    kafka_dir.mkdir(exist_ok=True)
+    (kafka_dir / "key.pem").write_text(keystore[:key_end])
+    (kafka_dir / "chain.pem").write_text(keystore[key_end:])
+    pairs = {
+        "kafka": (kafka_dir / "chain.pem", kafka_dir / "key.pem"),
+        "timescaledb": (example_certs / "timescaledb.crt", example_certs / "timescaledb.key"),
+        "api": (example_certs / "api.crt", example_certs / "api.key"),
+    }
+    for host, (chain, key) in pairs.items():
+        assert {host, "localhost", "127.0.0.1"} <= _sans(chain.read_bytes()), host
+        assert _handshake(chain, key, ca, host).startswith("TLS"), host
+        assert _handshake(chain, key, ca, "localhost").startswith("TLS"), host
+    # The hosts the merged config's clients name are the ones the certificates carry.
+    env = _environment(tls_services["sink"])
+    assert env["AIMA_KAFKA_BOOTSTRAP"].split(":")[0] in _sans((kafka_dir / "chain.pem").read_bytes())
+    db_host = urlsplit(env["AIMA_DATABASE_URL"]).hostname
+    assert db_host in _sans((example_certs / "timescaledb.crt").read_bytes())
+
+
+def test_make_certs_reuses_its_ca(example_certs: Path) -> None:
+    """Reissuing (e.g. on expiry) keeps ca.pem, so clients need no new trust anchor."""
+    before = (example_certs / "ca.pem").read_bytes()
+    result = subprocess.run(
+        ["sh", str(MAKE_CERTS), str(example_certs)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert (example_certs / "ca.pem").read_bytes() == before
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(example_certs / "ca.pem"), str(example_certs / "api.crt")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
