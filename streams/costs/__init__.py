@@ -26,9 +26,11 @@ end event puts the final figure in place.
 
 Clocks: every retention counts from the event-time watermark of the partition being processed as it
 stood at each record (a batch of a backfill spans days; its end is not the clock of its first records).
-On ``streams.device-hours``, which merges senders that keep their own pace, the clock is the slowest
-device (see IdleHoursProcessor). What the app emits itself is never dead-lettered: only a GPU sample more
-than its retention behind its own partition's watermark is.
+The two topics that merge senders keeping their own pace wait for the slowest: on
+``streams.jobs-by-project`` the slowest ``job.events`` partition (each event names it, see
+JobRepartitioner), on ``streams.device-hours`` the slowest device (see IdleHoursProcessor). What the
+app emits itself is never dead-lettered: only a GPU sample more than its retention behind its own
+partition's watermark is.
 
 Device-hours (idle = device - allocated): a whole GPU (MIG instances are skipped: the collector samples
 their physical GPU too) counts as present for the time between two consecutive samples, at most
@@ -92,6 +94,7 @@ def cost_processors(
     *,
     max_gap: timedelta = timedelta(seconds=60),
     cost_retention: timedelta = timedelta(hours=48),
+    cost_upstream_stale_after: timedelta = timedelta(days=45),
     device_retention: timedelta = timedelta(hours=48),
     idle_retention: timedelta = timedelta(days=45),
     idle_stale_after: timedelta = timedelta(days=7),
@@ -99,7 +102,9 @@ def cost_processors(
     """Every processor the cost figures need, in data-flow order."""
     return [
         JobRepartitioner(),
-        CostProcessor(prices, budgets, retention=cost_retention),
+        CostProcessor(
+            prices, budgets, retention=cost_retention, upstream_stale_after=cost_upstream_stale_after
+        ),
         DeviceHoursProcessor(max_gap=max_gap, retention=device_retention),
         IdleHoursProcessor(retention=idle_retention, stale_after=idle_stale_after),
     ]
@@ -120,6 +125,7 @@ def cost_processors_from_settings(settings: CostSettings) -> list[Processor]:
         budgets,
         max_gap=timedelta(seconds=settings.device_max_gap_s),
         cost_retention=timedelta(seconds=settings.cost_retention_s),
+        cost_upstream_stale_after=timedelta(seconds=settings.cost_upstream_stale_s),
         device_retention=timedelta(seconds=settings.device_hours_retention_s),
         idle_retention=timedelta(seconds=settings.idle_hours_retention_s),
         idle_stale_after=timedelta(seconds=settings.idle_device_stale_s),

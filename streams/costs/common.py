@@ -25,6 +25,8 @@ INDEX = "~index"
 """Per partition: running jobs, open months and the watermark so far. '~' sorts it apart from entries."""
 MS = timedelta(milliseconds=1)
 """``retention // MS``: a duration in whole milliseconds."""
+UPSTREAM_MARK = " via job.events/"
+"""Joins a repartitioned JobEvent's ``source`` and the job.events partition it was read from."""
 _COST_FIELDS = (
     "project",
     "gpu_model",
@@ -144,3 +146,47 @@ def _part(
         committed_offset=batch.committed_offset,
         resumed=batch.resumed and first,
     )
+
+
+def tag_upstream(value: Mapping[str, Any], partition: int) -> dict[str, Any]:
+    """The JobEvent as the repartitioner forwards it: its ``source`` also names the ``job.events``
+    partition it was read from (``sdk via job.events/2``). ``streams.jobs-by-project`` interleaves those
+    partitions at the pace each was read, so the cost clock waits for the slowest of them."""
+    return {**value, "source": f"{value['source']}{UPSTREAM_MARK}{partition}"}
+
+
+def upstream_of(value: Mapping[str, Any]) -> str | None:
+    """The ``job.events`` partition a repartitioned JobEvent came from; None for one sent untagged."""
+    _, mark, partition = str(value.get("source", "")).rpartition(UPSTREAM_MARK)
+    return partition if mark else None
+
+
+def slowest_upstream(
+    progress: dict[str, Any] | None, batch: PartitionBatch, partitions: int, stale_ms: int
+) -> tuple[int | None, dict[str, Any] | None]:
+    """The clock of a partition that merges ``partitions`` upstream partitions, for the batch's records:
+    the oldest of the upstreams' newest event times before them (each upstream's records are in order,
+    and a batch can hold days of one upstream, so the clock cannot take its records' times yet). An
+    upstream not heard from may still hold anything, so it keeps the clock at 0 (nothing final); one more
+    than ``stale_ms`` behind the newest (or, never heard from, that long after the first record) stops
+    holding it back: a partition gone quiet.
+
+    ``progress`` is what the last call returned (None at first): ``since``, the first record's time, and
+    ``newest`` per upstream (None: not heard from). Returns (clock, progress advanced by the batch); both
+    None until a record names its upstream."""
+    tagged = [(upstream_of(r.value), to_ms(r.event_time)) for r in batch.inputs]
+    tagged = [(upstream, t) for upstream, t in tagged if upstream is not None]
+    if progress is None:
+        if not tagged:
+            return None, None
+        since = min(t for _, t in tagged)
+        newest: dict[str, int | None] = {str(p): None for p in range(partitions)}
+    else:
+        since, newest = progress["since"], dict(progress["newest"])
+    clock = 0 if any(t is None for t in newest.values()) else min(newest.values(), default=None)
+    for upstream, t in tagged:
+        seen = newest.get(upstream)
+        newest[upstream] = t if seen is None else max(seen, t)
+    front = max((t for t in newest.values() if t is not None), default=since)
+    kept = {u: t for u, t in newest.items() if (since if t is None else t) >= front - stale_ms}
+    return clock, {"since": since, "newest": kept}

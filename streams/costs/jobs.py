@@ -11,6 +11,7 @@ from collections.abc import MutableMapping
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from bus.topics import BY_KEY
 from streams.costs.budgets import (
     Budget,
     BudgetBook,
@@ -32,6 +33,7 @@ from streams.costs.common import (
     hour_label,
     since_committed,
     slot,
+    slowest_upstream,
     span,
 )
 from streams.costs.pricing import PriceCatalogue, Reloading
@@ -56,10 +58,14 @@ class CostProcessor:
     - ``hour|<project>|<gpu_model>|<provider>|<pricing>|<hour>``: GPU-hours per job in that hour;
     - ``day|<project>|<YYYY-MM-DD>``: the cost of each of the day's hour buckets;
     - ``month|<project>|<YYYY-MM>``: cost per day, the budget rules fired and resolved;
-    - ``~index``: running jobs, months still open, the watermark so far.
+    - ``~index``: running jobs, months still open, the watermark so far, the newest time per upstream
+      ``job.events`` partition.
 
-    Buckets older than ``retention`` before the watermark are final: they are no longer updated and their
-    entries are dropped. ``min_forecast_elapsed``: see :func:`streams.costs.budgets.linear_forecast`.
+    Buckets older than ``retention`` before the clock are final: they are no longer updated and their
+    entries are dropped. The clock is the slowest upstream partition (one more than
+    ``upstream_stale_after`` behind the newest no longer counts; of ``upstream_partitions``, each holds it
+    from the first record on), never ahead of the watermark.
+    ``min_forecast_elapsed``: see :func:`streams.costs.budgets.linear_forecast`.
     """
 
     topics = (JOBS_BY_PROJECT,)
@@ -71,12 +77,18 @@ class CostProcessor:
         *,
         name: str = "costs",
         retention: timedelta = timedelta(hours=48),
+        upstream_partitions: int = BY_KEY["job.events"].partitions,
+        upstream_stale_after: timedelta = timedelta(days=45),
         min_forecast_elapsed: timedelta = timedelta(days=1),
     ) -> None:
+        if upstream_stale_after <= timedelta(0):
+            raise ValueError(f"upstream_stale_after must be positive, got {upstream_stale_after}")
         self.name = name
         self._prices: _Current = prices
         self._budgets: _Current = budgets if budgets is not None else BudgetBook()
         self.retention_ms = retention // MS
+        self.upstream_stale_ms = upstream_stale_after // MS
+        self.upstream_partitions = upstream_partitions
         self.min_forecast_elapsed = min_forecast_elapsed
         self._unpriced: set[tuple[str | None, str | None, str]] = set()
 
@@ -125,7 +137,15 @@ class _CostRun:
         self.e = entries
         self.index = self.e.get(INDEX) or {OFFSET: None, "now_ms": None, "running": [], "months": []}
         self.now_ms = max(to_ms(batch.watermark), self.index["now_ms"] or 0)
-        self.horizon = bucket_start("hour", self.now_ms - processor.retention_ms)
+        # Finality waits for the slowest job.events partition: a backlog is read one partition after the
+        # other, and the partition's own watermark would close hours whose jobs are still on their way.
+        slowest, upstreams = slowest_upstream(
+            self.index.get("upstreams"), batch, processor.upstream_partitions, processor.upstream_stale_ms
+        )
+        if upstreams is not None:
+            self.index["upstreams"] = upstreams
+        clock = self.now_ms if slowest is None else min(self.now_ms, slowest)
+        self.horizon = bucket_start("hour", clock - processor.retention_ms)
         self.offset = batch.last_offset if len(batch.inputs) else self.index[OFFSET]
         self.outputs = outputs
         self.buckets: dict[str, dict[str, Any]] = {}

@@ -32,8 +32,15 @@ class CostSettings(AimaSettings):
     cost_retention_s: float = Field(
         48 * 3600.0,
         gt=0,
-        description="how far behind its partition's event-time watermark (as it stood at each record) a "
-        "job's hours stay open",
+        description="how far behind the cost clock (its partition's event-time watermark as it stood at "
+        "each record, held back by the slowest job.events partition) a job's hours stay open",
+    )
+    cost_upstream_stale_s: float = Field(
+        45 * 24 * 3600.0,
+        gt=0,
+        description="a job.events partition that far behind the newest stops holding back the cost clock "
+        "(the slowest job.events partition, which decides when a job's hours are final; a backlog or "
+        "backfill read one partition after the other can put them that far apart)",
     )
     device_hours_retention_s: float = Field(
         48 * 3600.0,

@@ -25,6 +25,7 @@ from streams.costs import (
     split_by_hour,
 )
 from streams.costs.budgets import BudgetBook
+from streams.costs.common import upstream_of
 from streams.costs.pricing import PriceCatalogue, Reloading
 from streams.costs.settings import CostSettings
 from streams.runtime.processor import Input, Output, PartitionBatch, Result
@@ -182,9 +183,10 @@ def test_repartitioner_keys_every_job_event_by_project() -> None:
     feed = Feed(JobRepartitioner(), "job.events", JOB)
     events = [job_event("queued", "j1", at(10, 9)), job_event("started", "j2", at(10, 9), project="archive")]
     result = feed.send(*events)
+    tagged = [{**event, "source": "test via job.events/0"} for event in events]
     assert [(o.topic_key, o.key, o.value) for o in result.outputs] == [
-        ("streams.jobs-by-project", "newsroom", events[0]),
-        ("streams.jobs-by-project", "archive", events[1]),
+        ("streams.jobs-by-project", "newsroom", tagged[0]),
+        ("streams.jobs-by-project", "archive", tagged[1]),
     ]
     assert len(feed.state) == 0
 
@@ -724,6 +726,59 @@ def test_a_backfill_in_one_batch_counts_what_record_by_record_counts() -> None:
     assert [(a["rule"], a["event_time"]) for a in alerts(whole)] == [
         (a["rule"], a["event_time"]) for a in alerts(single)
     ]  # each threshold fires when the clock of its record crossed it, not at the batch's end
+
+
+def _upstream_input(feed: Feed, value: dict[str, Any], partition: int) -> Input:
+    """``value`` as the repartitioner forwards it from job.events partition ``partition``."""
+    read = Input("job.events", partition, 0, JOB, value, value["time"])
+    batch = PartitionBatch("job.events", partition, [read], value["time"], None)
+    [output] = JobRepartitioner().process(batch, {}).outputs
+    record = Input(feed.topic, 0, feed.next_offset, JOB, output.value, value["time"])
+    feed.next_offset += 1
+    return record
+
+
+def test_a_backlog_read_one_upstream_partition_after_the_other_counts_every_job() -> None:
+    """After an outage the repartitioner reads each job.events partition's backlog in its own fetches, so
+    streams.jobs-by-project gets ten days of one upstream partition before the same ten days of the other;
+    the hours of the second are not final yet (the clock is the slower partition), so none is lost."""
+    events = _ten_days_of_jobs()[:-1]
+    first = [e for e in events if int(e["job_id"][1:]) % 2 == 0]
+    second = [e for e in events if int(e["job_id"][1:]) % 2 == 1]
+    budgets = book("{project: newsroom, name: gpu, monthly_eur: 1000}")
+    in_time_order = costs_feed(budgets, retention=timedelta(hours=2), upstream_partitions=2)
+    for event in sorted(events, key=lambda e: e["time"]):
+        in_time_order.run([_upstream_input(in_time_order, event, int(event["job_id"][1:]) % 2)])
+    backlog = costs_feed(budgets, retention=timedelta(hours=2), upstream_partitions=2)
+    backlog.run([_upstream_input(backlog, e, 0) for e in first])  # upstream 0: ten days in one batch
+    backlog.run([_upstream_input(backlog, e, 1) for e in second])  # then upstream 1's ten days
+    costs = backlog.latest()
+    hours = [v for v in costs.values() if v["kind"] == "gpu_hours"]
+    assert len(hours) == 20 and sum(v["gpu_hours"] for v in hours) == pytest.approx(20.0)
+    assert costs == in_time_order.latest()
+    # One upstream partition gone quiet for longer than upstream_stale_after stops holding the clock back:
+    # the other's hours are final and pruned as before.
+    quiet = costs_feed(
+        retention=timedelta(hours=2), upstream_stale_after=timedelta(days=1), upstream_partitions=2
+    )
+    quiet.run([_upstream_input(quiet, job_event("queued", "q", at(1, 0)), 1)])
+    quiet.run([_upstream_input(quiet, e, 0) for e in first])
+    assert min(_kept_hours(quiet)) >= ms(at(10, 8))
+    held = costs_feed(retention=timedelta(hours=2), upstream_partitions=2)
+    held.run([_upstream_input(held, job_event("queued", "q", at(1, 0)), 1)])
+    held.run([_upstream_input(held, e, 0) for e in first])
+    assert min(_kept_hours(held)) == ms(at(2, 10)), "the quiet partition holds the clock back"
+
+
+def _kept_hours(feed: Feed) -> list[int]:
+    return [feed.state[key]["hour_ms"] for key in feed.state if key.startswith("hour|")]
+
+
+def test_a_repartitioned_event_names_its_upstream_partition() -> None:
+    value = job_event("started", "j", at(1, 10))
+    record = _upstream_input(costs_feed(), value, 3)
+    assert record.value["source"] == "test via job.events/3"
+    assert upstream_of(record.value) == "3" and upstream_of(value) is None
 
 
 def test_a_backfill_across_months_closes_the_first_with_its_final_figures() -> None:
