@@ -60,16 +60,17 @@ def fill(
     gpus_per_host: int,
     step_s: float,
     gpu_only: bool = False,
+    start: datetime = START,
 ) -> Counter[str]:
-    """Publish simulator records until ``gpu_samples`` GpuSamples are written (with the fleet's other
-    records unless ``gpu_only``); returns counts by topic. Uncompressed: aiokafka (Faust's client) reads
-    zstd and lz4 only with the optional cramjam package."""
+    """Publish simulator records from ``start`` until ``gpu_samples`` GpuSamples are written (with the
+    fleet's other records unless ``gpu_only``); returns counts by topic. Uncompressed: aiokafka (Faust's
+    client) reads zstd and lz4 only with the optional cramjam package."""
     codec = Codec()
     producer = Producer(client_config(settings, **{"linger.ms": 20, "batch.num.messages": 10000}))
     counts: Counter[str] = Counter()
-    fleet = Fleet(seed=7, hosts=hosts, gpus_per_host=gpus_per_host, start=START)
-    end = START.replace(year=START.year + 1)
-    for topic_key, key, record, value in generate(fleet, START, end, step_s):
+    fleet = Fleet(seed=7, hosts=hosts, gpus_per_host=gpus_per_host, start=start)
+    end = start.replace(year=start.year + 1)
+    for topic_key, key, record, value in generate(fleet, start, end, step_s):
         if gpu_only and topic_key != "gpu.samples":
             continue
         data = codec.encode(record, value)
