@@ -220,15 +220,19 @@ def metrics_catalogue() -> None:
 
 
 @cli.command()
-@click.argument("what", type=click.Choice(["gpu", "system", "jobs-sim", "all"]))
+@click.argument("what", type=click.Choice(["gpu", "system", "jobs-sim", "dcgm", "all"]))
 @click.option("--once", is_flag=True, help="collect one sample set, publish it and print it as JSON")
 @click.option("--simulate", is_flag=True, help="with `all`: also run the fleet simulator")
-def collect(what: str, once: bool, simulate: bool) -> None:
-    """Run collectors: GPU (NVML, exporter on :9400), system (psutil, Kubernetes), the job simulator."""
+@click.option("--url", help="with `dcgm`: the dcgm-exporter endpoint, e.g. http://node:9400/metrics")
+def collect(what: str, once: bool, simulate: bool, url: str | None) -> None:
+    """Run collectors: GPU (NVML, exporter on :9400), system (psutil, Kubernetes), the job simulator, or
+    GPU samples read from a dcgm-exporter endpoint (`dcgm --url ...`)."""
     from aima_metrics.collect import run
 
+    if url is not None and what != "dcgm":
+        raise click.UsageError("--url is for `collect dcgm`")
     names = ["gpu", "system"] + (["jobs-sim"] if simulate else []) if what == "all" else [what]
-    raise SystemExit(run(names, once, click.echo))
+    raise SystemExit(run(names, once, click.echo, dcgm_url=url))
 
 
 def _register_pipeline_commands() -> None:

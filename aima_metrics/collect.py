@@ -1,5 +1,5 @@
-"""`aima-metrics collect ...`: runs the collectors (GPU, system, simulator) as one process, with one
-publisher and one self-metrics endpoint, until SIGTERM."""
+"""`aima-metrics collect ...`: runs the collectors (GPU, system, simulator, dcgm-exporter) as one
+process, with one publisher and one self-metrics endpoint, until SIGTERM."""
 
 from __future__ import annotations
 
@@ -71,11 +71,32 @@ def _simulator(
     )
 
 
+def _dcgm(
+    settings: Settings, own: CollectorSettings, once: bool, service: Service | None, publisher: Publisher
+) -> Records:
+    from producers.dcgm.collector import run as run_dcgm
+
+    assert own.dcgm_url is not None  # run() refuses to start dcgm without one
+    return run_dcgm(
+        settings,
+        url=own.dcgm_url,
+        once=once,
+        service=service,
+        publisher=publisher,
+        fast_interval_s=own.gpu_fast_interval_s,
+        slow_interval_s=own.gpu_slow_interval_s,
+        timeout_s=own.dcgm_timeout_s,
+        backoff_max_s=own.dcgm_backoff_max_s,
+        host=own.host,
+    )
+
+
 Collector = Callable[[Settings, CollectorSettings, bool, Service | None, Publisher], Records]
 COLLECTORS: dict[str, Collector] = {
     "gpu": _gpu,
     "system": _system,
     "jobs-sim": _simulator,
+    "dcgm": _dcgm,
 }
 
 
@@ -107,9 +128,14 @@ def _json_default(value: object) -> str:
     return str(value)
 
 
-def run(names: list[str], once: bool, echo: Callable[[str], None]) -> int:
+def run(names: list[str], once: bool, echo: Callable[[str], None], dcgm_url: str | None = None) -> int:
+    """``dcgm_url``: the endpoint `collect dcgm` reads (``--url``), instead of AIMA_DCGM_URL."""
     settings = Settings()
-    own = CollectorSettings()  # here, at the start: a bad value stops the process before anything runs
+    # Here, at the start: a bad value stops the process before anything runs.
+    own = CollectorSettings(**({"dcgm_url": dcgm_url} if dcgm_url else {}))
+    if "dcgm" in names and own.dcgm_url is None:
+        echo("collect dcgm needs the endpoint: --url http://HOST:9400/metrics (or AIMA_DCGM_URL)")
+        return 2
     service = Service(f"collect-{'+'.join(names)}", settings)
     if once:
         from bus import logs
@@ -169,6 +195,8 @@ def run(names: list[str], once: bool, echo: Callable[[str], None]) -> int:
             records = results.get(name, [])
             if name == "gpu" and not records and name not in errors:
                 echo("gpu: no NVML device found (no NVIDIA driver or GPU on this machine); no GPU samples")
+            if name == "dcgm" and not records and name not in errors:
+                echo(f"dcgm: {own.dcgm_url} exports no GPU field this collector reads; no GPU samples")
             for record_name, value in records:
                 # Printed as a subscriber sees it: encoded and decoded through the contract.
                 full_name, decoded = codec.decode(codec.encode(record_name, value))

@@ -42,6 +42,7 @@ Component = Literal[
     "publisher",  # producers/publisher.py: the collectors, the simulator, the job SDK
     "gpu_collector",  # producers/gpu/collector.py
     "system_collector",  # producers/system.py
+    "dcgm_collector",  # producers/dcgm/collector.py
     "stream",  # streams/runtime/app.py
     "sink",  # consumers/sink_metrics.py
     "notifier",  # consumers/notify/delivery.py
@@ -56,6 +57,8 @@ CounterName = Literal[
     "aima_system_collector_samples_total",
     "aima_system_collector_pod_records_total",
     "aima_system_collector_errors_total",
+    "aima_dcgm_collector_samples_total",
+    "aima_dcgm_collector_errors_total",
     "aima_stream_events_total",
     "aima_stream_dead_letters_total",
     "aima_stream_late_records_total",
@@ -85,6 +88,8 @@ GaugeName = Literal[
     "aima_service_up",
     "aima_service_start_time_seconds",
     "aima_gpu_collector_devices",
+    "aima_dcgm_collector_devices",
+    "aima_dcgm_collector_endpoint_up",
     "aima_stream_watermark_seconds",
     "aima_stream_watermark_lag_seconds",
     "aima_sink_consumer_lag_records",
@@ -98,6 +103,7 @@ HistogramName = Literal[
     "aima_producer_send_latency_seconds",
     "aima_gpu_collector_collection_duration_seconds",
     "aima_system_collector_collection_duration_seconds",
+    "aima_dcgm_collector_scrape_duration_seconds",
     "aima_stream_batch_records",
     "aima_stream_batch_seconds",
     "aima_sink_batch_records",
@@ -196,6 +202,34 @@ _DEFS = (
         "system_collector",
         "Time to read one group",
         "group",
+    ),
+    # -- the dcgm-exporter collector -----------------------------------------------------------------------
+    _d("aima_dcgm_collector_samples_total", "counter", "dcgm_collector", "GpuSample records read", "group"),
+    _d(
+        "aima_dcgm_collector_errors_total",
+        "counter",
+        "dcgm_collector",
+        "Failures by kind: scrape (no answer, timeout, HTTP error), parse (not exposition text), labels "
+        "(a DCGM sample naming no GPU), publish (record not queued)",
+        "kind",
+    ),
+    _d(
+        "aima_dcgm_collector_devices",
+        "gauge",
+        "dcgm_collector",
+        "GPUs and MIG instances in the last exposition read",
+    ),
+    _d(
+        "aima_dcgm_collector_endpoint_up",
+        "gauge",
+        "dcgm_collector",
+        "1 when the last read of the dcgm-exporter endpoint succeeded, 0 when it failed",
+    ),
+    _d(
+        "aima_dcgm_collector_scrape_duration_seconds",
+        "histogram",
+        "dcgm_collector",
+        "Time to read and parse the dcgm-exporter endpoint once",
     ),
     # -- the stream app -----------------------------------------------------------------------------------
     _d("aima_stream_events_total", "counter", "stream", "Records consumed", "topic"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from bus.settings import AimaSettings, described
@@ -32,6 +32,18 @@ class CollectorSettings(AimaSettings):
     )
     gpu_exporter_port: int = Field(
         DEFAULT_EXPORTER_PORT, description="Prometheus text of the current GPU values (`collect gpu`)"
+    )
+
+    dcgm_url: str | None = described(
+        None,
+        "dcgm-exporter endpoint `collect dcgm` reads (e.g. http://node:9400/metrics); `--url` wins over it",
+        shown="none (`collect dcgm` then needs `--url`)",
+    )
+    dcgm_timeout_s: float = Field(5.0, **_POSITIVE_S, description="`collect dcgm`: time one read may take")
+    dcgm_backoff_max_s: float = Field(
+        60.0,
+        **_POSITIVE_S,
+        description="`collect dcgm`: longest wait between tries while the endpoint does not answer",
     )
 
     system_cpu_interval_s: float = Field(
@@ -82,6 +94,13 @@ class CollectorSettings(AimaSettings):
     sim_hosts: int = Field(2, ge=1, description="simulated fleet: hosts")
     sim_gpus_per_host: int = Field(4, ge=1, description="simulated fleet: GPUs per host")
     sim_seed: int = Field(1, description="simulated fleet: random seed")
+
+    @field_validator("dcgm_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"an http:// or https:// URL is needed, got {url!r}")
+        return url
 
     def system_intervals(self) -> SystemIntervals:
         return SystemIntervals(

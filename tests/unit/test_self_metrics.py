@@ -54,6 +54,7 @@ def _bundles() -> dict[str, Callable[[CollectorRegistry], object]]:
     from api.metrics import ApiMetrics
     from consumers.notify.delivery import NotifierMetrics
     from consumers.sink_metrics import SinkMetrics
+    from producers.dcgm.collector import DcgmCollectorMetrics
     from producers.gpu.collector import GpuCollectorMetrics
     from producers.publisher import PublisherMetrics
     from producers.system import SystemCollectorMetrics
@@ -64,6 +65,7 @@ def _bundles() -> dict[str, Callable[[CollectorRegistry], object]]:
         "publisher": PublisherMetrics,
         "gpu_collector": GpuCollectorMetrics,
         "system_collector": SystemCollectorMetrics,
+        "dcgm_collector": DcgmCollectorMetrics,
         "stream": StreamMetrics,
         "sink": SinkMetrics,
         "notifier": NotifierMetrics,
