@@ -76,6 +76,8 @@ def up() -> None:
     pidfile.write_text(str(os.getpid()))
     exit_code = 0
     running = processes(settings, stack.local)
+    if all(process.name != "prometheus" for process in running):
+        say("no prometheus on PATH: no local Prometheus this time (./dev setup installs it)")
     try:
         mode = stack.start_services()
         for process in running:
@@ -257,3 +259,6 @@ def _register_pipeline_commands() -> None:
     from aima_metrics.archive_commands import archive
 
     cli.add_command(archive)
+    from aima_metrics.prometheus_local import prometheus
+
+    cli.add_command(prometheus)

@@ -15,7 +15,9 @@ from types import FrameType
 
 __all__ = ["LONG_RUNNING", "STOP_SIGNALS", "SUPERVISOR_ENV", "follow_supervisor", "guard_loading"]
 
-LONG_RUNNING = frozenset({"up", "stream", "sink", "notify", "api", "collect", "webhook-receiver"})
+LONG_RUNNING = frozenset(
+    {"up", "stream", "sink", "notify", "api", "collect", "webhook-receiver", "prometheus"}
+)
 """The commands that run until stopped (``collect --once`` excepted)."""
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})

@@ -103,13 +103,23 @@ def _duration(text: str) -> timedelta:
 def silence_add(matchers: tuple[str, ...], duration: str, comment: str, created_by: str) -> None:
     """Add a silence: MATCHERS like alertname=GpuTemperatureHigh host=~gpu-.* severity!=info (or a list in
     Alertmanager's form, '{host="a", gpu=~"0|1"}')."""
+    from api.audit_log import Origin, record_event
     from bus.silences import InvalidSilence, create_silence
 
     with psycopg.connect(Settings().database_dsn()) as conn:
         try:
-            created = create_silence(
-                conn, matchers, created_by=created_by, comment=comment, duration=_duration(duration)
-            )
+            with conn.transaction():  # the silence and its audit row commit together
+                created = create_silence(
+                    conn, matchers, created_by=created_by, comment=comment, duration=_duration(duration)
+                )
+                record_event(
+                    conn,
+                    "silence.create",
+                    endpoint="aima-metrics silence add",
+                    origin=Origin.local(created_by),
+                    target=created.id,
+                    parameters={"matchers": [str(m) for m in created.matchers], "duration": duration},
+                )
         except InvalidSilence as exc:
             raise click.UsageError(str(exc)) from None
     click.echo(f"silence {created.id} active until {created.ends_at.isoformat()}")
@@ -132,13 +142,25 @@ def silence_list(state: str | None) -> None:
 
 @silence.command("rm")
 @click.argument("silence_id")
-def silence_rm(silence_id: str) -> None:
+@click.option("--by", "by", default=None, help="who (default: your login)")
+def silence_rm(silence_id: str, by: str | None) -> None:
     """Expire a silence now (its record stays)."""
+    from api.audit_log import Origin, record_event
     from bus.silences import InvalidSilence, delete_silence
 
     with psycopg.connect(Settings().database_dsn()) as conn:
         try:
-            found = delete_silence(conn, silence_id)
+            with conn.transaction():  # the expiry and its audit row commit together
+                found = delete_silence(conn, silence_id)
+                record_event(
+                    conn,
+                    "silence.expire",
+                    endpoint="aima-metrics silence rm",
+                    origin=Origin.local(by),
+                    target=silence_id,
+                    outcome="allowed" if found else "invalid",
+                    reason=None if found else "no_active_silence",
+                )
         except InvalidSilence as exc:
             raise click.UsageError(str(exc)) from None
     if not found:
@@ -219,14 +241,17 @@ def token() -> None:
 @click.option("--scope", "scopes", multiple=True, help="metrics:read:<name> or metrics:read:* (repeatable)")
 @click.option("--project", "projects", multiple=True, help="a user token's projects (repeatable)")
 @click.option("--name", default="", help="what the token is for")
-def token_create(role: str, scopes: tuple[str, ...], projects: tuple[str, ...], name: str) -> None:
-    """Create a token and print it once; only its hash is stored."""
+@click.option("--by", "by", default=None, help="who creates it, for the audit log (default: your login)")
+def token_create(
+    role: str, scopes: tuple[str, ...], projects: tuple[str, ...], name: str, by: str | None
+) -> None:
+    """Create a token and print it once; only its hash is stored. Audited (token.create)."""
     from api.cli import create_token_cmd
     from api.config import ApiSettings
 
     try:
         pepper = ApiSettings().pepper()
-        click.echo(create_token_cmd(Settings(), role, scopes, projects, name, pepper=pepper))
+        click.echo(create_token_cmd(Settings(), role, scopes, projects, name, pepper=pepper, by=by))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -247,12 +272,13 @@ def token_list() -> None:
 
 @token.command("revoke")
 @click.argument("token_id")
-def token_revoke(token_id: str) -> None:
-    """Revoke a token by id."""
+@click.option("--by", "by", default=None, help="who revokes it, for the audit log (default: your login)")
+def token_revoke(token_id: str, by: str | None) -> None:
+    """Revoke a token by id. Audited (token.revoke)."""
     from api.cli import revoke_token
 
     try:
-        found = revoke_token(Settings(), token_id)
+        found = revoke_token(Settings(), token_id, by=by)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if not found:

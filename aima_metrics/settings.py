@@ -44,6 +44,24 @@ class StackSettings(AimaSettings):
     s3_start_timeout_s: int = Field(
         60, gt=0, description="how long infra/seaweedfs/seaweedfs.sh waits for the local S3 store to answer"
     )
+    prometheus_port: int = Field(
+        9090,
+        gt=0,
+        lt=65536,
+        description="port of the local Prometheus `up` starts, scraping every process (not started when no "
+        "`prometheus` is on PATH)",
+    )
+    prometheus_retention: str = Field(
+        "1d",
+        description="how long the local Prometheus keeps samples (the short-term store; the database keeps "
+        "the rollups)",
+    )
+    webhook_key: SecretStr | None = described(
+        None,
+        "HMAC key of signed webhooks: the local notifier signs with it, `aima-metrics webhook-receiver` "
+        "checks it",
+        shown="generated into .aima/webhook/key",
+    )
     webhook_key: SecretStr | None = described(
         None,
         "HMAC key of signed webhooks: the local notifier signs with it, `aima-metrics webhook-receiver` "

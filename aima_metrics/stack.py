@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -190,7 +191,29 @@ def processes(settings: Settings, local: LocalStackSettings, gpu: bool | None = 
     ]
     if not gpu:
         listed.append(Process("simulator", ("collect", "jobs-sim"), base + 7, address="simulated fleet"))
+    if shutil.which("prometheus") is not None:
+        listed.append(_prometheus(listed, local))
     return tuple(listed)
+
+
+def _prometheus(listed: Iterable[Process], local: LocalStackSettings) -> Process:
+    """The local Prometheus (aima_metrics/prometheus_local.py): the GPU exporter as the seed's gpu_metrics
+    job and every other process's self-metrics port. The GPU collector's own metrics come with its
+    exporter's values, so its self-metrics port is not scraped a second time."""
+    port = local.stack.prometheus_port
+    scrape = [
+        f"--scrape={process.name}=127.0.0.1:{process.metrics_port}"
+        for process in listed
+        if process.name != "gpu-collector"
+    ]
+    args = (
+        "prometheus",
+        "--port", str(port),
+        "--gpu-exporter", f"127.0.0.1:{local.collectors.gpu_exporter_port}",
+        "--retention", local.stack.prometheus_retention,
+        *scrape,
+    )  # fmt: skip
+    return Process("prometheus", args, port, address=f"http://127.0.0.1:{port}")
 
 
 def script_env(settings: Settings, local: LocalStackSettings) -> dict[str, str]:

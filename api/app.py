@@ -1,6 +1,6 @@
 """The REST API application (A1-A3): metric data, alerts, costs, budgets and silences over the database,
-with bearer-token authentication, an audit row per data access, its own Prometheus metrics and an OpenAPI
-document at /openapi.json (browsable at /docs)."""
+with bearer-token authentication, an audit row per data access (the trail readable by admins at /audit),
+its own Prometheus metrics and an OpenAPI document at /openapi.json (browsable at /docs)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from api.config import ApiSettings
 from api.deps import POOL_TIMEOUT_S, ApiState
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.responses import ApiJSON
-from api.routes import alerts, costs, health, metrics, silences
+from api.routes import alerts, audit, costs, health, metrics, silences
 from bus.settings import Settings
 
 __all__ = ["create_app"]
@@ -97,7 +97,7 @@ def create_app(
     )
     app.state.api = state
     errors.install(app)
-    for module in (metrics, alerts, costs, silences, health):
+    for module in (metrics, alerts, costs, silences, audit, health):
         app.include_router(module.router)
     app.add_middleware(AuditMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)

@@ -30,7 +30,8 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg.rows import dict_row
 
-from api import audit, deps
+from api import audit, audit_log, deps
+from api.audit_log import Origin
 from api.errors import ApiError
 from bus import catalogue
 from bus.catalogue import Metric
@@ -39,9 +40,11 @@ __all__ = [
     "ROLES",
     "Auth",
     "Principal",
+    "Refused",
     "authenticated",
     "create_token",
     "hash_token",
+    "identify",
     "list_tokens",
     "lookup",
     "parse_scopes",
@@ -87,8 +90,10 @@ def create_token(
     subject: str | None = None,
     expires_at: datetime | None = None,
     pepper: str | None = None,
+    origin: Origin | None = None,
 ) -> tuple[str, str]:
-    """Stores a new token; returns (its id, the plaintext token): the only time the plaintext exists."""
+    """Stores a new token; returns (its id, the plaintext token): the only time the plaintext exists.
+    Audited as ``token.create`` by ``origin`` (default: this process's user) in the same transaction."""
     if role not in ROLES:
         raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
     checked = parse_scopes(scopes)
@@ -110,6 +115,20 @@ def create_token(
                 expires_at,
             ),
         )
+        audit_log.record_event(
+            conn,
+            "token.create",
+            endpoint="aima-metrics token create",
+            origin=origin or Origin.local(),
+            target=str(token_id),
+            parameters={
+                "name": name or f"{role}-{token_id.hex[:8]}",
+                "role": role,
+                "scopes": checked,
+                "projects": project_list,
+                "expires_at": expires_at,
+            },
+        )
     return str(token_id), token
 
 
@@ -122,8 +141,9 @@ def list_tokens(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
         return cur.fetchall()
 
 
-def revoke_token(conn: psycopg.Connection[Any], token_id: str) -> bool:
-    """Marks a token revoked (kept for the audit trail); False when no such unrevoked token exists."""
+def revoke_token(conn: psycopg.Connection[Any], token_id: str, *, origin: Origin | None = None) -> bool:
+    """Marks a token revoked (kept for the audit trail); False when no such unrevoked token exists. Audited
+    as ``token.revoke`` by ``origin`` (default: this process's user), found or not (outcome invalid)."""
     try:
         key = uuid.UUID(token_id)
     except ValueError:
@@ -132,7 +152,17 @@ def revoke_token(conn: psycopg.Connection[Any], token_id: str) -> bool:
         cur = conn.execute(
             "UPDATE api_tokens SET revoked_at = now() WHERE id = %s AND revoked_at IS NULL", (key,)
         )
-        return cur.rowcount > 0
+        found = cur.rowcount > 0
+        audit_log.record_event(
+            conn,
+            "token.revoke",
+            endpoint="aima-metrics token revoke",
+            origin=origin or Origin.local(),
+            target=str(key),
+            outcome="allowed" if found else "invalid",
+            reason=None if found else "no_active_token",
+        )
+    return found
 
 
 @dataclass(frozen=True)
@@ -162,35 +192,58 @@ class Principal:
                 "forbidden",
                 f"this token ({self.role}) may not read metric {metric.name!r}: "
                 f"it needs the scope {SCOPE_PREFIX}{metric.name} or {SCOPE_PREFIX}*",
+                reason="insufficient_scope",
             )
 
     def require_role(self, *roles: Role, what: str) -> None:
         if self.role not in roles:
             raise ApiError(
-                403, "forbidden", f"{what} needs the role {' or '.join(roles)}; this token is {self.role}"
+                403,
+                "forbidden",
+                f"{what} needs the role {' or '.join(roles)}; this token is {self.role}",
+                reason="insufficient_role",
             )
 
     def require_project(self, project: str | None) -> None:
         """A restricted token asking for another project's data explicitly is denied, not given nothing."""
         if self.restricted and project is not None and project not in self.projects:
-            raise ApiError(403, "forbidden", f"project {project[:100]!r} is not one of this token's projects")
+            raise ApiError(
+                403,
+                "forbidden",
+                f"project {project[:100]!r} is not one of this token's projects",
+                reason="project_not_allowed",
+            )
 
 
-def lookup(conn: psycopg.Connection[Any], token: str, pepper: str | None) -> Principal | None:
-    """The principal of a valid (known, unrevoked, unexpired) token, else None."""
+@dataclass(frozen=True)
+class Refused:
+    """Why a token does not authenticate: ``malformed_token``, ``unknown_token``, ``revoked_token`` or
+    ``expired_token``; the id and name of the stored token when it is a known one (for the audit row)."""
+
+    reason: str
+    token_id: str | None = None
+    name: str | None = None
+
+
+def identify(conn: psycopg.Connection[Any], token: str, pepper: str | None) -> Principal | Refused:
+    """The principal of a valid (known, unrevoked, unexpired) token, else why not. One indexed query, the
+    same for every token; the caller sees the same 401 whatever the reason."""
     parts = token.split("_", 2)
     if len(parts) != 3 or parts[0] != _TOKEN_PREFIX or len(token) > 200:
-        return None
+        return Refused("malformed_token")
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
-            """SELECT id, name, role, scopes, projects FROM api_tokens
-                WHERE token_hash = %s AND revoked_at IS NULL
-                  AND (expires_at IS NULL OR expires_at > now())""",
+            """SELECT id, name, role, scopes, projects, revoked_at IS NOT NULL AS revoked,
+                      coalesce(expires_at <= now(), false) AS expired
+                 FROM api_tokens WHERE token_hash = %s""",
             (hash_token(token, pepper),),
         )
         row = cur.fetchone()
     if row is None or not row["id"].hex.startswith(parts[1]):
-        return None
+        return Refused("unknown_token")
+    if row["revoked"] or row["expired"]:
+        reason = "revoked_token" if row["revoked"] else "expired_token"
+        return Refused(reason, str(row["id"]), row["name"])
     return Principal(
         id=str(row["id"]),
         name=row["name"],
@@ -200,24 +253,44 @@ def lookup(conn: psycopg.Connection[Any], token: str, pepper: str | None) -> Pri
     )
 
 
+def lookup(conn: psycopg.Connection[Any], token: str, pepper: str | None) -> Principal | None:
+    """The principal of a valid (known, unrevoked, unexpired) token, else None."""
+    found = identify(conn, token, pepper)
+    return found if isinstance(found, Principal) else None
+
+
 def authenticated(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Principal:
-    """FastAPI dependency: the request's principal, or 401. Notes the token in the request's audit row."""
+    """FastAPI dependency: the request's principal, or 401. Notes the token, role and actor in the
+    request's audit row, and for a refused token why (and which stored token it was, never its text)."""
     challenge = {"WWW-Authenticate": 'Bearer realm="aima-metrics"'}
     if credentials is None:
         raise ApiError(
-            401, "unauthenticated", "send an API token as 'Authorization: Bearer <token>'", headers=challenge
+            401,
+            "unauthenticated",
+            "send an API token as 'Authorization: Bearer <token>'",
+            headers=challenge,
+            reason="missing_token",
         )
     state = deps.api_state(request)
     with state.pool.connection(timeout=deps.POOL_TIMEOUT_S) as conn:
-        principal = lookup(conn, credentials.credentials, state.config.pepper())
-    if principal is None:
-        raise ApiError(401, "unauthenticated", "the token is unknown, revoked or expired", headers=challenge)
+        found = identify(conn, credentials.credentials, state.config.pepper())
     record = audit.current(request)
+    if isinstance(found, Refused):
+        if record is not None and found.token_id is not None:
+            record.token_id, record.actor = found.token_id, audit_log.clean(f"api:{found.name}")
+        raise ApiError(
+            401,
+            "unauthenticated",
+            "the token is unknown, revoked or expired",
+            headers=challenge,
+            reason=found.reason,
+        )
     if record is not None:
-        record.token_id, record.role = principal.id, principal.role
-    return principal
+        record.token_id, record.role = found.id, found.role
+        record.actor = audit_log.clean(f"api:{found.name}")
+    return found
 
 
 Auth = Annotated[Principal, Depends(authenticated)]

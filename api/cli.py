@@ -1,6 +1,7 @@
 """What `aima-metrics token ...` does, as plain functions for the command line to call: each opens its own
 connection to ``settings.database_dsn()`` (``schema``: the schema holding ``api_tokens``, default the
-connection's search_path)."""
+connection's search_path). Each creation and revocation is audited (``audit_log``) as made by ``by`` (a
+name the caller gives) or else the local login."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import psycopg
 from psycopg import sql
 
 from api import auth
+from api.audit_log import Origin
 from bus.settings import Settings
 
 __all__ = ["create_token_cmd", "list_tokens", "revoke_token"]
@@ -36,12 +38,15 @@ def create_token_cmd(
     expires_at: datetime | None = None,
     schema: str | None = None,
     pepper: str | None = None,
+    by: str | None = None,
 ) -> str:
     """Creates a token and returns its plaintext, to be printed once (it is not stored). ValueError for
     an unknown role or a scope that names no metric. Hashed with ``pepper`` (the command line passes
     AIMA_API_TOKEN_PEPPER's, :class:`api.config.ApiSettings`) when given: the API must run with the same."""
     with _connect(settings, schema) as conn:
-        _, token = auth.create_token(conn, role, scopes, projects, name, expires_at=expires_at, pepper=pepper)
+        _, token = auth.create_token(
+            conn, role, scopes, projects, name, expires_at=expires_at, pepper=pepper, origin=Origin.local(by)
+        )
     return token
 
 
@@ -53,7 +58,9 @@ def list_tokens(settings: Settings, *, schema: str | None = None) -> list[dict[s
     return [{**row, "id": str(row["id"])} for row in rows]
 
 
-def revoke_token(settings: Settings, token_id: str, *, schema: str | None = None) -> bool:
+def revoke_token(
+    settings: Settings, token_id: str, *, schema: str | None = None, by: str | None = None
+) -> bool:
     """Revokes a token by id; False when there is no such unrevoked token. ValueError for a malformed id."""
     with _connect(settings, schema) as conn:
-        return auth.revoke_token(conn, token_id)
+        return auth.revoke_token(conn, token_id, origin=Origin.local(by))

@@ -1,7 +1,8 @@
 """Every error the API answers has one JSON shape: ``{"error": "<code>", "detail": "<what is wrong, naming
 the parameter>"}``. Bad input is a 4xx, never a 500: FastAPI's own validation errors, PostgreSQL's data
 exceptions (SQLSTATE class 22, e.g. a time out of range) and unknown routes are all turned into that shape
-here. A 5xx means the server or its database failed, not the request."""
+here. A 5xx means the server or its database failed, not the request. Each answer notes its reason (the
+error code, or an :class:`ApiError`'s finer ``reason``) in the request's audit row."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api import audit
 from api.responses import ApiJSON
 
 __all__ = ["ApiError", "ErrorBody", "error_responses", "install"]
@@ -29,13 +31,21 @@ class ErrorBody(BaseModel):
 
 
 class ApiError(Exception):
-    """Raise from a route to answer ``status`` with ``{"error": error, "detail": detail}``."""
+    """Raise from a route to answer ``status`` with ``{"error": error, "detail": detail}``. ``reason``: what
+    the audit row records (default ``error``), e.g. ``insufficient_scope`` for a 403."""
 
     def __init__(
-        self, status: int, error: str, detail: str, *, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        error: str,
+        detail: str,
+        *,
+        headers: dict[str, str] | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(detail)
         self.status, self.error, self.detail, self.headers = status, error, detail, headers
+        self.reason = reason or error
 
 
 def bad_request(detail: str) -> ApiError:
@@ -47,7 +57,17 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody} for code in codes}
 
 
-def _body(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> ApiJSON:
+def _body(
+    status: int,
+    error: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    *,
+    request: Request | None = None,
+    reason: str | None = None,
+) -> ApiJSON:
+    if request is not None:
+        audit.note(request, reason=reason or error)
     return ApiJSON({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
@@ -73,12 +93,12 @@ def describe_validation(errors: Sequence[dict[str, Any]]) -> str:
 
 async def _api_error(request: Request, exc: Exception) -> ApiJSON:
     assert isinstance(exc, ApiError)
-    return _body(exc.status, exc.error, exc.detail, exc.headers)
+    return _body(exc.status, exc.error, exc.detail, exc.headers, request=request, reason=exc.reason)
 
 
 async def _validation(request: Request, exc: Exception) -> ApiJSON:
     assert isinstance(exc, RequestValidationError)
-    return _body(422, "invalid_parameter", describe_validation(exc.errors()))
+    return _body(422, "invalid_parameter", describe_validation(exc.errors()), request=request)
 
 
 async def _http(request: Request, exc: Exception) -> ApiJSON:
@@ -87,7 +107,9 @@ async def _http(request: Request, exc: Exception) -> ApiJSON:
     detail = str(exc.detail)
     if exc.status_code == 404 and detail == "Not Found":
         detail = f"no endpoint at {request.url.path}; see /docs for the API"
-    return _body(exc.status_code, codes.get(exc.status_code, "http_error"), detail, exc.headers)
+    return _body(
+        exc.status_code, codes.get(exc.status_code, "http_error"), detail, exc.headers, request=request
+    )
 
 
 async def _data_error(request: Request, exc: Exception) -> ApiJSON:
@@ -95,7 +117,7 @@ async def _data_error(request: Request, exc: Exception) -> ApiJSON:
     assert isinstance(exc, psycopg.Error)
     diag = getattr(exc, "diag", None)
     message = (diag.message_primary if diag is not None else None) or str(exc)
-    return _body(400, "invalid_value", f"the database rejected a parameter value: {message}")
+    return _body(400, "invalid_value", f"the database rejected a parameter value: {message}", request=request)
 
 
 async def _database_error(request: Request, exc: Exception) -> ApiJSON:
@@ -104,14 +126,19 @@ async def _database_error(request: Request, exc: Exception) -> ApiJSON:
         return await _data_error(request, exc)
     if isinstance(exc, psycopg.errors.QueryCanceled):
         return _body(
-            503, "query_timeout", "the query ran longer than the server allows; narrow the time range"
+            503,
+            "query_timeout",
+            "the query ran longer than the server allows; narrow the time range",
+            request=request,
         )
     log.warning("database error on %s: %s", request.url.path, exc)
-    return _body(503, "database_unavailable", "the database is not available right now; retry later")
+    return _body(
+        503, "database_unavailable", "the database is not available right now; retry later", request=request
+    )
 
 
 async def _unicode(request: Request, exc: Exception) -> ApiJSON:
-    return _body(400, "invalid_value", f"a text value is not valid Unicode: {exc}")
+    return _body(400, "invalid_value", f"a text value is not valid Unicode: {exc}", request=request)
 
 
 async def _unexpected(request: Request, exc: Exception) -> ApiJSON:

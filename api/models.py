@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 __all__ = [
     "AggregatedResponse",
     "AlertsResponse",
+    "AuditResponse",
     "BudgetsResponse",
     "CatalogueResponse",
     "CostsResponse",
@@ -134,3 +135,29 @@ class SilenceOut(BaseModel):
 class SilencesResponse(BaseModel):
     truncated: bool
     silences: list[SilenceOut]
+
+
+class AuditEntry(BaseModel):
+    id: int
+    time: datetime
+    action: str = Field(description="read, silence.create, silence.expire, token.create or token.revoke")
+    outcome: str | None = Field(description="allowed, unauthenticated, denied, invalid or failed")
+    reason: str | None = Field(description="why it was refused (e.g. revoked_token, insufficient_scope)")
+    actor: str | None = Field(description="api:<token name> or cli:<name>")
+    token_id: str | None
+    role: str | None
+    method: str | None = Field(description="null for a command's row")
+    endpoint: str = Field(description="the request's path, or the command")
+    metric: str | None
+    target: str | None = Field(description="the token or silence changed")
+    parameters: dict[str, Any]
+    status: int | None = Field(description="the HTTP status; null for a command's row")
+    row_count: int | None
+    duration_ms: float | None
+    client: str | None
+
+
+class AuditResponse(BaseModel):
+    limit: int
+    next_cursor: str | None = Field(description="pass as `cursor` for the next (older) page; null: no more")
+    entries: list[AuditEntry]

@@ -1,7 +1,7 @@
-"""Parsing and validation of request parameters: metric names, label selectors, time ranges, intervals and
-silence matchers (their grammars: bus/durations.py, bus/matchers.py, bus/tiers.py). Each function raises
-:class:`~api.errors.ApiError` (400, or 404 for an unknown metric) whose detail names the parameter and says
-what is wrong with it."""
+"""Parsing and validation of request parameters: metric names, label selectors, time ranges, intervals,
+page cursors and silence matchers (their grammars: bus/durations.py, bus/matchers.py, bus/tiers.py). Each
+function raises :class:`~api.errors.ApiError` (400, or 404 for an unknown metric) whose detail names the
+parameter and says what is wrong with it."""
 
 from __future__ import annotations
 
@@ -22,11 +22,13 @@ from bus.tiers import WORDS, Tier
 __all__ = [
     "Interval",
     "TimeRange",
+    "cursor",
     "label_selector",
     "metric",
     "parse_duration",
     "parse_interval",
     "parse_matchers",
+    "time_bounds",
     "time_range",
 ]
 
@@ -124,6 +126,30 @@ def time_range(
             "the range is [start_time, end_time)"
         )
     return TimeRange(start_utc, end_utc)
+
+
+def time_bounds(start: datetime | None, end: datetime | None) -> tuple[datetime | None, datetime | None]:
+    """[start, end) where either side may be open (None); both given, checked as :func:`time_range` does."""
+    if start is not None and end is not None:
+        span = time_range(start, end)
+        return span.start, span.end
+    return (
+        to_utc(start, "start_time") if start is not None else None,
+        to_utc(end, "end_time") if end is not None else None,
+    )
+
+
+MAX_CURSOR = 2**63 - 1
+_CURSOR = re.compile(r"[1-9][0-9]{0,18}")
+
+
+def cursor(text: str | None) -> int | None:
+    """A page cursor, as the previous page's ``next_cursor`` gave it (the id its rows continue below)."""
+    if text is None:
+        return None
+    if not _CURSOR.fullmatch(text) or int(text) > MAX_CURSOR:
+        raise bad_request(f"cursor: {text[:50]!r} is not a cursor; pass the next_cursor of the previous page")
+    return int(text)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ column names) come from the metric catalogue.
 
 Data lives where the migrations put it (consumers/migrations): raw samples are read through the metric
 views (one per catalogue metric: ``time``, ``value``, one text column per label), rollups from ``rollups``,
-costs from ``costs`` and the ``budgets`` view, alerts from ``alert_history``.
+costs from ``costs`` and the ``budgets`` view, alerts from ``alert_history``, the audit trail from
+``audit_log``.
 Rows come back as plain dicts ready for JSON: times in ISO 8601, non-finite numbers as null."""
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "aggregate_raw",
     "aggregate_rollups",
     "alert_history",
+    "audit_trail",
     "budgets",
     "costs",
     "current_alerts",
@@ -440,3 +442,47 @@ def alert_history(
     )
     with conn.cursor(row_factory=dict_row) as cur:
         return _page(cur, query, [start, end, *params], limit)
+
+
+# Rows older than migration 0013 have no outcome: the one mapping from the status, audit_outcome().
+_OUTCOME = sql.SQL("coalesce(outcome, audit_outcome(status))")
+_AUDIT_COLUMNS = sql.SQL(
+    """id, time, action, {outcome} AS outcome, reason, actor, token_id, role, method, endpoint, metric,
+       target, parameters, status, row_count, duration_ms, client"""
+).format(outcome=_OUTCOME)
+
+
+def audit_trail(
+    conn: Conn,
+    limit: int,
+    *,
+    before_id: int | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    token_id: uuid.UUID | None = None,
+    actor: str | None = None,
+    action: str | None = None,
+    outcome: str | None = None,
+) -> Page:
+    """Audit rows newest first by id (the order they were written: rows added meanwhile never shift a later
+    page), those with an id below ``before_id`` (the previous page's last), time in [start, end)."""
+    conditions: list[sql.Composable] = []
+    params: list[Any] = []
+    for condition, value in (
+        (sql.SQL("id < %s"), before_id),
+        (sql.SQL("time >= %s"), start),
+        (sql.SQL("time < %s"), end),
+        (sql.SQL("token_id = %s"), token_id),
+        (sql.SQL("actor = %s"), actor),
+        (sql.SQL("action = %s"), action),
+        (sql.SQL("{} = %s").format(_OUTCOME), outcome),
+    ):
+        if value is not None:
+            conditions.append(condition)
+            params.append(value)
+    where = sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("true")
+    query = sql.SQL("SELECT {cols} FROM audit_log WHERE {where} ORDER BY id DESC LIMIT %s").format(
+        cols=_AUDIT_COLUMNS, where=where
+    )
+    with conn.cursor(row_factory=dict_row) as cur:
+        return _page(cur, query, params, limit)

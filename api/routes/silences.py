@@ -1,7 +1,8 @@
 """Silences for admins: label matchers that mute matching alerts for a while. The API stores and reads them
 through bus/silences.py, as the notifier and the command line do: at least one matcher, not all matching
 the empty string, an end after the start and after now. Deleting a silence expires it now, so the record
-of who muted what stays."""
+of who muted what stays. Creating and expiring are audited as ``silence.create`` and ``silence.expire``, the
+row written in the change's transaction (:func:`api.audit.change`)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ SilenceId = Annotated[uuid.UUID, Path(description="the silence's id")]
     "/silences",
     status_code=201,
     responses={201: {"model": SilenceOut}, **error_responses(400, 401, 403, 422)},
+    dependencies=[audit.action("silence.create")],
 )
 def create(
     request: Request,
@@ -50,18 +52,19 @@ def create(
     end = params.to_utc(body.ends_at, "ends_at") if body.ends_at is not None else None
     duration = params.parse_duration(body.duration, "duration") if body.duration is not None else None
     try:
-        silence = silences.create_silence(
-            conn,
-            matchers,
-            created_by=f"api:{principal.name}",
-            comment=body.comment,
-            starts_at=start,
-            ends_at=end,
-            duration=duration,
-        )
+        with audit.change(request, conn, status=201):
+            silence = silences.create_silence(
+                conn,
+                matchers,
+                created_by=f"api:{principal.name}",
+                comment=body.comment,
+                starts_at=start,
+                ends_at=end,
+                duration=duration,
+            )
+            audit.note(request, rows=1, target=silence.id, silence_id=silence.id)
     except silences.InvalidSilence as exc:
         raise bad_request(str(exc)) from None
-    audit.note(request, rows=1, silence_id=silence.id)
     return ApiJSON(silence.to_json(), status_code=201)
 
 
@@ -100,7 +103,12 @@ def get(
     return ApiJSON(silence.to_json())
 
 
-@router.delete("/silences/{silence_id}", status_code=204, responses=error_responses(401, 403, 404, 422))
+@router.delete(
+    "/silences/{silence_id}",
+    status_code=204,
+    responses=error_responses(401, 403, 404, 422),
+    dependencies=[audit.action("silence.expire")],
+)
 def delete(
     request: Request,
     principal: Auth,
@@ -108,8 +116,10 @@ def delete(
     silence_id: SilenceId,
 ) -> Response:
     """Expire a pending or active silence now. 404 when there is no such silence still in force."""
+    audit.note(request, target=str(silence_id))
     principal.require_role("admin", what="deleting silences")
-    if not silences.delete_silence(conn, str(silence_id)):
-        raise ApiError(404, "not_found", f"no pending or active silence {silence_id}")
-    audit.note(request, rows=1)
+    with audit.change(request, conn, status=204):
+        if not silences.delete_silence(conn, str(silence_id)):
+            raise ApiError(404, "not_found", f"no pending or active silence {silence_id}")
+        audit.note(request, rows=1)
     return Response(status_code=204)

@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from confluent_kafka import Consumer
 
@@ -42,6 +43,21 @@ def _first_record(settings: Settings, key: str, timeout_s: float = 60) -> dict |
         consumer.close()
 
 
+def _prometheus_targets(port: int, want_up: set[str], timeout_s: float = 90) -> dict[str, str]:
+    """Job -> health of the local Prometheus' active targets, once those of ``want_up`` are up."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            body = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets", timeout=5).json()
+            jobs = {t["labels"]["job"]: t["health"] for t in body["data"]["activeTargets"]}
+        except (httpx.HTTPError, ValueError, KeyError):
+            jobs = {}
+        if all(jobs.get(job) == "up" for job in want_up):
+            return jobs
+        assert time.monotonic() < deadline, f"local Prometheus targets: {jobs}"
+        time.sleep(1)
+
+
 def _cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "aima_metrics", *args],
@@ -65,6 +81,7 @@ def test_up_status_down_from_empty_state(tmp_path: Path) -> None:
         AIMA_PG_PORT=str(free_port()),
         AIMA_PORT_BASE=str(free_port_block()),
         AIMA_GPU_EXPORTER_PORT=str(free_port()),
+        AIMA_PROMETHEUS_PORT=str(free_port()),
     )
     env.pop("AIMA_KAFKA_BOOTSTRAP", None)
     env.pop("AIMA_DATABASE_URL", None)
@@ -92,6 +109,14 @@ def test_up_status_down_from_empty_state(tmp_path: Path) -> None:
         # No GPU here: the simulator stands in, next to the real system and GPU collectors.
         for process in ("system-collector", "gpu-collector", "simulator"):
             assert lines[process] == "up", status.stdout
+        # The local Prometheus scrapes every process: the GPU exporter as the seed's gpu_metrics job, the
+        # others' self-metrics by their names; the collectors' targets answer.
+        assert lines["prometheus"] == "up", status.stdout
+        jobs = _prometheus_targets(
+            int(env["AIMA_PROMETHEUS_PORT"]), want_up={"system-collector", "simulator"}
+        )
+        expected = {"prometheus", "gpu_metrics", "stream", "sink", "notify", "api", "system-collector"}
+        assert expected | {"simulator", "webhook-receiver"} <= set(jobs), jobs
 
         settings = Settings(kafka_bootstrap=f"127.0.0.1:{env['AIMA_KAFKA_PORT']}")
         for key in ("gpu.samples", "system.samples", "job.events"):

@@ -58,6 +58,7 @@ def state() -> Iterator[tuple[Path, dict[str, str]]]:
         AIMA_PORT_BASE=str(base),
         AIMA_API_PORT=str(free_port()),
         AIMA_GPU_EXPORTER_PORT=str(free_port()),
+        AIMA_PROMETHEUS_PORT=str(free_port()),
         AIMA_STOP_TIMEOUT_S=str(STOP_TIMEOUT_S),
         AIMA_SIM_RATE_HZ="5",
     )
@@ -79,7 +80,13 @@ def state() -> Iterator[tuple[Path, dict[str, str]]]:
 def _ports(env: dict[str, str]) -> dict[str, int]:
     base = int(env["AIMA_PORT_BASE"])
     ports = {f"metrics {base + i}": base + i for i in range(1, 10)}
-    for name in ("AIMA_KAFKA_PORT", "AIMA_KAFKA_CONTROLLER_PORT", "AIMA_PG_PORT", "AIMA_API_PORT"):
+    for name in (
+        "AIMA_KAFKA_PORT",
+        "AIMA_KAFKA_CONTROLLER_PORT",
+        "AIMA_PG_PORT",
+        "AIMA_API_PORT",
+        "AIMA_PROMETHEUS_PORT",
+    ):
         ports[name] = int(env[name])
     return ports
 
