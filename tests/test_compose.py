@@ -647,14 +647,14 @@ def _run_kafka_entrypoint(
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "KAFKA_HOME": str(home),
         "TMPDIR": str(home / "tmp"),
-        "AIMA_KAFKA_TEMPLATE": str(template),
-        "AIMA_KAFKA_DATA_DIR": "/var/lib/kafka/data",
+        "BROKER_TEMPLATE": str(template),
+        "BROKER_DATA_DIR": "/var/lib/kafka/data",
         "CLUSTER_ID": "XRS0DkdhSqaz4jPWCfl3Ag",
-        "AIMA_KAFKA_PASSWORD": KAFKA_PASSWORD,
-        "AIMA_KAFKA_ADMIN_PASSWORD": KAFKA_ADMIN_PASSWORD_ODD,
+        "BROKER_AIMA_PASSWORD": KAFKA_PASSWORD,
+        "BROKER_ADMIN_PASSWORD": KAFKA_ADMIN_PASSWORD_ODD,
     }
     if formatted:
-        env["AIMA_KAFKA_DATA_DIR"] = str(home / "data")
+        env["BROKER_DATA_DIR"] = str(home / "data")
     result = subprocess.run(
         ["sh", str(script)], env=env, capture_output=True, text=True, timeout=60, check=False
     )
@@ -678,8 +678,8 @@ def test_tls_kafka_broker_is_sasl_ssl_only(tls_services: dict[str, dict[str, Any
     _mounted_from_tls_dir(kafka, "/etc/aima/tls/kafka.pem", "kafka.pem")
     _mounted_from_tls_dir(kafka, "/etc/aima/tls/ca.pem", "ca.pem")
     env = _environment(kafka)
-    assert env["AIMA_KAFKA_PASSWORD"] == KAFKA_PASSWORD
-    assert env["AIMA_KAFKA_ADMIN_PASSWORD"] == KAFKA_ADMIN_PASSWORD
+    assert env["BROKER_AIMA_PASSWORD"] == KAFKA_PASSWORD
+    assert env["BROKER_ADMIN_PASSWORD"] == KAFKA_ADMIN_PASSWORD
     # The SCRAM users exist only on a volume formatted by the script, never on the plain stack's.
     assert _mounts(kafka)["/var/lib/kafka/data"] == "kafka-tls-data"
     # The broker's configuration as the script writes it (run here, with the image's two Kafka commands

@@ -6,17 +6,18 @@
 #
 # Listeners: SASL_SSL on :9092 for the containers (advertised kafka:9092) and EXTERNAL, also SASL_SSL, on
 # :29092 for the host (advertised localhost:9092, the published port); the controller stays on loopback.
-# Needs AIMA_KAFKA_ADMIN_PASSWORD (the broker's own SCRAM user, admin) and AIMA_KAFKA_PASSWORD (the
-# pipeline's user, aima); both are created when the data volume is formatted, i.e. on the first start.
+# Needs BROKER_ADMIN_PASSWORD (the broker's own SCRAM user, admin) and BROKER_AIMA_PASSWORD (the
+# pipeline's user, aima), which the overlay sets from the two Kafka passwords it requires; both users are
+# created when the data volume is formatted, i.e. on the first start.
 # Later password changes: kafka-configs.sh --alter (see the properties file).
 set -eu
 
-: "${AIMA_KAFKA_ADMIN_PASSWORD:?set AIMA_KAFKA_ADMIN_PASSWORD}"
-: "${AIMA_KAFKA_PASSWORD:?set AIMA_KAFKA_PASSWORD}"
+: "${BROKER_ADMIN_PASSWORD:?set BROKER_ADMIN_PASSWORD}"
+: "${BROKER_AIMA_PASSWORD:?set BROKER_AIMA_PASSWORD}"
 KAFKA_HOME=${KAFKA_HOME:-/opt/kafka}
-TEMPLATE=${AIMA_KAFKA_TEMPLATE:-/etc/aima/kafka/server-sasl-ssl.properties}
-TLS=${AIMA_KAFKA_TLS_DIR:-/etc/aima/tls}
-DATA=${AIMA_KAFKA_DATA_DIR:-/var/lib/kafka/data}
+TEMPLATE=${BROKER_TEMPLATE:-/etc/aima/kafka/server-sasl-ssl.properties}
+TLS=${BROKER_TLS_DIR:-/etc/aima/tls}
+DATA=${BROKER_DATA_DIR:-/var/lib/kafka/data}
 CLUSTER_ID=${CLUSTER_ID:?set CLUSTER_ID}
 MECHANISM=SCRAM-SHA-512
 CONF=${TMPDIR:-/tmp}/aima-kafka
@@ -32,7 +33,7 @@ sed -e "s|@KAFKA_PORT@|9092|g" \
     -e "s|@KEYSTORE_PEM@|$TLS/kafka.pem|g" \
     -e "s|@CA_PEM@|$TLS/ca.pem|g" \
     -e "s|@ADMIN_USER@|admin|g" \
-    -e "s|@ADMIN_PASSWORD@|$(quote "$AIMA_KAFKA_ADMIN_PASSWORD")|g" \
+    -e "s|@ADMIN_PASSWORD@|$(quote "$BROKER_ADMIN_PASSWORD")|g" \
     "$TEMPLATE" > "$CONF/server.properties"
 # Later keys win in a properties file: the compose network's listeners instead of the loopback ones.
 cat >> "$CONF/server.properties" <<PROPS
@@ -49,7 +50,7 @@ chmod 600 "$CONF/server.properties"
 cat > "$CONF/admin-client.properties" <<PROPS
 security.protocol=SASL_SSL
 sasl.mechanism=$MECHANISM
-sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="$(printf '%s' "$AIMA_KAFKA_ADMIN_PASSWORD" | sed -e 's/[\\"]/\\&/g')";
+sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="$(printf '%s' "$BROKER_ADMIN_PASSWORD" | sed -e 's/[\\"]/\\&/g')";
 ssl.truststore.type=PEM
 ssl.truststore.location=$TLS/ca.pem
 PROPS
@@ -57,7 +58,7 @@ chmod 600 "$CONF/admin-client.properties"
 
 if [ ! -f "$DATA/meta.properties" ]; then
     "$KAFKA_HOME/bin/kafka-storage.sh" format -t "$CLUSTER_ID" -c "$CONF/server.properties" \
-        --add-scram "$MECHANISM=[name=admin,password=$AIMA_KAFKA_ADMIN_PASSWORD]" \
-        --add-scram "$MECHANISM=[name=aima,password=$AIMA_KAFKA_PASSWORD]"
+        --add-scram "$MECHANISM=[name=admin,password=$BROKER_ADMIN_PASSWORD]" \
+        --add-scram "$MECHANISM=[name=aima,password=$BROKER_AIMA_PASSWORD]"
 fi
 exec "$KAFKA_HOME/bin/kafka-server-start.sh" "$CONF/server.properties"

@@ -4,7 +4,7 @@
 # host user. So, still as root, copy certificate and key into a folder of the postgres user, then hand over
 # to the image's entrypoint (which drops to postgres) with the arguments compose gives.
 set -eu
-src=${AIMA_PG_TLS_DIR:-/etc/aima/tls}
+src=/etc/aima/tls
 dst=/var/lib/postgresql/tls
 mkdir -p "$dst"
 cp "$src/timescaledb.crt" "$dst/server.crt"

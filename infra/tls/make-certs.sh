@@ -2,7 +2,7 @@
 # Example certificates for docker-compose.tls.yml: a CA of your own and one server certificate per TLS
 # listener of the compose stack, written to DIR (default ./tls, which .gitignore keeps out of git).
 #
-#   infra/tls/make-certs.sh [DIR]
+#   infra/tls/make-certs.sh [DIR [DAYS]]     (DAYS: validity of the server certificates, default 825)
 #
 # DIR/ca.pem              the CA every client verifies with (AIMA_KAFKA_SSL_CA_LOCATION, sslrootcert, Grafana)
 # DIR/ca.key              the CA's key: never mounted into a container; keep it, or delete it once issued
@@ -21,7 +21,7 @@
 set -eu
 
 dir=${1:-tls}
-days=${AIMA_TLS_DAYS:-825}
+days=${2:-825}
 
 mkdir -p "$dir"
 chmod 700 "$dir"
