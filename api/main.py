@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from api.app import create_app
 from api.config import ApiSettings
 from api.deps import ApiState
+from bus.health import database_check
 from bus.runtime import Service, exit_now
 from bus.settings import Settings
 
@@ -105,7 +106,8 @@ def run(
     if overrides:
         config = config.model_copy(update=overrides)
     if service is None:
-        service = Service("api", settings)
+        # The API reads only the database (no Kafka): that is what its metrics port's /readyz checks.
+        service = Service("api", settings, checks={"database": database_check(settings.database_dsn())})
         service.start(log_level)
     app = create_app(settings, config=config, registry=service.registry)
     scheme = "https" if config.tls else "http"

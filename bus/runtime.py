@@ -15,12 +15,13 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import FrameType
 
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from bus import logs, self_metrics
+from bus.health import Check, HealthServer, kafka_check
 from bus.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -118,10 +119,19 @@ class StopBound:
 
 class Service:
     """Call :meth:`start` once in the main thread; loop until :attr:`stopping` is set; then flush.
-    :meth:`stopped` ends the stop bound's watch."""
+    :meth:`stopped` ends the stop bound's watch.
+
+    The metrics port also answers the probes of bus/health.py: ``/healthz`` and ``/readyz``, ready while
+    every one of :attr:`checks` passes. ``checks`` defaults to the Kafka bootstrap servers (every pipeline
+    process reads or writes Kafka); a process that needs more adds them with :meth:`add_check`."""
 
     def __init__(
-        self, name: str, settings: Settings, registry: CollectorRegistry = REGISTRY, host: str = "0.0.0.0"
+        self,
+        name: str,
+        settings: Settings,
+        registry: CollectorRegistry = REGISTRY,
+        host: str = "0.0.0.0",
+        checks: Mapping[str, Check] | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -130,6 +140,10 @@ class Service:
         self.stopping = threading.Event()
         self.bound = StopBound(settings.stop_timeout_s)
         self.metrics_port: int | None = None
+        self.checks: dict[str, Check] = (
+            dict(checks) if checks is not None else {"kafka": kafka_check(settings.kafka_bootstrap)}
+        )
+        self.http: HealthServer | None = None
         self._up = self_metrics.gauge("aima_service_up", registry)
         self._started = self_metrics.gauge("aima_service_start_time_seconds", registry)
         self._info = self_metrics.info("aima_service_info", registry)
@@ -141,12 +155,18 @@ class Service:
         # SIGUSR1 writes every thread's stack to stderr (the log): how a process that hangs is diagnosed.
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         if self.settings.metrics_port:
-            start_http_server(self.settings.metrics_port, addr=self.host, registry=self.registry)
-            self.metrics_port = self.settings.metrics_port
+            self.http = HealthServer(
+                self.registry, self.checks, self.stopping, self.host, self.settings.metrics_port
+            ).start()
+            self.metrics_port = self.http.port
         self._info.info({"service": self.name, "kafka": self.settings.kafka_bootstrap})
         self._up.labels(self.name).set(1)
         self._started.labels(self.name).set(time.time())
         log.info("started", extra={"metrics_port": self.metrics_port, "kafka": self.settings.kafka_bootstrap})
+
+    def add_check(self, name: str, check: Check) -> None:
+        """Make readiness (``/readyz``) depend on ``check`` too (e.g. the database of a sink)."""
+        self.checks[name] = check
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.request_stop(signal.Signals(signum).name)

@@ -58,6 +58,7 @@ from prometheus_client import CollectorRegistry, Counter
 from bus.codec import Codec
 from bus.errors import CodecError
 from bus.frames import FrameDecoder, FrameDecoders
+from bus.health import database_check
 from bus.kafka import client_config, quiet_config
 from bus.runtime import Service, bounded_call
 from bus.selective_storage import SelectiveStorage
@@ -883,6 +884,8 @@ def run(
         service = Service("sink", settings)
         service.start()
     try:
+        # Ready (/readyz) only while the database answers too: a sink without it only retries.
+        service.add_check("database", database_check(settings.database_dsn()))
         metrics = SinkMetrics(registry or service.registry)
         # Partition upkeep and retention are one writer's job: two doing it at once would race on the DDL.
         # A writer connects with its first batch.

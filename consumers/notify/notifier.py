@@ -47,6 +47,7 @@ from psycopg_pool import ConnectionPool
 
 from bus.codec import Codec
 from bus.errors import DecodeError
+from bus.health import database_check
 from bus.kafka import client_config, quiet_config
 from bus.runtime import Service, bounded_call
 from bus.settings import Settings
@@ -88,6 +89,8 @@ def run(
         service = Service("notify", settings)
         service.start()
     try:  # a bad routing file, too, ends with the service stopped
+        # Silences and the notification log live in the database: ready (/readyz) only while it answers.
+        service.add_check("database", database_check(settings.database_dsn()))
         if config is None:
             config = load_from_env()
         if config.nowhere:
