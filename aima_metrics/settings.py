@@ -62,11 +62,23 @@ class StackSettings(AimaSettings):
         "checks it",
         shown="generated into .aima/webhook/key",
     )
-    webhook_key: SecretStr | None = described(
+    # infra/jaeger/jaeger.sh: the trace backend of the tracing tests (A6); not started by `up`.
+    jaeger_otlp_port: int = Field(
+        4318, gt=0, lt=65536, description="OTLP/HTTP port of the local Jaeger (infra/jaeger/jaeger.sh)"
+    )
+    jaeger_query_port: int = Field(
+        16686,
+        gt=0,
+        lt=65535,
+        description="query API port of the local Jaeger; its gRPC query API takes the next port",
+    )
+    jaeger_run_dir: str | None = described(
         None,
-        "HMAC key of signed webhooks: the local notifier signs with it, `aima-metrics webhook-receiver` "
-        "checks it",
-        shown="generated into .aima/webhook/key",
+        "where infra/jaeger/jaeger.sh keeps its config, log and pid file (a second instance needs its own)",
+        shown="<repo>/.aima/jaeger",
+    )
+    jaeger_start_timeout_s: int = Field(
+        60, gt=0, description="how long infra/jaeger/jaeger.sh waits for the local Jaeger's query API"
     )
 
 

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings
 from aima_metrics.settings import LifecycleSettings, StackSettings
 from api.config import ApiSettings
 from bus.settings import REPO_ROOT, Settings, env_name, shown_default
+from bus.tracing import TracingSettings
 from consumers.settings import (
     ArchiveSettings,
     NotifySettings,
@@ -35,6 +36,7 @@ END = "<!-- settings:end -->"
 
 MODELS: tuple[tuple[str, type[BaseSettings]], ...] = (
     ("every process", Settings),
+    ("tracing (A6, every process: bus/tracing.py)", TracingSettings),
     ("stream worker", StreamsSettings),
     ("cost processors", CostSettings),
     ("alert processor", AlertSettings),

@@ -22,6 +22,7 @@ from api.metrics import ApiMetrics, MetricsMiddleware
 from api.responses import ApiJSON
 from api.routes import alerts, audit, costs, health, metrics, silences
 from bus.settings import Settings
+from bus.tracing import OFF, Tracing
 
 __all__ = ["create_app"]
 
@@ -45,13 +46,14 @@ def create_app(
     schema: str | None = None,
     config: ApiSettings | None = None,
     registry: CollectorRegistry | None = None,
+    tracing: Tracing = OFF,
 ) -> FastAPI:
     """The API over ``settings.database_dsn()``. ``pool``: an open pool of autocommit connections whose
     search_path reaches the tables (the caller opens and closes it); without one the application opens its
     own for as long as it runs (its lifespan). ``schema``: the schema holding the tables (tests use one per
     test); None uses the connection's default. ``registry``: where the self-metrics go (default: a new
     one, served at /internal/metrics). ``config``: the process's :class:`ApiSettings` (api.main.run builds
-    them at the start); without them, their defaults."""
+    them at the start); without them, their defaults. ``tracing``: a span per request (api/tracing.py)."""
     dsn = settings.database_dsn()
     owned = pool is None
     if pool is None:
@@ -101,4 +103,8 @@ def create_app(
         app.include_router(module.router)
     app.add_middleware(AuditMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    if tracing.on:
+        from api.tracing import TracingMiddleware
+
+        app.add_middleware(TracingMiddleware, tracing=tracing)
     return app

@@ -109,7 +109,10 @@ def run(
         # The API reads only the database (no Kafka): that is what its metrics port's /readyz checks.
         service = Service("api", settings, checks={"database": database_check(settings.database_dsn())})
         service.start(log_level)
-    app = create_app(settings, config=config, registry=service.registry)
+    from bus.tracing import open_tracing
+
+    tracing = open_tracing("aima-api")
+    app = create_app(settings, config=config, registry=service.registry, tracing=tracing)
     scheme = "https" if config.tls else "http"
     log.info("serving the API", extra={"url": f"{scheme}://{config.host}:{config.port}", "docs": "/docs"})
 
@@ -120,4 +123,5 @@ def run(
 
     grace_s = min(GRACE_S, settings.stop_timeout_s / 3)
     server(app, config, service.stopping, abandon, timeout_graceful_shutdown=grace_s).run()
+    tracing.flush(min(5.0, service.time_left_s()))
     service.stopped()

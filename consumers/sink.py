@@ -64,6 +64,7 @@ from bus.runtime import Service, bounded_call
 from bus.selective_storage import SelectiveStorage
 from bus.settings import Settings
 from bus.topics import BY_KEY, topic_name
+from bus.tracing import OFF, Tracing, open_tracing
 from bus.validation import FUTURE_EVENT_TIME, ColumnValidator, EventTimeGuard, Validator
 from consumers.settings import ArchiveSettings, RetentionSettings
 from consumers.sink_chunks import Chunk
@@ -165,6 +166,9 @@ class _InFlight:
     writer: int
     letters: list[Letter] = field(default_factory=list)
     """Dead letters of this batch's records; its offsets are committed only once all are delivered."""
+    traces: list[Any] = field(default_factory=list)
+    """Trace contexts its records carried (bus/tracing.py; empty with tracing off)."""
+    started_ns: int = 0
 
 
 class Sink:
@@ -192,13 +196,15 @@ class Sink:
         clock: Callable[[], float] = time.monotonic,
         time_left_s: Callable[[], float] | None = None,
         selective: SelectiveStorage | None = None,
+        tracing: Tracing = OFF,
     ) -> None:
         """The sink owns the clients it is given and closes them when :meth:`run` ends. ``consumer``:
         configured without auto commit or auto offset store, with ``commits.on_commit`` as its
         ``on_commit`` (:func:`open_sink` does so); ``producer``: for the dead letters.
         ``shutdown_timeout_s``: the longest a stop waits for the database; ``time_left_s``: what the stop
         bound leaves the process (``Service.time_left_s``), which caps that wait and the closes.
-        ``selective``: deadbands and heartbeats of raw samples (D6); None: every row is stored."""
+        ``selective``: deadbands and heartbeats of raw samples (D6); None: every row is stored.
+        ``tracing``: a ``sink batch`` span per stored batch (bus/tracing.py), off by default."""
         if batch_max < 1 or batch_timeout_s <= 0:
             raise ValueError("batch_max must be >= 1 and batch_timeout_s > 0")
         self._writers = list(writers)
@@ -230,6 +236,8 @@ class Sink:
         self._batch: list[Entry] = []
         self._batch_offsets: dict[tuple[str, int], int] = {}
         self._batch_letters: list[Letter] = []
+        self._tracing = tracing
+        self._batch_traces: list[Any] = []
         self._batch_started: float | None = None
         self._full_since: float | None = None
         self._inflight: deque[_InFlight] = deque()
@@ -500,6 +508,10 @@ class Sink:
         if not self._batch:
             self._batch_started = self._clock()
         entry = Entry(topic, partition, offset, message.key(), message.value(), rows, chunk, index)
+        if self._tracing.on:
+            span_context = self._tracing.context(message.headers())
+            if span_context is not None:
+                self._batch_traces.append(span_context)
         self._batch.append(entry)
         self._batch_offsets[(topic, partition)] = offset
 
@@ -550,15 +562,21 @@ class Sink:
             per_topic[entry.topic] = per_topic.get(entry.topic, 0) + 1
         for topic, count in per_topic.items():
             self._metrics.records.labels(topic).inc(count)
-        letters = self._batch_letters
+        letters, traces = self._batch_letters, self._batch_traces
         self._batch, self._batch_offsets, self._batch_started, self._full_since = [], {}, None, None
-        self._batch_letters = []
+        self._batch_letters, self._batch_traces = [], []
+        # The span starts where the batch began to fill (the clock is monotonic; spans take wall time).
+        started_ns = 0
+        if self._tracing.on:
+            started_ns = self._tracing.start_ns() - int((self._clock() - started) * 1e9)
         index = self._free_writer()
         if index is None:  # callers check first
             raise RuntimeError("no writer is free")
         # at-least-once step 2: to a writer thread, one transaction of COPY + upsert per table
         future = self._executors[index].submit(self._writers[index].write, entries)
-        self._inflight.append(_InFlight(future, offsets, len(entries), started, index, letters))
+        self._inflight.append(
+            _InFlight(future, offsets, len(entries), started, index, letters, traces, started_ns)
+        )
 
     def _submit_upkeep(self, now: float) -> None:
         """An idle sink hands its first writer (the one doing partition upkeep and retention) an empty
@@ -582,6 +600,8 @@ class Sink:
                 self._publish_letter(letter, inflight.letters)
             if inflight.records:  # an upkeep-only write is no batch
                 self._account(inflight, result)
+                if self._tracing.on:
+                    self._trace(inflight, result)
             self._ready_to_commit.append(inflight)
         if commit and self._ready_to_commit:
             self._commit()
@@ -597,6 +617,18 @@ class Sink:
             self.stats.staged[table] = self.stats.staged.get(table, 0) + count
             self.stats.stored[table] = self.stats.stored.get(table, 0) + stored
         self.stats.batches += 1
+
+    def _trace(self, inflight: _InFlight, result: WriteResult) -> None:
+        """The stored batch's span: child of its first traced record, linked to the others'."""
+        traces = inflight.traces
+        span = self._tracing.batch_span(
+            "sink batch",
+            traces[0] if traces else None,
+            traces[1:],
+            inflight.started_ns,
+            {"aima.records": inflight.records, "aima.rows_stored": sum(result.stored.values())},
+        )
+        self._tracing.end(span)
 
     def _commit(self) -> None:
         """Commit the stored batches, oldest first, up to the first one with a dead letter the broker has
@@ -859,6 +891,7 @@ def run(
     consumer_config: dict[str, Any] | None = None,
     writers: int = 2,
     selective: SelectiveStorage | None = None,
+    tracing: Tracing | None = None,
 ) -> SinkStats:
     """Run the sink until ``service.stopping`` is set, then store and commit the batch in hand and close.
 
@@ -876,10 +909,12 @@ def run(
     ``writers``: database connections writing batches side by side (PostgreSQL's COPY is the sink's
     narrowest stage; two nearly double what one stores on a 2-core machine).
     ``selective``: selective storage of raw samples (D6; the `sink` command loads the file
-    AIMA_SINK_SELECTIVE_STORAGE names); None: every row is stored."""
+    AIMA_SINK_SELECTIVE_STORAGE names); None: every row is stored. ``tracing``: default the process's
+    (bus/tracing.py, ``AIMA_OTEL_*``)."""
     if writers < 1:
         raise ValueError("writers must be at least 1")
     own_service = service is None
+    tracing = tracing if tracing is not None else open_tracing("aima-sink")
     if service is None:
         service = Service("sink", settings)
         service.start()
@@ -916,8 +951,10 @@ def run(
             shutdown_timeout_s=shutdown_timeout_s,
             time_left_s=service.time_left_s,
             selective=selective,
+            tracing=tracing,
         )
         return sink.run(service.stopping)
     finally:
+        tracing.flush(min(5.0, service.time_left_s()))
         if own_service:
             service.stopped()

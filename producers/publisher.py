@@ -22,6 +22,7 @@ from bus.errors import CodecError
 from bus.kafka import client_config, quiet_config
 from bus.settings import Settings
 from bus.topics import topic_name
+from bus.tracing import Tracing, open_tracing
 from bus.validation import EventTimeGuard, InvalidRecord, Validator
 
 log = logging.getLogger(__name__)
@@ -66,14 +67,17 @@ class Publisher:
         source: str = "producer",
         buffer_records: int = 100_000,
         delivery_timeout_s: float = 300.0,
+        tracing: Tracing | None = None,
         **producer_config: Any,
     ) -> None:
         """``buffer_records`` bounds what waits while the broker is away; ``delivery_timeout_s`` is how
-        long a record may wait before it counts as failed."""
+        long a record may wait before it counts as failed. ``tracing``: bus/tracing.py; by default the
+        process's, from ``AIMA_OTEL_*`` (off unless an endpoint is set)."""
         self.settings = settings
         self.codec = codec or Codec.from_settings(settings)
         self.metrics = PublisherMetrics(registry)
         self.source = source
+        self.tracing = tracing if tracing is not None else open_tracing(f"aima-{source}")
         config = client_config(
             settings,
             **{
@@ -109,11 +113,35 @@ class Publisher:
         except (InvalidRecord, CodecError) as exc:
             self._reject(topic, key, value, exc)
             return False
+        if self.tracing.on and self.tracing.sample():
+            return self._produce_traced(topic_key, topic, key, data)
         return self._produce(topic, key.encode(), data)
 
-    def _produce(self, topic: str, key: bytes, data: bytes) -> bool:
+    def _produce_traced(self, topic_key: str, topic: str, key: str, data: bytes) -> bool:
+        """A sampled record carries its ``publish`` span's context; the span ends at the broker's ack."""
+        span = self.tracing.publish_span(
+            f"publish {topic_key}", {"messaging.destination.name": topic, "messaging.kafka.message.key": key}
+        )
+        if span is None:
+            return self._produce(topic, key.encode(), data)
+
+        def delivered(error: KafkaError | None, message: Message) -> None:
+            self._on_delivery(error, message)
+            self.tracing.end(span, None if error is None else str(error))
+
+        sent = self._produce(topic, key.encode(), data, self.tracing.headers(span), delivered)
+        if not sent:
+            self.tracing.end(span, "dropped: the buffer is full")
+        return sent
+
+    def _produce(
+        self, topic: str, key: bytes, data: bytes, headers: Any = None, on_delivery: Any = None
+    ) -> bool:
         try:
-            self._producer.produce(topic, value=data, key=key, on_delivery=self._on_delivery)
+            if headers:
+                self._producer.produce(topic, value=data, key=key, headers=headers, on_delivery=on_delivery)
+            else:
+                self._producer.produce(topic, value=data, key=key, on_delivery=self._on_delivery)
         except BufferError:
             self.dropped += 1
             self.metrics.records.labels(topic, "dropped").inc()

@@ -79,6 +79,7 @@ def run(
 
     from bus.kafka import ensure_topics
     from bus.runtime import Service
+    from bus.tracing import open_tracing
     from streams.runtime.app import create_app
     from streams.runtime.transport import StreamsWorker
     from streams.settings import WorkerSettings
@@ -94,7 +95,8 @@ def run(
     chosen = list(processors) if processors is not None else default_processors(settings, config)
     if service.stopping.is_set():
         return _stopped_before_faust(service)
-    app = create_app(settings, chosen, options=options, registry=service.registry)
+    tracing = open_tracing("aima-streams")
+    app = create_app(settings, chosen, options=options, registry=service.registry, tracing=tracing)
     # What start-up made lives as long as the worker: out of the collector's sight, and rarer passes.
     gc.freeze()
     gc.set_threshold(*options.gc_threshold)
@@ -119,6 +121,7 @@ def run(
         # Closing Faust's loop gave the signals back to their defaults: a second one while the process
         # winds down must still end it at once, with exit 0.
         _route_signals(service)
+    tracing.flush(min(5.0, service.time_left_s()))
     service.stopped()
     return code
 

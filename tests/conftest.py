@@ -286,3 +286,55 @@ def s3() -> Iterator[S3Service]:
     finally:
         if not was_up:
             subprocess.run([script, "stop"], env=env, check=False)
+
+
+@dataclass(frozen=True)
+class JaegerService:
+    """The session's OTLP trace backend (Jaeger): where spans go, and its query API."""
+
+    otlp_endpoint: str
+    query_url: str
+
+
+def _free_port_pair() -> int:
+    """A free port whose next one is free too (Jaeger's query API takes the pair: HTTP, gRPC)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no pair of free ports")
+
+
+@pytest.fixture(scope="session")
+def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JaegerService]:
+    """AIMA_TEST_OTLP_ENDPOINT with AIMA_TEST_JAEGER_QUERY_URL when a backend is already running; else the
+    project's Jaeger (infra/jaeger/jaeger.sh, built on first use into the state folder) on free ports with a
+    run folder of the session's own, stopped at the end. Only the tracing tests ask for it."""
+    endpoint = os.environ.get("AIMA_TEST_OTLP_ENDPOINT")
+    if endpoint:
+        yield JaegerService(endpoint, os.environ["AIMA_TEST_JAEGER_QUERY_URL"])
+        return
+    script = INFRA / "jaeger" / "jaeger.sh"
+    query_port = _free_port_pair()
+    otlp_port = _free_port_pair()
+    while otlp_port in (query_port, query_port + 1):
+        otlp_port = _free_port_pair()
+    env = dict(
+        os.environ,
+        AIMA_STATE_DIR=str(Settings().state_dir),
+        AIMA_JAEGER_RUN_DIR=str(tmp_path_factory.mktemp("jaeger")),
+        AIMA_JAEGER_OTLP_PORT=str(otlp_port),
+        AIMA_JAEGER_QUERY_PORT=str(query_port),
+    )
+    subprocess.run([script, "start"], env=env, check=True)
+    try:
+        yield JaegerService(f"http://127.0.0.1:{otlp_port}", f"http://127.0.0.1:{query_port}")
+    finally:
+        subprocess.run([script, "stop"], env=env, check=False)

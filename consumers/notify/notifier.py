@@ -53,6 +53,7 @@ from bus.runtime import Service, bounded_call
 from bus.settings import Settings
 from bus.silences import Silence, active_silences, silenced_by
 from bus.topics import topic_name
+from bus.tracing import OFF, Tracing, open_tracing
 from consumers.notify import channels as channel_factory
 from consumers.notify.channels.base import Channel
 from consumers.notify.config import NotifyConfig, load_from_env
@@ -81,10 +82,12 @@ def run(
     config: NotifyConfig | None = None,
     schema: str | None = None,
     group_id: str = "aima-notify",
+    tracing: Tracing | None = None,
 ) -> None:
     """Run until ``service.stopping`` is set (SIGTERM/SIGINT when this call makes and starts the service,
     which it then must do on the main thread). ``config``: default from ``AIMA_NOTIFY_CONFIG``. ``schema``:
-    the database schema of the silences and notification log (default: the search_path's)."""
+    the database schema of the silences and notification log (default: the search_path's). ``tracing``:
+    default the process's (bus/tracing.py, ``AIMA_OTEL_*``)."""
     if service is None:
         service = Service("notify", settings)
         service.start()
@@ -98,6 +101,7 @@ def run(
                 "no routing file (AIMA_NOTIFY_CONFIG): every alert goes to the dead-letter topic "
                 "(error type NoReceiver) until one names a receiver"
             )
+        tracing = tracing if tracing is not None else open_tracing("aima-notify")
         notifier = open_notifier(
             settings,
             service.stopping,
@@ -106,8 +110,12 @@ def run(
             schema=schema,
             group_id=group_id,
             time_left_s=service.time_left_s,
+            tracing=tracing,
         )
-        notifier.run()
+        try:
+            notifier.run()
+        finally:
+            tracing.flush(min(5.0, service.time_left_s()))
     finally:
         service.stopped()
 
@@ -252,14 +260,19 @@ class Notifier:
         max_pending: int = 10_000,
         commit_interval_s: float = 0.5,
         time_left_s: Callable[[], float] = lambda: 25.0,
+        tracing: Tracing = OFF,
     ) -> None:
         """The notifier owns the clients it is given and closes them when :meth:`run` ends.
         ``consumer``: configured without auto commit, with ``commits.on_commit`` as its ``on_commit``
         (:func:`open_notifier` does so); ``producer``: for the dead letters; ``pool``: the silences and
         the notification log; ``channels``: per (receiver, channel id) of ``config``, the HTTP ones on
         ``http``. ``time_left_s``: what the stop bound leaves the process (``Service.time_left_s``); the
-        last deliveries, commit and closes fit in it."""
+        last deliveries, commit and closes fit in it. ``tracing``: a ``notify <channel kind>`` span per
+        delivery (bus/tracing.py), off by default."""
         self.settings = settings
+        self.tracing = tracing
+        self._traces: dict[Origin, Any] = {}
+        """Trace contexts of the records read (with tracing on), oldest first, at most _MAX_TRACES."""
         self.stop = stop
         self.config = config
         self.clock = clock
@@ -362,10 +375,60 @@ class Notifier:
                 return False
             return self._dead_letter_record(message, origin, exc)
         self.metrics.received.labels(alert.status).inc()
+        if self.tracing.on:
+            self._remember_trace(origin, message)
         refs = self.grouper.add(alert, origin, self.clock())
         # at-least-once step 1: the record's offset is owed by every group it joined
         self.tracker.add(origin, refs)
         return True
+
+    def _remember_trace(self, origin: Origin, message: Message) -> None:
+        span_context = self.tracing.context(message.headers())
+        if span_context is None:
+            return
+        self._traces[origin] = span_context
+        if len(self._traces) > _MAX_TRACES:
+            del self._traces[next(iter(self._traces))]
+
+    def _submit(
+        self, notification: Notification, channel: Channel, origins: tuple[Origin, ...], **kwargs: Any
+    ) -> Future[Result]:
+        """One delivery task on the pool; with tracing on, in a span continuing its alerts' traces (the
+        contexts are looked up here, on the loop's thread, which alone writes them)."""
+        if not self.tracing.on:
+            return self.executor.submit(self.deliverer.deliver, notification, channel, origins, **kwargs)
+        contexts = [self._traces[o] for o in origins if o in self._traces]
+        return self.executor.submit(self._deliver_traced, contexts, notification, channel, origins, **kwargs)
+
+    def _deliver_traced(
+        self,
+        contexts: list[Any],
+        notification: Notification,
+        channel: Channel,
+        origins: tuple[Origin, ...],
+        **kwargs: Any,
+    ) -> Result:
+        started = self.tracing.start_ns()
+        result = self.deliverer.deliver(notification, channel, origins, **kwargs)
+        span = self.tracing.batch_span(
+            f"notify {channel.config.kind}",
+            contexts[0] if contexts else None,
+            contexts[1:],
+            started,
+            {
+                "aima.receiver": notification.receiver,
+                "aima.channel": channel.config.id,
+                "aima.alerts": len(notification.alerts),
+                "aima.attempts": result.attempts,
+            },
+        )
+        failed = result.outcome in (Outcome.DEAD_LETTERED, Outcome.GAVE_UP, Outcome.ABORTED)
+        self.tracing.end(
+            span,
+            result.reason or result.outcome.value if failed else None,
+            {"aima.outcome": result.outcome.value},
+        )
+        return result
 
     def _rewind(self, unread: list[Message]) -> None:
         """Records fetched but not folded in are read again: seek each partition back to the first."""
@@ -436,12 +499,8 @@ class Notifier:
             notification = Notification(
                 receiver.name, target.id, item.group_key, item.group_labels, alerts, self.config.external_url
             )
-            future = self.executor.submit(
-                self.deliverer.deliver,
-                notification,
-                self.channels[(receiver.name, target.id)],
-                item.origins,
-                unconfirmed=True,
+            future = self._submit(
+                notification, self.channels[(receiver.name, target.id)], item.origins, unconfirmed=True
             )
             self._inflight.add(future)
             future.add_done_callback(self._inflight.discard)
@@ -474,9 +533,7 @@ class Notifier:
                 self.config.external_url,
                 flush.repeat,
             )
-            future = self.executor.submit(
-                self.deliverer.deliver, notification, self.channels[(receiver.name, target.id)], flush.origins
-            )
+            future = self._submit(notification, self.channels[(receiver.name, target.id)], flush.origins)
             self._inflight.add(future)
             future.add_done_callback(self._inflight.discard)
             future.add_done_callback(lambda f, job=job: self._target_done(job, f))
@@ -602,6 +659,8 @@ class Notifier:
         log.warning("the last commit was not answered in time; its records are read again")
 
 
+_MAX_TRACES = 10_000
+"""Trace contexts the notifier keeps for records not yet told (bounded: the oldest go first)."""
 _CLOSE_RESERVE_S = 4.0
 """Of the time a stop leaves, what closing the clients keeps."""
 _CLIENT_CLOSE_S = 3.0

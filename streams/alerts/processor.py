@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -457,7 +458,7 @@ class AlertProcessor:
         offset: int,
         ends_at: int | None = None,
     ) -> None:
-        work.outputs.append(self._event(rule, entry, status, t, value, ends_at))
+        work.outputs.append(replace(self._event(rule, entry, status, t, value, ends_at), cause_offset=offset))
         item = {"status": status, "event_time": t, "value": value, "starts_at": entry["starts_at"]}
         work.sent(entry, offset, item | {"ends_at": ends_at})
 

@@ -46,6 +46,7 @@ from bus.frames import Frame, FrameDecoders
 from bus.kafka import aiokafka_config, create_topics, wait_for_group_coordinator
 from bus.settings import Settings
 from bus.topics import BY_KEY, TopicSpec, topic_name
+from bus.tracing import OFF, Tracing
 from streams.runtime.buckets import from_ms, to_ms
 from streams.runtime.columns import Columns, LazyInputs
 from streams.runtime.processor import Input, Output, PartitionBatch, Processor
@@ -222,8 +223,10 @@ class Dispatcher:
         metrics: StreamMetrics,
         options: StreamsSettings,
         clock: Callable[[], float] = time.time,
+        tracing: Tracing = OFF,
     ) -> None:
         self.app = app
+        self.tracing = tracing
         self.settings = settings
         self.codec = codec
         self.metrics = metrics
@@ -482,7 +485,9 @@ class Dispatcher:
                 first_offset, last_offset = inputs[0].offset, inputs[-1].offset
             progress_key = f"{tp.partition}{_PROGRESS}"
             watermark = newest
+            traced = self._traced_records(batch) if self.tracing.on else None
             for binding in route.bindings:
+                started_ns = self.tracing.start_ns()
                 store = binding.table.data
                 progress = store.get(progress_key)
                 previous = progress["wm"] if progress else None
@@ -519,7 +524,11 @@ class Dispatcher:
                 store[progress_key] = progress
                 changelog(progress_key, progress)
                 self._fresh.add(fresh)
-                self._publish(result.outputs)
+                span = None
+                if traced is not None:
+                    span = self._batch_span(binding.processor.name, tp, traced, result.outputs, started_ns)
+                self._publish(result.outputs, self.tracing.headers(span))
+                self.tracing.end(span, attributes={"aima.outputs": len(result.outputs)})
                 if result.late:
                     by_offset = {message.offset: message for message in batch}
                     for record, reason in result.late:
@@ -539,7 +548,34 @@ class Dispatcher:
 
         return write
 
-    def _publish(self, outputs: list[Output]) -> None:
+    def _traced_records(self, batch: list[Any]) -> dict[int, Any]:
+        """Offset -> trace context of each record of the batch that carries a sampled one."""
+        context = self.tracing.context
+        found: dict[int, Any] = {}
+        for message in batch:
+            if message.headers:
+                span_context = context(message.headers)
+                if span_context is not None:
+                    found[message.offset] = span_context
+        return found
+
+    def _batch_span(
+        self, processor: str, tp: TP, traced: dict[int, Any], outputs: list[Output], started_ns: int
+    ) -> Any:
+        """One processor's span over one partition batch (bus/tracing.py says how its parent is chosen)."""
+        parent = next((traced[o.cause_offset] for o in outputs if o.cause_offset in traced), None)
+        if parent is None and traced:
+            parent = next(iter(traced.values()))
+        return self.tracing.batch_span(
+            f"streams {processor}",
+            parent,
+            traced.values(),
+            started_ns,
+            {"messaging.destination.name": tp.topic, "messaging.destination.partition.id": tp.partition},
+        )
+
+    def _publish(self, outputs: list[Output], headers: list[tuple[str, bytes]] | None = None) -> None:
+        """``headers``: the trace context every output carries (its batch span's), if any."""
         counts: dict[str, int] = {}
         encode, add = self.codec.encode, self.sender.add
         for output in outputs:
@@ -550,7 +586,7 @@ class Dispatcher:
                 # A processor produced a record that does not fit its schema: keep it, with why.
                 self._dead_letter_output(output, topic, exc)
                 continue
-            add(topic, output.partition, output.key.encode(), data, output)
+            add(topic, output.partition, output.key.encode(), data, output, headers)
             counts[output.topic_key] = counts.get(output.topic_key, 0) + 1
         for key, count in counts.items():
             self.metrics.outputs.labels(key).inc(count)
@@ -687,12 +723,13 @@ def create_app(
     options: StreamsSettings | None = None,
     registry: CollectorRegistry | None = None,
     codec: Codec | None = None,
+    tracing: Tracing = OFF,
 ) -> StreamsApp:
     """The Faust app running ``processors``; start it with ``streams.runtime.transport.StreamsWorker(app)``
     (streams/main.py does). Needs the broker: creates the app's internal topics (table changelogs, the
     leader assignor's topic) and waits for its consumer group's coordinator. ``options``: the worker's
     :class:`streams.settings.StreamsSettings`; without them, their defaults (the environment is read
-    where the process starts, streams/main.py, not here)."""
+    where the process starts, streams/main.py, not here). ``tracing``: bus/tracing.py (off by default)."""
     from streams.runtime.settings import StreamsSettings
 
     options = options or StreamsSettings.from_environ({})
@@ -722,7 +759,7 @@ def create_app(
     )
     metrics = StreamMetrics(registry if registry is not None else CollectorRegistry())
     dispatcher = Dispatcher(
-        app, settings, processors, codec or Codec.from_settings(settings), metrics, options
+        app, settings, processors, codec or Codec.from_settings(settings), metrics, options, tracing=tracing
     )
     app.batch_topics = frozenset(dispatcher.routes)
     app.batch_handler = dispatcher.handle

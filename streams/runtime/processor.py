@@ -58,6 +58,9 @@ class Output:
     """Where to send it instead of the key's partition (a record every partition must see, such as a
     sender's progress in streams/rollups/merge.py). The outputs of one call reach each partition in the
     order they are listed, whichever way each was routed."""
+    cause_offset: int | None = None
+    """The offset of the input that caused it, where one did (the sample that fired an alert): its trace
+    is the one the output continues (bus/tracing.py)."""
 
 
 @dataclass(frozen=True, slots=True)

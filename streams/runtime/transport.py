@@ -521,7 +521,8 @@ def refused_for_good(error: BaseException) -> bool:
     return isinstance(error, BrokerResponseError) and getattr(error, "errno", None) == _INVALID_RECORD
 
 
-_Entry = tuple[bytes | None, bytes | None, Any]
+_Entry = tuple[bytes | None, bytes | None, Any, list[tuple[str, bytes]] | None]
+"""(key, value, tag, headers): the headers carry a trace context (bus/tracing.py), or are None."""
 
 
 class Sender:
@@ -545,13 +546,19 @@ class Sender:
         self._partitions: dict[str, int] = {}
 
     def add(
-        self, topic: str, partition: int | None, key: bytes | None, value: bytes | None, tag: Any = None
+        self,
+        topic: str,
+        partition: int | None,
+        key: bytes | None,
+        value: bytes | None,
+        tag: Any = None,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
         """Collect one record; ``tag`` comes back with it if the broker refuses it (:class:`Refused`)."""
         records = self._records.get(topic)
         if records is None:
             records = self._records[topic] = []
-        records.append((partition, (key, value, tag)))
+        records.append((partition, (key, value, tag, headers)))
 
     def __len__(self) -> int:
         return sum(len(records) for records in self._records.values())
@@ -632,10 +639,14 @@ class Sender:
             if len(entries) > 1:
                 pending, singles = pending[start:], len(entries)  # again, one record per batch
                 continue
-            for key, value, tag in entries:
+            for key, value, tag, _ in entries:
                 refused.append(Refused(topic, partition, key, value, tag, error))
             pending, singles = pending[start + len(entries) :], max(0, singles - start - len(entries))
         return refused, [], None
+
+
+_NO_HEADERS: list[tuple[str, bytes]] = []
+"""aiokafka's record builder takes a list (only a list) and only reads it: one shared empty one."""
 
 
 def _chunks(producer: Any, records: list[_Entry], singles: int) -> list[tuple[Any, list[_Entry]]]:
@@ -644,14 +655,15 @@ def _chunks(producer: Any, records: list[_Entry], singles: int) -> list[tuple[An
     chunks: list[tuple[Any, list[_Entry]]] = []
     batch, entries = producer.create_batch(), []
     for position, entry in enumerate(records):
-        key, value, _ = entry
+        key, value, _, headers = entry
+        headers = headers or _NO_HEADERS
         alone = position < singles
-        if entries and (alone or batch.append(timestamp=None, key=key, value=value) is None):
+        if entries and (alone or batch.append(timestamp=None, key=key, value=value, headers=headers) is None):
             chunks.append((batch, entries))
             batch, entries = producer.create_batch(), []
-            batch.append(timestamp=None, key=key, value=value)
+            batch.append(timestamp=None, key=key, value=value, headers=headers)
         elif not entries:
-            batch.append(timestamp=None, key=key, value=value)
+            batch.append(timestamp=None, key=key, value=value, headers=headers)
         entries.append(entry)
         if alone:
             chunks.append((batch, entries))
