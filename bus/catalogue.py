@@ -177,6 +177,11 @@ METRICS: tuple[Metric, ...] = (
            "Pod readiness (1 ready, 0 not), labelled with the pod phase", "M21"),
     Metric("k8s_pod_restarts", "count", "kubernetes", "30s", ("namespace", "pod"), _POD, "restarts",
            "Container restarts of the pod", "M21", type="counter"),
+    # Beside the status, the pod's usage from the Metrics Server (seed §3.2, metrics.k8s.io).
+    Metric("k8s_pod_cpu_usage_cores", "cores", "kubernetes", "30s", ("namespace", "pod"), _POD,
+           "cpu_usage_cores", "CPU the pod's containers use (Metrics Server)", "M21"),
+    Metric("k8s_pod_memory_usage_bytes", "bytes", "kubernetes", "30s", ("namespace", "pod"), _POD,
+           "memory_usage_bytes", "Working-set memory of the pod's containers (Metrics Server)", "M21"),
 
     _cost("gpu_hours", "h", "1h", ("project", "gpu_model"), "gpu_hours", "gpu_hours", "M22",
           "GPU time used by jobs"),

@@ -193,7 +193,8 @@ _DEFS = (
         "aima_system_collector_errors_total",
         "counter",
         "system_collector",
-        "Failed reads by group (cpu, memory, disk, network, containers, pods) and rejected publishes",
+        "Failed reads by group (cpu, memory, disk, network, containers, pods, pod_usage: the Metrics Server) "
+        "and rejected publishes",
         "kind",
     ),
     _d(

@@ -246,7 +246,7 @@ TABLES: tuple[Table, ...] = (
     Table(
         "pod_status",
         f"{NS}.PodStatus",
-        _columns("time namespace pod host phase ready restarts source"),
+        _columns("time namespace pod host phase ready restarts source cpu_usage_cores memory_usage_bytes"),
         ("namespace", "pod", "time"),
     ),
     Table(

@@ -1,6 +1,8 @@
 """Kubernetes pod status (M21): lists pods from the Kubernetes API and turns each into a PodStatus record
-(phase, readiness, restarts). Configured in-cluster from the service account, or explicitly; an API error
-is logged and counted and yields no records, so the collector that calls this keeps running."""
+(phase, readiness, restarts), with the pod's CPU and memory from the Metrics Server beside it
+(producers/k8s_usage.py; null where it reports none). Configured in-cluster from the service account, or
+explicitly; an API error is logged and counted and yields no records, so the collector that calls this keeps
+running; a Metrics Server that does not answer (none installed) only leaves the usage null."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
+
+from producers.k8s_usage import PodUsage, UsageApiError, pod_usages
 
 if TYPE_CHECKING:
     from producers.settings import CollectorSettings
@@ -52,6 +56,8 @@ class K8sConfig:
     timeout_s: float = 10.0
     page_size: int = 500
     """Pods per API page (``limit``), so a large cluster is not answered in one huge response."""
+    usage: bool = True
+    """Also read each pod's CPU and memory from the Metrics Server (metrics.k8s.io)."""
 
     @classmethod
     def from_settings(
@@ -113,6 +119,9 @@ class PodReader:
         self._now = now
         self.errors = 0
         """API errors and malformed pods so far; callers turn increases into their own metrics."""
+        self.usage_errors = 0
+        """Reads of the Metrics Server that failed (its pods' usage then stays null)."""
+        self._usage_failing = False
 
     @property
     def path(self) -> str:
@@ -140,7 +149,36 @@ class PodReader:
                 # One odd pod must not hide the others.
                 self.errors += 1
                 log.warning("skipping malformed pod", extra={"error": repr(exc)})
+        if statuses and self.config.usage:
+            usages = self._usages()
+            for status in statuses:
+                if (usage := usages.get((status["namespace"], status["pod"]))) is not None:
+                    status["cpu_usage_cores"] = usage.cpu_cores
+                    status["memory_usage_bytes"] = usage.memory_bytes
         return statuses
+
+    def _usages(self) -> dict[tuple[str, str], PodUsage]:
+        """The Metrics Server's pod usage; {} (logged when it starts failing, counted) when it fails."""
+        headers = {"Accept": "application/json"}
+        try:
+            if token := self._token():
+                headers["Authorization"] = f"Bearer {token}"
+            usages = pod_usages(
+                self._client, self.config.api_url, namespace=self.config.namespace, headers=headers
+            )
+        except (UsageApiError, K8sApiError) as exc:
+            self.usage_errors += 1
+            if not self._usage_failing:  # a cluster without a Metrics Server answers 404 every time
+                log.warning(
+                    "kubernetes pod usage (metrics.k8s.io) unavailable: usage fields stay null",
+                    extra={"url": getattr(exc, "url", None), "status": getattr(exc, "status", None)},
+                )
+                self._usage_failing = True
+            return {}
+        if self._usage_failing:
+            log.info("kubernetes pod usage (metrics.k8s.io) recovered")
+            self._usage_failing = False
+        return usages
 
     def _items(self) -> Iterator[Mapping[str, Any]]:
         params: dict[str, str | int] = {"limit": self.config.page_size}
@@ -207,4 +245,7 @@ def pod_status(pod: Mapping[str, Any], read_at: datetime) -> dict[str, Any]:
         "ready": any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions),
         "restarts": sum(int(c.get("restartCount") or 0) for c in containers),
         "source": SOURCE,
+        # From the Metrics Server when it reports the pod (PodReader.fetch); unknown until then.
+        "cpu_usage_cores": None,
+        "memory_usage_bytes": None,
     }

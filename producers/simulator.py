@@ -511,10 +511,16 @@ class Fleet:
             phase, ready = ("Succeeded" if job.error is None else "Failed"), False
         else:
             phase, ready = "Running", True
+        # What the Metrics Server would report for a running job's pod: a feeder core per GPU at the job's
+        # intensity, host memory in step with its GPU memory share; nothing for a pod that does not run.
+        running = phase == "Running"
+        cpu = round(0.25 + job.gpu_count * job.intensity, 3) if running else None
+        memory = int((2 + 14 * job.memory_share) * job.gpu_count * 2**30) if running else None
         return {
             "time": now, "namespace": NAMESPACE, "pod": job.job_id,
             "host": job.host.name if job.host else None, "phase": phase, "ready": ready,
             "restarts": 0, "source": SOURCE,
+            "cpu_usage_cores": cpu, "memory_usage_bytes": memory,
         }  # fmt: skip
 
     def _due(self, what: str, now: datetime, every_s: float) -> bool:

@@ -385,11 +385,13 @@ class SystemCollector:
         return value
 
     def _read_pods(self, reader: PodReader) -> list[dict[str, Any]]:
-        errors_before = reader.errors
+        errors_before, usage_errors_before = reader.errors, reader.usage_errors
         # fetch, not read: an API failure is then logged and counted like any other group's.
         pods = self._read("pods", reader.fetch)
         if reader.errors > errors_before:  # malformed pods, skipped by the reader
             self.metrics.errors.labels("pods").inc(reader.errors - errors_before)
+        if reader.usage_errors > usage_errors_before:  # no Metrics Server answer: the usage stays null
+            self.metrics.errors.labels("pod_usage").inc(reader.usage_errors - usage_errors_before)
         return pods or []
 
     def close(self) -> None:

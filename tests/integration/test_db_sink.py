@@ -213,6 +213,9 @@ def every_kind() -> list[tuple[str, str, str, dict[str, Any]]]:
                 "ready": True,
                 "restarts": 2,
                 "source": "test",
+                # From the Metrics Server (producers/k8s_usage.py).
+                "cpu_usage_cores": 0.25,
+                "memory_usage_bytes": 512 * 2**20,
             },
         ),
         ("rollups", "r1", "Rollup", rollup),
@@ -490,6 +493,12 @@ def test_sink_stores_every_kind_once(topics: Settings, db_schema: str, db: psyco
     assert disks == [("/", 10_000.0), ("/data", 20_000.0)]
     assert db.execute("SELECT value, namespace, pod, phase FROM k8s_pod_status").fetchall() == [
         (1.0, "media", "worker-0", "Running")
+    ]
+    assert db.execute("SELECT value, namespace, pod FROM k8s_pod_cpu_usage_cores").fetchall() == [
+        (0.25, "media", "worker-0")
+    ]
+    assert db.execute("SELECT value, namespace, pod FROM k8s_pod_memory_usage_bytes").fetchall() == [
+        (float(512 * 2**20), "media", "worker-0")
     ]
     assert db.execute("SELECT value, queue, project FROM job_queue_wait_seconds").fetchall() == [
         (12.5, "gpu-large", "proj-a")

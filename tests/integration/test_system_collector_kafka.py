@@ -19,7 +19,7 @@ from bus.topics import topic_name
 from producers.k8s import K8sConfig
 from producers.publisher import Publisher
 from producers.system import run
-from tests.unit.test_k8s import EXPECTED, FakeKubernetes
+from tests.unit.test_k8s import EXPECTED, POD_METRICS, USAGE, FakeKubernetes
 
 pytestmark = pytest.mark.integration
 
@@ -109,4 +109,56 @@ def test_pods_arrive_from_the_kubernetes_api(
         assert {k: value[k] for k in pod} == pod
         assert value["source"] == "kubernetes"
     assert registry.get_sample_value("aima_system_collector_pod_records_total") == len(EXPECTED)
+    assert registry.get_sample_value("aima_system_collector_errors_total", {"kind": "pods"}) is None
+
+
+def test_pod_usage_from_the_metrics_server_arrives_beside_the_status(
+    topics: Settings, unique: str, tmp_path: Path
+) -> None:
+    kube = FakeKubernetes(pod_metrics=POD_METRICS).start()
+    try:
+        registry = CollectorRegistry()
+        publisher = Publisher(topics, registry=registry, source="system-test")
+        run(
+            topics,
+            once=True,
+            publisher=publisher,
+            docker_socket=tmp_path / "no-docker.sock",
+            k8s=K8sConfig(api_url=kube.url, token="t0k3n"),
+            registry=registry,
+        )
+        metrics_requests = [r for r in kube.requests if r[0] == "/apis/metrics.k8s.io/v1beta1/pods"]
+        assert len(metrics_requests) == 1 and metrics_requests[0][2]["Authorization"] == "Bearer t0k3n"
+    finally:
+        kube.stop()
+    received = _consume(topics, unique, ["k8s.pods"], expected=len(EXPECTED))
+    by_pod = {value["pod"]: value for _, (name, value) in received if name == "aima.metrics.PodStatus"}
+    assert set(by_pod) == {pod["pod"] for pod in EXPECTED}
+    for name, value in by_pod.items():
+        cpu, memory = USAGE.get(name, (None, None))
+        assert value["cpu_usage_cores"] == (pytest.approx(cpu) if cpu is not None else None), name
+        assert value["memory_usage_bytes"] == memory, name
+    # Reported as the API does: 250m + 1200n cores, 512Mi + 1048576Ki.
+    assert by_pod["worker-7d9f8b6c4d-x2k9p"]["memory_usage_bytes"] == 1_610_612_736
+    assert registry.get_sample_value("aima_system_collector_errors_total", {"kind": "pod_usage"}) is None
+
+
+def test_without_a_metrics_server_the_status_still_arrives_with_null_usage(
+    topics: Settings, unique: str, tmp_path: Path, kube: FakeKubernetes
+) -> None:
+    registry = CollectorRegistry()
+    publisher = Publisher(topics, registry=registry, source="system-test")
+    run(
+        topics,
+        once=True,
+        publisher=publisher,
+        docker_socket=tmp_path / "no-docker.sock",
+        k8s=K8sConfig(api_url=kube.url),
+        registry=registry,
+    )
+    received = _consume(topics, unique, ["k8s.pods"], expected=len(EXPECTED))
+    assert len(received) == len(EXPECTED)
+    for _, (_, value) in received:
+        assert value["cpu_usage_cores"] is None and value["memory_usage_bytes"] is None
+    assert registry.get_sample_value("aima_system_collector_errors_total", {"kind": "pod_usage"}) == 1
     assert registry.get_sample_value("aima_system_collector_errors_total", {"kind": "pods"}) is None

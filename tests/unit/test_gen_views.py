@@ -7,13 +7,13 @@ from dataclasses import replace
 
 from bus import schemas
 from bus.catalogue import METRICS
-from consumers.gen_views import latest_views_migration, render, view_source
+from consumers.gen_views import generated_part, latest_views_migration, render, view_source
 from consumers.tables import BY_RECORD, TABLES
 
 
 def test_committed_view_migration_matches_the_catalogue() -> None:
     committed = latest_views_migration()
-    assert committed.read_text() == render(), (
+    assert generated_part(committed.read_text()) == render(), (
         f"{committed.name} is stale: the catalogue changed. Generate a new migration: "
         "python -m consumers.gen_views --write consumers/migrations/NNNN_metric_views.sql"
     )
@@ -21,7 +21,7 @@ def test_committed_view_migration_matches_the_catalogue() -> None:
 
 def test_a_catalogue_change_shows() -> None:
     renamed = (replace(METRICS[0], name="gpu_busy_percent"), *METRICS[1:])
-    assert render(renamed) != latest_views_migration().read_text()
+    assert render(renamed) != generated_part(latest_views_migration().read_text())
 
 
 def test_one_view_per_metric_with_its_labels() -> None:

@@ -7,6 +7,7 @@ import json
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 from bus.codec import Codec
 from bus.validation import check
 from producers.k8s import K8sApiError, K8sConfig, PodReader
+from producers.k8s_usage import parse_quantity
 from producers.settings import CollectorSettings
 
 T0 = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
@@ -83,22 +85,62 @@ PODS = [
 ]
 EXPECTED = [
     {"namespace": "media", "pod": "worker-7d9f8b6c4d-x2k9p", "host": "gpu-node-07", "phase": "Running",
-     "ready": True, "restarts": 3},
+     "ready": True, "restarts": 3, "cpu_usage_cores": None, "memory_usage_bytes": None},
     {"namespace": "media", "pod": "worker-7d9f8b6c4d-pq8zt", "host": None, "phase": "Pending",
-     "ready": False, "restarts": 0},
+     "ready": False, "restarts": 0, "cpu_usage_cores": None, "memory_usage_bytes": None},
     {"namespace": "kube-system", "pod": "coredns-5d78c9869d-7kq2m", "host": "gpu-node-01", "phase": "Running",
-     "ready": False, "restarts": 5},
+     "ready": False, "restarts": 5, "cpu_usage_cores": None, "memory_usage_bytes": None},
     {"namespace": "batch", "pod": "transcode-28431-abcde", "host": "gpu-node-07", "phase": "Failed",
-     "ready": False, "restarts": 0},
+     "ready": False, "restarts": 0, "cpu_usage_cores": None, "memory_usage_bytes": None},
 ]  # fmt: skip
+"""Without a Metrics Server (the fake's default: 404 on metrics.k8s.io) the usage is null."""
+
+
+def _pod_metrics(namespace: str, name: str, containers: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """A PodMetrics as `GET /apis/metrics.k8s.io/v1beta1/pods` returns it (metrics-server 0.7)."""
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "creationTimestamp": "2025-03-14T09:26:50Z",
+            "labels": {"app": name.rsplit("-", 2)[0]},
+        },
+        "timestamp": "2025-03-14T09:26:40Z",
+        "window": "15.012s",
+        "containers": [
+            {"name": container, "usage": {"cpu": cpu, "memory": memory}}
+            for container, (cpu, memory) in containers.items()
+        ],
+    }
+
+
+POD_METRICS = [
+    # Two containers: 250m + 1200n cores, 512Mi + 1048576Ki bytes.
+    _pod_metrics("media", "worker-7d9f8b6c4d-x2k9p", {"c0": ("250m", "512Mi"), "c1": ("1200n", "1048576Ki")}),
+    _pod_metrics("kube-system", "coredns-5d78c9869d-7kq2m", {"c0": ("3123456n", "18444Ki")}),
+    # Finished and pending pods are not reported by the Metrics Server; a pod just started has no
+    # containers measured yet.
+    _pod_metrics("batch", "transcode-28431-abcde", {}),
+    # Reported, but not in the pod list (gone since): ignored.
+    _pod_metrics("media", "worker-7d9f8b6c4d-gone1", {"c0": ("1", "1Gi")}),
+]  # fmt: skip
+USAGE = {
+    "worker-7d9f8b6c4d-x2k9p": (0.2500012, 512 * 2**20 + 2**30),
+    "coredns-5d78c9869d-7kq2m": (0.003123456, 18444 * 1024),
+}
 
 
 class FakeKubernetes:
     """Serves pods at /api/v1/pods and /api/v1/namespaces/<ns>/pods, with the API's paging (limit,
     continue) and the spec.nodeName field selector; records every request."""
 
-    def __init__(self, pods: list[dict[str, Any]] = PODS) -> None:
+    def __init__(
+        self, pods: list[dict[str, Any]] = PODS, pod_metrics: list[dict[str, Any]] | None = None
+    ) -> None:
         self.pods = copy.deepcopy(pods)
+        self.pod_metrics = copy.deepcopy(pod_metrics)
+        """PodMetrics served at metrics.k8s.io/v1beta1; None: no Metrics Server (404 there)."""
+        self.metrics_fail_with: int | None = None
         self.requests: list[tuple[str, dict[str, list[str]], dict[str, str]]] = []
         self.fail_with: int | None = None
         self.raw_body: bytes | None = None
@@ -118,8 +160,33 @@ class FakeKubernetes:
         self._server.shutdown()
         self._server.server_close()
 
+    def _metrics_answer(self, parts: list[str]) -> tuple[int, dict[str, Any]]:
+        if self.pod_metrics is None:  # the API server's answer for an API group nobody serves
+            return 404, {"kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404}
+        if self.metrics_fail_with is not None:
+            return self.metrics_fail_with, {
+                "kind": "Status",
+                "status": "Failure",
+                "code": self.metrics_fail_with,
+            }
+        items = self.pod_metrics
+        if len(parts) == 6:  # namespaces/<ns>/pods
+            items = [i for i in items if i["metadata"]["namespace"] == parts[4]]
+        return 200, {
+            "kind": "PodMetricsList",
+            "apiVersion": "metrics.k8s.io/v1beta1",
+            "metadata": {},
+            "items": items,
+        }
+
     def _answer(self, path: str, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
         parts = path.strip("/").split("/")
+        if (
+            parts[:3] == ["apis", "metrics.k8s.io", "v1beta1"]
+            and parts[-1] == "pods"
+            and len(parts) in (4, 6)
+        ):
+            return self._metrics_answer(parts)
         if parts == ["api", "v1", "pods"]:
             pods = self.pods
         elif len(parts) == 5 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "pods":
@@ -220,7 +287,8 @@ def test_a_node_reads_only_the_pods_scheduled_on_it(kube: FakeKubernetes) -> Non
 def test_pages_are_followed_with_continue(kube: FakeKubernetes) -> None:
     pods = _reader(kube, page_size=3).read()
     assert _without_time_and_source(pods) == EXPECTED
-    assert [query.get("continue") for _, query, _ in kube.requests] == [None, ["3"]]
+    pod_lists = [query for path, query, _ in kube.requests if path == "/api/v1/pods"]
+    assert [query.get("continue") for query in pod_lists] == [None, ["3"]]
 
 
 def test_no_token_sends_no_authorization(kube: FakeKubernetes) -> None:
@@ -233,8 +301,9 @@ def test_a_rotated_token_is_read_again(kube: FakeKubernetes, token_file: Path) -
     reader.read()
     token_file.write_text("rotated")
     reader.read()
+    # Each read: the pod list, then the Metrics Server, both with the token of the moment.
     sent = [headers["Authorization"] for _, _, headers in kube.requests]
-    assert sent == [f"Bearer {TOKEN}", "Bearer rotated"]
+    assert sent == [f"Bearer {TOKEN}"] * 2 + ["Bearer rotated"] * 2
 
 
 def test_a_500_is_counted_and_gives_no_pods(kube: FakeKubernetes) -> None:
@@ -338,3 +407,70 @@ def test_no_configuration_outside_a_cluster(tmp_path: Path) -> None:
 
 def test_the_token_is_not_in_the_repr() -> None:
     assert "s3cret" not in repr(K8sConfig(api_url="https://x", token="s3cret"))
+
+
+# -- Metrics Server (metrics.k8s.io) ---------------------------------------------------------------------
+
+
+def test_quantities_are_read_as_kubernetes_writes_them() -> None:
+    assert parse_quantity("250m") == Decimal("0.25")
+    assert parse_quantity("1200n") == Decimal("0.0000012")
+    assert parse_quantity("15u") == Decimal("0.000015")
+    assert parse_quantity("2") == 2
+    assert parse_quantity("1.5") == Decimal("1.5")
+    assert parse_quantity("512Mi") == 512 * 2**20
+    assert parse_quantity("1048576Ki") == 2**30
+    assert parse_quantity("3Gi") == 3 * 2**30
+    assert parse_quantity("1G") == 10**9
+    assert parse_quantity("129e6") == 129 * 10**6
+    assert parse_quantity("1k") == 1000
+    for bad in ("", "Mi", "12 Mi", "1.2.3", "5x"):
+        with pytest.raises(ValueError):
+            parse_quantity(bad)
+
+
+def test_usage_from_the_metrics_server_lands_beside_each_pods_status() -> None:
+    kube = FakeKubernetes(pod_metrics=POD_METRICS).start()
+    try:
+        reader = _reader(kube, token=TOKEN)
+        pods = {pod["pod"]: pod for pod in reader.read()}
+        assert set(pods) == {e["pod"] for e in EXPECTED}  # the gone pod's usage makes no record
+        for name, pod in pods.items():
+            cpu, memory = USAGE.get(name, (None, None))
+            assert pod["cpu_usage_cores"] == (pytest.approx(cpu) if cpu is not None else None), name
+            assert pod["memory_usage_bytes"] == memory, name
+            check("PodStatus", pod)
+        metrics_requests = [r for r in kube.requests if r[0].startswith("/apis/metrics.k8s.io/")]
+        assert [r[0] for r in metrics_requests] == ["/apis/metrics.k8s.io/v1beta1/pods"]
+        assert metrics_requests[0][2]["Authorization"] == f"Bearer {TOKEN}"
+        assert reader.errors == reader.usage_errors == 0
+
+        # One namespace: its pods' metrics only.
+        _reader(kube, namespace="media").read()
+        assert kube.requests[-1][0] == "/apis/metrics.k8s.io/v1beta1/namespaces/media/pods"
+    finally:
+        kube.stop()
+
+
+def test_a_metrics_server_that_fails_leaves_the_usage_null_and_is_counted(kube: FakeKubernetes) -> None:
+    reader = _reader(kube)  # this fake has no Metrics Server: 404
+    assert _without_time_and_source(reader.read()) == EXPECTED
+    assert reader.usage_errors == 1 and reader.errors == 0
+    kube.pod_metrics = copy.deepcopy(POD_METRICS)
+    kube.metrics_fail_with = 503  # installed, not ready
+    assert _without_time_and_source(reader.read()) == EXPECTED
+    assert reader.usage_errors == 2
+    kube.metrics_fail_with = None  # ready: the usage comes back
+    assert {p["pod"]: p["memory_usage_bytes"] for p in reader.read() if p["memory_usage_bytes"]} == {
+        name: memory for name, (_, memory) in USAGE.items()
+    }
+    assert reader.usage_errors == 2
+    # An entry with a quantity that is none is left out; the others' usage stays.
+    kube.pod_metrics[0]["containers"][0]["usage"]["cpu"] = "lots"
+    pods = {p["pod"]: p for p in reader.read()}
+    assert pods["worker-7d9f8b6c4d-x2k9p"]["cpu_usage_cores"] is None
+    assert pods["coredns-5d78c9869d-7kq2m"]["memory_usage_bytes"] == USAGE["coredns-5d78c9869d-7kq2m"][1]
+    # Off by configuration: the Metrics Server is not asked.
+    asked = len(kube.requests)
+    _reader(kube, usage=False).read()
+    assert not [r for r in kube.requests[asked:] if r[0].startswith("/apis/")]

@@ -646,7 +646,8 @@ POD = "aima.metrics.PodStatus"
 
 def pod(time: datetime, phase: str, restarts: int, *, name: str = "sim-7-000001") -> dict:
     return {"time": time, "namespace": "sim", "pod": name, "host": None, "phase": phase,
-            "ready": phase == "Running", "restarts": restarts, "source": "test"}  # fmt: skip
+            "ready": phase == "Running", "restarts": restarts, "source": "test",
+            "cpu_usage_cores": None, "memory_usage_bytes": None}  # fmt: skip
 
 
 def test_a_pod_that_changes_phase_is_one_restarts_series_with_every_sample() -> None:
