@@ -26,9 +26,15 @@ UNREACHABLE_DSN = "postgresql://aima@127.0.0.1:1/aima?connect_timeout=1"
 
 
 def librdkafka_threads() -> int:
-    return sum(
-        1 for task in Path("/proc/self/task").iterdir() if (task / "comm").read_text().startswith("rdk:")
-    )
+    return sum(1 for task in Path("/proc/self/task").iterdir() if _thread_name(task).startswith("rdk:"))
+
+
+def _thread_name(task: Path) -> str:
+    """The thread's name; empty for one that ended between the listing and the read."""
+    try:
+        return (task / "comm").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
 
 
 def pool_threads() -> list[str]:
