@@ -11,13 +11,16 @@ How one sample's path stays one trace: trace context travels in Kafka record hea
 adds bytes to 1 % of the records). Each stage continues the trace of the records it consumed:
 - the collector's ``publish <topic>`` span (producer kind) is the root; it ends at the broker's ack;
 - the stream app's ``streams <processor>`` span per partition batch, the sink's ``sink batch`` span and
-  the notifier's ``notify <channel>`` span per delivery each take ONE record's context as their parent
-  and link to the others' (at most :data:`MAX_LINKS`): the parent is the record that caused the first
-  output where a processor says which one did (the alerting sample of an alert), else the batch's first
-  record with a context. A batch span is made after the batch, with the batch's start as its start time,
-  so that the parent can be chosen from what the batch did;
-- a stream output carries the context of the batch span that produced it, so the sink's and notifier's
-  spans of an alert join the alerting sample's trace.
+  the notifier's ``notify <channel>`` span per delivery each take ONE record's context as their parent:
+  the record that caused the first output where a processor says which one did (the alerting sample of
+  an alert), else the batch's first record with a context. The sink's and the notifier's spans link to
+  the other records' contexts too (at most :data:`MAX_LINKS`); the stream app's do not (a span per
+  processor and partition batch: links there would cost more than the rest of tracing at 1 %). A batch
+  span is made after the batch, with the batch's start as its start time, so that the parent can be
+  chosen from what the batch did;
+- a stream output that a traced record caused carries the context of the batch span that produced it,
+  so the sink's and notifier's spans of an alert join the alerting sample's trace; aggregates of many
+  records (rollups) carry none.
 """
 
 from __future__ import annotations
@@ -201,10 +204,10 @@ class _Live(Tracing):
         span_context = span.get_span_context()
         if not span_context.trace_flags.sampled:
             return None
-        carrier: dict[str, str] = {}
-        self._propagator.inject(carrier, self._trace.set_span_in_context(span))
-        value = carrier.get(TRACEPARENT)
-        return [(TRACEPARENT, value.encode("ascii"))] if value else None
+        # W3C traceparent written directly (version 00, sampled): the propagator's inject builds a context
+        # and a carrier for the same 55 bytes.
+        value = f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-01"
+        return [(TRACEPARENT, value.encode("ascii"))]
 
     def batch_span(
         self,

@@ -119,9 +119,7 @@ class Publisher:
 
     def _produce_traced(self, topic_key: str, topic: str, key: str, data: bytes) -> bool:
         """A sampled record carries its ``publish`` span's context; the span ends at the broker's ack."""
-        span = self.tracing.publish_span(
-            f"publish {topic_key}", {"messaging.destination.name": topic, "messaging.kafka.message.key": key}
-        )
+        span = self.tracing.publish_span(f"publish {topic_key}", {"messaging.destination.name": topic})
         if span is None:
             return self._produce(topic, key.encode(), data)
 

@@ -527,7 +527,7 @@ class Dispatcher:
                 span = None
                 if traced is not None:
                     span = self._batch_span(binding.processor.name, tp, traced, result.outputs, started_ns)
-                self._publish(result.outputs, self.tracing.headers(span))
+                self._publish(result.outputs, self.tracing.headers(span), traced)
                 self.tracing.end(span, attributes={"aima.outputs": len(result.outputs)})
                 if result.late:
                     by_offset = {message.offset: message for message in batch}
@@ -562,20 +562,30 @@ class Dispatcher:
     def _batch_span(
         self, processor: str, tp: TP, traced: dict[int, Any], outputs: list[Output], started_ns: int
     ) -> Any:
-        """One processor's span over one partition batch (bus/tracing.py says how its parent is chosen)."""
+        """One processor's span over one partition batch (bus/tracing.py says how its parent is chosen). No
+        links to the batch's other traced records: there is a span per processor and partition batch, and
+        at 1 % nearly every partition batch holds a traced record, so each link (the SDK's dearest part of
+        a span) would be paid many times per fetch; their number is an attribute."""
         parent = next((traced[o.cause_offset] for o in outputs if o.cause_offset in traced), None)
         if parent is None and traced:
             parent = next(iter(traced.values()))
         return self.tracing.batch_span(
             f"streams {processor}",
             parent,
-            traced.values(),
+            (),
             started_ns,
-            {"messaging.destination.name": tp.topic, "messaging.destination.partition.id": tp.partition},
+            {"messaging.destination.partition.id": tp.partition, "aima.traced_records": len(traced)},
         )
 
-    def _publish(self, outputs: list[Output], headers: list[tuple[str, bytes]] | None = None) -> None:
-        """``headers``: the trace context every output carries (its batch span's), if any."""
+    def _publish(
+        self,
+        outputs: list[Output],
+        headers: list[tuple[str, bytes]] | None = None,
+        traced: dict[int, Any] | None = None,
+    ) -> None:
+        """``headers``: the batch span's trace context, carried by the outputs a traced record caused
+        (``Output.cause_offset`` in ``traced``); the others (aggregates of many records) carry none, or
+        1 % sampling would trace every derived record downstream."""
         counts: dict[str, int] = {}
         encode, add = self.codec.encode, self.sender.add
         for output in outputs:
@@ -586,7 +596,8 @@ class Dispatcher:
                 # A processor produced a record that does not fit its schema: keep it, with why.
                 self._dead_letter_output(output, topic, exc)
                 continue
-            add(topic, output.partition, output.key.encode(), data, output, headers)
+            carried = headers if headers is not None and traced and output.cause_offset in traced else None
+            add(topic, output.partition, output.key.encode(), data, output, carried)
             counts[output.topic_key] = counts.get(output.topic_key, 0) + 1
         for key, count in counts.items():
             self.metrics.outputs.labels(key).inc(count)
