@@ -22,7 +22,6 @@ bin="$root/bin/jaeger"
 # OpenTelemetry-collector-based Jaeger (the v2 line), configured by a YAML file.
 module="github.com/jaegertracing/jaeger"
 version="v1.75.0"
-go="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
 otlp_port="${AIMA_JAEGER_OTLP_PORT:-4318}"
 query_port="${AIMA_JAEGER_QUERY_PORT:-16686}"
 timeout_s="${AIMA_JAEGER_START_TIMEOUT_S:-60}"
@@ -30,25 +29,12 @@ pidfile="$state/jaeger.pid"
 query="http://127.0.0.1:$query_port"
 otlp="http://127.0.0.1:$otlp_port"
 
+# shellcheck source=../lib/go-build.sh
+source "$here/../lib/go-build.sh"
+
 log() { printf '%s jaeger: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
-install() {
-  if [[ -x "$bin" && -f "$bin.version" && "$(cat "$bin.version")" == "$version" ]]; then return 0; fi
-  mkdir -p "$root/bin" "$root/go"
-  # One Go build at a time: CI starts it in the background while the tests may ask for it too.
-  exec 9>"$root/go/build.lock"
-  flock 9
-  if [[ -x "$bin" && -f "$bin.version" && "$(cat "$bin.version")" == "$version" ]]; then return 0; fi
-  local t0=$SECONDS
-  export GOMODCACHE="$root/go/mod" GOCACHE="$root/go/cache" GOFLAGS=-buildvcs=false
-  log "building jaeger $version (first time: several minutes)"
-  local dir
-  dir="$("$go" mod download -json "$module@$version" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
-  (cd "$dir" && nice -n 10 "$go" build -o "$bin.tmp" ./cmd/jaeger)
-  mv "$bin.tmp" "$bin"
-  echo "$version" > "$bin.version"
-  log "built $bin in $((SECONDS - t0)) s"
-}
+install() { go_tool_build jaeger "$bin" "$module" "$version" ./cmd/jaeger; }
 
 running() { [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
 

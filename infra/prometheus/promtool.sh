@@ -14,33 +14,14 @@ root="${AIMA_STATE_DIR:-$repo/.aima}"
 bin="$root/bin/promtool"
 module="github.com/prometheus/prometheus"
 version="v0.300.1"
-go="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
 
-log() { printf '%s promtool: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+# shellcheck source=../lib/go-build.sh
+source "$here/../lib/go-build.sh"
 
-built() { [[ -x "$bin" && -f "$bin.version" && "$(cat "$bin.version")" == "$version" ]]; }
-
-install() {
-  if built; then return 0; fi
-  mkdir -p "$root/bin" "$root/go"
-  # One Go build at a time (the lock seaweedfs.sh takes too): CI builds in the background.
-  exec 9>"$root/go/build.lock"
-  flock 9
-  if built; then return 0; fi
-  local t0=$SECONDS dir
-  export GOMODCACHE="$root/go/mod" GOCACHE="$root/go/cache" GOFLAGS=-buildvcs=false
-  log "building promtool $version (first time: minutes)"
-  # `go install promtool@<version>` refuses the module (its go.mod has exclude directives): download it
-  # and build inside it, where they apply.
-  dir="$("$go" mod download -json "$module@$version" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
-  (cd "$dir" && nice -n 10 "$go" build -o "$bin.tmp" ./cmd/promtool)
-  mv "$bin.tmp" "$bin"
-  echo "$version" > "$bin.version"
-  log "built $bin in $((SECONDS - t0)) s"
-}
+install() { go_tool_build promtool "$bin" "$module" "$version" ./cmd/promtool; }
 
 case "${1:-}" in
   install) install ;;
-  path) echo "$bin"; built ;;
+  path) echo "$bin"; go_tool_built "$bin" "$version" ;;
   *) echo "usage: $0 install|path" >&2; exit 2 ;;
 esac

@@ -21,7 +21,6 @@ bin="$root/bin/weed"
 # downloaded from the proxy and built in place. The newest pseudo-version the proxy serves here.
 module="github.com/seaweedfs/seaweedfs"
 version="v0.0.0-20261109003541-7506e5f91cd6"
-go="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
 port="${AIMA_S3_PORT:-8333}"
 access_key="${AIMA_S3_ACCESS_KEY:-aima}"
 timeout_s="${AIMA_S3_START_TIMEOUT_S:-60}"
@@ -29,25 +28,12 @@ bucket=aima-archive
 pidfile="$state/weed.pid"
 endpoint="http://127.0.0.1:$port"
 
+# shellcheck source=../lib/go-build.sh
+source "$here/../lib/go-build.sh"
+
 log() { printf '%s seaweedfs: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
-install() {
-  if [[ -x "$bin" && -f "$bin.version" && "$(cat "$bin.version")" == "$version" ]]; then return 0; fi
-  mkdir -p "$root/bin" "$root/go"
-  # One build at a time: CI starts it in the background while the tests may ask for it too.
-  exec 9>"$root/go/build.lock"
-  flock 9
-  if [[ -x "$bin" && -f "$bin.version" && "$(cat "$bin.version")" == "$version" ]]; then return 0; fi
-  local t0=$SECONDS
-  export GOMODCACHE="$root/go/mod" GOCACHE="$root/go/cache" GOFLAGS=-buildvcs=false
-  log "building weed $version (first time: several minutes)"
-  local dir
-  dir="$("$go" mod download -json "$module@$version" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
-  (cd "$dir" && nice -n 10 "$go" build -o "$bin.tmp" ./weed)
-  mv "$bin.tmp" "$bin"
-  echo "$version" > "$bin.version"
-  log "built $bin in $((SECONDS - t0)) s"
-}
+install() { go_tool_build seaweedfs "$bin" "$module" "$version" ./weed; }
 
 running() { [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
 
