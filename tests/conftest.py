@@ -322,13 +322,16 @@ def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JaegerService]:
         yield JaegerService(endpoint, os.environ["AIMA_TEST_JAEGER_QUERY_URL"])
         return
     script = INFRA / "jaeger" / "jaeger.sh"
+    state = {"AIMA_STATE_DIR": str(Settings().state_dir)}
+    # Built (or, while CI builds it in the background, waited for) before the ports are picked.
+    subprocess.run([script, "install"], env=dict(os.environ, **state), check=True)
     query_port = _free_port_pair()
     otlp_port = _free_port_pair()
     while otlp_port in (query_port, query_port + 1):
         otlp_port = _free_port_pair()
     env = dict(
         os.environ,
-        AIMA_STATE_DIR=str(Settings().state_dir),
+        **state,
         AIMA_JAEGER_RUN_DIR=str(tmp_path_factory.mktemp("jaeger")),
         AIMA_JAEGER_OTLP_PORT=str(otlp_port),
         AIMA_JAEGER_QUERY_PORT=str(query_port),
