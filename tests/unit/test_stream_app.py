@@ -102,7 +102,7 @@ def test_a_progress_record_with_the_old_offset_name_restores_and_the_next_one_sa
     assert resumed.state_offset == 41  # type: ignore[attr-defined]
     assert store["0#progress"] == {"wm": to_ms(newer), "offset": 42}
     changelog = route.bindings[0].changelog
-    written = [(key, value) for _, (key, value, _) in dispatcher.sender._records[changelog]]
+    written = [(key, value) for _, (key, value, *_) in dispatcher.sender._records[changelog]]
     assert written == [(b'"0#progress"', orjson.dumps({"wm": to_ms(newer), "offset": 42}))]
 
 
