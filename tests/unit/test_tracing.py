@@ -101,3 +101,29 @@ def test_at_ratio_zero_new_traces_are_dropped_but_sampled_parents_are_followed()
     assert tracing.context([(TRACEPARENT, b"00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-00")]) is None
     assert tracing.context([(TRACEPARENT, b"garbage")]) is None
     assert tracing.context([("other", b"x")]) is None
+
+
+def test_an_api_request_is_a_span_named_by_its_route_that_continues_the_callers_trace() -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from api.tracing import TracingMiddleware
+
+    tracing, exporter = _live(1.0)
+    app = FastAPI()
+
+    @app.get("/v1/things/{name}")
+    def thing(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    app.add_middleware(TracingMiddleware, tracing=tracing)
+    caller = tracing.publish_span("caller")
+    (header,) = tracing.headers(caller)
+    with TestClient(app) as client:
+        assert client.get("/v1/things/a", headers={"traceparent": header[1].decode()}).status_code == 200
+        assert client.get("/nowhere").status_code == 404
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    continued = spans["GET /v1/things/{name}"]
+    assert continued.parent.span_id == caller.get_span_context().span_id
+    assert continued.attributes["http.response.status_code"] == 200
+    assert spans["GET unmatched"].parent is None
