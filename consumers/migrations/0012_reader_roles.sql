@@ -56,57 +56,71 @@ $$;
 
 -- (Re)applies every reader grant and the per-project views of the current schema; a migration that
 -- re-creates a view the dashboards read calls it again (dropping a view drops its grants).
+-- What each reader group may SELECT, one row per relation; a migration that adds a relation a dashboard
+-- reads inserts its row and calls aima_reader_grants() (tests/integration/test_reader_access.py keeps the
+-- fleet rows equal to what the dashboards read). grant: 'fleet' (the fleet reader), 'shared' (the project
+-- reader too, as it is: no project data), 'by_project' (the project reader through a view of its rows).
+CREATE TABLE reader_relations (
+    relation text PRIMARY KEY,
+    fleet    boolean NOT NULL DEFAULT true,
+    shared   boolean NOT NULL DEFAULT false,
+    by_project boolean NOT NULL DEFAULT false
+);
+INSERT INTO reader_relations (relation) SELECT unnest(ARRAY[
+    'alert_history', 'anomalies', 'costs', 'rollups', 'gpu_samples', 'system_samples', 'job_events',
+    'job_timings', 'budgets', 'budget_forecast_eur', 'budget_utilization_percent', 'cost_estimated_eur',
+    'cuda_kernel_duration_seconds', 'gpu_ecc_corrected_errors', 'gpu_ecc_uncorrected_errors',
+    'gpu_energy_joules', 'gpu_hours', 'gpu_idle_hours', 'gpu_memory_bandwidth_utilization_percent',
+    'gpu_memory_clock_hz', 'gpu_memory_used_bytes', 'gpu_memory_utilization_percent',
+    'gpu_pcie_rx_bytes_per_second', 'gpu_pcie_tx_bytes_per_second', 'gpu_power_watts', 'gpu_sm_clock_hz',
+    'gpu_temperature_celsius', 'gpu_tensor_core_utilization_percent', 'gpu_utilization_percent',
+    'host_containers_running', 'host_cpu_utilization_percent', 'host_disk_used_bytes',
+    'host_memory_used_bytes', 'host_network_receive_bytes_per_second',
+    'host_network_transmit_bytes_per_second', 'job_batch_processing_seconds', 'job_cost_eur',
+    'job_cost_per_media_minute_eur', 'job_data_transfer_bytes', 'job_data_transfer_seconds',
+    'job_frame_processing_seconds', 'job_inference_seconds', 'job_model_load_seconds',
+    'job_queue_wait_seconds', 'k8s_pod_restarts', 'k8s_pod_status', 'queue_length_jobs']);
+-- Fleet relations without project data that the users dashboard reads as they are.
+UPDATE reader_relations SET shared = true WHERE relation IN (
+    'system_samples', 'gpu_utilization_percent', 'gpu_temperature_celsius', 'gpu_sm_clock_hz',
+    'host_cpu_utilization_percent', 'gpu_pcie_rx_bytes_per_second');
+-- The users dashboard's project relations, filtered by their project column.
+UPDATE reader_relations SET by_project = true WHERE relation IN (
+    'job_events', 'job_timings', 'costs', 'cost_estimated_eur', 'job_cost_eur',
+    'job_cost_per_media_minute_eur', 'job_queue_wait_seconds', 'job_frame_processing_seconds',
+    'job_inference_seconds', 'job_batch_processing_seconds', 'job_data_transfer_bytes',
+    'job_data_transfer_seconds', 'job_model_load_seconds');
+
+-- (Re)applies every reader grant and the per-project views of the current schema, from reader_relations;
+-- a migration that re-creates a view the dashboards read calls it again (dropping a view drops its grants).
 CREATE FUNCTION aima_reader_grants() RETURNS void LANGUAGE plpgsql AS $fn$
 DECLARE
     s       text := current_schema();
     mine    text := current_schema() || '_by_project';
     fleet   text := aima_reader_role('fleet');
     project text := aima_reader_role('project');
+    r       record;
     rel     text;
-    -- Every relation the dashboards read (tests/integration/test_reader_access.py keeps this in step).
-    fleet_relations text[] := ARRAY[
-        'alert_history', 'anomalies', 'costs', 'rollups', 'gpu_samples', 'system_samples', 'job_events',
-        'job_timings', 'budgets', 'budget_forecast_eur', 'budget_utilization_percent', 'cost_estimated_eur',
-        'cuda_kernel_duration_seconds', 'gpu_ecc_corrected_errors', 'gpu_ecc_uncorrected_errors',
-        'gpu_energy_joules', 'gpu_hours', 'gpu_idle_hours', 'gpu_memory_bandwidth_utilization_percent',
-        'gpu_memory_clock_hz', 'gpu_memory_used_bytes', 'gpu_memory_utilization_percent',
-        'gpu_pcie_rx_bytes_per_second', 'gpu_pcie_tx_bytes_per_second', 'gpu_power_watts', 'gpu_sm_clock_hz',
-        'gpu_temperature_celsius', 'gpu_tensor_core_utilization_percent', 'gpu_utilization_percent',
-        'host_containers_running', 'host_cpu_utilization_percent', 'host_disk_used_bytes',
-        'host_memory_used_bytes', 'host_network_receive_bytes_per_second',
-        'host_network_transmit_bytes_per_second', 'job_batch_processing_seconds', 'job_cost_eur',
-        'job_cost_per_media_minute_eur', 'job_data_transfer_bytes', 'job_data_transfer_seconds',
-        'job_frame_processing_seconds', 'job_inference_seconds', 'job_model_load_seconds',
-        'job_queue_wait_seconds', 'k8s_pod_restarts', 'k8s_pod_status', 'queue_length_jobs'];
-    -- Fleet relations without project data that the users dashboard reads as they are.
-    shared_relations text[] := ARRAY[
-        'system_samples', 'gpu_utilization_percent', 'gpu_temperature_celsius', 'gpu_sm_clock_hz',
-        'host_cpu_utilization_percent', 'gpu_pcie_rx_bytes_per_second'];
-    -- The users dashboard's project relations, filtered by their project column.
-    by_project text[] := ARRAY[
-        'job_events', 'job_timings', 'costs', 'cost_estimated_eur', 'job_cost_eur',
-        'job_cost_per_media_minute_eur', 'job_queue_wait_seconds', 'job_frame_processing_seconds',
-        'job_inference_seconds', 'job_batch_processing_seconds', 'job_data_transfer_bytes',
-        'job_data_transfer_seconds', 'job_model_load_seconds'];
     visible text := format('(SELECT r.project FROM %I.reader_projects r WHERE r.login = current_user)', mine);
 BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I, %I', s, fleet, project);
-    FOREACH rel IN ARRAY fleet_relations LOOP
-        EXECUTE format('GRANT SELECT ON %I.%I TO %I', s, rel, fleet);
-    END LOOP;
-    FOREACH rel IN ARRAY shared_relations LOOP
-        EXECUTE format('GRANT SELECT ON %I.%I TO %I', s, rel, project);
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', mine, project);
+    FOR r IN SELECT * FROM reader_relations ORDER BY relation LOOP
+        IF r.fleet THEN
+            EXECUTE format('GRANT SELECT ON %I.%I TO %I', s, r.relation, fleet);
+        END IF;
+        IF r.shared THEN
+            EXECUTE format('GRANT SELECT ON %I.%I TO %I', s, r.relation, project);
+        END IF;
+        IF r.by_project THEN
+            EXECUTE format('CREATE OR REPLACE VIEW %I.%I WITH (security_barrier) AS '
+                           'SELECT * FROM %I.%I WHERE project IN %s', mine, r.relation, s, r.relation, visible);
+            EXECUTE format('GRANT SELECT ON %I.%I TO %I', mine, r.relation, project);
+        END IF;
     END LOOP;
     -- gpu_samples without its process list (pids and names of every project's processes).
     EXECUTE format('GRANT SELECT (time, host, gpu, gpu_uuid, gpu_model, mig_instance, throttle_reasons) '
                    'ON %I.gpu_samples TO %I', s, project);
-
-    EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', mine, project);
-    FOREACH rel IN ARRAY by_project LOOP
-        EXECUTE format('CREATE OR REPLACE VIEW %I.%I WITH (security_barrier) AS '
-                       'SELECT * FROM %I.%I WHERE project IN %s', mine, rel, s, rel, visible);
-        EXECUTE format('GRANT SELECT ON %I.%I TO %I', mine, rel, project);
-    END LOOP;
     -- Kernel timings carry the job only: the jobs of the visible projects.
     EXECUTE format('CREATE OR REPLACE VIEW %I.cuda_kernel_duration_seconds WITH (security_barrier) AS '
                    'SELECT * FROM %I.cuda_kernel_duration_seconds WHERE job_id IN '

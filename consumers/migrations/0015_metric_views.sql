@@ -1,77 +1,13 @@
 -- Pod CPU and memory from the Kubernetes Metrics Server (seed §3.2), beside pod status (M21): PodStatus's
 -- optional fields cpu_usage_cores and memory_usage_bytes get their columns, the catalogue's
 -- k8s_pod_cpu_usage_cores and k8s_pod_memory_usage_bytes their views (generated below), and the fleet
--- reader of the admin dashboard, which draws them, its grant: migration 0012's aima_reader_grants() with
--- the two views added to the relations the dashboards read (the rest as there).
+-- reader of the admin dashboard, which draws them, its grant (their rows in migration 0012's
+-- reader_relations; aima_reader_grants() at the end applies them).
 ALTER TABLE pod_status
     ADD COLUMN cpu_usage_cores    double precision,
     ADD COLUMN memory_usage_bytes bigint;
 
-CREATE OR REPLACE FUNCTION aima_reader_grants() RETURNS void LANGUAGE plpgsql AS $fn$
-DECLARE
-    s       text := current_schema();
-    mine    text := current_schema() || '_by_project';
-    fleet   text := aima_reader_role('fleet');
-    project text := aima_reader_role('project');
-    rel     text;
-    -- Every relation the dashboards read (tests/integration/test_reader_access.py keeps this in step).
-    fleet_relations text[] := ARRAY[
-        'alert_history', 'anomalies', 'costs', 'rollups', 'gpu_samples', 'system_samples', 'job_events',
-        'job_timings', 'budgets', 'budget_forecast_eur', 'budget_utilization_percent', 'cost_estimated_eur',
-        'cuda_kernel_duration_seconds', 'gpu_ecc_corrected_errors', 'gpu_ecc_uncorrected_errors',
-        'gpu_energy_joules', 'gpu_hours', 'gpu_idle_hours', 'gpu_memory_bandwidth_utilization_percent',
-        'gpu_memory_clock_hz', 'gpu_memory_used_bytes', 'gpu_memory_utilization_percent',
-        'gpu_pcie_rx_bytes_per_second', 'gpu_pcie_tx_bytes_per_second', 'gpu_power_watts', 'gpu_sm_clock_hz',
-        'gpu_temperature_celsius', 'gpu_tensor_core_utilization_percent', 'gpu_utilization_percent',
-        'host_containers_running', 'host_cpu_utilization_percent', 'host_disk_used_bytes',
-        'host_memory_used_bytes', 'host_network_receive_bytes_per_second',
-        'host_network_transmit_bytes_per_second', 'job_batch_processing_seconds', 'job_cost_eur',
-        'job_cost_per_media_minute_eur', 'job_data_transfer_bytes', 'job_data_transfer_seconds',
-        'job_frame_processing_seconds', 'job_inference_seconds', 'job_model_load_seconds',
-        'job_queue_wait_seconds', 'k8s_pod_restarts', 'k8s_pod_status', 'queue_length_jobs',
-        'k8s_pod_cpu_usage_cores', 'k8s_pod_memory_usage_bytes'];
-    -- Fleet relations without project data that the users dashboard reads as they are.
-    shared_relations text[] := ARRAY[
-        'system_samples', 'gpu_utilization_percent', 'gpu_temperature_celsius', 'gpu_sm_clock_hz',
-        'host_cpu_utilization_percent', 'gpu_pcie_rx_bytes_per_second'];
-    -- The users dashboard's project relations, filtered by their project column.
-    by_project text[] := ARRAY[
-        'job_events', 'job_timings', 'costs', 'cost_estimated_eur', 'job_cost_eur',
-        'job_cost_per_media_minute_eur', 'job_queue_wait_seconds', 'job_frame_processing_seconds',
-        'job_inference_seconds', 'job_batch_processing_seconds', 'job_data_transfer_bytes',
-        'job_data_transfer_seconds', 'job_model_load_seconds'];
-    visible text := format('(SELECT r.project FROM %I.reader_projects r WHERE r.login = current_user)', mine);
-BEGIN
-    EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I, %I', s, fleet, project);
-    FOREACH rel IN ARRAY fleet_relations LOOP
-        EXECUTE format('GRANT SELECT ON %I.%I TO %I', s, rel, fleet);
-    END LOOP;
-    FOREACH rel IN ARRAY shared_relations LOOP
-        EXECUTE format('GRANT SELECT ON %I.%I TO %I', s, rel, project);
-    END LOOP;
-    -- gpu_samples without its process list (pids and names of every project's processes).
-    EXECUTE format('GRANT SELECT (time, host, gpu, gpu_uuid, gpu_model, mig_instance, throttle_reasons) '
-                   'ON %I.gpu_samples TO %I', s, project);
-
-    EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', mine, project);
-    FOREACH rel IN ARRAY by_project LOOP
-        EXECUTE format('CREATE OR REPLACE VIEW %I.%I WITH (security_barrier) AS '
-                       'SELECT * FROM %I.%I WHERE project IN %s', mine, rel, s, rel, visible);
-        EXECUTE format('GRANT SELECT ON %I.%I TO %I', mine, rel, project);
-    END LOOP;
-    -- Kernel timings carry the job only: the jobs of the visible projects.
-    EXECUTE format('CREATE OR REPLACE VIEW %I.cuda_kernel_duration_seconds WITH (security_barrier) AS '
-                   'SELECT * FROM %I.cuda_kernel_duration_seconds WHERE job_id IN '
-                   '(SELECT t.job_id FROM %I.job_timings t WHERE t.project IN %s)', mine, s, s, visible);
-    -- Alerts of the visible projects and those of no project (a hot GPU, a queue backlog).
-    EXECUTE format('CREATE OR REPLACE VIEW %I.alert_history WITH (security_barrier) AS '
-                   'SELECT * FROM %I.alert_history WHERE labels->>''project'' IS NULL '
-                   'OR labels->>''project'' IN %s', mine, s, visible);
-    FOR rel IN SELECT unnest(ARRAY['cuda_kernel_duration_seconds', 'alert_history']) LOOP
-        EXECUTE format('GRANT SELECT ON %I.%I TO %I', mine, rel, project);
-    END LOOP;
-END
-$fn$;
+INSERT INTO reader_relations (relation) VALUES ('k8s_pod_cpu_usage_cores'), ('k8s_pod_memory_usage_bytes');
 
 -- Generated by consumers/gen_views.py from bus/catalogue.py; do not edit: generate a new one.
 -- Drops the views an earlier generation made (marked by their comment), then creates them anew; first the
