@@ -107,6 +107,7 @@ POLICIES: tuple[Policy, ...] = (
 KEPT_FOREVER = {
     "api_tokens": "credentials' state: a token is revoked or expires by its own expires_at, never deleted",
     "retention_policies": "this table's copy for the SQL side",
+    "reader_relations": "what the dashboards' read-only roles may read (migration 0012)",
     "schema_migrations": "the migrations applied",
 }
 """Tables no retention touches, and why."""
