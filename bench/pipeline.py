@@ -41,6 +41,7 @@ from typing import Any
 
 import psycopg
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
@@ -90,41 +91,31 @@ def postgres_pids(conn: psycopg.Connection, since: datetime) -> list[int]:
     return [row[0] for row in rows]
 
 
-@dataclass
 class Lag:
-    """Committed offsets of each group against the topics' end offsets, sampled over time."""
+    """Committed offsets of each group against the topics' end offsets, sampled over time, with the
+    caller's admin client and a consumer that only reads end offsets."""
 
-    settings: Settings
-    groups: dict[str, list[str]]
-    """group id -> topic names it reads"""
-    samples: list[tuple[float, dict[str, int], dict[str, int]]] = field(default_factory=list)
-    """(monotonic time, lag per group, committed records per group)"""
+    def __init__(self, client: AdminClient, reader: Consumer, groups: dict[str, list[str]]) -> None:
+        self.client, self.reader = client, reader
+        self.groups = groups
+        """group id -> topic names it reads"""
+        self.samples: list[tuple[float, dict[str, int], dict[str, int]]] = []
+        """(monotonic time, lag per group, committed records per group)"""
 
     def sample(self) -> None:
-        client = self._admin = getattr(self, "_admin", None) or admin(self.settings)
         lag, done = {}, {}
-        meta = client.list_topics(timeout=10).topics
+        meta = self.client.list_topics(timeout=10).topics
         for group, topics in self.groups.items():
             partitions = [TopicPartition(t, p) for t in topics if t in meta for p in meta[t].partitions]
             request = [ConsumerGroupTopicPartitions(group, partitions)]
-            committed = client.list_consumer_group_offsets(request)[group].result().topic_partitions
-            ends = self._end_offsets(partitions)
+            committed = self.client.list_consumer_group_offsets(request)[group].result().topic_partitions
+            ends = {
+                (tp.topic, tp.partition): self.reader.get_watermark_offsets(tp, timeout=10)[1]
+                for tp in partitions
+            }
             lag[group] = sum(ends[(c.topic, c.partition)] - max(c.offset, 0) for c in committed)
             done[group] = sum(max(c.offset, 0) for c in committed)
         self.samples.append((time.monotonic(), lag, done))
-
-    def _end_offsets(self, partitions: list[TopicPartition]) -> dict[tuple[str, int], int]:
-        if getattr(self, "_reader", None) is None:
-            group = {"group.id": f"lag-{uuid.uuid4().hex[:6]}"}
-            self._reader = Consumer(client_config(self.settings, **group))
-        return {
-            (tp.topic, tp.partition): self._reader.get_watermark_offsets(tp, timeout=10)[1]
-            for tp in partitions
-        }
-
-    def close(self) -> None:
-        if getattr(self, "_reader", None) is not None:
-            self._reader.close()
 
 
 class Processes:
@@ -216,7 +207,7 @@ def usage_now(procs: Processes, conn: psycopg.Connection, since: datetime) -> di
 
 
 def capacity(
-    settings: Settings, procs: Processes, lag: Lag, conn: psycopg.Connection, since: datetime, total: int
+    procs: Processes, lag: Lag, conn: psycopg.Connection, since: datetime, total: int
 ) -> dict[str, Any]:
     """Until every group has committed all ``total`` records (or 15 minutes pass): the window in which
     every group was busy, its per-group rates and the CPU spent in it."""
@@ -390,9 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     since = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         procs = Processes(settings, url, args.workers, Path(tmp))
-        lag = Lag(settings, {procs.app_id: app_topics, procs.sink_group: sink_topics})
+        reader = Consumer(client_config(settings, **{"group.id": f"lag-{uuid.uuid4().hex[:6]}"}))
+        lag = Lag(admin(settings), reader, {procs.app_id: app_topics, procs.sink_group: sink_topics})
         try:
-            measured = capacity(settings, procs, lag, conn, since, total)
+            measured = capacity(procs, lag, conn, since, total)
             drain(procs, lag)
             gpu_share = counts["gpu.samples"] / total
             gpu_rate = min(measured["rates"].values()) * gpu_share
@@ -404,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                 app_outputs.update(_scrape(port))
         finally:
             codes = procs.stop()
-            lag.close()
+            reader.close()
             drop_topics(settings, procs.app_id)
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
     report = render(args, counts, measured, lived, codes, app_outputs)
