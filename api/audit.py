@@ -36,7 +36,17 @@ __all__ = ["AUDITED_PREFIXES", "AuditMiddleware", "AuditRecord", "action", "chan
 
 log = logging.getLogger(__name__)
 
-AUDITED_PREFIXES = ("/metrics", "/alerts", "/costs", "/budgets", "/silences", "/audit")
+AUDITED_PREFIXES = (
+    "/metrics",
+    "/alerts",
+    "/costs",
+    "/budgets",
+    "/silences",
+    "/audit",
+    "/fleet",
+    "/jobs",
+    "/whoami",
+)
 _SCOPE_KEY = "aima.audit"
 _MAX_PARAMS = 50
 
