@@ -179,7 +179,12 @@ def processes(settings: Settings, local: LocalStackSettings, gpu: bool | None = 
                 "AIMA_WEBHOOK_KEY": key,
             },
         ),
-        Process("api", ("api",), base + 4, address=f"http://127.0.0.1:{api_port}/docs"),
+        Process(
+            "api",
+            ("api",),
+            base + 4,
+            address=f"web console http://127.0.0.1:{api_port}/ui/ (API docs at /docs)",
+        ),
         Process("system-collector", ("collect", "system"), base + 5),
         Process(
             "gpu-collector",
