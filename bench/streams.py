@@ -32,6 +32,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
+from collections.abc import Mapping
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -160,14 +161,22 @@ def _scrape(port: int) -> dict[str, float]:
 
 
 def app(
-    settings: Settings, app_id: str, total: int, workers: int, batch_max: int, log_dir: Path
+    settings: Settings,
+    app_id: str,
+    total: int,
+    workers: int,
+    batch_max: int,
+    log_dir: Path,
+    env: Mapping[str, str] | None = None,
 ) -> dict[str, float]:
     """Run the app's workers until they have processed ``total`` records; returns their counters and the
-    measured seconds (first batch seen to last)."""
+    measured seconds (first batch seen to last). ``env``: more environment for the workers (e.g. tracing),
+    given here rather than in ``os.environ`` so that two runs can go side by side from two threads."""
+    extra = dict(env or {})
     ports = [_free_port() for _ in range(workers)]
     procs = []
     for index, port in enumerate(ports):
-        env = dict(
+        worker_env = dict(
             os.environ,
             PYTHONPATH=str(REPO),
             AIMA_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
@@ -178,10 +187,11 @@ def app(
             AIMA_STREAMS_BATCH_MAX=str(batch_max),
             AIMA_STREAMS_LOG_LEVEL="warn",
         )
+        worker_env.update(extra)
         log = (log_dir / f"worker{index}.log").open("wb")
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "streams.main"], env=env, cwd=REPO, stdout=log, stderr=log
+                [sys.executable, "-m", "streams.main"], env=worker_env, cwd=REPO, stdout=log, stderr=log
             )
         )
     try:

@@ -3,10 +3,11 @@ the same run, on the two stages a trace touches per record.
 
 - publish: the collector's Publisher (validate, encode, produce to the real broker) of ``--gpu-samples``
   simulator GpuSamples, timed to the last acknowledgement; off into one prefix, at ``--ratio`` into another
-  (so about 1 % of those records carry a ``traceparent`` header), the rounds alternating.
+  (so about 1 % of those records carry a ``traceparent`` header), the two side by side in two processes.
 - stream app: ``python -m streams.main`` (every default processor, bench/streams.py's ``app``) over each
-  prefix, off over the untraced records and with tracing on over the traced ones, the rounds alternating;
-  timed from its first reported batch to its last, as bench/streams.py does.
+  prefix, off over the untraced records and with tracing on over the traced ones, the two workers side by
+  side in each round (so both meet the same load of the machine); timed from its first reported batch to
+  its last, as bench/streams.py does.
 
 Spans go to a real OTLP backend: ``--endpoint``, else the project's Jaeger (infra/jaeger/jaeger.sh, on its
 default ports; started and stopped here). Target (issue): tracing at 1 % under 3 % slower than off.
@@ -14,12 +15,20 @@ Writes ``bench/results/tracing-<date>.md``.
 
     .venv/bin/python bench/tracing.py                    # 200,000 GPU samples, 2 rounds
     .venv/bin/python bench/tracing.py --gpu-samples 50000 --rounds 1
+    .venv/bin/python bench/tracing.py --py-spy /path/to/py-spy     # also: where the worker's time goes
+
+With ``--py-spy`` (a py-spy binary: ``pip install py-spy``, not a project dependency) each stream worker
+is sampled without being paused, and the report gives the share of its samples in tracing code
+(OpenTelemetry and bus/tracing.py, in any thread): the cost tracing adds to the worker, measured inside
+one run and so much less disturbed by the machine's other load than a difference of two runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -63,9 +72,9 @@ class WorkerCpu(threading.Thread):
     event counter (on its metrics port) every 0.2 s: the CPU seconds it spent between its first batch and
     the last, per record, depend much less on the other load of a shared machine than its rate does."""
 
-    def __init__(self, app_id: str, total: int) -> None:
+    def __init__(self, app_id: str, total: int, profile: Profile | None = None) -> None:
         super().__init__(daemon=True)
-        self.app_id, self.total = app_id, total
+        self.app_id, self.total, self.profile = app_id, total, profile
         self.samples: list[tuple[float, float]] = []  # (events, cpu seconds)
         self.done = threading.Event()
 
@@ -105,6 +114,8 @@ class WorkerCpu(threading.Thread):
                 if line.startswith("aima_stream_events_total{")
             )
             self.samples.append((events, cpu))
+            if events > 0 and self.profile is not None and not self.profile.attached:
+                self.profile.attach(pid)  # from the first batch on, as the CPU per record
             if events >= self.total:
                 return
             time.sleep(0.2)
@@ -116,6 +127,81 @@ class WorkerCpu(threading.Thread):
         if started is None or ended is None or ended[0] <= started[0]:
             return float("nan")
         return (ended[1] - started[1]) / (ended[0] - started[0]) * 1e6
+
+
+TRACING_FRAMES = ("opentelemetry", "bus/tracing.py", "_traced_records", "_batch_span")
+"""A sampled stack with one of these in a frame is tracing's: the SDK and exporter (their own thread
+included), the project's wrapper, and the stream app's two tracing helpers."""
+
+
+class Profile:
+    """py-spy sampling one worker (``--nonblocking``: the worker is never paused), as collapsed stacks."""
+
+    def __init__(self, py_spy: Path, out: Path) -> None:
+        self.py_spy, self.out = py_spy, out
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def attached(self) -> bool:
+        return self._proc is not None
+
+    def attach(self, pid: int) -> None:
+        self._proc = subprocess.Popen(
+            [
+                str(self.py_spy),
+                "record",
+                "--pid",
+                str(pid),
+                "--format",
+                "raw",
+                "--rate",
+                "250",
+                "--nonblocking",
+                "--output",
+                str(self.out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGINT)
+            try:
+                self._proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+
+    def shares(self) -> tuple[float, int, dict[str, float]]:
+        """(share of samples in tracing code, samples in all, share of each tracing frame's own samples:
+        the innermost tracing frame of a stack)."""
+        total = traced = 0
+        own: dict[str, int] = {}
+        if not self.out.exists():
+            return float("nan"), 0, {}
+        for line in self.out.read_text().splitlines():
+            stack, _, count_text = line.rpartition(" ")
+            if not count_text.isdigit():
+                continue
+            count = int(count_text)
+            total += count
+            frames = stack.split(";")
+            hits = [f for f in frames if any(marker in f for marker in TRACING_FRAMES)]
+            if hits:
+                traced += count
+                top = _frame_name(hits[-1])
+                own[top] = own.get(top, 0) + count
+        if not total:
+            return float("nan"), 0, {}
+        top = dict(sorted(((k, v / total) for k, v in own.items()), key=lambda kv: -kv[1])[:8])
+        return traced / total, total, top
+
+
+def _frame_name(frame: str) -> str:
+    """``func (.../package/module.py:12)`` -> ``func (package/module.py)``."""
+    function, _, where = frame.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    return f"{function} ({'/'.join(Path(path).parts[-2:])})"
 
 
 def publish(settings: Settings, records: list[tuple[str, dict]], tracing) -> tuple[float, float]:
@@ -133,6 +219,78 @@ def publish(settings: Settings, records: list[tuple[str, dict]], tracing) -> tup
     return time.perf_counter() - t0, (time.process_time() - cpu0) / len(records) * 1e6
 
 
+_FORK = multiprocessing.get_context("fork")
+
+
+class PublishRun:
+    """One Publisher in a forked process publishing ``records`` once ``go`` is set, tracing at the ratio
+    of ``env`` when given (opened in the child: an exporter's thread does not survive a fork)."""
+
+    def __init__(
+        self, settings: Settings, records: list[tuple[str, dict]], env: dict[str, str] | None
+    ) -> None:
+        self.go = _FORK.Event()
+        self._results = _FORK.Queue()
+        self._process = _FORK.Process(target=self._main, args=(settings, records, env), daemon=True)
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def start(self) -> None:
+        self._process.start()
+
+    def _main(self, settings: Settings, records: list[tuple[str, dict]], env: dict[str, str] | None) -> None:
+        tracing = open_tracing("aima-bench", TracingSettings.from_environ(env)) if env else OFF
+        self.go.wait()
+        try:
+            self._results.put(publish(settings, records, tracing))
+        except Exception as exc:  # handed to the parent, which raises it
+            self._results.put(exc)
+        tracing.flush(10)
+
+    def result(self) -> tuple[float, float]:
+        """(seconds, CPU microseconds per record) of the child's publish."""
+        got = self._results.get(timeout=900)
+        self._process.join(30)
+        if isinstance(got, Exception):
+            raise RuntimeError(f"a publishing process failed: {got!r}")
+        return got
+
+
+class StreamRun(threading.Thread):
+    """One stream worker (every default processor) over ``settings``' topics until it has read ``total``
+    records, with its CPU sampled (and profiled with ``py_spy`` when given)."""
+
+    def __init__(
+        self, mode: str, settings: Settings, total: int, tmp: Path, py_spy: Path | None, env: dict[str, str]
+    ) -> None:
+        super().__init__(daemon=True)
+        self.mode, self.settings, self.total = mode, settings, total
+        self.app_id = f"bench-{uuid.uuid4().hex[:8]}"
+        self.log_dir = tmp / self.app_id
+        self.env = dict(env, AIMA_OTEL_SERVICE_NAME="aima-bench-streams") if env else {}
+        kept = Path(tempfile.gettempdir()) / f"bench-tracing-{self.app_id}-{mode}.py-spy.txt"
+        self.profile = Profile(py_spy, kept) if py_spy else None
+        self.cpu = WorkerCpu(self.app_id, total, self.profile)
+        self.rate = float("nan")
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        self.log_dir.mkdir()
+        self.cpu.start()
+        try:
+            measured = app(self.settings, self.app_id, self.total, 1, 10000, self.log_dir, self.env)
+            self.rate = measured["measured_events"] / measured["seconds"]
+        except BaseException as exc:  # handed to the main thread, which raises it
+            self.error = exc
+        finally:
+            self.cpu.done.set()
+            self.cpu.join(5)
+            if self.profile is not None:
+                self.profile.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -141,6 +299,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.01)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--endpoint", help="OTLP/HTTP endpoint (default: start the project's Jaeger)")
+    parser.add_argument("--py-spy", type=Path, help="a py-spy binary: profile each stream worker with it")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"tracing-{date.today()}.md")
     args = parser.parse_args()
 
@@ -155,7 +314,6 @@ def main() -> None:
         "AIMA_OTEL_SAMPLE_RATIO": str(args.ratio),
         "AIMA_OTEL_SERVICE_NAME": "aima-bench",
     }
-    tracing = open_tracing("aima-bench", TracingSettings.from_environ(env))
     records = samples(args.gpu_samples)
     off_settings = Settings(topic_prefix=f"bench{uuid.uuid4().hex[:6]}.")
     on_settings = Settings(topic_prefix=f"bench{uuid.uuid4().hex[:6]}.")
@@ -166,41 +324,62 @@ def main() -> None:
     app_rates: dict[str, list[float]] = {"off": [], "on": []}
     app_cpu: dict[str, list[float]] = {"off": [], "on": []}
     app_ids: list[str] = []
+    profiled: dict[str, list[tuple[float, int, dict[str, float]]]] = {"off": [], "on": []}
+    publish_profiled: dict[str, list[tuple[float, int, dict[str, float]]]] = {"off": [], "on": []}
     try:
-        # Each round publishes the records once more into each prefix, alternating which goes first.
+        # Each round publishes the records once more into each prefix, off and on side by side in two
+        # processes (forked, so both hold the same records), for the reason the stream workers do.
         for round_ in range(args.rounds):
-            order = [("off", off_settings, OFF), ("on", on_settings, tracing)]
-            for mode, settings, chosen in order if round_ % 2 == 0 else order[::-1]:
-                seconds, cpu_us = publish(settings, records, chosen)
+            children = {
+                mode: PublishRun(settings, records, env if mode == "on" else None)
+                for mode, settings in (("off", off_settings), ("on", on_settings))
+            }
+            profiles = {}
+            for mode, child in children.items():
+                child.start()
+                if args.py_spy:
+                    kept = Path(tempfile.gettempdir()) / f"bench-tracing-publish-{round_}-{mode}.py-spy.txt"
+                    profiles[mode] = Profile(args.py_spy, kept)
+                    profiles[mode].attach(child.pid)
+            for child in children.values():
+                child.go.set()
+            for mode, child in children.items():
+                seconds, cpu_us = child.result()
+                if mode in profiles:
+                    profiles[mode].stop()
+                    publish_profiled[mode].append(profiles[mode].shares())
                 publish_rates[mode].append(len(records) / seconds)
                 publish_cpu[mode].append(cpu_us)
                 print(f"publish, tracing {mode}: {len(records) / seconds:,.0f}/s, {cpu_us:.1f} us CPU/record")
-        tracing.flush(10)
         total = len(records) * args.rounds
         with tempfile.TemporaryDirectory(prefix="bench-tracing-") as tmp:
-            for round_ in range(args.rounds):
-                order = [("off", off_settings), ("on", on_settings)]
-                for mode, settings in order if round_ % 2 == 0 else order[::-1]:
-                    app_id = f"bench-{uuid.uuid4().hex[:8]}"
-                    app_ids.append(app_id)
-                    saved = dict(os.environ)
-                    if mode == "on":
-                        os.environ.update(env, AIMA_OTEL_SERVICE_NAME="aima-bench-streams")
-                    log_dir = Path(tmp) / app_id
-                    log_dir.mkdir()
-                    cpu = WorkerCpu(app_id, total)
-                    cpu.start()
-                    try:
-                        measured = app(settings, app_id, total, 1, 10000, log_dir)
-                    finally:
-                        os.environ.clear()
-                        os.environ.update(saved)
-                        cpu.done.set()
-                        cpu.join(5)
-                    rate = measured["measured_events"] / measured["seconds"]
-                    app_rates[mode].append(rate)
-                    app_cpu[mode].append(cpu.us_per_record())
-                    print(f"stream app, tracing {mode}: {rate:,.0f}/s, {app_cpu[mode][-1]:.1f} us CPU/record")
+            for _ in range(args.rounds):
+                # Off and on side by side, one worker each: both see the same load of the machine at the
+                # same moment, which runs one after the other do not (their CPU per record drifted by
+                # ±20 % between rounds on a shared machine).
+                runs = {
+                    mode: StreamRun(
+                        mode, settings, total, Path(tmp), args.py_spy, env if mode == "on" else {}
+                    )
+                    for mode, settings in (("off", off_settings), ("on", on_settings))
+                }
+                app_ids.extend(run.app_id for run in runs.values())
+                for run in runs.values():
+                    run.start()
+                for run in runs.values():
+                    run.join()
+                for mode, run in runs.items():
+                    if run.error is not None:
+                        raise run.error
+                    app_rates[mode].append(run.rate)
+                    app_cpu[mode].append(run.cpu.us_per_record())
+                    if run.profile is not None:
+                        profiled[mode].append(run.profile.shares())
+                        print(f"py-spy stacks of the worker, tracing {mode}: {run.profile.out}")
+                    print(
+                        f"stream app, tracing {mode}: {run.rate:,.0f}/s, "
+                        f"{app_cpu[mode][-1]:.1f} us CPU/record"
+                    )
     finally:
         for settings in (off_settings, on_settings):
             for app_id in app_ids or ["-none-"]:
@@ -218,12 +397,13 @@ def main() -> None:
 
     report = f"""# Tracing overhead, {date.today()}
 
-Machine: {machine()}; Kafka 4.1 (KRaft, one local broker on the same machine); spans to Jaeger v1.75.0
-(infra/jaeger/jaeger.sh) over OTLP/HTTP.
+Machine: {machine()}; Kafka 4.1 (KRaft, one local broker on the same machine); spans over OTLP/HTTP
+to {"Jaeger (infra/jaeger/jaeger.sh)" if started_jaeger else endpoint}.
 Command: `.venv/bin/python bench/tracing.py --gpu-samples {args.gpu_samples} --ratio {args.ratio:g} \
 --rounds {args.rounds}`
 
-{len(records):,} simulator GpuSamples per round and prefix, {args.rounds} round(s), off and on alternating.
+{len(records):,} simulator GpuSamples per round and prefix, {args.rounds} round(s): off and on side
+by side in each round, two Publisher processes, then two stream workers.
 
 | stage (median of the rounds) | tracing off | tracing at {args.ratio:.0%} | change | each round (off/on) |
 |---|---:|---:|---:|---|
@@ -237,10 +417,34 @@ CPU time per record is the figure that load disturbs least (for the rates, highe
 lower).
 
 Target: under 3 % slower with tracing at 1 %.
-"""
+{profile_report(profiled, "the stream worker's", "every thread")}\
+{profile_report(publish_profiled, "the Publisher's", "its Python threads, not librdkafka's")}"""
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     print(report)
+
+
+def profile_report(
+    profiled: dict[str, list[tuple[float, int, dict[str, float]]]], whose: str, threads: str
+) -> str:
+    if not profiled["on"]:
+        return ""
+    rows = []
+    for mode in ("off", "on"):
+        for round_, (share, samples_, top) in enumerate(profiled[mode], 1):
+            frames = "; ".join(f"{name} {part:.2%}" for name, part in top.items()) or "-"
+            rows.append(f"| {mode} | {round_} | {samples_:,} | {share:.2%} | {frames} |")
+    table = "\n".join(rows)
+    return f"""
+## Where {whose} time goes (py-spy, `--nonblocking`, 250 samples/s, {threads})
+
+Share of the samples with a tracing frame in the stack (OpenTelemetry, bus/tracing.py, the stream app's
+`_traced_records` and `_batch_span`); the innermost such frame of each stack names the part.
+
+| tracing | round | samples | in tracing code | largest parts |
+|---|---:|---:|---:|---|
+{table}
+"""
 
 
 if __name__ == "__main__":

@@ -184,10 +184,12 @@ class _Live(Tracing):
     def sample(self) -> bool:
         # The sampler's own decision (TraceIdRatioBased: the trace id's low 64 bits under the bound), taken
         # before the SDK makes a span: at 1 % the other 99 publishes cost a random draw, not a span.
-        trace_id = random.getrandbits(128) or 1
-        if trace_id & _TRACE_ID_LIMIT >= self._bound:
+        # The low half first: the 99 % that are not sampled stop at one 64-bit draw (a profile of the
+        # Publisher put the 128-bit draw at half of what tracing cost it).
+        low = _draw(64)
+        if low >= self._bound:
             return False
-        self._ids.next_trace_id(trace_id)
+        self._ids.next_trace_id((_draw(64) << 64 | low) or 1)
         return True
 
     def publish_span(self, name: str, attributes: Mapping[str, Any] | None = None) -> Any:
@@ -248,8 +250,7 @@ class _Live(Tracing):
         self._provider.force_flush(int(timeout_s * 1000))
 
 
-_TRACE_ID_LIMIT = (1 << 64) - 1
-"""The part of a trace id TraceIdRatioBased compares with its bound."""
+_draw = random.getrandbits
 
 
 class _DrawnFirst:
