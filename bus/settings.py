@@ -185,7 +185,11 @@ class Settings(AimaSettings):
         description="librdkafka debug contexts for every confluent-kafka client (e.g. `cgrp,fetch`), logged "
         "at debug level: for diagnosing a client that misbehaves, never for a normal run",
     )
-    topic_prefix: str = Field("aima.", description="prefix of every topic name")
+    topic_prefix: str = Field(
+        "aima.",
+        description="prefix of every topic name; under another prefix the sink and the notifier consume as "
+        "`<prefix>sink` and `<prefix>notify` (under `aima.`: `aima-sink`, `aima-notify`)",
+    )
     topic_replication: int = Field(1, description="replication factor of the topics this project creates")
     schema_dir: Path | None = described(
         None,

@@ -66,6 +66,18 @@ TOPICS: tuple[TopicSpec, ...] = (
 BY_KEY = {spec.key: spec for spec in TOPICS}
 
 
+DEFAULT_PREFIX = "aima."
+
+
+def consumer_group(settings: Settings, role: str) -> str:
+    """The consumer group of a ``role`` (``sink``, ``notify``) for this deployment's topics: ``aima-<role>``
+    under the default prefix (the name groups have always had, so their committed offsets stay where
+    they are), ``<prefix><role>`` under any other, so two stacks sharing a broker under different
+    prefixes never join one group and rebalance each other."""
+    prefix = settings.topic_prefix
+    return f"aima-{role}" if prefix == DEFAULT_PREFIX else f"{prefix}{role}"
+
+
 def topic_name(settings: Settings, key: str) -> str:
     """The full topic name for a catalogue key, e.g. ``gpu.samples`` -> ``aima.gpu.samples``."""
     try:

@@ -63,7 +63,7 @@ from bus.kafka import client_config, quiet_config
 from bus.runtime import Service, bounded_call
 from bus.selective_storage import SelectiveStorage
 from bus.settings import Settings
-from bus.topics import BY_KEY, topic_name
+from bus.topics import BY_KEY, consumer_group, topic_name
 from bus.tracing import OFF, Tracing, open_tracing
 from bus.validation import FUTURE_EVENT_TIME, ColumnValidator, EventTimeGuard, Validator
 from consumers.settings import ArchiveSettings, RetentionSettings
@@ -815,7 +815,7 @@ def open_sink(
     *,
     codec: Codec | None = None,
     topics: Sequence[str] = DEFAULT_TOPICS,
-    group_id: str = "aima-sink",
+    group_id: str | None = None,
     consumer_config: dict[str, Any] | None = None,
     **options: Any,
 ) -> Sink:
@@ -843,7 +843,7 @@ def open_sink(
         config = client_config(
             settings,
             **{
-                "group.id": group_id,
+                "group.id": group_id or consumer_group(settings, "sink"),
                 "client.id": "aima-sink",
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
@@ -877,7 +877,7 @@ def run(
     service: Service | None = None,
     batch_max: int = 5000,
     batch_timeout_s: float = 1.0,
-    group_id: str = "aima-sink",
+    group_id: str | None = None,
     topics: Sequence[str] | None = None,
     schema: str | None = None,
     registry: CollectorRegistry | None = None,

@@ -52,7 +52,7 @@ from bus.kafka import client_config, quiet_config
 from bus.runtime import Service, bounded_call
 from bus.settings import Settings
 from bus.silences import Silence, active_silences, silenced_by
-from bus.topics import topic_name
+from bus.topics import consumer_group, topic_name
 from bus.tracing import OFF, Tracing, open_tracing
 from consumers.notify import channels as channel_factory
 from consumers.notify.channels.base import Channel
@@ -81,7 +81,7 @@ def run(
     service: Service | None = None,
     config: NotifyConfig | None = None,
     schema: str | None = None,
-    group_id: str = "aima-notify",
+    group_id: str | None = None,
     tracing: Tracing | None = None,
 ) -> None:
     """Run until ``service.stopping`` is set (SIGTERM/SIGINT when this call makes and starts the service,
@@ -126,7 +126,7 @@ def open_notifier(
     config: NotifyConfig,
     *,
     schema: str | None = None,
-    group_id: str = "aima-notify",
+    group_id: str | None = None,
     consumer_config: dict[str, Any] | None = None,
     **options: Any,
 ) -> Notifier:
@@ -136,6 +136,7 @@ def open_notifier(
     fails, what was opened before it is closed before the error goes on. ``options``: the rest of
     :class:`Notifier`'s keyword arguments."""
     dsn = settings.database_dsn()  # fails first, with a clear message, when no database is configured
+    group_id = group_id or consumer_group(settings, "notify")
     with contextlib.ExitStack() as opened:
         codec = Codec.from_settings(settings)
         http = httpx.Client(

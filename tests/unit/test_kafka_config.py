@@ -21,3 +21,13 @@ def test_kafka_debug_turns_on_librdkafkas_debug_contexts_and_lets_their_lines_th
     assert config["debug"] == "cgrp,fetch"
     assert config["log_level"] == 7
     assert logging.getLogger("librdkafka.unit-debug").isEnabledFor(logging.DEBUG)
+
+
+def test_the_consumer_groups_of_two_prefixes_differ_and_the_default_keeps_its_old_name() -> None:
+    from bus.topics import consumer_group
+
+    assert consumer_group(Settings(topic_prefix="aima."), "sink") == "aima-sink"
+    assert consumer_group(Settings(topic_prefix="aima."), "notify") == "aima-notify"
+    staging = consumer_group(Settings(topic_prefix="staging."), "sink")
+    assert staging == "staging.sink"
+    assert staging != consumer_group(Settings(topic_prefix="dev."), "sink")
