@@ -31,12 +31,12 @@ otlp="http://127.0.0.1:$otlp_port"
 
 # shellcheck source=../lib/go-build.sh
 source "$here/../lib/go-build.sh"
+# shellcheck source=../lib/daemon.sh
+source "$here/../lib/daemon.sh"
 
 log() { printf '%s jaeger: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
 install() { go_tool_build jaeger "$bin" "$module" "$version" ./cmd/jaeger; }
-
-running() { [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
 
 answers() { [[ "$(curl -s -o /dev/null -w '%{http_code}' "$query/api/services" || true)" == 200 ]]; }
 
@@ -89,27 +89,9 @@ start() {
   mkdir -p "$state/logs"
   write_config
   log "starting jaeger: OTLP/HTTP on $otlp, query API on $query, log $state/logs/jaeger.log"
-  local t0=$SECONDS
   nohup "$bin" --config "$state/config.yaml" >"$state/logs/jaeger.log" 2>&1 &
   echo $! > "$pidfile"
-  while (( SECONDS - t0 < timeout_s )); do
-    if ! running; then
-      log "jaeger exited during start; last lines of its log:"; tail -n 30 "$state/logs/jaeger.log" >&2 || true
-      return 1
-    fi
-    if answers; then log "up at $query after $((SECONDS - t0)) s"; return 0; fi
-    sleep 0.5
-  done
-  log "no query API answer within ${timeout_s}s"; tail -n 30 "$state/logs/jaeger.log" >&2 || true; stop; return 1
-}
-
-stop() {
-  if ! running; then rm -f "$pidfile"; log "not running"; return 0; fi
-  local pid; pid="$(cat "$pidfile")"
-  log "stopping pid $pid"
-  kill -TERM "$pid"
-  for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || { rm -f "$pidfile"; log "stopped"; return 0; }; sleep 0.5; done
-  log "no clean stop within 30 s, killing"; kill -KILL "$pid" 2>/dev/null || true; rm -f "$pidfile"
+  daemon_wait jaeger "$state/logs/jaeger.log" answers
 }
 
 status() {

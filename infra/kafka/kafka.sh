@@ -23,6 +23,8 @@ pidfile="$state/kafka.pid"
 address="127.0.0.1:$port"
 
 log() { printf '%s kafka: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+# shellcheck source=../lib/daemon.sh
+source "$here/../lib/daemon.sh"
 
 fetch() {
   if [[ -f "$lib/.complete" ]]; then return 0; fi
@@ -31,10 +33,6 @@ fetch() {
   mvn -q -B -f "$here/pom.xml" dependency:copy-dependencies \
     -DoutputDirectory="$lib" -DincludeScope=runtime >&2
   touch "$lib/.complete"
-}
-
-running() {
-  [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null
 }
 
 java_cp() { java -Xmx128m -cp "$lib/*" -Dlog4j2.configurationFile="$here/log4j2.properties" \
@@ -60,30 +58,11 @@ start() {
       -t "$(java_cp kafka.tools.StorageTool random-uuid)" -c "$state/server.properties" >&2
   fi
   log "starting broker on $address (heap $heap), log $state/logs/server.log"
-  local t0=$SECONDS
   nohup java -Xms"$heap" -Xmx"$heap" -XX:+UseG1GC -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$here/log4j2.properties" -Dkafka.logs.dir="$state/logs" \
     -cp "$lib/*" kafka.Kafka "$state/server.properties" >"$state/logs/stdout.log" 2>&1 &
   echo $! > "$pidfile"
-  while (( SECONDS - t0 < timeout_s )); do
-    if ! running; then
-      log "broker exited during start; last lines of $state/logs/server.log:"
-      tail -n 30 "$state/logs/server.log" "$state/logs/stdout.log" >&2 || true
-      return 1
-    fi
-    if metadata_ok; then log "up at $address after $((SECONDS - t0)) s"; return 0; fi
-    sleep 1
-  done
-  log "no metadata answer within ${timeout_s}s"; stop; return 1
-}
-
-stop() {
-  if ! running; then rm -f "$pidfile"; log "not running"; return 0; fi
-  local pid; pid="$(cat "$pidfile")"
-  log "stopping pid $pid"
-  kill -TERM "$pid"
-  for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || { rm -f "$pidfile"; log "stopped"; return 0; }; sleep 0.5; done
-  log "no clean stop within 30 s, killing"; kill -KILL "$pid" 2>/dev/null || true; rm -f "$pidfile"
+  daemon_wait broker "$state/logs/server.log $state/logs/stdout.log" metadata_ok
 }
 
 status() {

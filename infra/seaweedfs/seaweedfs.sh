@@ -30,12 +30,12 @@ endpoint="http://127.0.0.1:$port"
 
 # shellcheck source=../lib/go-build.sh
 source "$here/../lib/go-build.sh"
+# shellcheck source=../lib/daemon.sh
+source "$here/../lib/daemon.sh"
 
 log() { printf '%s seaweedfs: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
 install() { go_tool_build seaweedfs "$bin" "$module" "$version" ./weed; }
-
-running() { [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
 
 secret_key() {
   if [[ -n "${AIMA_S3_SECRET_KEY:-}" ]]; then printf '%s' "$AIMA_S3_SECRET_KEY"; return 0; fi
@@ -50,6 +50,8 @@ secret_key() {
 # Any HTTP answer (an S3 error document included) means the gateway listens; the bucket request checks
 # that the filer behind it works too.
 answers() { [[ "$(curl -s -o /dev/null -w '%{http_code}' "$endpoint/" || true)" != 000 ]]; }
+
+ready() { answers && make_bucket; }
 
 make_bucket() {
   local code
@@ -69,30 +71,12 @@ start() {
 JSON
   )
   log "starting weed server with S3 on $endpoint, log $state/logs/weed.log"
-  local t0=$SECONDS
   nohup "$bin" server -dir="$state/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
     -master.port=$((port + 1)) -volume.port=$((port + 2)) -filer.port=$((port + 3)) \
     -master.volumeSizeLimitMB=64 -volume.max=100 \
     -s3 -s3.port="$port" -s3.config="$state/s3.json" >"$state/logs/weed.log" 2>&1 &
   echo $! > "$pidfile"
-  while (( SECONDS - t0 < timeout_s )); do
-    if ! running; then
-      log "weed exited during start; last lines of its log:"; tail -n 30 "$state/logs/weed.log" >&2 || true
-      return 1
-    fi
-    if answers && make_bucket; then log "up at $endpoint after $((SECONDS - t0)) s"; return 0; fi
-    sleep 1
-  done
-  log "no S3 answer within ${timeout_s}s"; tail -n 30 "$state/logs/weed.log" >&2 || true; stop; return 1
-}
-
-stop() {
-  if ! running; then rm -f "$pidfile"; log "not running"; return 0; fi
-  local pid; pid="$(cat "$pidfile")"
-  log "stopping pid $pid"
-  kill -TERM "$pid"
-  for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || { rm -f "$pidfile"; log "stopped"; return 0; }; sleep 0.5; done
-  log "no clean stop within 30 s, killing"; kill -KILL "$pid" 2>/dev/null || true; rm -f "$pidfile"
+  daemon_wait weed "$state/logs/weed.log" ready
 }
 
 status() {
