@@ -4,6 +4,13 @@ A custom prometheus_client Collector: the GPU collector hands it every record it
 renders the latest values of each GPU and MIG instance. Names are the catalogue's (bus.catalogue) with the
 ``aima_`` prefix, labels ``host, gpu, gpu_uuid, gpu_model, mig_instance`` (empty for a whole GPU). A value
 the device does not support has no sample at all, never a 0.
+
+Per-process GPU memory is ``aima_gpu_process_memory_used_bytes`` with ``pid`` and ``process_name`` (the
+executable's base name) added: the series are those of the processes in the latest slow record, so a
+process that ended disappears at the next slow read and the cardinality is bounded by the processes a GPU
+runs at once, not by all it ever ran. The pid is needed to tell two workers of one name apart; a
+process whose memory the driver does not report has no sample. A MIG parent lists its instances'
+processes too (as NVML does), so sum per instance, not over parent and instances.
 """
 
 from __future__ import annotations
@@ -67,6 +74,11 @@ class GpuExporter(Collector):
             "XID errors seen since the collector started, by code",
             labels=(*GPU_LABELS, "xid"),
         )
+        process_memory = GaugeMetricFamily(
+            f"{PREFIX}gpu_process_memory_used_bytes",
+            "GPU memory a running process holds",
+            labels=(*GPU_LABELS, "pid", "process_name"),
+        )
         for uuid, groups in snapshot:
             values: dict[str, Any] = {}
             for record in groups.values():
@@ -86,9 +98,13 @@ class GpuExporter(Collector):
                 memory_total.add_metric(labels, float(values["memory_total_bytes"]))
             for reason in values.get("throttle_reasons") or ():
                 throttle.add_metric([*labels, reason], 1.0)
+            for process in values.get("processes") or ():
+                if process.get("used_memory_bytes") is not None:
+                    process_labels = [*labels, str(process["pid"]), process.get("name") or ""]
+                    process_memory.add_metric(process_labels, float(process["used_memory_bytes"]))
             for code, count in sorted(xids.get(uuid, Counter()).items()):
                 xid_total.add_metric([*labels, str(code)], float(count))
-        for family in (*families, memory_total, throttle, xid_total):
+        for family in (*families, memory_total, throttle, xid_total, process_memory):
             if family.samples:  # a metric no GPU supports is left out entirely
                 yield family
 

@@ -13,7 +13,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from producers.gpu.reader import GROUPS, READS, DeviceReadError, Group, is_unsupported
+from producers.gpu.reader import GPM_METRICS, GROUPS, READS, DeviceReadError, Group, is_unsupported
 
 __all__ = ["Device", "Entity", "GpmState", "attach", "release"]
 
@@ -183,8 +183,9 @@ def _setup_gpm(nvml: Any, entity: Entity) -> GpmState | None:
         raise
     query = nvml.c_nvmlGpmMetricsGet_t()
     query.version = nvml.NVML_GPM_METRICS_GET_VERSION
-    query.numMetrics = 1
-    query.metrics[0].metricId = nvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL
+    query.numMetrics = len(GPM_METRICS)
+    for slot, name in enumerate(GPM_METRICS):
+        query.metrics[slot].metricId = getattr(nvml, name)
     return GpmState(previous=samples[0], current=samples[1], query=query)
 
 

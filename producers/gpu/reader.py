@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FIELDS",
+    "GPM_METRICS",
     "GROUPS",
     "READS",
     "DeviceReadError",
@@ -118,9 +119,16 @@ def _memory(nvml: Any, e: Entity) -> Fields:
     }
 
 
-def _tensor_cores(nvml: Any, e: Entity) -> Fields:
-    """GPM needs two samples: the metric is computed over the time between them. The previous sample is
-    kept per entity and the two buffers swap roles each read."""
+def _gpm(nvml: Any, e: Entity) -> Fields:
+    """GPM needs two samples: the metrics are computed over the time between them. The previous sample is
+    kept per entity and the two buffers swap roles each read.
+
+    SM activity (NVML_GPM_METRIC_SM_UTIL) becomes ``utilization_percent`` only where
+    nvmlDeviceGetUtilizationRates is not supported: a MIG instance (GPM per GPU instance,
+    nvmlGpmMigSampleGet) and the parent of MIG instances, whose value is GPM on the parent device itself,
+    which covers all its SMs, including those of slices no instance holds. Weighting the instances by
+    slice count would need each profile's slice count and would say nothing of unassigned slices.
+    Elsewhere the utilization read keeps its (sampled kernel-time) meaning."""
     gpm = e.gpm
     if gpm is None:  # the probe enables this read only with GPM state; released meanwhile
         return {"tensor_core_utilization_percent": None}
@@ -132,11 +140,18 @@ def _tensor_cores(nvml: Any, e: Entity) -> Fields:
     query.sample1, query.sample2 = gpm.previous, gpm.current
     nvml.nvmlGpmMetricsGet(query)
     gpm.previous, gpm.current = gpm.current, gpm.previous
-    metric = query.metrics[0]
+    values = [_gpm_value(nvml, query.metrics[slot]) for slot in range(len(GPM_METRICS))]
+    fields: Fields = {"tensor_core_utilization_percent": values[0]}
+    if "utilization" not in e.reads["fast"]:
+        fields["utilization_percent"] = values[1]
+    return fields
+
+
+def _gpm_value(nvml: Any, metric: Any) -> float | None:
     if metric.nvmlReturn != nvml.NVML_SUCCESS:
-        return {"tensor_core_utilization_percent": None}
+        return None  # not supported for this metric (or no window yet): null, never 0
     # A ratio of counters can land a hair outside 0-100; such a value is not a reason to lose the sample.
-    return {"tensor_core_utilization_percent": min(max(float(metric.value), 0.0), 100.0)}
+    return min(max(float(metric.value), 0.0), 100.0)
 
 
 # -- slow group ---------------------------------------------------------------------------------------
@@ -255,7 +270,7 @@ def throttle_names(mask: int) -> list[str]:
 READS: dict[str, Read] = {
     "utilization": Read("fast", _utilization),
     "memory": Read("fast", _memory),
-    "tensor_cores": Read("fast", _tensor_cores),
+    "tensor_cores": Read("fast", _gpm),
     "temperature": Read("slow", _temperature, physical_only=True),
     "power": Read("slow", _power, physical_only=True),
     "pcie_tx": Read("slow", _pcie("NVML_PCIE_UTIL_TX_BYTES", "pcie_tx_bytes_per_second"), physical_only=True),
@@ -279,6 +294,9 @@ READS: dict[str, Read] = {
     "xid": Read("slow", _xids, physical_only=True),
     "processes": Read("slow", _processes),
 }
+GPM_METRICS = ("NVML_GPM_METRIC_ANY_TENSOR_UTIL", "NVML_GPM_METRIC_SM_UTIL")
+"""The GPM metrics asked for, in query order (pynvml constant names): tensor_core_utilization_percent, then
+SM activity (utilization_percent where the utilization read is not supported)."""
 SETUP_READS = frozenset({"tensor_cores", "xid"})
 """Reads whose support the probe establishes by setting them up, not by a trial read."""
 

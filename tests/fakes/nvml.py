@@ -502,13 +502,19 @@ class FakeNvml:
         if slot is None:
             raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         t = self.clock()
-        slot[1] = (handle.gpu, handle.mig, t, self._tensor_integral(handle, t))
+        integrals = (self._tensor_integral(handle, t), self._sm_integral(handle, t))
+        slot[1] = (handle.gpu, handle.mig, t, integrals)
         return sample
 
     def _tensor_integral(self, handle: FakeHandle, t: float) -> float:
         # Tensor activity a(t) = 50 + 40 sin(t/20 + phase) percent; GPM reports its mean between samples.
         phase = self.gpus.index(handle.gpu) + (handle.mig.gpu_instance_id if handle.mig else 0)
         return 50 * t - 800 * math.cos(t / 20 + phase)
+
+    def _sm_integral(self, handle: FakeHandle, t: float) -> float:
+        # SM activity s(t) = 60 + 30 sin(t/30 + phase) percent (the parent: all its SMs, phase of its own).
+        phase = self.gpus.index(handle.gpu) + (handle.mig.gpu_instance_id / 3 if handle.mig else 0.5)
+        return 60 * t - 900 * math.cos(t / 30 + phase)
 
     def nvmlGpmMetricsGet(self, query: Any) -> Any:
         self._enter("nvmlGpmMetricsGet")
@@ -523,7 +529,10 @@ class FakeNvml:
                 metric.nvmlReturn = pynvml.NVML_ERROR_INVALID_ARGUMENT
             elif metric.metricId == pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL:
                 metric.nvmlReturn = pynvml.NVML_SUCCESS
-                metric.value = (f2 - f1) / (t2 - t1)
+                metric.value = (f2[0] - f1[0]) / (t2 - t1)
+            elif metric.metricId == pynvml.NVML_GPM_METRIC_SM_UTIL:
+                metric.nvmlReturn = pynvml.NVML_SUCCESS
+                metric.value = (f2[1] - f1[1]) / (t2 - t1)
             else:
                 metric.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
         return query

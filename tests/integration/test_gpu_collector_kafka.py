@@ -68,10 +68,16 @@ def test_collector_once_publishes_decodable_samples_with_catalogue_metrics(
     assert set(received) == {(value["gpu_uuid"], value["interval_group"]) for _, value in pairs}
 
     # What each entity lacks, from the fake's configuration (not from the collector's probe).
-    mig_has = {"memory_used_bytes", "memory_utilization_percent", "tensor_core_utilization_percent"}
+    mig_has = {
+        "memory_used_bytes",
+        "memory_utilization_percent",
+        "tensor_core_utilization_percent",
+        "utilization_percent",  # SM activity from GPM per GPU instance
+    }
     missing = {
         ampere.uuid: {"tensor_core_utilization_percent", "ecc_corrected_errors", "ecc_uncorrected_errors"},
-        hopper.uuid: {"utilization_percent", "memory_bandwidth_utilization_percent"},  # in MIG mode
+        # In MIG mode NVML has no utilization rates for the parent; its utilization is GPM SM activity.
+        hopper.uuid: {"memory_bandwidth_utilization_percent"},
         **{instance.uuid: {m.field for m in GPU_METRICS} - mig_has for instance in hopper.migs},
     }
     for uuid, lacks in missing.items():

@@ -220,14 +220,16 @@ def test_mig_instances_are_entities_of_their_own() -> None:
         assert rec["mig_instance"] == f"gi{instance.gpu_instance_id}/ci0"
         assert rec["memory_total_bytes"] == instance.memory_total_bytes
         assert rec["tensor_core_utilization_percent"] is not None  # GPM per GPU instance
-        for field in (*BOARD_FIELDS, "utilization_percent"):
+        assert rec["utilization_percent"] is not None  # SM activity from GPM per GPU instance
+        for field in BOARD_FIELDS:
             assert rec[field] is None, field  # board-level values live on the parent
     assert merged(records, parent.migs[1].uuid)["processes"] == [
         {"pid": 7, "name": "infer", "used_memory_bytes": 1 << 30}
     ]
     whole = merged(records, parent.uuid)
     assert whole["mig_instance"] is None and whole["parent_gpu_uuid"] is None
-    assert whole["utilization_percent"] is None  # NVML does not report it for a GPU in MIG mode
+    # nvmlDeviceGetUtilizationRates is not supported in MIG mode: the parent's is GPM on the parent device.
+    assert whole["utilization_percent"] is not None
     assert whole["power_watts"] is not None
 
 
@@ -251,6 +253,38 @@ def test_gpm_tensor_cores_from_two_samples_on_hopper_and_null_before() -> None:
     assert fast[ampere.uuid]["tensor_core_utilization_percent"] is None
     assert rig.nvml.calls["nvmlGpmQueryDeviceSupport"] == 2  # each GPU's probe, never again
     assert rig.nvml.calls["nvmlGpmSampleGet"] == 4  # the H100's first sample and three reads
+
+
+def test_mig_sm_utilization_is_gpm_sm_activity_per_instance_and_on_the_parent() -> None:
+    parent = h100(0, mig_mode=True, migs=[mig(0, 1), mig(0, 2)])
+    rig = Rig(parent)
+    first = by_uuid(rig.step_to(0), "fast")
+    assert all(rec["utilization_percent"] is None for rec in first.values())  # no GPM window yet: null
+    start = rig.clock()
+    fast = by_uuid(rig.step_to(10), "fast")
+    parent_handle = rig.nvml.nvmlDeviceGetHandleByIndex(0)
+    handles = {parent.uuid: parent_handle}
+    for slot, instance in enumerate(parent.migs):
+        handles[instance.uuid] = rig.nvml.nvmlDeviceGetMigDeviceHandleByIndex(parent_handle, slot)
+    for uuid, handle in handles.items():
+        sm = rig.nvml._sm_integral(handle, start + 10) - rig.nvml._sm_integral(handle, start)
+        assert fast[uuid]["utilization_percent"] == pytest.approx(sm / 10), uuid
+    assert len({fast[uuid]["utilization_percent"] for uuid in handles}) == 3  # each its own value
+    assert rig.nvml.calls["nvmlGpmMigSampleGet"] >= 4  # per GPU instance, from the parent's handle
+
+
+def test_utilization_rates_keep_their_meaning_outside_mig_and_pre_hopper_mig_has_none() -> None:
+    hopper = h100(0)
+    ampere = a100(1, mig_mode=True, migs=[mig(1, 1)])
+    rig = Rig(hopper, ampere)
+    rig.step_to(0)
+    fast = by_uuid(rig.step_to(10), "fast")
+    rates = rig.nvml.nvmlDeviceGetUtilizationRates(rig.nvml.nvmlDeviceGetHandleByIndex(0))
+    assert fast[hopper.uuid]["utilization_percent"] == float(rates.gpu)  # not replaced by GPM
+    # An A100 has no GPM and NVML has no utilization for MIG: null for the parent and its instance, never 0.
+    assert fast[ampere.uuid]["utilization_percent"] is None
+    assert fast[ampere.migs[0].uuid]["utilization_percent"] is None
+    assert fast[ampere.migs[0].uuid]["tensor_core_utilization_percent"] is None
 
 
 # -- throttle reasons and XID events -------------------------------------------------------------------------
@@ -309,6 +343,24 @@ def test_exporter_text_has_the_values_and_omits_unsupported_ones() -> None:
     assert len(energy_lines) == 1  # the K80 has no energy counter: no sample, not a 0
     assert not any(old.uuid in line for line in text.splitlines() if "pcie" in line or "ecc" in line)
     assert f'aima_gpu_temperature_celsius{{gpu="0",gpu_model="Tesla K80",gpu_uuid="{old.uuid}"' in text
+
+
+def test_exporter_has_per_process_memory_and_drops_processes_that_end() -> None:
+    gpu = h100(0, processes=[FakeProcess(11, "train", 3 << 30), FakeProcess(12, "infer", 1 << 30)])
+    rig = Rig(gpu)
+    rig.step_to(0)
+    labels = f'gpu="0",gpu_model="NVIDIA H100 80GB HBM3",gpu_uuid="{gpu.uuid}",host="{HOST}",mig_instance=""'
+    text = rig.scrape()
+    name = "aima_gpu_process_memory_used_bytes"
+    assert f'{name}{{{labels},pid="11",process_name="train"}} {floatToGoString(3 << 30)}' in text
+    assert f'{name}{{{labels},pid="12",process_name="infer"}} {floatToGoString(1 << 30)}' in text
+    gpu.processes = [gpu.processes[1], FakeProcess(13, "infer", 2 << 30)]
+    rig.step_to(30)  # the next slow read
+    lines = [line for line in rig.scrape().splitlines() if line.startswith(name + "{")]
+    assert sorted(line.split('pid="')[1].split('"')[0] for line in lines) == ["12", "13"]  # 11 ended: gone
+    gpu.processes = []
+    rig.step_to(60)
+    assert name not in rig.scrape()  # no process: no family at all
 
 
 def test_exporter_with_no_gpus_renders_nothing() -> None:
