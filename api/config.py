@@ -33,6 +33,15 @@ class ApiSettings(AimaSettings):
         "commands; changing it revokes every token)",
     )
     max_streams: int = Field(100, ge=0, description="how many `/alerts/stream` clients may listen at once")
+    recommend_window_hours: int = Field(
+        24, gt=0, le=24 * 31, description="hours of hourly cost figures `/recommendations` looks back over"
+    )
+    recommend_idle_min_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of a group's GPU hours that must be idle for `/recommendations` to list it",
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ApiSettings:

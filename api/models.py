@@ -97,6 +97,14 @@ class BudgetsResponse(BaseModel):
     budgets: list[dict[str, Any]]
 
 
+class RecommendationsResponse(BaseModel):
+    start_time: datetime
+    end_time: datetime
+    idle_min_share: float
+    idle_gpus: list[dict[str, Any]] = Field(description="idle GPU capacity with idle_cost_eur_per_day")
+    budgets: list[dict[str, Any]] = Field(description="period-end forecast against budget per project budget")
+
+
 class AlertsResponse(BaseModel):
     state: str
     truncated: bool
