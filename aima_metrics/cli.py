@@ -256,6 +256,9 @@ def _register_pipeline_commands() -> None:
 
     db.add_command(reader_commands.grant_reader)
     db.add_command(reader_commands.revoke_reader)
+    from aima_metrics.recommend_commands import recommend
+
+    cli.add_command(recommend)
     from aima_metrics.archive_commands import archive
 
     cli.add_command(archive)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from api.config import ApiSettings
 
 
 def idle_costs(rows: Iterable[Mapping[str, Any]], days: float, min_idle_share: float) -> list[dict[str, Any]]:
@@ -47,3 +50,47 @@ def budget_projections(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
             }
         )
     return sorted(out, key=lambda r: (not r["over_budget"], -(r["overrun_eur"] or 0.0)))
+
+
+def build(conn: Any, config: ApiSettings, projects: Sequence[str] | None, now: datetime) -> dict[str, Any]:
+    """Every recommendation for ``projects`` (None: the fleet) as of ``now``: the body of
+    `GET /recommendations` and of `aima-metrics recommend --json`."""
+    from api import recommend_sql
+
+    end = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    start = end - timedelta(hours=config.recommend_window_hours)
+    idle = idle_costs(
+        recommend_sql.idle_gpu_hours(conn, start, end, projects),
+        days=config.recommend_window_hours / 24,
+        min_idle_share=config.recommend_idle_min_share,
+    )
+    return {
+        "start_time": start.isoformat(),
+        "end_time": end.isoformat(),
+        "idle_min_share": config.recommend_idle_min_share,
+        "idle_gpus": idle,
+        "budgets": budget_projections(recommend_sql.latest_budgets(conn, projects)),
+    }
+
+
+def render(body: Mapping[str, Any]) -> str:
+    """A readable report of :func:`build`'s body."""
+    lines = [f"Recommendations for {body['start_time']} .. {body['end_time']}", "", "Idle GPUs:"]
+    for r in body["idle_gpus"]:
+        lines.append(
+            f"  {r['project']} {r['provider']}/{r['gpu_model']} ({r['pricing']}): "
+            f"{r['idle_gpu_hours']:.1f} idle GPU h ({r['idle_share']:.0%}), "
+            f"{r['idle_cost_eur_per_day']:.2f} {r['currency']}/day wasted"
+        )
+    if not body["idle_gpus"]:
+        lines.append(f"  none at least {body['idle_min_share']:.0%} idle")
+    lines += ["", "Budgets (period-end forecast):"]
+    for b in body["budgets"]:
+        verdict = f"OVER by {b['overrun_eur']:.2f}" if b["over_budget"] else "within"
+        lines.append(
+            f"  {b['project']}/{b['budget']}: spent {b['spent_eur'] or 0:.2f}, forecast "
+            f"{b['forecast_eur'] or 0:.2f} of {b['budget_eur'] or 0:.2f} {b['currency']}: {verdict}"
+        )
+    if not body["budgets"]:
+        lines.append("  no budgets")
+    return "\n".join(lines)

@@ -4,11 +4,11 @@ sees its own projects only."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request
 
-from api import audit, recommend, recommend_sql
+from api import audit, recommend
 from api.auth import Auth
 from api.deps import Conn, api_state
 from api.errors import error_responses
@@ -27,23 +27,7 @@ def recommendations(request: Request, principal: Auth, conn: Conn) -> ApiJSON:
     AIMA_API_RECOMMEND_WINDOW_HOURS when at least AIMA_API_RECOMMEND_IDLE_MIN_SHARE of its GPU hours were
     idle, with the idle cost per day; `budgets`: each project budget's period-end forecast against its
     amount, projected overruns first."""
-    config = api_state(request).config
-    end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-    start = end - timedelta(hours=config.recommend_window_hours)
     projects = principal.projects if principal.restricted else None
-    idle = recommend.idle_costs(
-        recommend_sql.idle_gpu_hours(conn, start, end, projects),
-        days=config.recommend_window_hours / 24,
-        min_idle_share=config.recommend_idle_min_share,
-    )
-    budgets = recommend.budget_projections(recommend_sql.latest_budgets(conn, projects))
-    audit.note(request, rows=len(idle) + len(budgets))
-    return ApiJSON(
-        {
-            "start_time": start.isoformat(),
-            "end_time": end.isoformat(),
-            "idle_min_share": config.recommend_idle_min_share,
-            "idle_gpus": idle,
-            "budgets": budgets,
-        }
-    )
+    body = recommend.build(conn, api_state(request).config, projects, datetime.now(UTC))
+    audit.note(request, rows=len(body["idle_gpus"]) + len(body["budgets"]))
+    return ApiJSON(body)

@@ -3,14 +3,17 @@ them (the costs table of consumers/migrations is the contract), the app over Tes
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 import pytest
+from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
+from aima_metrics.recommend_commands import recommend
 from api import auth
 from api.app import create_app
 from api.config import ApiSettings
@@ -50,7 +53,7 @@ def _budget(db: psycopg.Connection[Any], project: str, spent_percent: float, for
 
 
 def test_idle_gpus_and_budget_overruns_are_recommended_per_project(
-    client: TestClient, db: psycopg.Connection[Any]
+    client: TestClient, db: psycopg.Connection[Any], settings: Settings, db_schema: str
 ) -> None:
     for hours_ago in range(1, 25):
         _gpu_hours(db, "p1", hours_ago, gpus=2.0, idle=1.5)  # 75 % idle: listed
@@ -74,6 +77,18 @@ def test_idle_gpus_and_budget_overruns_are_recommended_per_project(
     assert [row["project"] for row in mine["idle_gpus"]] == ["p1"]
     assert [b["project"] for b in mine["budgets"]] == ["p1"]
     assert client.get("/recommendations").status_code == 401
+
+    # The CLI reads the same figures straight from the database (the fleet's view, or --project).
+    env = {"AIMA_DATABASE_URL": settings.database_dsn()}
+    runner = CliRunner()
+    report = runner.invoke(recommend, ["--schema", db_schema], env=env)
+    assert report.exit_code == 0, report.output
+    assert "p1 aws/H100 (on_demand): 36.0 idle GPU h (75%), 108.00 EUR/day wasted" in report.output
+    assert "p2/monthly: spent 90.00, forecast 150.00 of 100.00 EUR: OVER by 50.00" in report.output
+    as_json = runner.invoke(recommend, ["--schema", db_schema, "--json", "--project", "p2"], env=env)
+    assert as_json.exit_code == 0, as_json.output
+    only_p2 = json.loads(as_json.output)
+    assert only_p2["idle_gpus"] == [] and [b["project"] for b in only_p2["budgets"]] == ["p2"]
 
 
 def test_nothing_is_recommended_on_an_empty_fleet(client: TestClient, db: psycopg.Connection[Any]) -> None:
