@@ -26,5 +26,10 @@ def recommend(projects: tuple[str, ...], as_json: bool, schema: str | None) -> N
     with psycopg.connect(Settings().database_dsn(), autocommit=True) as conn:
         if schema is not None:
             conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(schema)))
-        body = rec.build(conn, ApiSettings(), list(projects) or None, datetime.now(UTC))
+        try:
+            body = rec.build(conn, ApiSettings(), list(projects) or None, datetime.now(UTC))
+        except psycopg.errors.UndefinedTable as exc:
+            raise click.ClickException(
+                f"{exc.diag.message_primary}: migrate the database or pass --schema"
+            ) from None
     click.echo(json.dumps(body, indent=2) if as_json else rec.render(body))
