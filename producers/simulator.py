@@ -35,6 +35,7 @@ from prometheus_client import CollectorRegistry
 from bus import sketch as sketches
 from bus.runtime import Progress, Service
 from bus.settings import Settings
+from producers import faults as fault_plan
 from producers.publisher import Publisher, last_flush_s
 
 __all__ = [
@@ -176,6 +177,7 @@ class Fleet:
         *,
         queues: Sequence[str] = ("priority", "default"),
         arrivals_per_hour: float | None = None,
+        faults: fault_plan.FaultPlan | None = None,
     ) -> None:
         if hosts < 1 or gpus_per_host < 1 or not projects or not queues:
             raise ValueError("a fleet needs at least one host, one GPU per host, one project and one queue")
@@ -195,8 +197,14 @@ class Fleet:
         self._running: list[_Job] = []
         self._now: datetime | None = None
         self._last: dict[str, datetime] = {}
+        self._faults = faults
         if start is not None:
             self._begin(_aware(start))
+
+    @property
+    def truth(self) -> list[fault_plan.Truth]:
+        """The injected faults started so far (empty without a fault plan); see producers/faults.py."""
+        return list(self._faults.truth) if self._faults else []
 
     # -- set-up ------------------------------------------------------------------------------------------
 
@@ -270,6 +278,8 @@ class Fleet:
         self._now = now
         for gpu in self._all_gpus():
             gpu.xid = []
+        if self._faults is not None:
+            self._faults.advance(now, [(h.name, g.uuid) for h in self.hosts for g in h.gpus])
         events: list[tuple[datetime, int, dict[str, Any]]] = []
         timings: list[dict[str, Any]] = []
         ended: list[_Job] = []
@@ -421,6 +431,12 @@ class Fleet:
         target_c = 32.0 + 50.0 * power / spec.max_watts
         if host is self.hosts[0] and gpu.index == 0 and _cooling_fault(now - self._began):
             target_c = max(target_c, COOLING_FAULT_C)
+        kinds = {t.kind: t for t in self._faults.active(gpu.uuid, now)} if self._faults else {}
+        if "fan_failure" in kinds:
+            target_c += fault_plan.FAN_RISE_C
+        if "memory_leak" in kinds and job:
+            leaked = (now - kinds["memory_leak"].start).total_seconds() * fault_plan.LEAK_BYTES_PER_S
+            used = min(spec.memory_bytes, used + int(leaked))
         gpu.temperature_c += (target_c - gpu.temperature_c) * (1 - math.exp(-dt_s / 90.0))
         gpu.energy_j += power * dt_s
         if rng.random() < 0.001:
@@ -449,6 +465,9 @@ class Fleet:
             capped = power >= spec.max_watts * 0.97
             sm_hz = int(spec.sm_clock_max_hz * (0.97 if capped else 1.0)) if busy else 345_000_000
             throttle = ["sw_power_cap"] if capped else []
+            if "throttling" in kinds:
+                sm_hz = int(sm_hz * fault_plan.THROTTLE_CLOCK_SHARE)
+                throttle.append("hw_slowdown")
             slow_value = {
                 **base,
                 "interval_group": "slow",
