@@ -14,8 +14,16 @@ Kinds and what moves in the GpuSample records while ``start <= time < end``:
   group, busy or idle).
 - ``memory_leak``: memory used grows by ``LEAK_BYTES_PER_S`` from the fault's start while a job holds the
   GPU, capped at the total.
+- ``idle_allocated``: while a job holds the GPU its utilisation stays near ``IDLE_PERCENT`` (power follows).
+- ``underused_job``: while a job holds the GPU its memory used is ``UNDERUSED_SHARE`` of the total, so its
+  batch could grow by about ``0.9 / UNDERUSED_SHARE``.
 
-Not there yet (issue 17 item 5): job_slowdown, idle_allocated, underused_job, CLI options."""
+Faults are per GPU: the job affected is whichever job holds the GPU then (the JobEvent records say which).
+Each GPU's own life (job start/stop, idle stretches, the first host's hourly cooling fault) stays as without
+faults.
+
+Not there yet (issue 17 item 5): job_slowdown (frames/s of the job), throttling's effect on the job's
+frames/s, faults per job id, CLI options (python -m producers.simulator, aima-metrics simulate)."""
 
 from __future__ import annotations
 
@@ -25,10 +33,12 @@ from datetime import datetime, timedelta
 
 __all__ = ["FAULT_KINDS", "FaultPlan", "Truth"]
 
-FAULT_KINDS = ("fan_failure", "throttling", "memory_leak")
+FAULT_KINDS = ("fan_failure", "throttling", "memory_leak", "idle_allocated", "underused_job")
 FAN_RISE_C = 25.0
 THROTTLE_CLOCK_SHARE = 0.6
 LEAK_BYTES_PER_S = 20 * 1024**2
+IDLE_PERCENT = 2.0
+UNDERUSED_SHARE = 0.2
 
 
 @dataclass(frozen=True)
@@ -80,4 +90,8 @@ _DETAIL = {
     "fan_failure": "cooling lost: temperature rises, power and utilisation unchanged",
     "throttling": f"hw_slowdown: SM clock at {THROTTLE_CLOCK_SHARE:.0%} of normal",
     "memory_leak": f"memory used grows {LEAK_BYTES_PER_S // 1024**2} MiB/s while a job runs",
+    "idle_allocated": f"allocated to a job but utilisation near {IDLE_PERCENT:g} %",
+    "underused_job": (
+        f"the job uses {UNDERUSED_SHARE:.0%} of GPU memory: batch could grow ~{0.9 / UNDERUSED_SHARE:.1f}x"
+    ),
 }

@@ -424,6 +424,12 @@ class Fleet:
         )
         reserved = 512 * MIB
         used = int(spec.memory_bytes * job.memory_share * rng.uniform(0.97, 1.0)) if job else reserved
+        kinds = {t.kind: t for t in self._faults.active(gpu.uuid, now)} if self._faults else {}
+        # Faults rescale what was drawn rather than draw again, so the fleet's other records stay as they are.
+        if job and "idle_allocated" in kinds:
+            util *= fault_plan.IDLE_PERCENT / (job.intensity * 100)
+        if job and "underused_job" in kinds:
+            used = int(used * fault_plan.UNDERUSED_SHARE / job.memory_share)
         power = spec.idle_watts + (spec.max_watts - spec.idle_watts) * util / 100 * rng.uniform(0.85, 1.0)
         power = min(power + rng.gauss(0, spec.max_watts * 0.01), spec.max_watts * 1.02)
         power = max(power, spec.idle_watts * 0.8)
@@ -431,7 +437,6 @@ class Fleet:
         target_c = 32.0 + 50.0 * power / spec.max_watts
         if host is self.hosts[0] and gpu.index == 0 and _cooling_fault(now - self._began):
             target_c = max(target_c, COOLING_FAULT_C)
-        kinds = {t.kind: t for t in self._faults.active(gpu.uuid, now)} if self._faults else {}
         if "fan_failure" in kinds:
             target_c += fault_plan.FAN_RISE_C
         if "memory_leak" in kinds and job:

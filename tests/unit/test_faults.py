@@ -62,6 +62,14 @@ def test_each_kind_shows_in_the_records_while_active(kind: str) -> None:
         assert not any("hw_slowdown" in v["throttle_reasons"] for v in before)
     elif kind == "fan_failure":
         assert min(v["temperature_celsius"] for v in during) > max(v["temperature_celsius"] for v in before)
+    elif kind in ("idle_allocated", "underused_job"):
+        fast = [v for v in samples(records, truth.entity, "fast") if truth.start <= v["time"] < truth.end]
+        busy = [v for v in fast if v["processes"]]
+        assert len(busy) >= 10, "a job should hold the GPU for part of the fault"
+        if kind == "idle_allocated":
+            assert all(v["utilization_percent"] < 5 for v in busy)
+        else:
+            assert all(v["memory_utilization_percent"] < 30 for v in busy)
     else:
         fast = [v for v in samples(records, truth.entity, "fast") if truth.start <= v["time"] < truth.end]
         by_pid: dict[int, list[int]] = {}
