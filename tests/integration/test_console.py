@@ -163,6 +163,10 @@ def _alert(db: psycopg.Connection[Any], fingerprint: str, status: str) -> None:
 @pytest.fixture
 def console(settings: Settings, db_schema: str, db: psycopg.Connection[Any]) -> Iterator[str]:
     """The base URL of a real API server over the test's schema, with the simulator-like rows in it."""
+    global NOW
+    # Dated from when the test runs, not from when the module was collected: in a long suite the fleet's
+    # "seen in the last 5 minutes" would otherwise be empty (CI: "Fleet: 0 GPUs").
+    NOW = datetime.now(UTC).replace(microsecond=0)
     _fleet_rows(db)
     config = ApiSettings.from_environ({}, port=_free_port())
     api_server = server(create_app(settings, schema=db_schema, config=config), config)
