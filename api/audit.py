@@ -41,6 +41,7 @@ AUDITED_PREFIXES = (
     "/alerts",
     "/costs",
     "/budgets",
+    "/recommendations",
     "/silences",
     "/audit",
     "/fleet",
