@@ -230,6 +230,7 @@ class PublishRun:
         self, settings: Settings, records: list[tuple[str, dict]], env: dict[str, str] | None
     ) -> None:
         self.go = _FORK.Event()
+        self.ready = _FORK.Event()
         self._results = _FORK.Queue()
         self._process = _FORK.Process(target=self._main, args=(settings, records, env), daemon=True)
 
@@ -242,6 +243,9 @@ class PublishRun:
 
     def _main(self, settings: Settings, records: list[tuple[str, dict]], env: dict[str, str] | None) -> None:
         tracing = open_tracing("aima-bench", TracingSettings.from_environ(env)) if env else OFF
+        # Ready once tracing is open: the parent attaches its profiler after this, so the profile, like the
+        # CPU per record, covers the publish and not the one-time import of the SDK.
+        self.ready.set()
         self.go.wait()
         try:
             self._results.put(publish(settings, records, tracing))
@@ -298,6 +302,9 @@ def main() -> None:
     parser.add_argument("--gpu-samples", type=int, default=200_000)
     parser.add_argument("--ratio", type=float, default=0.01)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--publish-pairs", type=int, default=3, help="publish pairs (on/off and off/off) per round"
+    )
     parser.add_argument("--endpoint", help="OTLP/HTTP endpoint (default: start the project's Jaeger)")
     parser.add_argument("--py-spy", type=Path, help="a py-spy binary: profile each stream worker with it")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"tracing-{date.today()}.md")
@@ -317,8 +324,10 @@ def main() -> None:
     records = samples(args.gpu_samples)
     off_settings = Settings(topic_prefix=f"bench{uuid.uuid4().hex[:6]}.")
     on_settings = Settings(topic_prefix=f"bench{uuid.uuid4().hex[:6]}.")
-    ensure_topics(off_settings)
-    ensure_topics(on_settings)
+    control_settings = Settings(topic_prefix=f"bench{uuid.uuid4().hex[:6]}.")
+    for settings in (off_settings, on_settings, control_settings):
+        ensure_topics(settings)
+    paired: dict[str, list[float]] = {"on": [], "control": []}
     publish_rates: dict[str, list[float]] = {"off": [], "on": []}
     publish_cpu: dict[str, list[float]] = {"off": [], "on": []}
     app_rates: dict[str, list[float]] = {"off": [], "on": []}
@@ -329,28 +338,45 @@ def main() -> None:
     try:
         # Each round publishes the records once more into each prefix, off and on side by side in two
         # processes (forked, so both hold the same records), for the reason the stream workers do.
-        for round_ in range(args.rounds):
-            children = {
-                mode: PublishRun(settings, records, env if mode == "on" else None)
-                for mode, settings in (("off", off_settings), ("on", on_settings))
-            }
-            profiles = {}
-            for mode, child in children.items():
-                child.start()
-                if args.py_spy:
-                    kept = Path(tempfile.gettempdir()) / f"bench-tracing-publish-{round_}-{mode}.py-spy.txt"
-                    profiles[mode] = Profile(args.py_spy, kept)
-                    profiles[mode].attach(child.pid)
-            for child in children.values():
-                child.go.set()
-            for mode, child in children.items():
-                seconds, cpu_us = child.result()
-                if mode in profiles:
-                    profiles[mode].stop()
-                    publish_profiled[mode].append(profiles[mode].shares())
-                publish_rates[mode].append(len(records) / seconds)
-                publish_cpu[mode].append(cpu_us)
-                print(f"publish, tracing {mode}: {len(records) / seconds:,.0f}/s, {cpu_us:.1f} us CPU/record")
+        # A control pair besides: off against off, the same way. On this machine two identical processes
+        # side by side differ by several percent from pair to pair, so the on/off figure means something
+        # only beside the spread of off/off measured in the same run.
+        for round_ in range(args.rounds * args.publish_pairs):
+            for pair in ("on", "control"):
+                second = env if pair == "on" else None
+                children = {
+                    "off": PublishRun(off_settings, records, None),
+                    pair: PublishRun(on_settings if pair == "on" else control_settings, records, second),
+                }
+                # Which of the two starts first alternates by round.
+                order = list(children.items())[:: -1 if round_ % 2 else 1]
+                profiles = {}
+                for _, child in order:
+                    child.start()
+                for mode, child in order:
+                    child.ready.wait(120)
+                    if args.py_spy and pair == "on" and round_ < args.rounds:
+                        kept = (
+                            Path(tempfile.gettempdir()) / f"bench-tracing-publish-{round_}-{mode}.py-spy.txt"
+                        )
+                        profiles[mode] = Profile(args.py_spy, kept)
+                        profiles[mode].attach(child.pid)
+                for _, child in order:
+                    child.go.set()
+                cpu: dict[str, float] = {}
+                for mode, child in children.items():
+                    seconds, cpu[mode] = child.result()
+                    if mode in profiles:
+                        profiles[mode].stop()
+                        publish_profiled[mode].append(profiles[mode].shares())
+                    if pair == "on":
+                        publish_rates[mode].append(len(records) / seconds)
+                        publish_cpu[mode].append(cpu[mode])
+                paired[pair].append(cpu[pair] / cpu["off"] - 1)
+                print(
+                    f"publish pair {round_} {pair}: off {cpu['off']:.1f} us, "
+                    f"{pair} {cpu[pair]:.1f} us CPU/record"
+                )
         total = len(records) * args.rounds
         with tempfile.TemporaryDirectory(prefix="bench-tracing-") as tmp:
             for _ in range(args.rounds):
@@ -381,7 +407,7 @@ def main() -> None:
                         f"{app_cpu[mode][-1]:.1f} us CPU/record"
                     )
     finally:
-        for settings in (off_settings, on_settings):
+        for settings in (off_settings, on_settings, control_settings):
             for app_id in app_ids or ["-none-"]:
                 try:
                     drop_topics(settings, app_id)
@@ -395,15 +421,22 @@ def main() -> None:
         each = ", ".join(f"{a:,.1f}/{b:,.1f}" for a, b in zip(rates["off"], rates["on"], strict=True))
         return f"| {name} | {off:,.1f}{unit} | {on:,.1f}{unit} | {(on / off - 1) * 100:+.1f} % | {each} |"
 
+    def spread(name: str, changes: list[float]) -> str:
+        mean = statistics.mean(changes)
+        error = statistics.stdev(changes) / len(changes) ** 0.5 if len(changes) > 1 else float("nan")
+        each = ", ".join(f"{c * 100:+.1f}" for c in changes)
+        return f"| {name} | {len(changes)} | {mean * 100:+.1f} % | {error * 100:.1f} % | {each} |"
+
     report = f"""# Tracing overhead, {date.today()}
 
 Machine: {machine()}; Kafka 4.1 (KRaft, one local broker on the same machine); spans over OTLP/HTTP
 to {"Jaeger (infra/jaeger/jaeger.sh)" if started_jaeger else endpoint}.
 Command: `.venv/bin/python bench/tracing.py --gpu-samples {args.gpu_samples} --ratio {args.ratio:g} \
---rounds {args.rounds}`
+--rounds {args.rounds} --publish-pairs {args.publish_pairs}`
 
-{len(records):,} simulator GpuSamples per round and prefix, {args.rounds} round(s): off and on side
-by side in each round, two Publisher processes, then two stream workers.
+{len(records):,} simulator GpuSamples per process: {args.rounds * args.publish_pairs} publish pairs off
+and on side by side in two Publisher processes (each with its off/off control pair; py-spy on the first
+{args.rounds}), then {args.rounds} round(s) of two stream workers side by side.
 
 | stage (median of the rounds) | tracing off | tracing at {args.ratio:.0%} | change | each round (off/on) |
 |---|---:|---:|---:|---|
@@ -411,6 +444,14 @@ by side in each round, two Publisher processes, then two stream workers.
 {line("collector Publisher: CPU per record (this process, librdkafka included)", publish_cpu, " us")}
 {line("stream app, 1 worker, every default processor: records/s", app_rates)}
 {line("stream app: the worker's CPU per record, first batch to last", app_cpu, " us")}
+
+The Publisher's CPU per record, in pairs of processes side by side (order alternating), tracing on
+against off and, as the control, off against off:
+
+| pair | pairs | mean change | standard error | each pair (%) |
+|---|---:|---:|---:|---|
+{spread(f"on at {args.ratio:.0%} / off", paired["on"])}
+{spread("off / off (control)", paired["control"])}
 
 Records per second are wall-clock rates on a machine shared with other sessions' builds and tests; the
 CPU time per record is the figure that load disturbs least (for the rates, higher is better; for CPU,

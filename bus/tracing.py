@@ -136,15 +136,16 @@ class _Live(Tracing):
         from opentelemetry import trace
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         endpoint = (settings.endpoint or "").rstrip("/")
         self._trace = trace
-        self._ids = _DrawnFirst(RandomIdGenerator())
+        self._readable = ReadableSpan
+        self._next_trace = threading.local()
         self._bound = TraceIdRatioBased.get_bound_for_rate(settings.sample_ratio)
         self._propagator = TraceContextTextMapPropagator()
         # This process's own provider, passed down rather than set as OpenTelemetry's global one: two
@@ -152,19 +153,19 @@ class _Live(Tracing):
         self._provider = TracerProvider(
             resource=Resource.create({"service.name": settings.service_name or service}),
             sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
-            id_generator=self._ids,
             shutdown_on_exit=True,
         )
         if exporter is not None:
-            self._provider.add_span_processor(SimpleSpanProcessor(exporter))
+            self._processor: Any = SimpleSpanProcessor(exporter)
         else:
-            self._provider.add_span_processor(
-                BatchSpanProcessor(
-                    OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces"),
-                    schedule_delay_millis=int(settings.export_delay_s * 1000),
-                )
+            self._processor = BatchSpanProcessor(
+                OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces"),
+                schedule_delay_millis=int(settings.export_delay_s * 1000),
             )
+        self._provider.add_span_processor(self._processor)
         self._tracer = self._provider.get_tracer("aima-metrics")
+        self._scope = InstrumentationScope("aima-metrics")
+        self._ok = trace.Status(trace.StatusCode.UNSET)
         self._producer_kind = trace.SpanKind.PRODUCER
         self._consumer_kind = trace.SpanKind.CONSUMER
 
@@ -182,34 +183,41 @@ class _Live(Tracing):
         return None
 
     def sample(self) -> bool:
-        # The sampler's own decision (TraceIdRatioBased: the trace id's low 64 bits under the bound), taken
-        # before the SDK makes a span: at 1 % the other 99 publishes cost a random draw, not a span.
-        # The low half first: the 99 % that are not sampled stop at one 64-bit draw (a profile of the
-        # Publisher put the 128-bit draw at half of what tracing cost it).
+        # The sampler's own rule (TraceIdRatioBased: the trace id's low 64 bits under the bound), taken
+        # before anything is made: at 1 % the other 99 publishes cost one 64-bit draw (a profile of the
+        # Publisher put a 128-bit draw at half of what tracing cost it).
         low = _draw(64)
         if low >= self._bound:
             return False
-        self._ids.next_trace_id((_draw(64) << 64 | low) or 1)
+        self._next_trace.trace_id = (_draw(64) << 64 | low) or 1
         return True
 
     def publish_span(self, name: str, attributes: Mapping[str, Any] | None = None) -> Any:
-        if not self._ids.drawn() and not self.sample():
-            return None
-        span = self._tracer.start_span(name, kind=self._producer_kind, attributes=attributes)
-        if not span.is_recording():
-            return None
-        return span
+        # A root span made by hand, not by the SDK's tracer: a publish span has no parent, no links and no
+        # events, and the sampling decision is already taken (sample), so the tracer's context lookup,
+        # sampler, id generator, attribute bounds and locks were most of what a sampled publish cost. The
+        # SDK sees it only when it ends (end), as the finished span its exporter takes.
+        trace_id = getattr(self._next_trace, "trace_id", None)
+        if trace_id is None:
+            if not self.sample():
+                return None
+            trace_id = self._next_trace.trace_id
+        self._next_trace.trace_id = None
+        return _PublishSpan(name, trace_id, _draw(64) or 1, time.time_ns(), attributes)
 
     def headers(self, span: Any) -> Headers | None:
         if span is None:
             return None
-        span_context = span.get_span_context()
-        if not span_context.trace_flags.sampled:
-            return None
+        if isinstance(span, _PublishSpan):
+            trace_id, span_id = span.trace_id, span.span_id
+        else:
+            span_context = span.get_span_context()
+            if not span_context.trace_flags.sampled:
+                return None
+            trace_id, span_id = span_context.trace_id, span_context.span_id
         # W3C traceparent written directly (version 00, sampled): the propagator's inject builds a context
         # and a carrier for the same 55 bytes.
-        value = f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-01"
-        return [(TRACEPARENT, value.encode("ascii"))]
+        return [(TRACEPARENT, f"00-{trace_id:032x}-{span_id:016x}-01".encode("ascii"))]
 
     def batch_span(
         self,
@@ -240,10 +248,29 @@ class _Live(Tracing):
     def end(self, span: Any, error: str | None = None, attributes: Mapping[str, Any] | None = None) -> None:
         if span is None:
             return
+        status = None if error is None else self._trace.Status(self._trace.StatusCode.ERROR, error)
+        if isinstance(span, _PublishSpan):
+            kept = dict(span.attributes or {})
+            if attributes:
+                kept.update(attributes)
+            self._processor.on_end(
+                self._readable(
+                    span.name,
+                    context=span.get_span_context(),
+                    resource=self._provider.resource,
+                    attributes=kept,
+                    kind=self._producer_kind,
+                    status=status or self._ok,
+                    start_time=span.start_ns,
+                    end_time=time.time_ns(),
+                    instrumentation_scope=self._scope,
+                )
+            )
+            return
         if attributes:
             span.set_attributes(dict(attributes))
-        if error is not None:
-            span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, error))
+        if status is not None:
+            span.set_status(status)
         span.end()
 
     def flush(self, timeout_s: float = 5.0) -> None:
@@ -253,32 +280,26 @@ class _Live(Tracing):
 _draw = random.getrandbits
 
 
-class _DrawnFirst:
-    """The SDK's id generator, except that the next trace id on this thread may be given beforehand (the
-    one :meth:`_Live.publish_span` has already sampled)."""
+class _PublishSpan:
+    """A sampled publish span on its way: what :meth:`_Live.end` needs to hand the SDK a finished span."""
 
-    def __init__(self, ids: Any) -> None:
-        self._ids = ids
-        self._next = threading.local()
+    __slots__ = ("attributes", "name", "span_id", "start_ns", "trace_id")
 
-    def next_trace_id(self, trace_id: int) -> None:
-        self._next.trace_id = trace_id
+    def __init__(
+        self, name: str, trace_id: int, span_id: int, start_ns: int, attributes: Mapping[str, Any] | None
+    ) -> None:
+        self.name = name
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.start_ns = start_ns
+        self.attributes = attributes
 
-    def drawn(self) -> bool:
-        return getattr(self._next, "trace_id", None) is not None
+    def get_span_context(self) -> Any:
+        from opentelemetry.trace import SpanContext, TraceFlags
 
-    def generate_span_id(self) -> int:
-        return self._ids.generate_span_id()
-
-    def is_trace_id_random(self) -> bool:
-        return bool(self._ids.is_trace_id_random())
-
-    def generate_trace_id(self) -> int:
-        drawn = getattr(self._next, "trace_id", None)
-        if drawn is None:
-            return self._ids.generate_trace_id()
-        self._next.trace_id = None
-        return drawn
+        return SpanContext(
+            self.trace_id, self.span_id, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED)
+        )
 
 
 _OPENED: dict[tuple[str, str | None, float, str | None], Tracing] = {}

@@ -66,7 +66,8 @@ def _live(ratio: float) -> tuple[_Live, object]:
 
 def test_a_batch_span_continues_the_trace_its_records_carry() -> None:
     tracing, exporter = _live(1.0)
-    first, second = tracing.publish_span("publish a"), tracing.publish_span("publish b")
+    first = tracing.publish_span("publish a", {"messaging.destination.name": "aima.gpu.samples"})
+    second = tracing.publish_span("publish b")
     headers = tracing.headers(first)
     assert headers is not None and headers[0][0] == TRACEPARENT
     parent = tracing.context(headers)
@@ -84,6 +85,29 @@ def test_a_batch_span_continues_the_trace_its_records_carry() -> None:
     assert made.start_time == started and made.attributes["aima.records"] == 2
     assert made.resource.attributes["service.name"] == "aima-unit"
     assert spans["publish b"].status.status_code.name == "ERROR"
+    # The publish span, made by hand (bus/tracing.py): what the exporter takes is a complete producer span.
+    published = spans["publish a"]
+    assert published.kind.name == "PRODUCER" and published.parent is None
+    assert published.attributes["messaging.destination.name"] == "aima.gpu.samples"
+    assert published.resource.attributes["service.name"] == "aima-unit"
+    assert published.status.status_code.name == "UNSET"
+    assert 0 < published.start_time <= published.end_time
+    assert published.context.trace_flags.sampled and published.context.span_id != 0
+
+
+def test_a_sampled_publish_trace_id_is_one_the_ratio_sampler_keeps() -> None:
+    """The publish span bypasses the SDK's sampler, so its trace id must be one TraceIdRatioBased keeps at
+    the same ratio (the low 64 bits under the bound): a later stage sampling by trace id agrees."""
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
+    tracing, exporter = _live(0.25)
+    bound = TraceIdRatioBased.get_bound_for_rate(0.25)
+    made = [span for span in (tracing.publish_span(f"publish {i}") for i in range(2000)) if span]
+    assert 350 < len(made) < 650  # 500 expected; far outside this the ratio is not applied
+    for span in made:
+        tracing.end(span)
+    ids = [span.context.trace_id for span in exporter.get_finished_spans()]
+    assert len(ids) == len(made) and all(trace_id & (2**64 - 1) < bound for trace_id in ids)
 
 
 def test_at_ratio_zero_new_traces_are_dropped_but_sampled_parents_are_followed() -> None:
