@@ -118,9 +118,13 @@ BEGIN
             EXECUTE format('GRANT SELECT ON %I.%I TO %I', mine, r.relation, project);
         END IF;
     END LOOP;
-    -- gpu_samples without its process list (pids and names of every project's processes).
-    EXECUTE format('GRANT SELECT (time, host, gpu, gpu_uuid, gpu_model, mig_instance, throttle_reasons) '
-                   'ON %I.gpu_samples TO %I', s, project);
+    -- gpu_samples without its process list (pids and names of every project's processes): a view of the
+    -- other columns. Not a column grant on the table: TimescaleDB hands a hypertable's grants on to its
+    -- compressed hypertable, which has no such columns, and the GRANT fails (2.28.3: column "time" of
+    -- relation "_compressed_hypertable_N" does not exist).
+    EXECUTE format('CREATE OR REPLACE VIEW %I.gpu_samples WITH (security_barrier) AS '
+                   'SELECT time, host, gpu, gpu_uuid, gpu_model, mig_instance, throttle_reasons '
+                   'FROM %I.gpu_samples', mine, s);
     -- Kernel timings carry the job only: the jobs of the visible projects.
     EXECUTE format('CREATE OR REPLACE VIEW %I.cuda_kernel_duration_seconds WITH (security_barrier) AS '
                    'SELECT * FROM %I.cuda_kernel_duration_seconds WHERE job_id IN '
@@ -129,7 +133,7 @@ BEGIN
     EXECUTE format('CREATE OR REPLACE VIEW %I.alert_history WITH (security_barrier) AS '
                    'SELECT * FROM %I.alert_history WHERE labels->>''project'' IS NULL '
                    'OR labels->>''project'' IN %s', mine, s, visible);
-    FOR rel IN SELECT unnest(ARRAY['cuda_kernel_duration_seconds', 'alert_history']) LOOP
+    FOR rel IN SELECT unnest(ARRAY['gpu_samples', 'cuda_kernel_duration_seconds', 'alert_history']) LOOP
         EXECUTE format('GRANT SELECT ON %I.%I TO %I', mine, rel, project);
     END LOOP;
 END
