@@ -43,6 +43,8 @@ _COST_FIELDS = (
     "budget_eur",
     "budget_utilization_percent",
     "forecast_eur",
+    "energy_kwh",
+    "energy_cost_eur",
 )
 
 
