@@ -1,11 +1,12 @@
 """The cost processors (S2, M22-M26): GPU-hours, estimated cost, job cost, cost per media minute, budget
-utilisation with its forecast and threshold alerts, and idle GPU-hours (U: which GPUs sit idle).
+utilisation with its forecast and threshold alerts, idle GPU-hours (U: which GPUs sit idle), and the
+energy the GPUs drew with its cost (issue 17, item 3).
 
 One module per processor, in data-flow order: ``repartition.py`` (JobRepartitioner), ``jobs.py``
 (CostProcessor), ``device_hours.py`` (DeviceHoursProcessor), ``idle_hours.py`` (IdleHoursProcessor);
-what they share is ``common.py``; prices (``pricing.py``, the shipped ``prices.yaml``) and budgets
-(``budgets.py``) are what the cost processor reads; ``settings.py`` holds the variables; the wiring is
-here. Times: see ``common.py`` (a naive datetime is refused).
+what they share is ``common.py``, how energy is counted ``energy.py``; prices (``pricing.py``, the shipped
+``prices.yaml``) and budgets (``budgets.py``) are what the cost processor reads; ``settings.py`` holds the
+variables; the wiring is here. Times: see ``common.py`` (a naive datetime is refused).
 
 The data flow::
 
@@ -15,8 +16,10 @@ The data flow::
                            alerts: budget_<threshold> / budget_forecast_overrun
                            streams.device-hours: allocated GPU-hours per (project, gpu_model, provider,
                                    pricing, hour), key gpu_model
-    gpu.samples ──DeviceHoursProcessor──► streams.device-hours: device-hours per (gpu_uuid, hour)
-    streams.device-hours ──IdleHoursProcessor──► costs: per (gpu_model, hour) device_hours, idle_gpu_hours
+    gpu.samples ──DeviceHoursProcessor──► streams.device-hours: device-hours and energy_kwh per
+                                   (gpu_uuid, hour)
+    streams.device-hours ──IdleHoursProcessor──► costs: per (gpu_model, hour) device_hours, idle_gpu_hours,
+                                   energy_kwh, energy_cost_eur (the catalogue's energy_eur_per_kwh)
 
 Allocated GPU-hours: a job holds ``gpu_count`` GPUs from its ``started`` to its ``finished``/``failed``
 event; each UTC hour gets ``gpu_count x overlap``. While a job runs, its hours are counted up to the
@@ -36,6 +39,14 @@ Device-hours (idle = device - allocated): a whole GPU (MIG instances are skipped
 their physical GPU too) counts as present for the time between two consecutive samples, at most
 ``max_gap`` (default 60 s, twice the slow sampling interval), so a device that stops reporting counts for
 at most ``max_gap`` more; the time before its first sample counts nothing.
+
+Energy (streams/costs/energy.py): per GPU, between consecutive readings (samples with an energy counter
+or a power draw), the counter's increase, or power x time where the counter reset or is missing, over the
+same coverage as the device-hours; a GPU with neither has no energy figure, never 0. The fleet record of a
+model's hour carries the sum and its cost. A project's share is the view ``energy_costs`` (migration
+0016): the model's energy per device-hour in that hour times the project's GPU-hours. Job events say how
+many GPUs of which model a job holds, not which ones, so this follows the allocation the GPU-hour cost
+follows; a busy GPU draws more than an idle one, so the share is an average, not a meter reading.
 
 Both sides meet on ``streams.device-hours`` (keyed by gpu_model, so one model's figures share a partition):
 the CostProcessor forwards each allocation bucket there, the DeviceHoursProcessor each device's hour.
@@ -106,7 +117,7 @@ def cost_processors(
             prices, budgets, retention=cost_retention, upstream_stale_after=cost_upstream_stale_after
         ),
         DeviceHoursProcessor(max_gap=max_gap, retention=device_retention),
-        IdleHoursProcessor(retention=idle_retention, stale_after=idle_stale_after),
+        IdleHoursProcessor(retention=idle_retention, stale_after=idle_stale_after, prices=prices),
     ]
 
 

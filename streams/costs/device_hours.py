@@ -1,5 +1,6 @@
-"""Device-hours per whole GPU and hour, from ``gpu.samples``, forwarded to ``streams.device-hours`` where
-the IdleHoursProcessor (streams/costs/idle_hours.py) sets them against the allocated hours."""
+"""Device-hours and energy per whole GPU and hour, from ``gpu.samples``, forwarded to
+``streams.device-hours`` where the IdleHoursProcessor (streams/costs/idle_hours.py) sets them against the
+allocated hours and prices the energy. How energy is counted: streams/costs/energy.py."""
 
 from __future__ import annotations
 
@@ -19,14 +20,17 @@ from streams.costs.common import (
     span,
     split_by_hour,
 )
+from streams.costs.energy import J_PER_KWH, energy_by_hour, reading
 from streams.runtime.buckets import HOUR_MS, bucket_start, from_ms, iso, to_ms
 from streams.runtime.processor import Input, Output, PartitionBatch, Result
 from streams.runtime.state import OFFSET, BatchState
 
 
 class DeviceHoursProcessor:
-    """Reads ``gpu.samples``; per whole GPU an entry ``dev|<gpu_uuid>`` with its last sample time and its
-    seconds present per hour. Publishes each changed (gpu_uuid, hour) to ``streams.device-hours``.
+    """Reads ``gpu.samples``; per whole GPU an entry ``dev|<gpu_uuid>`` with its last sample time, its
+    seconds present per hour, its last energy reading and its joules per hour. Publishes each changed
+    (gpu_uuid, hour) to ``streams.device-hours``: device_hours, and energy_kwh (null while no reading of
+    the GPU told the hour's energy).
 
     The clock is the partition's watermark as it stands at each record, in offset order (not at the end
     of the batch: one batch of a backfill can span days). Hours more than ``retention`` behind it are
@@ -59,10 +63,11 @@ class DeviceHoursProcessor:
             for key in list(state.keys()):
                 device = e.get(key)
                 if device is not None and since_committed(device, batch.committed_offset):
-                    changed[key] = (device, {int(hour) for hour in device["hours"]})
+                    labels = {*device["hours"], *device.get("energy", {})}
+                    changed[key] = (device, {int(label) for label in labels})
         devices: dict[str, dict[str, Any]] = {}  # each entry the batch touches, read once
         gap = self._max_gap_ms
-        for row, offset, t, mig_instance, uuid, model in _gpu_samples(batch):
+        for row, offset, t, mig_instance, uuid, model, energy_j, power_w in _gpu_samples(batch):
             if mark is None or t > mark:
                 mark = t
             if mig_instance is not None:
@@ -93,17 +98,35 @@ class DeviceHoursProcessor:
                     changed[key][1].add(hour)
             if last is None or t > last:
                 device["last_ms"] = t
+            now = reading(t, energy_j, power_w)
+            before = device.get("energy_last")
+            if now is not None and (before is None or t > before[0]):
+                if before is not None:
+                    energy = device.setdefault("energy", {})
+                    for hour, joules in energy_by_hour(before, now, gap):
+                        if hour < horizon:
+                            continue  # complete and published already
+                        label = str(hour)
+                        energy[label] = energy.get(label, 0.0) + joules
+                        if key not in changed:
+                            changed[key] = (device, set())
+                        changed[key][1].add(hour)
+                device["energy_last"] = now
             device["gpu_model"], device[OFFSET] = model, offset
         for device, hours in changed.values():
+            energy = device.get("energy", {})
             for hour in sorted(hours):
-                if str(hour) not in device["hours"]:
+                label = str(hour)
+                if label not in device["hours"] and label not in energy:
                     continue
+                joules = energy.get(label)
                 value = cost_record(
                     "gpu_hours",
                     hour,
                     hour + HOUR_MS,
                     gpu_model=device["gpu_model"],
-                    device_hours=device["hours"][str(hour)] / HOUR_MS,
+                    device_hours=device["hours"].get(label, 0) / HOUR_MS,
+                    energy_kwh=None if joules is None else joules / J_PER_KWH,
                     source=DEVICE_SOURCE_PREFIX + device["gpu_uuid"],
                 )
                 result.outputs.append(Output(DEVICE_HOURS, device["gpu_model"], COST_RECORD, value))
@@ -111,6 +134,8 @@ class DeviceHoursProcessor:
         for key, device in devices.items():
             # Published above; no later sample reaches back past the horizon, so these are complete.
             device["hours"] = {h: ms for h, ms in device["hours"].items() if int(h) >= horizon}
+            if "energy" in device:
+                device["energy"] = {h: j for h, j in device["energy"].items() if int(h) >= horizon}
             e.put(key, device)
         if hour_crossed(batch):
             for key in list(state.keys()):
@@ -128,9 +153,11 @@ class DeviceHoursProcessor:
         )
 
 
-def _gpu_samples(batch: PartitionBatch) -> Iterator[tuple[int, int, int, str | None, str, str]]:
-    """(row, offset, event ms, mig_instance, gpu_uuid, gpu_model) of each GpuSample of the batch, read
-    from its columns when it has them."""
+def _gpu_samples(
+    batch: PartitionBatch,
+) -> Iterator[tuple[int, int, int, str | None, str, str, float | None, float | None]]:
+    """(row, offset, event ms, mig_instance, gpu_uuid, gpu_model, energy_joules, power_watts) of each
+    GpuSample of the batch, read from its columns when it has them."""
     columns = batch.columns
     if columns is not None:
         yield from zip(
@@ -140,6 +167,8 @@ def _gpu_samples(batch: PartitionBatch) -> Iterator[tuple[int, int, int, str | N
             columns.values("mig_instance"),
             columns.values("gpu_uuid"),
             columns.values("gpu_model"),
+            columns.values("energy_joules"),
+            columns.values("power_watts"),
             strict=True,
         )
         return
@@ -152,6 +181,8 @@ def _gpu_samples(batch: PartitionBatch) -> Iterator[tuple[int, int, int, str | N
             value.get("mig_instance"),
             value["gpu_uuid"],
             value["gpu_model"],
+            value.get("energy_joules"),
+            value.get("power_watts"),
         )
 
 

@@ -1,5 +1,5 @@
-"""Idle GPU-hours per GPU model and hour (device-hours less allocated GPU-hours), from
-``streams.device-hours``, published to ``costs`` as fleet records."""
+"""Idle GPU-hours per GPU model and hour (device-hours less allocated GPU-hours) and the energy the
+model's GPUs drew with its cost, from ``streams.device-hours``, published to ``costs`` as fleet records."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from streams.costs.common import (
     since_committed,
     span,
 )
+from streams.costs.pricing import PriceCatalogue, Reloading
 from streams.runtime.buckets import HOUR_MS, bucket_start, to_ms
 from streams.runtime.processor import Output, PartitionBatch, Result
 from streams.runtime.state import OFFSET, BatchState
@@ -33,6 +34,11 @@ class IdleHoursProcessor:
     ``costs`` a fleet record (project null) with device_hours and idle_gpu_hours = max(device - allocated,
     0) for every changed hour with at least one device seen. gpu_hours stays null in it: the projects'
     records carry the allocation, and a fleet copy would be counted twice by anyone summing gpu_hours.
+    energy_kwh is the sum over the devices whose records tell their energy (null when none does), and
+    energy_cost_eur that times the catalogue's ``energy_eur_per_kwh`` in force when the hour is (re)computed
+    (null without a tariff). A project's share is not made here: the costs table's ``energy_costs`` view
+    (consumers/migrations/0016_energy_cost.sql) divides it by the projects' GPU-hours, from these rows and
+    the projects' own, so each row keeps one writer.
 
     This topic merges senders that each keep their own pace: device records come from every gpu.samples
     partition, allocations from every jobs-by-project partition, and in a backfill the few job events run
@@ -54,14 +60,19 @@ class IdleHoursProcessor:
         name: str = "costs_idle_hours",
         retention: timedelta = timedelta(days=45),
         stale_after: timedelta = timedelta(days=7),
+        prices: PriceCatalogue | Reloading[PriceCatalogue] | None = None,
     ) -> None:
         if retention <= timedelta(0) or stale_after <= timedelta(0):
             raise ValueError(f"retention and stale_after must be positive, got {retention}, {stale_after}")
         self.name = name
         self._retention_ms = retention // MS
         self._stale_ms = stale_after // MS
+        self._prices = prices
+        """The energy tariff's source; None: no tariff, energy costs stay null."""
+        self._told_no_tariff = False
 
     def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
+        tariff = None if self._prices is None else self._prices.current().energy_eur_per_kwh
         e = BatchState(state, order=("idle|",), load=copy.deepcopy)  # the figures before the clock
         index = e.get(INDEX) or {"devices": {}, "dropped_before": None}
         progress: dict[str, int] = index["devices"]
@@ -101,6 +112,8 @@ class IdleHoursProcessor:
             if entry is None:
                 entry = {"gpu_model": model, "hour_ms": hour, "devices": {}, "allocated": {}, OFFSET: -1}
             entry[side][sender] = figure
+            if side == "devices":  # replaced like the device-hours: each record has the hour's total
+                entry.setdefault("energy", {})[sender] = value.get("energy_kwh")
             entry[OFFSET] = record.offset
             e.put(key, entry)
             changed[key] = entry
@@ -119,6 +132,14 @@ class IdleHoursProcessor:
             device = sum(entry["devices"].values())
             allocated = sum(entry["allocated"].values())
             hour, model = entry["hour_ms"], entry["gpu_model"]
+            known = [kwh for kwh in entry.get("energy", {}).values() if kwh is not None]
+            energy = sum(known) if known else None
+            if energy is not None and tariff is None and not self._told_no_tariff:
+                self._told_no_tariff = True
+                log.warning(
+                    "%s: no energy_eur_per_kwh in the price catalogue: energy costs are reported as unknown",
+                    self.name,
+                )
             value = cost_record(
                 "gpu_hours",
                 hour,
@@ -126,6 +147,8 @@ class IdleHoursProcessor:
                 gpu_model=model,
                 device_hours=device,
                 idle_gpu_hours=max(device - allocated, 0.0),
+                energy_kwh=energy,
+                energy_cost_eur=None if energy is None or tariff is None else energy * tariff,
             )
             result.outputs.append(Output("costs", f"idle|{model}|{hour_label(hour)}", COST_RECORD, value))
         if progress:
