@@ -266,6 +266,7 @@ TABLES: tuple[Table, ...] = (
         _columns(
             f"time period_end kind {_COST_KEY} gpu_hours device_hours idle_gpu_hours cost_estimated_eur "
             "job_cost_eur job_cost_per_media_minute_eur budget_eur budget_utilization_percent forecast_eur "
+            "energy_kwh energy_cost_eur "
             "currency source emitted_at",
             empty=_COST_KEY,
             renamed={"emitted_at": "@timestamp"},
