@@ -308,13 +308,29 @@ def costs(
     where = sql.SQL(" AND ").join(conditions)
     if group_by in _GPU_HOUR_GROUPS:
         kind = "gpu_hours"
+        # Energy beside the GPU-hour cost: each project's share from the energy_costs view (migration
+        # 0016); the energy no project held falls in the group of no project (project null), like the
+        # fleet's idle hours. Both sides are grouped alike, then matched (null matching null).
         query = sql.SQL(
-            """SELECT {bucket} AS period_start, NULLIF(c.{g}, '') AS {g},
-                      sum(c.cost_estimated_eur) AS cost_eur, sum(c.gpu_hours) AS gpu_hours,
-                      min(c.currency) AS currency
-                 FROM costs c WHERE c.kind = 'gpu_hours' AND {where}
-                GROUP BY 1, 2 ORDER BY 1, 2 LIMIT %s"""
+            """WITH hours AS (
+                   SELECT {bucket} AS period_start, NULLIF(c.{g}, '') AS {g},
+                          sum(c.cost_estimated_eur) AS cost_eur, sum(c.gpu_hours) AS gpu_hours,
+                          min(c.currency) AS currency
+                     FROM costs c WHERE c.kind = 'gpu_hours' AND {where}
+                    GROUP BY 1, 2),
+               energy AS (
+                   SELECT {bucket} AS period_start, NULLIF(c.{g}, '') AS {g},
+                          sum(c.energy_kwh) AS energy_kwh, sum(c.energy_cost_eur) AS energy_cost_eur
+                     FROM energy_costs c WHERE {where}
+                    GROUP BY 1, 2)
+               SELECT h.period_start, h.{g}, h.cost_eur, h.gpu_hours, e.energy_kwh, e.energy_cost_eur,
+                      h.currency
+                 FROM hours h
+                 LEFT JOIN energy e ON e.period_start IS NOT DISTINCT FROM h.period_start
+                                   AND e.{g} IS NOT DISTINCT FROM h.{g}
+                ORDER BY 1, 2 LIMIT %s"""
         ).format(bucket=bucket, g=sql.Identifier(group_by), where=where)
+        params = params + params
     else:
         kind = "job_cost"
         query = sql.SQL(

@@ -34,8 +34,10 @@ def costs(
     limit: Limit = 1000,
 ) -> ApiJSON:
     """Costs in [start_time, end_time) (default: the last 30 days) per `group_by` and `period`. By project,
-    provider, GPU model or pricing: the hourly estimates (cost_eur, gpu_hours); by user, service or job: the
-    costs of finished jobs (cost_eur, jobs). A user token sees its own projects only."""
+    provider, GPU model or pricing: the hourly estimates (cost_eur, gpu_hours) and beside them the GPUs'
+    energy (energy_kwh) and its cost at the catalogue's tariff (energy_cost_eur), a project's share by its
+    GPU-hours, the energy no project held in the group of no project; by user, service or job: the costs of
+    finished jobs (cost_eur, jobs). A user token sees its own projects only."""
     principal.require_project(project)
     span = params.time_range(start_time, end_time, default=DEFAULT_COST_RANGE)
     projects = principal.projects if principal.restricted else None
