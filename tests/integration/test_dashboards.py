@@ -65,6 +65,9 @@ PRICES = {
     ("gcp", "NVIDIA L4", "on_demand"): 0.65,
     ("azure", "NVIDIA H100 80GB HBM3", "spot"): 2.90,
 }
+ENERGY_KW_PER_GPU = 0.4
+"""Mean draw of a simulated GPU for the fleet rows' energy (kWh per device-hour)."""
+ENERGY_EUR_PER_KWH = 0.25
 VALUE_TYPES = {20, 21, 23, 700, 701, 1700}  # int8, int2, int4, float4, float8, numeric
 TEXT_TYPES = {18, 19, 25, 1042, 1043}
 TIME_TYPES = {1082, 1114, 1184}  # date, timestamp, timestamptz
@@ -125,7 +128,7 @@ def _hours(start: datetime, end: datetime) -> Iterator[tuple[datetime, float]]:
 _COST_FIELDS = [
     *("project", "gpu_model", "provider", "pricing", "job_id", "budget", "gpu_hours", "device_hours"),
     *("idle_gpu_hours", "cost_estimated_eur", "job_cost_eur", "job_cost_per_media_minute_eur", "budget_eur"),
-    *("budget_utilization_percent", "forecast_eur"),
+    *("budget_utilization_percent", "forecast_eur", "energy_kwh", "energy_cost_eur"),
 ]
 
 
@@ -190,10 +193,12 @@ def _costs(events: list[dict[str, Any]], gpus: dict[str, str], start: datetime, 
     for model, count in per_model.items():
         for hour, overlap in _hours(start, end):
             device = count * overlap
+            kwh = device * ENERGY_KW_PER_GPU
             records.append(
                 _cost(
                     "gpu_hours", hour, hour + timedelta(hours=1), gpu_model=model, device_hours=device,
-                    idle_gpu_hours=max(device - allocated[(model, hour)], 0.0),
+                    idle_gpu_hours=max(device - allocated[(model, hour)], 0.0), energy_kwh=kwh,
+                    energy_cost_eur=kwh * ENERGY_EUR_PER_KWH,
                 )
             )  # fmt: skip
     month_start = end.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
