@@ -42,6 +42,35 @@ class ApiSettings(AimaSettings):
         le=1,
         description="share of a group's GPU hours that must be idle for `/recommendations` to list it",
     )
+    recommend_idle_below_percent: float = Field(
+        10.0,
+        ge=0,
+        le=100,
+        description="a GPU hour whose mean utilization is below this percent is idle (`/recommendations` "
+        "per GPU)",
+    )
+    recommend_idle_min_hours: int = Field(
+        2, gt=0, le=24 * 31, description="consecutive idle hours before `/recommendations` lists a GPU"
+    )
+    recommend_allocated_memory_percent: float = Field(
+        5.0,
+        gt=0,
+        le=100,
+        description="an idle GPU hour whose mean memory in use is at least this percent of the total was "
+        "held by a job (allocated); below it, unallocated",
+    )
+    recommend_memory_safe_percent: float = Field(
+        90.0,
+        gt=0,
+        le=100,
+        description="share of GPU memory a job may fill; a job's batch factor is this over its peak share",
+    )
+    recommend_batch_min_factor: float = Field(
+        1.5,
+        gt=1,
+        le=100,
+        description="least batch factor for `/recommendations` to list a job with memory headroom",
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ApiSettings:

@@ -5,19 +5,15 @@ conversions of api.sql)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-import psycopg
 from psycopg.rows import dict_row
 
-from api.sql import Page, _page, _row
+from api.sql import Conn, Page, Projects, fetch_page, json_row
 
 __all__ = ["fleet", "fleet_history", "job", "jobs"]
 
-Conn = psycopg.Connection[Any]
-Projects = Sequence[str] | None
 MAX_GPUS = 10_000
 """A bound on the fleet view's rows, so that a misbehaving producer cannot make the page unbounded."""
 
@@ -46,7 +42,7 @@ def fleet(conn: Conn, since: datetime, idle_below: float) -> list[dict[str, Any]
          GROUP BY host, gpu_uuid, mig_instance ORDER BY host, min(gpu), gpu_uuid, mig_instance LIMIT %s"""
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(query.encode(), (since, MAX_GPUS))
-        rows = [_row(r) for r in cur.fetchall()]
+        rows = [json_row(r) for r in cur.fetchall()]
     for row in rows:
         util = row["utilization_percent"]
         row["idle"] = util is not None and util < idle_below
@@ -64,7 +60,7 @@ def fleet_history(conn: Conn, since: datetime) -> list[dict[str, Any]]:
                 GROUP BY 1, 2 ORDER BY 1, 2 LIMIT %s""",
             (since, MAX_GPUS),
         )
-        return [_row(r) for r in cur.fetchall()]
+        return [json_row(r) for r in cur.fetchall()]
 
 
 def jobs(
@@ -84,7 +80,7 @@ def jobs(
           FROM job_events WHERE {" AND ".join(conditions)}
          GROUP BY job_id ORDER BY max(time) DESC, job_id LIMIT %s"""
     with conn.cursor(row_factory=dict_row) as cur:
-        return _page(cur, query.encode(), params, limit)  # type: ignore[arg-type]
+        return fetch_page(cur, query.encode(), params, limit)  # type: ignore[arg-type]
 
 
 def job(conn: Conn, job_id: str, now: datetime) -> dict[str, Any] | None:
@@ -140,13 +136,13 @@ def job(conn: Conn, job_id: str, now: datetime) -> dict[str, Any] | None:
         "job_id": job_id,
         "project": events[0]["project"],
         "state": events[-1]["event"],
-        "queued": _row({"t": events[0]["time"]})["t"] if events[0]["event"] == "queued" else None,
-        "started": _row({"t": started})["t"],
-        "ended": _row({"t": ended})["t"],
+        "queued": json_row({"t": events[0]["time"]})["t"] if events[0]["event"] == "queued" else None,
+        "started": json_row({"t": started})["t"],
+        "ended": json_row({"t": ended})["t"],
         "duration_seconds": ((ended or now) - started).total_seconds() if started else None,
         "hosts": hosts,
-        "events": [_row(e) for e in events],
-        "timings": [_row(t) for t in timings],
-        "cost": _row(cost) if cost is not None and cost["cost_eur"] is not None else None,
-        "gpu_use": [_row(g) for g in gpus],
+        "events": [json_row(e) for e in events],
+        "timings": [json_row(t) for t in timings],
+        "cost": json_row(cost) if cost is not None and cost["cost_eur"] is not None else None,
+        "gpu_use": [json_row(g) for g in gpus],
     }

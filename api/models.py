@@ -101,7 +101,15 @@ class RecommendationsResponse(BaseModel):
     start_time: datetime
     end_time: datetime
     idle_min_share: float
+    thresholds: dict[str, float] = Field(description="the thresholds applied (settings or the request's)")
     idle_gpus: list[dict[str, Any]] = Field(description="idle GPU capacity with idle_cost_eur_per_day")
+    idle_by_gpu: list[dict[str, Any]] | None = Field(
+        description="each GPU idle for the least hours, allocated or not, with idle_cost_eur_per_day; null "
+        "without the scopes of gpu_utilization_percent and gpu_memory_utilization_percent"
+    )
+    idle_by_gpu_truncated: bool
+    memory_headroom: list[dict[str, Any]] = Field(description="jobs whose batch could grow by batch_factor")
+    memory_headroom_truncated: bool
     budgets: list[dict[str, Any]] = Field(description="period-end forecast against budget per project budget")
 
 

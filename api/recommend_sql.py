@@ -9,7 +9,7 @@ from typing import Any
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from api.sql import Conn, Projects, _row
+from api.sql import Conn, Projects, json_row
 
 
 def _project_filter(projects: Projects, column: str = "project") -> tuple[sql.Composable, list[Any]]:
@@ -32,7 +32,7 @@ def idle_gpu_hours(conn: Conn, start: datetime, end: datetime, projects: Project
             GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4"""
     ).format(where=where)
     with conn.cursor(row_factory=dict_row) as cur:
-        return [_row(r) for r in cur.execute(query, [start, end, *params])]
+        return [json_row(r) for r in cur.execute(query, [start, end, *params])]
 
 
 def latest_budgets(conn: Conn, projects: Projects) -> list[dict[str, Any]]:
@@ -45,4 +45,98 @@ def latest_budgets(conn: Conn, projects: Projects) -> list[dict[str, Any]]:
             ORDER BY project, budget, period_start DESC, updated_at DESC"""
     ).format(where=where)
     with conn.cursor(row_factory=dict_row) as cur:
-        return [_row(r) for r in cur.execute(query, params)]
+        return [json_row(r) for r in cur.execute(query, params)]
+
+
+# Whole GPUs only: a MIG instance's series carries a mig_instance label (labels whose value is null are
+# left out of a series), and its cost is its parent's.
+_WHOLE_GPU = "NOT {alias}.labels ? 'mig_instance'"
+
+
+def gpu_hours(conn: Conn, start: datetime, end: datetime) -> list[dict[str, Any]]:
+    """Every whole GPU with hourly rollups in [start, end): its hours (bucket starts, oldest first) with
+    the mean utilization and mean memory in use (percent of the total) of each, from the hour tier of
+    gpu_utilization_percent and gpu_memory_utilization_percent (kept 7 days, D2). One row per GPU."""
+    query = sql.SQL(
+        """SELECT u.labels->>'host' AS host, u.labels->>'gpu' AS gpu, u.labels->>'gpu_uuid' AS gpu_uuid,
+                  u.labels->>'gpu_model' AS gpu_model,
+                  array_agg(u.bucket_start ORDER BY u.bucket_start) AS hours,
+                  array_agg(u.avg ORDER BY u.bucket_start) AS utilization_percent,
+                  array_agg(m.avg ORDER BY u.bucket_start) AS memory_percent
+             FROM rollups u
+             LEFT JOIN rollups m
+               ON m.metric = 'gpu_memory_utilization_percent' AND m.tier = 'hour'
+              AND m.bucket_start = u.bucket_start AND m.labels = u.labels
+            WHERE u.metric = 'gpu_utilization_percent' AND u.tier = 'hour'
+              AND u.bucket_start >= %s AND u.bucket_end <= %s AND {whole}
+            GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3"""
+    ).format(whole=sql.SQL(_WHOLE_GPU.format(alias="u")))
+    with conn.cursor(row_factory=dict_row) as cur:
+        return list(cur.execute(query, [start, end]))
+
+
+def host_prices(conn: Conn, price_since: datetime, end: datetime) -> dict[str, dict[str, Any]]:
+    """Per host, the provider, pricing and GPU model its latest started job named (the job events say
+    what a host is; GPU samples do not), with the mean estimated cost per GPU hour of that provider,
+    model and pricing in the hourly cost figures of [price_since, end) (null when none were priced)."""
+    query = """
+        WITH hosts AS (
+            SELECT DISTINCT ON (host) host, provider, pricing, gpu_model
+              FROM job_events WHERE event = 'started' AND host IS NOT NULL AND time < %s
+             ORDER BY host, time DESC),
+        prices AS (
+            SELECT provider, gpu_model, pricing, min(currency) AS currency,
+                   sum(cost_estimated_eur) / NULLIF(sum(gpu_hours), 0) AS eur_per_gpu_hour
+              FROM costs
+             WHERE kind = 'gpu_hours' AND project <> '' AND time >= %s AND time < %s
+               AND gpu_hours > 0 AND cost_estimated_eur IS NOT NULL
+             GROUP BY 1, 2, 3)
+        SELECT h.host, h.provider, h.pricing, p.eur_per_gpu_hour, p.currency
+          FROM hosts h
+          LEFT JOIN prices p
+            ON p.provider = h.provider AND p.gpu_model = h.gpu_model AND p.pricing = h.pricing"""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return {r["host"]: r for r in cur.execute(query.encode(), [end, price_since, end])}
+
+
+def job_memory(
+    conn: Conn, start: datetime, end: datetime, held_percent: float, projects: Projects
+) -> list[dict[str, Any]]:
+    """Every job that ran on a host during [start, end) (from its started and ended events), with the
+    peak and the highest hourly p95 of memory in use (percent of the total) over the hours it ran on the
+    GPUs of its host that someone held then (hourly peak at least ``held_percent``), from the hour tier
+    of gpu_memory_utilization_percent.
+
+    Job events name a job's host and GPU count, not its GPUs, so a GPU hour of the host counts for every
+    job that ran on the host in that hour: the figure is an upper bound of the job's own use, exact for
+    a job alone on its host's held GPUs in its hours. A bound from above never says a batch fits when it
+    does not."""
+    where, params = _project_filter(projects)
+    query = sql.SQL(
+        """WITH started AS (
+               SELECT DISTINCT ON (job_id) job_id, project, model, host, gpu_count, gpu_model, provider,
+                      pricing, time AS started
+                 FROM job_events WHERE event = 'started' AND host IS NOT NULL AND time < %s
+                ORDER BY job_id, time),
+           ended AS (
+               SELECT job_id, min(time) AS ended FROM job_events
+                WHERE event IN ('finished', 'failed') GROUP BY job_id),
+           jobs AS (
+               SELECT s.*, e.ended FROM started s LEFT JOIN ended e USING (job_id)
+                WHERE coalesce(e.ended, %s) > %s AND {where})
+           SELECT j.job_id, j.project, j.model, j.host, j.gpu_count, j.gpu_model, j.provider, j.pricing,
+                  j.started, j.ended, count(DISTINCT m.bucket_start) AS hours,
+                  count(DISTINCT m.labels->>'gpu_uuid') AS gpus_seen,
+                  max(m.max) AS peak_memory_percent, max(m.p95) AS p95_memory_percent
+             FROM jobs j
+             JOIN rollups m
+               ON m.metric = 'gpu_memory_utilization_percent' AND m.tier = 'hour'
+              AND m.labels->>'host' = j.host AND {whole}
+              AND m.bucket_start < coalesce(j.ended, %s) AND m.bucket_end > j.started
+              AND m.bucket_start >= %s - interval '1 hour' AND m.max >= %s
+            GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+            ORDER BY max(m.max), j.job_id"""
+    ).format(where=where, whole=sql.SQL(_WHOLE_GPU.format(alias="m")))
+    args = [end, end, start, *params, end, start, held_percent]
+    with conn.cursor(row_factory=dict_row) as cur:
+        return [json_row(r) for r in cur.execute(query, args)]

@@ -26,7 +26,9 @@ from bus.catalogue import Metric
 from bus.tiers import Tier, bucket_end, from_ms, to_ms
 
 __all__ = [
+    "Conn",
     "Page",
+    "Projects",
     "aggregate_calendar",
     "aggregate_raw",
     "aggregate_rollups",
@@ -35,6 +37,8 @@ __all__ = [
     "budgets",
     "costs",
     "current_alerts",
+    "fetch_page",
+    "json_row",
     "raw_samples",
 ]
 
@@ -69,14 +73,18 @@ def _json(value: Any) -> Any:
     return value
 
 
-def _row(row: Mapping[str, Any]) -> dict[str, Any]:
+def json_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A database row ready for JSON (times in ISO 8601, non-finite numbers null, UUIDs as text): the one
+    conversion every query of the API's read side (here, api/console_sql.py, api/recommend_sql.py) uses."""
     return {key: _json(value) for key, value in row.items()}
 
 
-def _page(cur: psycopg.Cursor[Any], query: sql.Composable, params: Sequence[Any], limit: int) -> Page:
+def fetch_page(cur: psycopg.Cursor[Any], query: sql.Composable, params: Sequence[Any], limit: int) -> Page:
+    """Run ``query`` (its last parameter is the limit) for one row more than ``limit``, to tell whether
+    more matched."""
     cur.execute(query, [*params, limit + 1])
     rows = cur.fetchall()
-    return Page([_row(r) for r in rows[:limit]], len(rows) > limit)
+    return Page([json_row(r) for r in rows[:limit]], len(rows) > limit)
 
 
 # -- metrics --------------------------------------------------------------------------------------------
@@ -150,7 +158,7 @@ def raw_samples(
         order=_columns("time", metric=metric),
     )
     with conn.cursor(row_factory=dict_row) as cur:
-        page = _page(cur, query, params, limit)
+        page = fetch_page(cur, query, params, limit)
     return Page([_sample(row, metric) for row in page.rows], page.truncated)
 
 
@@ -236,7 +244,7 @@ def _aggregate_view(
         labels_of = {name: row.pop(name) for name in metric.labels}
         row["bucket_end"] = bucket_end(row["bucket_start"])
         row["labels"] = {k: v for k, v in labels_of.items() if v is not None}
-        buckets.append(_row(row))
+        buckets.append(json_row(row))
     return Page(buckets, len(rows) > limit)
 
 
@@ -266,7 +274,7 @@ def aggregate_rollups(
              FROM rollups WHERE {where} ORDER BY bucket_start, series LIMIT %s"""
     ).format(where=sql.SQL(" AND ").join(conditions))
     with conn.cursor(row_factory=dict_row) as cur:
-        return _page(cur, query, params, limit)
+        return fetch_page(cur, query, params, limit)
 
 
 # -- costs and budgets ----------------------------------------------------------------------------------
@@ -345,7 +353,7 @@ def costs(
                 GROUP BY 1, 2 ORDER BY 1, 2 LIMIT %s"""
         ).format(bucket=bucket, key=sql.SQL(_JOB_GROUPS[group_by]), g=sql.Identifier(group_by), where=where)
     with conn.cursor(row_factory=dict_row) as cur:
-        page = _page(cur, query, params, limit)
+        page = fetch_page(cur, query, params, limit)
     if period == "total":
         for row in page.rows:
             row["period_start"] = start.isoformat()
@@ -391,7 +399,7 @@ def budgets(
         )
     query = query.format(cols=columns, where=sql.SQL(" AND ").join(conditions))
     with conn.cursor(row_factory=dict_row) as cur:
-        return _page(cur, query, params, limit)
+        return fetch_page(cur, query, params, limit)
 
 
 # -- alerts ---------------------------------------------------------------------------------------------
@@ -435,7 +443,7 @@ def current_alerts(
             WHERE {where} ORDER BY starts_at DESC, fingerprint LIMIT %s"""
     ).format(cols=_ALERT_COLUMNS, where=sql.SQL(" AND ").join([sql.SQL("status = 'firing'"), *conditions]))
     with conn.cursor(row_factory=dict_row) as cur:
-        return _page(cur, query, params, limit)
+        return fetch_page(cur, query, params, limit)
 
 
 def alert_history(
@@ -457,7 +465,7 @@ def alert_history(
         where=sql.SQL(" AND ").join([sql.SQL("event_time >= %s"), sql.SQL("event_time < %s"), *conditions]),
     )
     with conn.cursor(row_factory=dict_row) as cur:
-        return _page(cur, query, [start, end, *params], limit)
+        return fetch_page(cur, query, [start, end, *params], limit)
 
 
 # Rows older than migration 0013 have no outcome: the one mapping from the status, audit_outcome().
@@ -501,4 +509,4 @@ def audit_trail(
         cols=_AUDIT_COLUMNS, where=where
     )
     with conn.cursor(row_factory=dict_row) as cur:
-        return _page(cur, query, params, limit)
+        return fetch_page(cur, query, params, limit)

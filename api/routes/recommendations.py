@@ -1,33 +1,78 @@
-"""Recommendations (issue 17): idle GPU capacity with its cost per day, and period-end spend against
-budget per project, from the hourly cost figures and budget figures (kept without expiry). A user token
-sees its own projects only."""
+"""Recommendations (issue 17): idle GPU capacity with its cost per day, per project and GPU by GPU; jobs
+with memory headroom for a larger batch; period-end spend against budget per project. From the hourly
+rollups, cost figures and budget figures, and the job events for which job ran where. A user token sees
+its own projects' jobs and figures only; the per-GPU list, as for `/fleet` (GPU metrics carry no
+project), needs the scopes of GPU utilization and memory."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 
 from api import audit, recommend
 from api.auth import Auth
 from api.deps import Conn, api_state
-from api.errors import error_responses
+from api.errors import bad_request, error_responses
 from api.models import RecommendationsResponse
 from api.responses import ApiJSON
+from bus import catalogue
 
 router = APIRouter(tags=["recommendations"])
+
+GPU_METRICS = ("gpu_utilization_percent", "gpu_memory_utilization_percent")
+"""What the per-GPU idle list reads: a reader needs both to see it."""
 
 
 @router.get(
     "/recommendations",
-    responses={200: {"model": RecommendationsResponse}, **error_responses(401, 403, 422)},
+    responses={200: {"model": RecommendationsResponse}, **error_responses(400, 401, 403, 422)},
 )
-def recommendations(request: Request, principal: Auth, conn: Conn) -> ApiJSON:
+def recommendations(
+    request: Request,
+    principal: Auth,
+    conn: Conn,
+    project: Annotated[
+        str | None, Query(min_length=1, max_length=200, description="only this project (default: all yours)")
+    ] = None,
+    idle_below: Annotated[
+        float | None,
+        Query(ge=0, le=100, description="idle: hourly mean utilization below this percent"),
+    ] = None,
+    min_idle_hours: Annotated[
+        int | None, Query(ge=1, le=24 * 31, description="consecutive idle hours before a GPU is listed")
+    ] = None,
+    min_batch_factor: Annotated[
+        float | None, Query(gt=1, le=100, description="least batch factor for a job to be listed")
+    ] = None,
+) -> ApiJSON:
     """`idle_gpus`: per project, provider, GPU model and pricing, the idle GPU hours of the last
     AIMA_API_RECOMMEND_WINDOW_HOURS when at least AIMA_API_RECOMMEND_IDLE_MIN_SHARE of its GPU hours were
-    idle, with the idle cost per day; `budgets`: each project budget's period-end forecast against its
-    amount, projected overruns first."""
+    idle, with the idle cost per day. `idle_by_gpu`: each GPU idle (hourly mean utilization below
+    `idle_below`, default AIMA_API_RECOMMEND_IDLE_BELOW_PERCENT) for `min_idle_hours` consecutive hours,
+    allocated to a job or not, with its idle cost per day (null without the GPU metric scopes).
+    `memory_headroom`: jobs whose peak GPU memory leaves room for a batch `batch_factor` times larger.
+    `budgets`: each project budget's period-end forecast against its amount, projected overruns first.
+    Defaults and meanings of the thresholds: the AIMA_API_RECOMMEND_* settings."""
+    principal.require_project(project)
     projects = principal.projects if principal.restricted else None
-    body = recommend.build(conn, api_state(request).config, projects, datetime.now(UTC))
-    audit.note(request, rows=len(body["idle_gpus"]) + len(body["budgets"]))
+    if project is not None:
+        projects = [project]
+    config = api_state(request).config
+    if min_idle_hours is not None and min_idle_hours > config.recommend_window_hours:
+        raise bad_request(
+            f"min_idle_hours {min_idle_hours} is longer than the window of "
+            f"AIMA_API_RECOMMEND_WINDOW_HOURS={config.recommend_window_hours} hours"
+        )
+    thresholds = recommend.Thresholds.of(
+        config,
+        idle_below_percent=idle_below,
+        idle_min_hours=min_idle_hours,
+        batch_min_factor=min_batch_factor,
+    )
+    visible = all(principal.can_read(catalogue.BY_NAME[name]) for name in GPU_METRICS)
+    body = recommend.build(conn, config, projects, datetime.now(UTC), thresholds, gpus_visible=visible)
+    rows = len(body["idle_gpus"]) + len(body["budgets"]) + len(body["memory_headroom"])
+    audit.note(request, rows=rows + len(body["idle_by_gpu"] or []))
     return ApiJSON(body)

@@ -1,10 +1,14 @@
-"""/recommendations against a real PostgreSQL: hourly cost and budget figures inserted as the sink writes
-them (the costs table of consumers/migrations is the contract), the app over TestClient."""
+"""/recommendations against a real PostgreSQL, the app over TestClient: hourly cost and budget figures
+inserted as the sink writes them (the costs table of consumers/migrations is the contract); and a simulated
+fleet with injected faults (an allocated GPU left idle, a job using a fifth of its GPU's memory) stored as
+the pipeline stores it, whose truth the answers must find."""
 
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,6 +22,9 @@ from api import auth
 from api.app import create_app
 from api.config import ApiSettings
 from bus.settings import Settings
+from producers.faults import FaultPlan, Truth
+from producers.simulator import Fleet, generate
+from tests.integration import test_dashboards as dashboards
 
 pytestmark = pytest.mark.integration
 
@@ -95,3 +102,192 @@ def test_nothing_is_recommended_on_an_empty_fleet(client: TestClient, db: psycop
     admin = {"Authorization": f"Bearer {auth.create_token(db, 'admin', name='admin')[1]}"}
     body = client.get("/recommendations", headers=admin).json()
     assert body["idle_gpus"] == [] and body["budgets"] == []
+
+
+# -- on a simulated fleet whose faults are known ------------------------------------------------------------
+
+SIM_HOURS, STEP_S, SEED, FAULT_SEED = 9, 60.0, 3, 14
+FAULT_KINDS = ("idle_allocated", "underused_job")
+
+
+@dataclass
+class Simulated:
+    start: datetime
+    end: datetime
+    truth: list[Truth]
+    held_s: dict[tuple[str, datetime], float]
+    """Seconds a job held the host's (one) GPU in each hour, from the job events."""
+    jobs: dict[str, dict[str, Any]]
+    """Started jobs: host, start, end (None: still running), own peak memory share (percent)."""
+    gpus: dict[str, str]
+    """GPU uuid -> host."""
+
+
+def _simulate(database_url: str, schema: str) -> Simulated:
+    """Nine hours of a four-host fleet with one GPU per host (so a GPU's hours are its host's jobs') with
+    the fault plan, stored as the pipeline stores it: the job events (raw, they say which job ran where),
+    and the hourly rollups and cost figures the stream app derives (made from the same records by the
+    helpers of test_dashboards; test_backfill checks the stream app computes the same). No raw GPU sample
+    is stored: the recommendations must come from the rollups."""
+    end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    start = end - timedelta(hours=SIM_HOURS)
+    # Faults long enough to fill whole hours, as the hourly rollups see them.
+    plan = FaultPlan(every_s=4 * 3600.0, duration_s=3 * 3600.0, seed=FAULT_SEED, kinds=FAULT_KINDS)
+    fleet = Fleet(seed=SEED, hosts=4, gpus_per_host=1, start=start, faults=plan)
+    store, rollups = dashboards._Store(database_url, schema), dashboards._Rollups()
+    events: list[dict[str, Any]] = []
+    gpus: dict[str, str] = {}
+    jobs: dict[str, dict[str, Any]] = {}
+    memory: dict[str, list[tuple[datetime, float]]] = defaultdict(list)
+    try:
+        for topic, _key, name, value in generate(fleet, start, end, STEP_S):
+            if name == "JobEvent":
+                full, decoded = store.add(topic, name, value)
+                events.append(decoded)
+            elif name in ("GpuSample", "JobTimings"):
+                full, decoded = store.codec.decode(store.codec.encode(name, value))
+                rollups.add(full, decoded, decoded["time"])
+                if name == "GpuSample" and decoded["memory_utilization_percent"] is not None:
+                    gpus[decoded["gpu_uuid"]] = decoded["gpu_model"]
+                    memory[decoded["host"]].append((decoded["time"], decoded["memory_utilization_percent"]))
+        for value in dashboards._costs(events, gpus, start, end):
+            store.add("costs", "CostRecord", value)
+        for value in rollups.records(end):
+            store.add("rollups", "Rollup", value)
+    finally:
+        store.close()
+    held: dict[tuple[str, datetime], float] = defaultdict(float)
+    for e in events:
+        if e["event"] == "started":
+            jobs[e["job_id"]] = {"host": e["host"], "project": e["project"], "start": e["time"], "end": None}
+        elif e["event"] in ("finished", "failed") and e["job_id"] in jobs:
+            jobs[e["job_id"]]["end"] = e["time"]
+    for job in jobs.values():
+        for hour, overlap in dashboards._hours(job["start"], job["end"] or end):
+            held[(job["host"], hour)] += overlap * 3600
+        job["own_peak"] = max(
+            (m for t, m in memory[job["host"]] if job["start"] < t <= (job["end"] or end)), default=0.0
+        )
+    hosts = {h.gpus[0].uuid: h.name for h in fleet.hosts}
+    return Simulated(start, end, fleet.truth, held, jobs, hosts)
+
+
+def _hours_of(start: datetime, end: datetime) -> list[datetime]:
+    """The whole UTC hours inside [start, end)."""
+    first = start.replace(minute=0, second=0, microsecond=0)
+    if first < start:
+        first += timedelta(hours=1)
+    return [first + timedelta(hours=i) for i in range(int((end - first) / timedelta(hours=1)))]
+
+
+def _longest_run(hours: list[datetime]) -> int:
+    longest = run = 0
+    for i, hour in enumerate(sorted(hours)):
+        run = run + 1 if i and hour - sorted(hours)[i - 1] == timedelta(hours=1) else 1
+        longest = max(longest, run)
+    return longest
+
+
+def test_recommendations_find_the_simulators_injected_idle_gpu_and_underused_job(
+    client: TestClient, db: psycopg.Connection[Any], database_url: str, db_schema: str, settings: Settings
+) -> None:
+    sim = _simulate(database_url, db_schema)
+    kinds = {t.kind for t in sim.truth}
+    assert {"idle_allocated", "underused_job"} <= kinds, f"the plan injected {sim.truth}"
+    admin = {"Authorization": f"Bearer {auth.create_token(db, 'admin', name='admin')[1]}"}
+    body = client.get("/recommendations", headers=admin).json()
+    window = [sim.start + timedelta(hours=i) for i in range(SIM_HOURS)]
+    listed = {(g["gpu_uuid"], g["state"]): g for g in body["idle_by_gpu"]}
+
+    # Allocated but idle: the GPU of each idle_allocated fault, for the whole hours it covers in which a
+    # job held the GPU for at least a third of the hour (then the hour's mean memory shows it held).
+    expected = set()
+    for t in (t for t in sim.truth if t.kind == "idle_allocated"):
+        hours = [h for h in _hours_of(t.start, min(t.end, sim.end)) if sim.held_s[(t.host, h)] >= 1200]
+        if _longest_run(hours) >= 2:
+            expected.add(t.entity)
+            assert listed[(t.entity, "allocated")]["idle_hours"] >= len(hours), listed
+    assert expected, f"no idle_allocated fault filled two held hours: {sim.truth}"
+    assert {uuid for uuid, state in listed if state == "allocated"} == expected
+    for uuid in expected:  # no allocated idle hour outside the faults, but where a job held it minutes
+        host = sim.gpus[uuid]
+        faulty = {h for t in sim.truth if t.entity == uuid for h in window if t.start < h + timedelta(hours=1)
+                  and h < t.end}  # fmt: skip
+        brief = {h for h in window if 0 < sim.held_s[(host, h)] < 400}
+        assert listed[(uuid, "allocated")]["idle_hours"] <= len(faulty | brief)
+
+    # Unallocated: every hour no job held the GPU is an unallocated idle hour; at most the hours a job held
+    # it too briefly to show in the hour's mean memory are added.
+    for uuid, host in sim.gpus.items():
+        empty = [h for h in window if sim.held_s[(host, h)] == 0]
+        if _longest_run(empty) >= 2:
+            assert (uuid, "unallocated") in listed, f"{host} was unallocated {len(empty)} h but is not listed"
+        if (uuid, "unallocated") in listed:
+            brief = [h for h in window if sim.held_s[(host, h)] < 1000]
+            assert len(empty) <= listed[(uuid, "unallocated")]["idle_hours"] <= len(brief), (host, listed)
+    assert any(state == "unallocated" for _, state in listed), "the fleet's last host is seldom used"
+    for g in listed.values():  # priced at the host's profile (test_dashboards' prices), over one day
+        price = dashboards.PRICES[(g["provider"], g["gpu_model"], g["pricing"])]
+        assert g["eur_per_gpu_hour"] == pytest.approx(price)
+        assert g["idle_cost_eur_per_day"] == pytest.approx(g["idle_hours"] * price)
+
+    # Memory headroom: the jobs that ran wholly inside the underused_job fault's whole hours, with the
+    # batch factor the fault's detail promises (90 % usable / 20 % used = 4.5, the draws up to 3 % less).
+    under = [t for t in sim.truth if t.kind == "underused_job"]
+    inside = set()
+    for t in under:
+        hours = set(_hours_of(t.start, min(t.end, sim.end)))
+        for job_id, job in sim.jobs.items():
+            touched = {h for h, _ in dashboards._hours(job["start"], job["end"] or sim.end)}
+            if job["host"] == t.host and touched <= hours:
+                inside.add(job_id)
+    assert inside, f"no job ran inside an underused_job fault: {under}"
+    factors = {j["job_id"]: j for j in body["memory_headroom"]}
+    assert inside <= set(factors)
+    for job_id in inside:
+        assert 4.5 <= factors[job_id]["batch_factor"] <= 4.65, factors[job_id]
+    for job_id, j in factors.items():
+        job = sim.jobs[job_id]
+        assert j["host"] == job["host"] and j["batch_factor"] >= 1.5
+        # The figure bounds the job's own use from above: a batch it names fits.
+        assert j["peak_memory_percent"] >= job["own_peak"] - 1e-9, (job_id, j, job)
+        if j["batch_factor"] > 3.2:  # above what an ordinary job's 30 % or more allows
+            assert any(t.host == job["host"] and t.start < (job["end"] or sim.end) and job["start"] < t.end
+                       for t in under), (job_id, j)  # fmt: skip
+
+    # A user token: its project's jobs only, no per-GPU list without the GPU metric scopes; with them, the
+    # same list as an admin's. Bad thresholds are a 4xx naming the parameter.
+    project = sim.jobs[sorted(inside)[0]]["project"]
+    user = {"Authorization": f"Bearer {auth.create_token(db, 'user', [], [project], name='u')[1]}"}
+    mine = client.get("/recommendations", headers=user).json()
+    assert mine["idle_by_gpu"] is None
+    assert {j["project"] for j in mine["memory_headroom"]} == {project}
+    scopes = [f"metrics:read:{m}" for m in ("gpu_utilization_percent", "gpu_memory_utilization_percent")]
+    seer = {"Authorization": f"Bearer {auth.create_token(db, 'user', scopes, [project], name='s')[1]}"}
+    assert client.get("/recommendations", headers=seer).json()["idle_by_gpu"] == body["idle_by_gpu"]
+    other = "research" if project != "research" else "news"
+    assert client.get(f"/recommendations?project={other}", headers=user).status_code == 403
+    for bad in ("idle_below=101", "min_idle_hours=0", "min_batch_factor=1", "min_idle_hours=25"):
+        answer = client.get(f"/recommendations?{bad}", headers=admin)
+        assert answer.status_code in (400, 422) and bad.split("=")[0] in answer.text, (bad, answer.text)
+    stricter = client.get("/recommendations?min_batch_factor=4", headers=admin).json()
+    assert {j["job_id"] for j in stricter["memory_headroom"]} == {
+        j for j, f in factors.items() if f["batch_factor"] >= 4
+    }
+
+    # The CLI: the same answers, readable.
+    env = {"AIMA_DATABASE_URL": settings.database_dsn()}
+    report = CliRunner().invoke(recommend, ["--schema", db_schema], env=env)
+    assert report.exit_code == 0, report.output
+    print(report.output)
+    for uuid in expected:
+        g = listed[(uuid, "allocated")]
+        line = f"  {g['host']} GPU {g['gpu']} {g['gpu_model']} ({g['provider']}/{g['pricing']}): allocated, "
+        assert line in report.output
+    for job_id in inside:
+        assert (
+            f"  {job_id} (" in report.output
+            and f"batch x{factors[job_id]['batch_factor']:.1f}" in report.output
+        )
+    bad = CliRunner().invoke(recommend, ["--schema", db_schema, "--min-batch-factor", "0.5"], env=env)
+    assert bad.exit_code == 2 and "--min-batch-factor" in bad.output

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
 import pytest
 
 from api import recommend
+from api.config import ApiSettings
 
 
 def test_idle_costs_keep_groups_over_the_share_priced_per_day_largest_first() -> None:
@@ -32,3 +37,70 @@ def test_budget_projections_put_overruns_first() -> None:
         ("a", False, 0.0),
         ("c", False, 0.0),
     ]
+
+
+TH = recommend.Thresholds(
+    idle_below_percent=10.0,
+    idle_min_hours=2,
+    allocated_memory_percent=5.0,
+    memory_safe_percent=90.0,
+    batch_min_factor=1.5,
+)
+T0 = datetime(2026, 12, 1, tzinfo=UTC)
+
+
+def _gpu(uuid: str, hours: list[int], util: list[float | None], memory: list[float | None]) -> dict[str, Any]:
+    return {
+        "host": "h1", "gpu": "0", "gpu_uuid": uuid, "gpu_model": "L4",
+        "hours": [T0 + timedelta(hours=h) for h in hours], "utilization_percent": util,
+        "memory_percent": memory,
+    }  # fmt: skip
+
+
+def test_idle_gpus_are_listed_per_state_after_enough_consecutive_hours() -> None:
+    gpus = [
+        # allocated idle 2 h running (hours 0-1), then busy, then unallocated for one hour only
+        _gpu("a", [0, 1, 2, 3], [2.0, 3.0, 80.0, 0.5], [40.0, 40.0, 60.0, 1.0]),
+        # idle in hours 0 and 2 with hour 1 missing (no samples): no run of two
+        _gpu("b", [0, 2], [1.0, 1.0], [1.0, 1.0]),
+        # unallocated 3 h, no price known for its host
+        _gpu("c", [0, 1, 2], [0.3, 0.3, 0.3], [None, 1.0, 1.0]),
+    ]
+    gpus[2]["host"] = "h2"
+    prices = {"h1": {"provider": "gcp", "pricing": "spot", "eur_per_gpu_hour": 0.5, "currency": "EUR"}}
+    out = recommend.idle_by_gpu(gpus, prices, TH, days=0.5)
+    assert [(r["gpu_uuid"], r["state"], r["idle_hours"], r["longest_idle_hours"]) for r in out] == [
+        ("a", "allocated", 2, 2),
+        ("c", "unallocated", 3, 3),
+    ]
+    assert out[0]["idle_cost_eur_per_day"] == pytest.approx(2 * 0.5 / 0.5)
+    assert out[0]["longest_idle_end"] == (T0 + timedelta(hours=2)).isoformat()
+    assert out[1]["idle_cost_eur_per_day"] is None and out[1]["provider"] is None
+    assert recommend.idle_by_gpu(gpus, prices, replace(TH, idle_min_hours=3), days=1.0)[0]["gpu_uuid"] == "c"
+
+
+def test_memory_headroom_is_the_safe_share_over_the_peak() -> None:
+    jobs = [
+        {"job_id": "j1", "peak_memory_percent": 20.0},
+        {"job_id": "j2", "peak_memory_percent": 80.0},  # 1.125x: below the least factor
+        {"job_id": "j3", "peak_memory_percent": 45.0},
+        {"job_id": "j4", "peak_memory_percent": None},
+    ]
+    out = recommend.memory_headroom(jobs, TH)
+    assert [(j["job_id"], j["batch_factor"]) for j in out] == [("j1", 4.5), ("j3", 2.0)]
+
+
+def test_thresholds_take_the_settings_and_the_overrides_given() -> None:
+    config = ApiSettings.from_environ({"AIMA_API_RECOMMEND_IDLE_BELOW_PERCENT": "7"})
+    th = recommend.Thresholds.of(config, idle_min_hours=5, batch_min_factor=None)
+    assert (th.idle_below_percent, th.idle_min_hours, th.batch_min_factor) == (7.0, 5, 1.5)
+
+
+def test_a_projects_month_without_budget_shows_only_when_it_has_no_budget() -> None:
+    rows = [
+        {"project": "a", "budget": None, "budget_eur": None, "forecast_eur": 90.0},
+        {"project": "a", "budget": "monthly", "budget_eur": 100.0, "forecast_eur": 90.0},
+        {"project": "b", "budget": None, "budget_eur": None, "forecast_eur": 30.0},
+    ]
+    out = recommend.budget_projections(rows)
+    assert [(r["project"], r["budget"]) for r in out] == [("a", "monthly"), ("b", None)]
