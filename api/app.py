@@ -20,7 +20,19 @@ from api.config import ApiSettings
 from api.deps import POOL_TIMEOUT_S, ApiState
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.responses import ApiJSON
-from api.routes import alerts, audit, costs, fleet, health, jobs, metrics, recommendations, silences, ui
+from api.routes import (
+    alerts,
+    audit,
+    costs,
+    fleet,
+    health,
+    jobs,
+    metrics,
+    processes,
+    recommendations,
+    silences,
+    ui,
+)
 from bus.settings import Settings
 from bus.tracing import OFF, Tracing
 
@@ -99,7 +111,8 @@ def create_app(
     )
     app.state.api = state
     errors.install(app)
-    for module in (metrics, alerts, costs, recommendations, silences, audit, health, fleet, jobs, ui):
+    routers = (metrics, alerts, costs, recommendations, silences, audit, health, fleet, processes, jobs, ui)
+    for module in routers:
         app.include_router(module.router)
     app.add_middleware(AuditMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)

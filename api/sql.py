@@ -22,6 +22,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from api.process_sql import held_by_projects_only
 from bus.catalogue import Metric
 from bus.tiers import Tier, bucket_end, from_ms, to_ms
 
@@ -137,6 +138,9 @@ def _view_filters(
     more, more_params = _label_filters(metric, labels, projects, lambda name: (sql.Identifier(name), []))
     conditions += more
     params += more_params
+    if projects is not None and metric.per_process:
+        conditions.append(held_by_projects_only(metric.name))
+        params += [list(projects)] * 2
     return sql.SQL(" AND ").join(conditions), params
 
 

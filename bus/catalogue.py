@@ -3,7 +3,8 @@ and the one Avro field that carries it. Collectors, rollups, sinks, the API and 
 metrics up here, so a name exists once.
 
 Field paths: ``utilization_percent`` is a top-level field; ``disks[].used_bytes`` is a field of every item of
-the array ``disks``, one series per item, labelled from the item (``disks[].mountpoint``). ``where`` selects
+the array ``disks``, one series per item, labelled from the item (``disks[].mountpoint``; the label
+``process_name`` is the item field ``processes[].name``). ``where`` selects
 the records that carry the metric (``JobTimings`` with ``kind == "frame"``). Labels whose value is null in a
 record (e.g. ``mig_instance`` of a whole GPU) are left out of that record's series.
 """
@@ -51,6 +52,11 @@ class Metric:
     several partitions of the topic (job events are keyed by job_id, the queue wait is labelled by queue
     and project): each partition's rollup is only a part, and the stream app merges the parts
     (streams/rollups/merge.py) before it publishes the rollup."""
+    per_process: bool = False
+    """One series per process (labelled by pid): every run of a job makes new series, and a process can
+    be any team's. So it is kept raw only (24 h, like the raw samples) and never rolled up, which would
+    keep every pid ever seen in the rollup state and the year tier; and a user token reads only the rows of
+    hosts its projects' jobs held alone at the time (api/process_sql.py)."""
 
     @property
     def label_fields(self) -> tuple[str, ...]:
@@ -61,7 +67,7 @@ class Metric:
         if label not in self.labels:
             raise KeyError(f"{self.name} has no label {label!r}; labels: {', '.join(self.labels)}")
         prefix, _, _ = self.field.rpartition("[].")
-        return f"{prefix}[].{label}" if prefix and label in _ITEM_LABELS else label
+        return f"{prefix}[].{_ITEM_LABELS[label]}" if prefix and label in _ITEM_LABELS else label
 
     @property
     def interval_seconds(self) -> float | None:
@@ -81,8 +87,11 @@ class UnknownMetric(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-# Labels that come from the items of an array field rather than from the record.
-_ITEM_LABELS = frozenset({"mountpoint", "interface"})
+# Labels that come from the items of an array field rather than from the record: label -> item field. A
+# process's "name" is labelled process_name, as the exporter and Prometheus conventions name it.
+_ITEM_LABELS: Mapping[str, str] = MappingProxyType(
+    {"mountpoint": "mountpoint", "interface": "interface", "pid": "pid", "process_name": "name"}
+)
 
 _GPU = f"{NS}.GpuSample"
 _SYS = f"{NS}.SystemSample"
@@ -143,6 +152,9 @@ METRICS: tuple[Metric, ...] = (
          "Corrected ECC errors since driver load", "counter"),
     _gpu("gpu_ecc_uncorrected_errors", "count", "30s", "ecc_uncorrected_errors", "extra",
          "Uncorrected ECC errors since driver load", "counter"),
+    Metric("gpu_process_memory_used_bytes", "bytes", "nvml", "30s", (*GPU_LABELS, "pid", "process_name"),
+           _GPU, "processes[].used_memory_bytes", "GPU memory a running process holds", "extra",
+           per_process=True),
 
     _timing("cuda_kernel_duration_seconds", "cuda_kernel", "M6", "CUDA kernel run time",
             ("job_id", "kernel")),

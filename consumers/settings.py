@@ -133,6 +133,7 @@ class RetentionSettings(AimaSettings):
 
 RAW_TABLES = (
     "gpu_samples",
+    "gpu_process_samples",
     "system_samples",
     "system_disk_samples",
     "system_network_samples",

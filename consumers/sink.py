@@ -409,9 +409,10 @@ class Sink:
         return newest is None or self._event_times.columns_ok(int(newest))  # type: ignore[arg-type]
 
     def _frame_decoder(self, record_name: str) -> FrameDecoder | None:
-        """A columnar decoder for records whose every table takes one row per record; None otherwise."""
+        """A columnar decoder for the records of ``record_name``; None where a chunk cannot hold them (a
+        table with a row per item that also stores message properties, see consumers/sink_chunks.py)."""
         tables = BY_RECORD.get(record_name, ())
-        if not tables or any(table.items is not None for table in tables):
+        if not tables or any(t.items is not None and Chunk.needs_origins((t,)) for t in tables):
             return None
         return self._frames.get(record_name)
 

@@ -7,6 +7,10 @@ chunk (a bisection after a rejected record), or for a table whose rows must be r
 
 Each column becomes the text PostgreSQL's CSV input reads as the value binary COPY would have written:
 null as an unquoted empty field and '' quoted; arrays as array literals; jsonb as JSON text; bytea as hex.
+
+A table with one row per item of an array field (``Table.items``, e.g. a GPU sample's processes) takes the
+array exploded, one row per item, the record's columns repeated; such a table may not store message
+properties (``@offset``, ...), which are one per record.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 import polars as pl
 
+from bus.frames import python_values
 from consumers.tables import ORIGIN_FIELDS, Origin, Table
 
 __all__ = ["Chunk"]
@@ -39,11 +44,14 @@ class Chunk:
             origins = [_NO_ORIGIN] * columns.height
         if columns.height != len(origins):
             raise ValueError(f"{columns.height} rows but {len(origins)} origins")
+        if any(table.items is not None and self.needs_origins((table,)) for table in tables):
+            raise ValueError("a table with a row per item cannot store message properties as columns")
         self.tables = tuple(tables)
         self.columns = columns
         self.origins = list(origins)
         self._rows: list[list[tuple[Table, tuple[Any, ...]]]] | None = None
         self._csv: dict[str, bytes] = {}
+        self._exploded: dict[str, pl.DataFrame | None] = {}
 
     @staticmethod
     def needs_origins(tables: Sequence[Table]) -> bool:
@@ -55,12 +63,54 @@ class Chunk:
     def rows(self, index: int) -> list[tuple[Table, tuple[Any, ...]]]:
         """Record ``index``'s rows, with their tables (the tuples of all records are made at first need)."""
         if self._rows is None:
-            per_table = [(t, t.rows_from_columns(self.columns, self.origins)) for t in self.tables]
-            self._rows = [[(t, rows[i]) for t, rows in per_table] for i in range(len(self))]
+            per_table = [(t, self._record_rows(t)) for t in self.tables]
+            self._rows = [[(t, row) for t, rows in per_table for row in rows[i]] for i in range(len(self))]
         return self._rows[index]
 
-    def _source(self, source: str, null_as_empty: bool) -> tuple[pl.Expr, pl.DataType]:
-        """The column's values and their polars type."""
+    def row_count(self, table: Table) -> int:
+        """How many rows of ``table`` the chunk holds: one per record, or one per item."""
+        if table.items is None:
+            return len(self)
+        items = self._items(table)
+        return 0 if items is None else items.height
+
+    def _record_rows(self, table: Table) -> list[list[tuple[Any, ...]]]:
+        """Per record, its rows of ``table`` (the tuples ``Table.rows`` makes)."""
+        if table.items is None:
+            return [[row] for row in table.rows_from_columns(self.columns, self.origins)]
+        names = list(dict.fromkeys(c.source.partition("[].")[0] for c in table.columns))
+        values = [python_values(self.columns.get_column(name)) for name in names]
+        records = [dict(zip(names, row, strict=True)) for row in zip(*values, strict=True)]
+        return [table.rows(record, origin) for record, origin in zip(records, self.origins, strict=True)]
+
+    def _items(self, table: Table) -> pl.DataFrame | None:
+        """One row per item of ``table.items`` (records without items, or a null list, have none): the
+        record's columns by name, each item field as its column's source (``processes[].pid``). None when
+        no record has an item."""
+        assert table.items is not None
+        if table.name in self._exploded:
+            return self._exploded[table.name]
+        array = table.items
+        kind = self.columns.schema.get(array)
+        result = None
+        # A list of structs unless every record's list is null or empty (then polars may type it Null).
+        if isinstance(kind, pl.List) and isinstance(kind.inner, pl.Struct):
+            prefix = f"{array}[]."
+            own = list(dict.fromkeys(c.source for c in table.columns if not c.source.startswith(prefix)))
+            fields = [c.source for c in table.columns if c.source.startswith(prefix)]
+            exploded = self.columns.select(*own, array).explode(array).filter(pl.col(array).is_not_null())
+            result = exploded.select(
+                *own, *(pl.col(array).struct.field(f.removeprefix(prefix)).alias(f) for f in fields)
+            )
+            if result.height == 0:
+                result = None
+        self._exploded[table.name] = result
+        return result
+
+    def _source(
+        self, source: str, null_as_empty: bool, frame: pl.DataFrame | None = None
+    ) -> tuple[pl.Expr, pl.DataType]:
+        """The column's values (in ``frame``, default the records' columns) and their polars type."""
         if source == "@timestamp":
             # Origin.timestamp: the broker's time, or now when it gave none.
             now = Origin("", 0, 0, None).timestamp
@@ -71,7 +121,8 @@ class Chunk:
             values = pl.Series([ORIGIN_FIELDS[source](o) for o in self.origins])
             return pl.lit(values), values.dtype
         expr = pl.col(source)
-        return (expr.fill_null("") if null_as_empty else expr), self.columns.schema[source]
+        schema = (self.columns if frame is None else frame).schema
+        return (expr.fill_null("") if null_as_empty else expr), schema[source]
 
     def prepare(self) -> None:
         """Make the CSV of every table now (it is kept), so that :meth:`csv` only hands it over."""
@@ -85,11 +136,15 @@ class Chunk:
         if payload is None:
             if table not in self.tables:
                 raise ValueError(f"{table.name} does not store these records")
-            exprs = [
-                _as_text(*self._source(column.source, column.null_as_empty)).alias(column.name)
-                for column in table.columns
-            ]
-            payload = self.columns.select(exprs).write_csv(include_header=False).encode()
+            frame = self.columns if table.items is None else self._items(table)
+            if frame is None:
+                payload = b""  # no items in any record: no rows
+            else:
+                exprs = [
+                    _as_text(*self._source(column.source, column.null_as_empty, frame)).alias(column.name)
+                    for column in table.columns
+                ]
+                payload = frame.select(exprs).write_csv(include_header=False).encode()
             self._csv[table.name] = payload
         return payload
 

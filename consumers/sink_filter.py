@@ -33,12 +33,16 @@ from bus.frames import python_values
 from bus.selective_storage import EXACT, Band, Kept, SelectiveStorage, keeps
 from consumers.tables import BY_RECORD, ORIGIN_FIELDS, TABLES, Table
 
-__all__ = ["FILTERED_TABLES", "RIDE_ALONG", "Plan", "RowFilter", "TableRule"]
+__all__ = ["FILTERED_TABLES", "RIDES_WITH", "RIDE_ALONG", "Plan", "RowFilter", "TableRule"]
 
 FILTERED_TABLES = ("gpu_samples", "system_samples", "system_disk_samples", "system_network_samples")
 RIDE_ALONG = {"gpu_samples": frozenset({"processes"})}
 """Columns compared with nothing: the process list's memory moves with gpu_memory_used_bytes, which has a
 deadband of its own; a row stored carries the list as it was."""
+RIDES_WITH = {"gpu_process_samples": "gpu_samples"}
+"""Tables whose rows of a record are stored exactly when its row of another table is, for the same reason:
+a GPU sample's process rows (the list above, one row per process) go with its gpu_samples row. They are
+not counted as filtered on their own: the row they go with is."""
 
 Partition = tuple[str, int]
 SourceKey = tuple[Table, tuple[Any, ...]]
@@ -134,10 +138,12 @@ class RowFilter:
         return record_name in self._records
 
     def columnar(self, record_name: str) -> bool:
-        """Whether :meth:`plan` can decide this record's chunks: one table, and it filtered (otherwise
-        the sink decodes the records one by one)."""
+        """Whether :meth:`plan` can decide this record's chunks: its first table filtered, and any other
+        riding along with it (:data:`RIDES_WITH`); otherwise the sink decodes the records one by one."""
         tables = BY_RECORD.get(record_name, ())
-        return len(tables) == 1 and tables[0] in self._rules
+        if not tables or tables[0] not in self._rules:
+            return False
+        return all(RIDES_WITH.get(table.name) == tables[0].name for table in tables[1:])
 
     def rule(self, table: Table) -> TableRule | None:
         return self._rules.get(table)
@@ -153,7 +159,13 @@ class RowFilter:
             return rows, filtered
         last = self._last.setdefault(partition, {})
         kept = []
+        decided: dict[str, bool] = {}
         for table, row in rows:
+            leader = RIDES_WITH.get(table.name)
+            if leader is not None and leader in decided:
+                if decided[leader]:
+                    kept.append((table, row))
+                continue
             rule = self._rules.get(table)
             if rule is None:
                 kept.append((table, row))
@@ -161,7 +173,8 @@ class RowFilter:
             key = (table, tuple([row[i] for i in rule.source]))
             values = tuple([row[i] for i in rule.metrics])
             exact = tuple([row[i] for i in rule.exact])
-            if self._decide(rule, last.get(key), row[rule.time], values, exact, last, key):
+            decided[table.name] = self._decide(rule, last.get(key), row[rule.time], values, exact, last, key)
+            if decided[table.name]:
                 kept.append((table, row))
             else:
                 filtered[table.name] += 1

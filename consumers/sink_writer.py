@@ -282,7 +282,7 @@ class Writer:
                 if table.newest:
                     rows = _newest_per_key(table, rows)
                 payload = b"".join(chunk.csv(table) for chunk in whole)
-                staged[table.name] += len(rows) + sum(map(len, whole))
+                staged[table.name] += len(rows) + sum(chunk.row_count(table) for chunk in whole)
                 if table.key and not table.newest:
                     # Most batches hold no row stored before: COPY straight into the table, and take the
                     # staged upsert only when the natural key says some row is there already.

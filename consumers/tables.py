@@ -186,6 +186,23 @@ TABLES: tuple[Table, ...] = (
         _columns(_GPU_COLUMNS, empty="mig_instance"),
         ("host", "gpu_uuid", "mig_instance", "interval_group", "time"),
     ),
+    # GpuSample.processes[]: one row per process of a sample (gpu_process_memory_used_bytes), the same
+    # list gpu_samples keeps as JSON; without interval_group, since one read lists a GPU's processes.
+    Table(
+        "gpu_process_samples",
+        f"{NS}.GpuSample",
+        _columns(
+            "time host gpu gpu_uuid gpu_model mig_instance pid process_name used_memory_bytes",
+            empty="mig_instance",
+            renamed={
+                "pid": "processes[].pid",
+                "process_name": "processes[].name",
+                "used_memory_bytes": "processes[].used_memory_bytes",
+            },
+        ),
+        ("host", "gpu_uuid", "mig_instance", "pid", "time"),
+        items="processes",
+    ),
     Table(
         "system_samples",
         f"{NS}.SystemSample",

@@ -107,15 +107,21 @@ def aggregated(
 ) -> ApiJSON:
     """min, max, avg, p95 and count per bucket and series. 1h, 1d, 1mo and 1y buckets are the stored
     rollups (those overlapping the range), except for the cost processor's metrics (gpu_hours, costs,
-    budgets), whose stored figures are aggregated per calendar bucket (``source: costs``); shorter
-    intervals are computed from the raw samples in the range, in buckets aligned to multiples of the
-    interval since 2000-01-01 UTC."""
+    budgets), whose stored figures are aggregated per calendar bucket (``source: costs``), and the
+    per-process metrics, never rolled up, whose raw samples are (``source: raw``); shorter intervals
+    are computed from the raw samples in the range, in buckets aligned to multiples of the interval since
+    2000-01-01 UTC."""
     metric, selector = _readable(request, principal, metric_name, labels)
     step = params.parse_interval(interval)
     span = params.time_range(start_time, end_time)
     projects = principal.projects if principal.restricted else None
     if step.tier is not None and metric.source == "cost_processor":
         source = "costs"  # one figure per period, upserted: aggregated as stored, not rolled up again
+        page = sql.aggregate_calendar(
+            conn, metric, step.tier, span.start, span.end, selector, limit, projects
+        )
+    elif step.tier is not None and metric.per_process:
+        source = "raw"  # never rolled up (a series per pid): calendar buckets of the raw rows kept
         page = sql.aggregate_calendar(
             conn, metric, step.tier, span.start, span.end, selector, limit, projects
         )

@@ -5,7 +5,8 @@ renders the latest values of each GPU and MIG instance. Names are the catalogue'
 ``aima_`` prefix, labels ``host, gpu, gpu_uuid, gpu_model, mig_instance`` (empty for a whole GPU). A value
 the device does not support has no sample at all, never a 0.
 
-Per-process GPU memory is ``aima_gpu_process_memory_used_bytes`` with ``pid`` and ``process_name`` (the
+Per-process GPU memory is the catalogue's ``gpu_process_memory_used_bytes`` (``aima_`` prefixed: an item
+field of the ``processes`` array, so a family of its own) with ``pid`` and ``process_name`` (the
 executable's base name) added: the series are those of the processes in the latest slow record, so a
 process that ended disappears at the next slow read and the cardinality is bounded by the processes a GPU
 runs at once, not by all it ever ran. The pid is needed to tell two workers of one name apart; a
@@ -23,11 +24,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from bus.catalogue import GPU_LABELS, METRICS
+from bus.catalogue import get as catalogue_metric
 
 __all__ = ["PREFIX", "GpuExporter"]
 
 PREFIX = "aima_"
-_GPU_METRICS = tuple(metric for metric in METRICS if metric.record == "aima.metrics.GpuSample")
+# Top-level fields, one sample per GPU; a metric of the items of an array (processes) has its own family.
+_GPU_METRICS = tuple(m for m in METRICS if m.record == "aima.metrics.GpuSample" and "[]." not in m.field)
+_PROCESS_MEMORY = catalogue_metric("gpu_process_memory_used_bytes")
 
 
 class GpuExporter(Collector):
@@ -75,9 +79,7 @@ class GpuExporter(Collector):
             labels=(*GPU_LABELS, "xid"),
         )
         process_memory = GaugeMetricFamily(
-            f"{PREFIX}gpu_process_memory_used_bytes",
-            "GPU memory a running process holds",
-            labels=(*GPU_LABELS, "pid", "process_name"),
+            f"{PREFIX}{_PROCESS_MEMORY.name}", _PROCESS_MEMORY.description, labels=_PROCESS_MEMORY.labels
         )
         for uuid, groups in snapshot:
             values: dict[str, Any] = {}

@@ -385,7 +385,8 @@ class RollupProcessor:
         self._accuracy = float(relative_accuracy)
         by_record: dict[str, list[Metric]] = {}
         for metric in METRICS:
-            by_record.setdefault(metric.record, []).append(metric)
+            if not metric.per_process:  # kept raw only (bus/catalogue.py): a series per pid ever run
+                by_record.setdefault(metric.record, []).append(metric)
         self._plans = {record: _RecordPlan(record, metrics) for record, metrics in by_record.items()}
         self.merged_metrics = frozenset(metric.name for metric in METRICS if metric.spans_partitions)
         """Metrics whose rollups go out as this partition's partials, to be merged across partitions

@@ -212,7 +212,8 @@ def expected_metric_counts(records: Sequence[Record]) -> dict[str, int]:
     what the rollup counts of every tier must sum to."""
     counts: dict[str, int] = {}
     names = {f"{NS}.{name}" for _, _, name, _ in records}
-    metrics = [m for m in METRICS if m.record in names and m.type != "summary"]
+    # Per-process metrics are kept raw only, never rolled up (bus/catalogue.py).
+    metrics = [m for m in METRICS if m.record in names and m.type != "summary" and not m.per_process]
     for _, _, name, value in records:
         for metric in metrics:
             if metric.record != f"{NS}.{name}" or not metric.selects(value):

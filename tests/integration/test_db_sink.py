@@ -315,6 +315,7 @@ def every_kind() -> list[tuple[str, str, str, dict[str, Any]]]:
 # Rows each table gets from every_kind(), once.
 EXPECTED_ROWS = {
     "gpu_samples": 3,
+    "gpu_process_samples": 3,  # one process in each GPU sample
     "system_samples": 1,
     "system_disk_samples": 2,
     "system_network_samples": 1,

@@ -30,7 +30,17 @@ pytestmark = pytest.mark.integration
 
 CODEC = Codec()
 START = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
-COLUMNAR = ("GpuSample", "QueueSample", "PodStatus", "DeadLetter", "JobTimings", "JobEvent", "CostRecord")
+# GpuSample and SystemSample fill tables with a row per item too (processes; disks, networks).
+COLUMNAR = (
+    "GpuSample",
+    "SystemSample",
+    "QueueSample",
+    "PodStatus",
+    "DeadLetter",
+    "JobTimings",
+    "JobEvent",
+    "CostRecord",
+)
 
 
 def _odd_gpu_samples() -> list[dict[str, Any]]:
