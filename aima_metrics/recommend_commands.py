@@ -36,6 +36,9 @@ from bus.settings import Settings
     default=None,
     help="least batch factor for a job to be listed (default AIMA_API_RECOMMEND_BATCH_MIN_FACTOR)",
 )
+@click.option(
+    "--job-model", default=None, help="job profile of the cheapest provider: jobs running this model"
+)
 def recommend(
     projects: tuple[str, ...],
     as_json: bool,
@@ -43,10 +46,11 @@ def recommend(
     idle_below: float | None,
     min_idle_hours: int | None,
     min_batch_factor: float | None,
+    job_model: str | None,
 ) -> None:
     """Idle GPU capacity with its cost per day (per project and GPU by GPU), jobs with memory headroom
-    for a larger batch, and period-end spend against budget per project (thresholds: the
-    AIMA_API_RECOMMEND_* settings, or the options)."""
+    for a larger batch, the cheapest provider and GPU model per million frames, and period-end spend
+    against budget per project (thresholds: the AIMA_API_RECOMMEND_* settings, or the options)."""
     from api import recommend as rec
 
     config = ApiSettings()
@@ -66,7 +70,9 @@ def recommend(
         if schema is not None:
             conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(schema)))
         try:
-            body = rec.build(conn, config, list(projects) or None, datetime.now(UTC), thresholds)
+            body = rec.build(
+                conn, config, list(projects) or None, datetime.now(UTC), thresholds, job_model=job_model
+            )
         except psycopg.errors.UndefinedTable as exc:
             raise click.ClickException(
                 f"{exc.diag.message_primary}: migrate the database or pass --schema"

@@ -13,7 +13,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from bus.settings import AimaSettings
+from bus.prices import DEFAULT_PRICES_FILE
+from bus.settings import AimaSettings, described
 
 __all__ = ["ApiSettings"]
 
@@ -70,6 +71,12 @@ class ApiSettings(AimaSettings):
         gt=1,
         le=100,
         description="least batch factor for `/recommendations` to list a job with memory headroom",
+    )
+    recommend_prices_file: Path = described(
+        DEFAULT_PRICES_FILE,
+        "price catalogue `/recommendations` prices providers by for the cheapest one (the file of "
+        "AIMA_PRICES_FILE)",
+        shown="streams/costs/prices.yaml",
     )
 
     @model_validator(mode="after")

@@ -110,6 +110,10 @@ class RecommendationsResponse(BaseModel):
     idle_by_gpu_truncated: bool
     memory_headroom: list[dict[str, Any]] = Field(description="jobs whose batch could grow by batch_factor")
     memory_headroom_truncated: bool
+    job_model: str | None = Field(description="the job profile of cheapest; null: every job")
+    throughput: list[dict[str, Any]] = Field(description="measured frames per GPU second per GPU model")
+    cheapest: list[dict[str, Any]] = Field(description="catalogue offers by eur_per_million_frames")
+    cheapest_problem: str | None = Field(description="why cheapest is empty when the catalogue is unusable")
     budgets: list[dict[str, Any]] = Field(description="period-end forecast against budget per project budget")
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from api.config import ApiSettings
+from bus.prices import PRICINGS, CatalogueError, PriceCatalogue
+
+log = logging.getLogger(__name__)
 
 MAX_ROWS = 200
 """Most rows of each per-GPU and per-job list: the worst first, so a large fleet's answer stays readable
@@ -15,6 +19,9 @@ MAX_ROWS = 200
 PRICE_LOOKBACK = timedelta(days=7)
 """How far back the hourly cost figures give a host's price per GPU hour (a price rarely changes; a week
 prices a host that ran no job in the window)."""
+THROUGHPUT_LOOKBACK = timedelta(days=30)
+"""How far back the ended jobs give the measured throughput per GPU model: the day tier of the rollups,
+which holds their frame counts, is kept 30 days (D2)."""
 
 
 @dataclass(frozen=True)
@@ -193,10 +200,12 @@ def build(
     thresholds: Thresholds | None = None,
     *,
     gpus_visible: bool = True,
+    job_model: str | None = None,
 ) -> dict[str, Any]:
     """Every recommendation for ``projects`` (None: the fleet) as of ``now``: the body of
     `GET /recommendations` and of `aima-metrics recommend --json`. ``gpus_visible``: whether the reader
-    may see per-GPU figures (GPU metrics carry no project); when not, ``idle_by_gpu`` is null."""
+    may see per-GPU figures (GPU metrics carry no project); when not, ``idle_by_gpu`` is null.
+    ``job_model``: the job profile of ``cheapest`` (jobs running that model; None: every job)."""
     from api import recommend_sql
 
     th = thresholds or Thresholds.of(config)
@@ -216,6 +225,13 @@ def build(
     headroom = memory_headroom(
         recommend_sql.job_memory(conn, start, now, th.allocated_memory_percent, projects), th
     )
+    throughputs = recommend_sql.throughput(conn, end - THROUGHPUT_LOOKBACK, now, job_model, projects)
+    problem = None
+    try:
+        ranked = cheapest(throughputs, PriceCatalogue.load(config.recommend_prices_file))
+    except CatalogueError as exc:  # the operator's file: say what is wrong, answer the rest
+        log.error("cheapest provider left out: %s", exc)
+        ranked, problem = [], f"the price catalogue cannot be used: {exc}"
     return {
         "start_time": start.isoformat(),
         "end_time": end.isoformat(),
@@ -232,6 +248,10 @@ def build(
         "idle_by_gpu_truncated": by_gpu is not None and len(by_gpu) > MAX_ROWS,
         "memory_headroom": headroom[:MAX_ROWS],
         "memory_headroom_truncated": len(headroom) > MAX_ROWS,
+        "job_model": job_model,
+        "throughput": throughputs,
+        "cheapest": ranked,
+        "cheapest_problem": problem,
         "budgets": budget_projections(recommend_sql.latest_budgets(conn, projects)),
     }
 
@@ -276,6 +296,20 @@ def render(body: Mapping[str, Any]) -> str:
         )
     if not body["memory_headroom"]:
         lines.append("  none")
+    profile = f"jobs running {body['job_model']}" if body["job_model"] else "every job"
+    lines += ["", f"Cheapest provider and GPU model per million frames ({profile}, measured throughput):"]
+    for c in body["cheapest"][:10]:
+        lines.append(
+            f"  {c['provider']} {c['catalogue_model']} ({c['pricing']}): {c['eur_per_million_frames']:.2f} "
+            f"EUR/M frames at {c['frames_per_gpu_second']:.1f} frames/s per GPU ({c['jobs_measured']} jobs "
+            f"on {c['gpu_model']}), {c['eur_per_gpu_hour']:.2f} EUR/GPU h"
+        )
+    if len(body["cheapest"]) > 10:
+        lines.append(f"  ... {len(body['cheapest']) - 10} more")
+    if body["cheapest_problem"]:
+        lines.append(f"  not known: {body['cheapest_problem']}")
+    elif not body["cheapest"]:
+        lines.append("  no ended job with frames and a priced GPU model")
     lines += ["", "Budgets (period-end forecast):"]
     for b in body["budgets"]:
         if b["budget"] is None:
@@ -290,3 +324,35 @@ def render(body: Mapping[str, Any]) -> str:
     if not body["budgets"]:
         lines.append("  no budgets")
     return "\n".join(lines)
+
+
+def cheapest(throughputs: Iterable[Mapping[str, Any]], catalogue: PriceCatalogue) -> list[dict[str, Any]]:
+    """Every (provider, GPU model, pricing) of the price catalogue for which a throughput was measured,
+    with its cost per million frames (the price of a GPU hour over the frames one GPU processes in an
+    hour); cheapest first. A measured model is looked up at every provider of the catalogue by the
+    catalogue's matching rule (bus/prices.py); a provider without that model or pricing is left out."""
+    out = []
+    for row in throughputs:
+        fps = row.get("frames_per_gpu_second")
+        if not fps or fps <= 0:
+            continue
+        for provider in sorted(catalogue.providers):
+            entry = catalogue.match(provider, row["gpu_model"])
+            for pricing in PRICINGS:
+                eur = None if entry is None else entry.eur_per_gpu_hour(pricing)
+                if eur is None:
+                    continue
+                out.append(
+                    {
+                        "provider": provider,
+                        "gpu_model": row["gpu_model"],
+                        "catalogue_model": entry.model,
+                        "pricing": pricing,
+                        "eur_per_gpu_hour": eur,
+                        "frames_per_gpu_second": fps,
+                        "jobs_measured": row["jobs"],
+                        "gpu_hours_per_million_frames": 1e6 / (fps * 3600),
+                        "eur_per_million_frames": eur * 1e6 / (fps * 3600),
+                    }
+                )
+    return sorted(out, key=lambda r: (r["eur_per_million_frames"], r["provider"], r["pricing"]))

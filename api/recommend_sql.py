@@ -140,3 +140,35 @@ def job_memory(
     args = [end, end, start, *params, end, start, held_percent]
     with conn.cursor(row_factory=dict_row) as cur:
         return [json_row(r) for r in cur.execute(query, args)]
+
+
+def throughput(
+    conn: Conn, since: datetime, end: datetime, job_model: str | None, projects: Projects
+) -> list[dict[str, Any]]:
+    """Measured throughput per GPU model: for the jobs that ended in [since, end) (their job_cost
+    figures: GPU model and GPU hours, kept without expiry), the frames they processed (the count of
+    job_frame_processing_seconds in the day tier of the rollups, kept 30 days) over their GPU seconds.
+    ``job_model``: only jobs running that model (the job's ``model`` label); None: every job."""
+    where, params = _project_filter(projects)
+    query = sql.SQL(
+        """WITH frames AS (
+               SELECT labels->>'job_id' AS job_id, sum(count)::float8 AS frames
+                 FROM rollups
+                WHERE metric = 'job_frame_processing_seconds' AND tier = 'day'
+                  AND bucket_start >= %s - interval '1 day' AND bucket_start < %s
+                  AND (%s::text IS NULL OR labels->>'model' = %s)
+                GROUP BY 1),
+           jobs AS (
+               SELECT c.job_id, min(c.gpu_model) AS gpu_model, sum(c.gpu_hours) AS gpu_hours
+                 FROM costs c
+                WHERE c.kind = 'job_cost' AND c.period_end >= %s AND c.period_end < %s AND c.gpu_hours > 0
+                  AND c.gpu_model <> '' AND {where}
+                GROUP BY 1)
+           SELECT j.gpu_model, count(*) AS jobs, sum(f.frames) AS frames, sum(j.gpu_hours) AS gpu_hours,
+                  sum(f.frames) / (sum(j.gpu_hours) * 3600) AS frames_per_gpu_second
+             FROM jobs j JOIN frames f USING (job_id)
+            GROUP BY 1 ORDER BY 1"""
+    ).format(where=where)
+    args = [since, end, job_model, job_model, since, end, *params]
+    with conn.cursor(row_factory=dict_row) as cur:
+        return [json_row(r) for r in cur.execute(query, args)]

@@ -1,5 +1,6 @@
 """Recommendations (issue 17): idle GPU capacity with its cost per day, per project and GPU by GPU; jobs
-with memory headroom for a larger batch; period-end spend against budget per project. From the hourly
+with memory headroom for a larger batch; the cheapest provider and GPU model per million frames from the
+price catalogue and the measured throughput; period-end spend against budget per project. From the hourly
 rollups, cost figures and budget figures, and the job events for which job ran where. A user token sees
 its own projects' jobs and figures only; the per-GPU list, as for `/fleet` (GPU metrics carry no
 project), needs the scopes of GPU utilization and memory."""
@@ -46,6 +47,10 @@ def recommendations(
     min_batch_factor: Annotated[
         float | None, Query(gt=1, le=100, description="least batch factor for a job to be listed")
     ] = None,
+    job_model: Annotated[
+        str | None,
+        Query(min_length=1, max_length=200, description="job profile of `cheapest`: jobs running this model"),
+    ] = None,
 ) -> ApiJSON:
     """`idle_gpus`: per project, provider, GPU model and pricing, the idle GPU hours of the last
     AIMA_API_RECOMMEND_WINDOW_HOURS when at least AIMA_API_RECOMMEND_IDLE_MIN_SHARE of its GPU hours were
@@ -53,6 +58,9 @@ def recommendations(
     `idle_below`, default AIMA_API_RECOMMEND_IDLE_BELOW_PERCENT) for `min_idle_hours` consecutive hours,
     allocated to a job or not, with its idle cost per day (null without the GPU metric scopes).
     `memory_headroom`: jobs whose peak GPU memory leaves room for a batch `batch_factor` times larger.
+    `throughput`: frames per GPU second per GPU model, measured on the ended jobs of the last 30 days
+    (of `job_model`, or all); `cheapest`: every provider, GPU model and pricing of the price catalogue
+    for a measured model, by cost per million frames, cheapest first.
     `budgets`: each project budget's period-end forecast against its amount, projected overruns first.
     Defaults and meanings of the thresholds: the AIMA_API_RECOMMEND_* settings."""
     principal.require_project(project)
@@ -72,7 +80,9 @@ def recommendations(
         batch_min_factor=min_batch_factor,
     )
     visible = all(principal.can_read(catalogue.BY_NAME[name]) for name in GPU_METRICS)
-    body = recommend.build(conn, config, projects, datetime.now(UTC), thresholds, gpus_visible=visible)
+    body = recommend.build(
+        conn, config, projects, datetime.now(UTC), thresholds, gpus_visible=visible, job_model=job_model
+    )
     rows = len(body["idle_gpus"]) + len(body["budgets"]) + len(body["memory_headroom"])
     audit.note(request, rows=rows + len(body["idle_by_gpu"] or []))
     return ApiJSON(body)

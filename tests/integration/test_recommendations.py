@@ -21,9 +21,10 @@ from aima_metrics.recommend_commands import recommend
 from api import auth
 from api.app import create_app
 from api.config import ApiSettings
+from bus.prices import DEFAULT_PRICES_FILE, PriceCatalogue
 from bus.settings import Settings
 from producers.faults import FaultPlan, Truth
-from producers.simulator import Fleet, generate
+from producers.simulator import GPU_SPECS, Fleet, generate
 from tests.integration import test_dashboards as dashboards
 
 pytestmark = pytest.mark.integration
@@ -118,7 +119,8 @@ class Simulated:
     held_s: dict[tuple[str, datetime], float]
     """Seconds a job held the host's (one) GPU in each hour, from the job events."""
     jobs: dict[str, dict[str, Any]]
-    """Started jobs: host, start, end (None: still running), own peak memory share (percent)."""
+    """Started jobs: host, start, end (None: still running), GPU model and count, model, frames processed,
+    own peak memory share (percent)."""
     gpus: dict[str, str]
     """GPU uuid -> host."""
 
@@ -139,6 +141,7 @@ def _simulate(database_url: str, schema: str) -> Simulated:
     gpus: dict[str, str] = {}
     jobs: dict[str, dict[str, Any]] = {}
     memory: dict[str, list[tuple[datetime, float]]] = defaultdict(list)
+    frames: dict[str, int] = defaultdict(int)
     try:
         for topic, _key, name, value in generate(fleet, start, end, STEP_S):
             if name == "JobEvent":
@@ -147,6 +150,8 @@ def _simulate(database_url: str, schema: str) -> Simulated:
             elif name in ("GpuSample", "JobTimings"):
                 full, decoded = store.codec.decode(store.codec.encode(name, value))
                 rollups.add(full, decoded, decoded["time"])
+                if name == "JobTimings" and decoded["kind"] == "frame":
+                    frames[decoded["job_id"]] += decoded["count"]
                 if name == "GpuSample" and decoded["memory_utilization_percent"] is not None:
                     gpus[decoded["gpu_uuid"]] = decoded["gpu_model"]
                     memory[decoded["host"]].append((decoded["time"], decoded["memory_utilization_percent"]))
@@ -159,12 +164,16 @@ def _simulate(database_url: str, schema: str) -> Simulated:
     held: dict[tuple[str, datetime], float] = defaultdict(float)
     for e in events:
         if e["event"] == "started":
-            jobs[e["job_id"]] = {"host": e["host"], "project": e["project"], "start": e["time"], "end": None}
+            jobs[e["job_id"]] = {
+                "host": e["host"], "project": e["project"], "start": e["time"], "end": None,
+                "gpu_model": e["gpu_model"], "gpus": e["gpu_count"], "model": e["model"],
+            }  # fmt: skip
         elif e["event"] in ("finished", "failed") and e["job_id"] in jobs:
             jobs[e["job_id"]]["end"] = e["time"]
-    for job in jobs.values():
+    for job_id, job in jobs.items():
         for hour, overlap in dashboards._hours(job["start"], job["end"] or end):
             held[(job["host"], hour)] += overlap * 3600
+        job["frames"] = frames[job_id]
         job["own_peak"] = max(
             (m for t, m in memory[job["host"]] if job["start"] < t <= (job["end"] or end)), default=0.0
         )
@@ -267,13 +276,59 @@ def test_recommendations_find_the_simulators_injected_idle_gpu_and_underused_job
     assert client.get("/recommendations", headers=seer).json()["idle_by_gpu"] == body["idle_by_gpu"]
     other = "research" if project != "research" else "news"
     assert client.get(f"/recommendations?project={other}", headers=user).status_code == 403
-    for bad in ("idle_below=101", "min_idle_hours=0", "min_batch_factor=1", "min_idle_hours=25"):
+    for bad in (
+        "idle_below=101",
+        "min_idle_hours=0",
+        "min_batch_factor=1",
+        "min_idle_hours=25",
+        "job_model=",
+    ):
         answer = client.get(f"/recommendations?{bad}", headers=admin)
         assert answer.status_code in (400, 422) and bad.split("=")[0] in answer.text, (bad, answer.text)
     stricter = client.get("/recommendations?min_batch_factor=4", headers=admin).json()
     assert {j["job_id"] for j in stricter["memory_headroom"]} == {
         j for j, f in factors.items() if f["batch_factor"] >= 4
     }
+
+    # Cheapest: the throughput measured per GPU model is the simulated one (frames over GPU seconds of the
+    # ended jobs, each model's frames/s times the jobs' intensity, 0.7-0.98), and every catalogue offer of
+    # a measured model is ranked by its price over that throughput.
+    def measured(model: str | None = None) -> dict[str, float]:
+        frames: dict[str, float] = defaultdict(float)
+        seconds: dict[str, float] = defaultdict(float)
+        for job in sim.jobs.values():
+            if job["end"] is not None and job["frames"] and model in (None, job["model"]):
+                frames[job["gpu_model"]] += job["frames"]
+                seconds[job["gpu_model"]] += job["gpus"] * (job["end"] - job["start"]).total_seconds()
+        return {gpu_model: frames[gpu_model] / seconds[gpu_model] for gpu_model in frames}
+
+    truth = measured()
+    assert {r["gpu_model"]: r["frames_per_gpu_second"] for r in body["throughput"]} == pytest.approx(truth)
+    for gpu_model, fps in truth.items():
+        assert 0.7 <= fps / GPU_SPECS[gpu_model].frames_per_second <= 0.98
+    catalogue = PriceCatalogue.load(DEFAULT_PRICES_FILE)
+    offers = sorted(
+        (price / (fps * 3600) * 1e6, provider, entry.model, pricing)
+        for gpu_model, fps in truth.items()
+        for provider in catalogue.providers
+        if (entry := catalogue.match(provider, gpu_model)) is not None
+        for pricing in ("on_demand", "spot")
+        if (price := entry.eur_per_gpu_hour(pricing)) is not None
+    )
+    got = [
+        (c["eur_per_million_frames"], c["provider"], c["catalogue_model"], c["pricing"])
+        for c in body["cheapest"]
+    ]
+    assert [g[1:] for g in got] == [o[1:] for o in offers] and len(got) > len(truth)
+    assert [g[0] for g in got] == pytest.approx([o[0] for o in offers])
+    assert "onprem" in {c["provider"] for c in body["cheapest"]}  # offers beyond the fleet's own providers
+    model = sim.jobs[sorted(inside)[0]]["model"]
+    profile = client.get(f"/recommendations?job_model={model}", headers=admin).json()
+    assert profile["job_model"] == model
+    assert {r["gpu_model"]: r["frames_per_gpu_second"] for r in profile["throughput"]} == pytest.approx(
+        measured(model)
+    )
+    assert measured(model) != truth
 
     # The CLI: the same answers, readable.
     env = {"AIMA_DATABASE_URL": settings.database_dsn()}
@@ -289,5 +344,7 @@ def test_recommendations_find_the_simulators_injected_idle_gpu_and_underused_job
             f"  {job_id} (" in report.output
             and f"batch x{factors[job_id]['batch_factor']:.1f}" in report.output
         )
+    best = body["cheapest"][0]
+    assert f"  {best['provider']} {best['catalogue_model']} ({best['pricing']}): " in report.output
     bad = CliRunner().invoke(recommend, ["--schema", db_schema, "--min-batch-factor", "0.5"], env=env)
     assert bad.exit_code == 2 and "--min-batch-factor" in bad.output

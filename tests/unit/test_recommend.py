@@ -10,6 +10,7 @@ import pytest
 
 from api import recommend
 from api.config import ApiSettings
+from bus.prices import PriceCatalogue
 
 
 def test_idle_costs_keep_groups_over_the_share_priced_per_day_largest_first() -> None:
@@ -104,3 +105,28 @@ def test_a_projects_month_without_budget_shows_only_when_it_has_no_budget() -> N
     ]
     out = recommend.budget_projections(rows)
     assert [(r["project"], r["budget"]) for r in out] == [("a", "monthly"), ("b", None)]
+
+
+def test_cheapest_ranks_every_catalogue_offer_of_a_measured_model_by_cost_per_million_frames() -> None:
+    catalogue = PriceCatalogue.parse(
+        """providers:
+  aws: {"A100 40GB": {on_demand: 3.6, spot: 1.44}, L4: {on_demand: 0.72}}
+  gcp: {"A100 80GB": {on_demand: 4.0}, L4: {spot: 0.36}}
+"""
+    )
+    rows = [
+        {"gpu_model": "NVIDIA A100-SXM4-40GB", "frames_per_gpu_second": 100.0, "jobs": 3},
+        {"gpu_model": "NVIDIA L4", "frames_per_gpu_second": 10.0, "jobs": 2},
+        {"gpu_model": "NVIDIA H100 80GB HBM3", "frames_per_gpu_second": 0.0, "jobs": 1},  # no frames
+    ]
+    out = recommend.cheapest(rows, catalogue)
+    # EUR per GPU hour * 1e6 / (frames/s * 3600): the A100 80GB of gcp does not match a 40GB measurement
+    assert [
+        (r["provider"], r["catalogue_model"], r["pricing"], round(r["eur_per_million_frames"], 6))
+        for r in out
+    ] == [
+        ("aws", "A100 40GB", "spot", 4.0),
+        ("aws", "A100 40GB", "on_demand", 10.0),  # a tie goes by provider
+        ("gcp", "L4", "spot", 10.0),
+        ("aws", "L4", "on_demand", 20.0),
+    ]
