@@ -32,7 +32,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -168,10 +168,13 @@ def app(
     batch_max: int,
     log_dir: Path,
     env: Mapping[str, str] | None = None,
+    command: Sequence[str] = ("-m", "streams.main"),
 ) -> dict[str, float]:
     """Run the app's workers until they have processed ``total`` records; returns their counters and the
     measured seconds (first batch seen to last). ``env``: more environment for the workers (e.g. tracing),
-    given here rather than in ``os.environ`` so that two runs can go side by side from two threads."""
+    given here rather than in ``os.environ`` so that two runs can go side by side from two threads.
+    ``command``: the worker's arguments to Python, e.g. ``("-c", ...)`` calling ``streams.main.run`` with
+    fewer processors (bench/peers.py runs the rollups alone)."""
     extra = dict(env or {})
     ports = [_free_port() for _ in range(workers)]
     procs = []
@@ -190,9 +193,7 @@ def app(
         worker_env.update(extra)
         log = (log_dir / f"worker{index}.log").open("wb")
         procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "streams.main"], env=worker_env, cwd=REPO, stdout=log, stderr=log
-            )
+            subprocess.Popen([sys.executable, *command], env=worker_env, cwd=REPO, stdout=log, stderr=log)
         )
     try:
         first_at = first_count = all_at = all_count = None
