@@ -16,7 +16,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from bus.settings import Settings
-from bus.topics import TOPICS, TopicSpec
+from bus.topics import TOPICS, TopicSpec, topic_name
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +249,17 @@ def wait_for_group_coordinator(settings: Settings, group: str, timeout_s: float 
                     f"no coordinator for consumer group {group!r} within {timeout_s} s: {exc}"
                 ) from exc
         time.sleep(0.5)
+
+
+def partition_count(settings: Settings, key: str, timeout_s: float = 15.0) -> int | None:
+    """How many partitions the catalogue topic ``key`` has on the broker (None: it does not exist). A topic
+    made before this deployment, or by hand, may have another count than the catalogue's."""
+    name = topic_name(settings, key)
+    # The whole cluster's metadata, not the topic's: asking for one topic by name may create it.
+    topic = admin(settings).list_topics(timeout=timeout_s).topics.get(name)
+    if topic is None or topic.error is not None:
+        return None
+    return len(topic.partitions)
 
 
 def describe_topics(settings: Settings, specs: tuple[TopicSpec, ...] = TOPICS) -> list[TopicState]:

@@ -42,8 +42,12 @@ __all__ = ["default_processors", "main", "run"]
 log = logging.getLogger(__name__)
 
 
-def default_processors(settings: Settings, worker: WorkerSettings) -> list[Processor]:
-    """Every processor the stream app runs by default, configured by ``worker``."""
+def default_processors(
+    settings: Settings, worker: WorkerSettings, *, job_event_partitions: int | None = None
+) -> list[Processor]:
+    """Every processor the stream app runs by default, configured by ``worker``; ``job_event_partitions``:
+    how many partitions ``job.events`` has on the broker (None: the catalogue's count), which the cost
+    clock waits for."""
     from streams.alerts.processor import alert_processors_from_settings
     from streams.anomaly.processor import AnomalyProcessor
     from streams.costs import cost_processors_from_settings
@@ -53,7 +57,7 @@ def default_processors(settings: Settings, worker: WorkerSettings) -> list[Proce
     processors: list[Processor] = [
         RollupProcessor(lateness=worker.app.lateness, emit_interval=worker.app.emit_interval),
         RollupMerger(),
-        *cost_processors_from_settings(worker.costs),
+        *cost_processors_from_settings(worker.costs, upstream_partitions=job_event_partitions),
         *alert_processors_from_settings(worker.alerts),
         AnomalyProcessor(worker.anomaly.config()),
     ]
@@ -77,8 +81,9 @@ def run(
     new one."""
     from prometheus_client import CollectorRegistry
 
-    from bus.kafka import ensure_topics
+    from bus.kafka import ensure_topics, partition_count
     from bus.runtime import Service
+    from bus.topics import BY_KEY
     from bus.tracing import open_tracing
     from streams.runtime.app import create_app
     from streams.runtime.transport import StreamsWorker
@@ -92,7 +97,18 @@ def run(
     if not _broker_answers(settings, service):
         return _stopped_before_faust(service)
     ensure_topics(settings)
-    chosen = list(processors) if processors is not None else default_processors(settings, config)
+    if processors is not None:
+        chosen = list(processors)
+    else:
+        # The topic as it is, not as the catalogue would make it: one created earlier with fewer partitions
+        # would otherwise hold the cost clock for AIMA_COST_UPSTREAM_STALE_S on the partitions it lacks.
+        job_event_partitions = partition_count(settings, "job.events")
+        if job_event_partitions != BY_KEY["job.events"].partitions:
+            log.info(
+                "job.events has another partition count than the catalogue's; the cost clock follows it",
+                extra={"partitions": job_event_partitions, "catalogue": BY_KEY["job.events"].partitions},
+            )
+        chosen = default_processors(settings, config, job_event_partitions=job_event_partitions)
     if service.stopping.is_set():
         return _stopped_before_faust(service)
     tracing = open_tracing("aima-streams")

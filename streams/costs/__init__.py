@@ -109,21 +109,30 @@ def cost_processors(
     device_retention: timedelta = timedelta(hours=48),
     idle_retention: timedelta = timedelta(days=45),
     idle_stale_after: timedelta = timedelta(days=7),
+    upstream_partitions: int | None = None,
 ) -> list[Processor]:
-    """Every processor the cost figures need, in data-flow order."""
+    """Every processor the cost figures need, in data-flow order. ``upstream_partitions``: how many
+    partitions ``job.events`` has on the broker (None: the catalogue's count); the cost clock waits for
+    each of them, so a count above the real one would hold it for ``cost_upstream_stale_after``."""
     return [
         JobRepartitioner(),
         CostProcessor(
-            prices, budgets, retention=cost_retention, upstream_stale_after=cost_upstream_stale_after
+            prices,
+            budgets,
+            retention=cost_retention,
+            upstream_stale_after=cost_upstream_stale_after,
+            upstream_partitions=upstream_partitions,
         ),
         DeviceHoursProcessor(max_gap=max_gap, retention=device_retention),
         IdleHoursProcessor(retention=idle_retention, stale_after=idle_stale_after, prices=prices),
     ]
 
 
-def cost_processors_from_settings(settings: CostSettings) -> list[Processor]:
+def cost_processors_from_settings(
+    settings: CostSettings, *, upstream_partitions: int | None = None
+) -> list[Processor]:
     """The cost processors the worker's :class:`streams.settings.CostSettings` describe; the price and
-    budget files are re-read when they change."""
+    budget files are re-read when they change. ``upstream_partitions``: see :func:`cost_processors`."""
     check_s = settings.cost_config_check_s
     prices = ReloadingCatalogue(settings.prices_file, check_interval_s=check_s)
     budgets = (
@@ -140,4 +149,5 @@ def cost_processors_from_settings(settings: CostSettings) -> list[Processor]:
         device_retention=timedelta(seconds=settings.device_hours_retention_s),
         idle_retention=timedelta(seconds=settings.idle_hours_retention_s),
         idle_stale_after=timedelta(seconds=settings.idle_device_stale_s),
+        upstream_partitions=upstream_partitions,
     )

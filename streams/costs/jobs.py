@@ -63,8 +63,9 @@ class CostProcessor:
 
     Buckets older than ``retention`` before the clock are final: they are no longer updated and their
     entries are dropped. The clock is the slowest upstream partition (one more than
-    ``upstream_stale_after`` behind the newest no longer counts; of ``upstream_partitions``, each holds it
-    from the first record on), never ahead of the watermark.
+    ``upstream_stale_after`` behind the newest no longer counts; of ``upstream_partitions`` (None: the
+    catalogue's count of ``job.events``; the stream app passes the broker's), each holds it from the first
+    record on), never ahead of the watermark.
     ``min_forecast_elapsed``: see :func:`streams.costs.budgets.linear_forecast`.
     """
 
@@ -77,7 +78,7 @@ class CostProcessor:
         *,
         name: str = "costs",
         retention: timedelta = timedelta(hours=48),
-        upstream_partitions: int = BY_KEY["job.events"].partitions,
+        upstream_partitions: int | None = None,
         upstream_stale_after: timedelta = timedelta(days=45),
         min_forecast_elapsed: timedelta = timedelta(days=1),
     ) -> None:
@@ -88,7 +89,7 @@ class CostProcessor:
         self._budgets: _Current = budgets if budgets is not None else BudgetBook()
         self.retention_ms = retention // MS
         self.upstream_stale_ms = upstream_stale_after // MS
-        self.upstream_partitions = upstream_partitions
+        self.upstream_partitions = upstream_partitions or BY_KEY["job.events"].partitions
         self.min_forecast_elapsed = min_forecast_elapsed
         self._unpriced: set[tuple[str | None, str | None, str]] = set()
 

@@ -1,13 +1,23 @@
 """A stream worker that runs only the cost processors, configured from the environment (AIMA_* settings,
-AIMA_PRICES_FILE, AIMA_BUDGETS_FILE, AIMA_STREAMS_APP_ID): ``python -m tests.faust_apps.costs_app``."""
+AIMA_PRICES_FILE, AIMA_BUDGETS_FILE, AIMA_STREAMS_APP_ID): ``python -m tests.faust_apps.costs_app``.
+Like the stream app's default processors, the cost clock follows the partitions ``job.events`` has."""
 
 import sys
 
+from bus.kafka import ensure_topics, partition_count
 from bus.settings import Settings
 from streams.costs import cost_processors_from_settings
 from streams.main import run
 from streams.settings import WorkerSettings
 
 if __name__ == "__main__":
-    config = WorkerSettings.load()
-    sys.exit(run(Settings(), processors=cost_processors_from_settings(config.costs), config=config))
+    config, settings = WorkerSettings.load(), Settings()
+    ensure_topics(settings)
+    upstream = partition_count(settings, "job.events")
+    sys.exit(
+        run(
+            settings,
+            processors=cost_processors_from_settings(config.costs, upstream_partitions=upstream),
+            config=config,
+        )
+    )

@@ -176,3 +176,36 @@ def test_costs_through_the_real_broker(topics: Settings, unique: str, tmp_path: 
         log.close()
     text = log_path.read_text()
     assert "Traceback" not in text, text[-3000:]
+
+
+def test_the_cost_clock_waits_for_the_partitions_job_events_has(settings: Settings, unique: str) -> None:
+    """A job.events made before (or by hand) with fewer partitions than the catalogue's: the stream app's
+    cost clock waits for the partitions the topic has, not for ones that will never send anything (each
+    would hold the clock at 0, every hour open, for AIMA_COST_UPSTREAM_STALE_S)."""
+    from bus.kafka import create_topics, ensure_topics, partition_count
+    from bus.topics import BY_KEY
+    from streams.costs.jobs import CostProcessor
+    from streams.main import default_processors
+    from streams.settings import WorkerSettings
+    from tests.conftest import _delete_topics
+
+    spec = BY_KEY["job.events"]
+    assert spec.partitions > 2
+    try:
+        create_topics(settings, [(spec.name(settings.topic_prefix), 2, spec.config())])
+        ensure_topics(settings)
+        assert partition_count(settings, "job.events") == 2
+        assert partition_count(settings, "gpu.samples") == BY_KEY["gpu.samples"].partitions
+        worker = WorkerSettings.from_environ({})
+        (made,) = [
+            p
+            for p in default_processors(settings, worker, job_event_partitions=2)
+            if isinstance(p, CostProcessor)
+        ]
+        assert made.upstream_partitions == 2
+        (default,) = [p for p in default_processors(settings, worker) if isinstance(p, CostProcessor)]
+        assert default.upstream_partitions == spec.partitions
+        never_made = settings.model_copy(update={"topic_prefix": f"none{unique}."})
+        assert partition_count(never_made, "job.events") is None
+    finally:
+        _delete_topics(settings.kafka_bootstrap, unique)
