@@ -84,8 +84,8 @@ OUTAGE_S = 60
 TIERS = ("hour", "day", "month", "year")
 API_INTERVAL = {"hour": "1h", "day": "1d", "month": "1mo", "year": "1y"}
 WEBHOOK_KEY = "ledger-webhook-key"
-RAW_TABLES = ("gpu_samples", "system_samples", "system_disk_samples", "system_network_samples",
-              "job_events", "queue_samples", "pod_status")  # fmt: skip
+RAW_TABLES = ("gpu_samples", "gpu_process_samples", "system_samples", "system_disk_samples",
+              "system_network_samples", "job_events", "queue_samples", "pod_status")  # fmt: skip
 OTHER_RULES = ("GpuUtilizationHigh", "GpuMemoryUtilizationHigh", "QueueBacklog", "JobErrorRateHigh")
 NOTIFY_CONFIG = """
 delivery: {max_attempts: 1000, initial_backoff: 1s, max_backoff: 5s, max_elapsed: 15m, timeout: 5s}
