@@ -110,6 +110,9 @@ COOLING_FAULT_C = 92.0
 """What the faulty GPU heads for, busy or idle: above the default 85 °C alert threshold."""
 
 
+COOLING_DETAIL = f"built-in: cooling lost in minutes 2-7 of each hour, heads for {COOLING_FAULT_C:g} °C"
+
+
 def _cooling_fault(elapsed: timedelta) -> bool:
     return int(elapsed.total_seconds() // 60) % 60 in COOLING_FAULT_MINUTES
 
@@ -203,8 +206,23 @@ class Fleet:
 
     @property
     def truth(self) -> list[fault_plan.Truth]:
-        """The injected faults started so far (empty without a fault plan); see producers/faults.py."""
-        return list(self._faults.truth) if self._faults else []
+        """Every fault started so far, by start: the fault plan's (none without one; producers/faults.py)
+        and the first host's hourly cooling fault (kind ``cooling_fault``), which every fleet has."""
+        planned = list(self._faults.truth) if self._faults else []
+        return sorted([*planned, *self._cooling_truth()], key=lambda truth: truth.start)
+
+    def _cooling_truth(self) -> list[fault_plan.Truth]:
+        if self._now is None:
+            return []
+        host, gpu = self.hosts[0], self.hosts[0].gpus[0]
+        first, last = COOLING_FAULT_MINUTES[0], COOLING_FAULT_MINUTES[-1] + 1
+        found = []
+        hour = 0
+        while (start := self._began + timedelta(hours=hour, minutes=first)) <= self._now:
+            end = self._began + timedelta(hours=hour, minutes=last)
+            found.append(fault_plan.Truth("cooling_fault", gpu.uuid, host.name, start, end, COOLING_DETAIL))
+            hour += 1
+        return found
 
     # -- set-up ------------------------------------------------------------------------------------------
 
@@ -279,7 +297,8 @@ class Fleet:
         for gpu in self._all_gpus():
             gpu.xid = []
         if self._faults is not None:
-            self._faults.advance(now, [(h.name, g.uuid) for h in self.hosts for g in h.gpus])
+            holders = {g.uuid: g.job.job_id for g in self._all_gpus() if g.job is not None}
+            self._faults.advance(now, [(h.name, g.uuid) for h in self.hosts for g in h.gpus], holders)
         events: list[tuple[datetime, int, dict[str, Any]]] = []
         timings: list[dict[str, Any]] = []
         ended: list[_Job] = []
@@ -376,7 +395,14 @@ class Fleet:
         rng, spec = self._rng, job.host.spec
         fps = spec.frames_per_second * job.gpu_count * job.intensity
         frames = int(fps * seconds)
-        job.frames += frames
+        # A slowed job (producers/faults.py) goes at its slowest GPU's pace: fewer events, each longer. The
+        # draws are made as for a healthy job and rescaled, so the fleet's random sequence is unchanged.
+        share = (
+            min((self._faults.speed_share(g.uuid, end) for g in job.gpus), default=1.0)
+            if self._faults
+            else 1.0
+        )
+        job.frames += int(frames * share) if share < 1.0 else frames
         batches = frames // job.batch_size
         batch_s = job.batch_size / fps
         h2d_bytes = job.batch_size * 1920 * 1080 * 3
@@ -400,6 +426,15 @@ class Fleet:
                 # The median itself drifts a little from interval to interval.
                 centre = median_s * rng.lognormvariate(0.0, 0.05)
                 draws = [centre * math.exp(sigma * z) for z in _Z]
+            if share < 1.0 and kind != "model_load":
+                count = int(count * share)
+                if kind == "data_transfer":
+                    nbytes = int(nbytes * share) if nbytes is not None else None  # as fast, less often
+                else:
+                    draws = [d / share for d in draws]
+                if count <= 0:
+                    continue
+                draws = draws[:count]
             weight = count / len(draws)
             records.append(
                 {
@@ -430,6 +465,9 @@ class Fleet:
             util *= fault_plan.IDLE_PERCENT / (job.intensity * 100)
         if job and "underused_job" in kinds:
             used = int(used * fault_plan.UNDERUSED_SHARE / job.memory_share)
+        slowdown = kinds.get("job_slowdown")
+        if job and slowdown is not None and slowdown.cause == "memory_pressure":
+            used = int(spec.memory_bytes * fault_plan.PRESSURE_SHARE)
         power = spec.idle_watts + (spec.max_watts - spec.idle_watts) * util / 100 * rng.uniform(0.85, 1.0)
         power = min(power + rng.gauss(0, spec.max_watts * 0.01), spec.max_watts * 1.02)
         power = max(power, spec.idle_watts * 0.8)
@@ -440,7 +478,9 @@ class Fleet:
         if "fan_failure" in kinds:
             target_c += fault_plan.FAN_RISE_C
         if "memory_leak" in kinds and job:
-            leaked = (now - kinds["memory_leak"].start).total_seconds() * fault_plan.LEAK_BYTES_PER_S
+            # The job leaks from the fault's start, or from its own start when it began during the fault.
+            since = max(kinds["memory_leak"].start, job.started_at or now)
+            leaked = (now - since).total_seconds() * fault_plan.LEAK_BYTES_PER_S
             used = min(spec.memory_bytes, used + int(leaked))
         gpu.temperature_c += (target_c - gpu.temperature_c) * (1 - math.exp(-dt_s / 90.0))
         gpu.energy_j += power * dt_s
@@ -470,7 +510,7 @@ class Fleet:
             capped = power >= spec.max_watts * 0.97
             sm_hz = int(spec.sm_clock_max_hz * (0.97 if capped else 1.0)) if busy else 345_000_000
             throttle = ["sw_power_cap"] if capped else []
-            if "throttling" in kinds:
+            if "throttling" in kinds or (slowdown is not None and slowdown.cause == "throttling"):
                 sm_hz = int(sm_hz * fault_plan.THROTTLE_CLOCK_SHARE)
                 throttle.append("hw_slowdown")
             slow_value = {
@@ -581,6 +621,8 @@ class BackfillReport:
     """Refused by the publisher (invalid, dead-lettered with the reason, or dropped): 0 in a good run."""
     pending: int
     """Not acknowledged by the broker when the last flush gave up: 0 in a good run."""
+    truth: tuple[fault_plan.Truth, ...] = ()
+    """The faults the fleet had (``Fleet.truth``), by start."""
 
 
 def backfill(
@@ -597,6 +639,7 @@ def backfill(
     publisher: Publisher | None = None,
     service: Service | None = None,
     flush_every: int = 20_000,
+    faults: fault_plan.FaultPlan | None = None,
 ) -> BackfillReport:
     """Publish the fleet's history from ``start`` to ``end`` (default: now) as fast as the broker takes it,
     in event-time order: a step's records go out before the next step's, so every partition holds its
@@ -604,7 +647,8 @@ def backfill(
 
     ``topics``: only records of these catalogue topics (default: every one). Every ``flush_every``
     records the publisher is flushed, so its buffer never overflows (an overflowing buffer drops). Stops
-    early when ``service.stopping`` is set."""
+    early when ``service.stopping`` is set. ``faults``: labelled faults to inject (producers/faults.py); the
+    report lists them."""
     end = datetime.now(UTC) if end is None else _aware(end)
     start = _aware(start)
     if start >= end:
@@ -613,7 +657,12 @@ def backfill(
         registry = service.registry if service is not None else CollectorRegistry()
         publisher = Publisher(settings, source=SOURCE, registry=registry)
     fleet = Fleet(
-        seed=seed, hosts=hosts, gpus_per_host=gpus_per_host, start=start, arrivals_per_hour=arrivals_per_hour
+        seed=seed,
+        hosts=hosts,
+        gpus_per_host=gpus_per_host,
+        start=start,
+        arrivals_per_hour=arrivals_per_hour,
+        faults=faults,
     )
     wanted = None if topics is None else frozenset(topics)
     progress = Progress("simulator backfill records")
@@ -634,7 +683,7 @@ def backfill(
                 break
     pending = publisher.flush(service.time_left_s() if service is not None else 60.0)
     progress.advance(since_flush)
-    return BackfillReport(sent, rejected, pending)
+    return BackfillReport(sent, rejected, pending, tuple(fleet.truth))
 
 
 def run(
@@ -738,6 +787,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fast as the broker takes it, in event-time order, and exit (0 when every record was acknowledged).
     Broker and topic settings come from the environment (bus/settings.py)."""
     import argparse
+    import dataclasses
+    import json
 
     from bus import logs
 
@@ -753,6 +804,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--jobs-per-hour", type=float, help="job arrivals (default: ~70 %% of the GPUs busy)")
     parser.add_argument("--topics", help="comma-separated catalogue topics to publish (default: all)")
+    parser.add_argument(
+        "--faults-every-s",
+        type=float,
+        help="inject a labelled fault about this often (event time; default: none, producers/faults.py)",
+    )
+    parser.add_argument("--fault-duration-s", type=float, default=900.0, help="each fault's length (900)")
+    parser.add_argument(
+        "--fault-kinds", help=f"comma-separated kinds (default: all of {', '.join(fault_plan.FAULT_KINDS)})"
+    )
+    parser.add_argument("--fault-seed", type=int, default=1, help="seed of the fault plan (1)")
+    parser.add_argument("--truth", help="write the faults the fleet had to this file, one JSON object a line")
     args = parser.parse_args(argv)
     logs.configure("INFO")
     now = datetime.now(UTC)
@@ -762,6 +824,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     topics = [t.strip() for t in args.topics.split(",") if t.strip()] if args.topics else None
+    plan = None
+    if args.faults_every_s is not None:
+        kinds = (
+            tuple(k.strip() for k in args.fault_kinds.split(",") if k.strip()) if args.fault_kinds else None
+        )
+        try:
+            plan = fault_plan.FaultPlan(
+                every_s=args.faults_every_s,
+                duration_s=args.fault_duration_s,
+                seed=args.fault_seed,
+                kinds=kinds or fault_plan.FAULT_KINDS,
+            )
+        except ValueError as exc:
+            parser.error(str(exc))
+    elif args.fault_kinds:
+        parser.error("--fault-kinds needs --faults-every-s")
     report = backfill(
         Settings(),
         start,
@@ -772,10 +850,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         arrivals_per_hour=args.jobs_per_hour,
         topics=topics,
+        faults=plan,
     )
+    if args.truth:
+        with open(args.truth, "w", encoding="utf-8") as out:
+            for truth in report.truth:
+                out.write(json.dumps({**dataclasses.asdict(truth), "start": truth.start.isoformat(),
+                                      "end": truth.end.isoformat()}) + "\n")  # fmt: skip
     print(
         f"published {report.records} records from {start.isoformat()} to {end.isoformat()}: "
-        f"{report.rejected} rejected, {report.pending} not acknowledged"
+        f"{report.rejected} rejected, {report.pending} not acknowledged, {len(report.truth)} faults"
     )
     return 0 if report.rejected == 0 and report.pending == 0 else 1
 

@@ -24,12 +24,32 @@ def run(
 
 def test_faults_are_off_by_default_and_do_not_shift_the_fleets_draws() -> None:
     plain, records = run(None)
-    assert plain.truth == []
-    _, with_faults = run(FaultPlan(every_s=3600.0, seed=2))
-    # Only GPU samples of faulty GPUs change; every other record is the same.
-    others = [r for r in records if r[0] != "gpu.samples"]
-    assert others == [r for r in with_faults if r[0] != "gpu.samples"]
+    # Without a plan the truth holds only the first host's hourly cooling fault, which every fleet has.
+    assert [(t.kind, t.host) for t in plain.truth] == [("cooling_fault", "sim-gpu-00")] * 6
+    assert all(t.end - t.start == timedelta(minutes=6) for t in plain.truth)
+    faulty, with_faults = run(FaultPlan(every_s=3600.0, seed=2))
+
+    # Only GPU samples of faulty GPUs and the timings of slowed jobs change; every other record is the same.
+    def kept(r: Any) -> bool:
+        return r[0] not in ("gpu.samples", "job.timings", "job.events")
+
+    assert [r for r in records if kept(r)] == [r for r in with_faults if kept(r)]
+
+    # Job events: the same, but for the media minutes a slowed job got through.
+    def events(rs: list[Any]) -> list[Any]:
+        return [{k: v for k, v in r[3].items() if k != "media_minutes"} for r in rs if r[0] == "job.events"]
+
+    assert events(records) == events(with_faults)
+    slowed = {t.entity for t in faulty.truth if t.kind in ("throttling", "job_slowdown")}
+    assert slowed, "the plan should slow some job down"
+    timings = {_timing_key(r[3]): r[3] for r in records if r[0] == "job.timings"}
+    changed = [v for t, _, _, v in with_faults if t == "job.timings" and timings[_timing_key(v)] != v]
+    assert changed and all(v["count"] <= timings[_timing_key(v)]["count"] for v in changed)
     assert records != with_faults
+
+
+def _timing_key(v: dict[str, Any]) -> tuple[Any, ...]:
+    return (v["job_id"], v["time"], v["kind"], v["kernel"], v["direction"])
 
 
 def test_same_seed_same_truth() -> None:
@@ -50,8 +70,9 @@ def samples(records: list[Any], uuid: str, group: str) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("kind", faults.FAULT_KINDS)
 def test_each_kind_shows_in_the_records_while_active(kind: str) -> None:
     fleet, records = run(FaultPlan(every_s=3600.0, seed=1, kinds=(kind,)))
-    assert len(fleet.truth) >= 4
-    truth = fleet.truth[0]
+    planned = [t for t in fleet.truth if t.kind != "cooling_fault"]  # the fleet's own hourly one aside
+    assert len(planned) >= 4
+    truth = planned[0]
     assert truth.kind == kind and truth.end - truth.start == timedelta(seconds=900)
     slow = samples(records, truth.entity, "slow")
     during = [v for v in slow if truth.start + timedelta(minutes=10) <= v["time"] < truth.end]
@@ -60,8 +81,27 @@ def test_each_kind_shows_in_the_records_while_active(kind: str) -> None:
     if kind == "throttling":
         assert all("hw_slowdown" in v["throttle_reasons"] for v in during)
         assert not any("hw_slowdown" in v["throttle_reasons"] for v in before)
+        _assert_slowed(planned, records)  # a throttled GPU's job processes fewer frames
     elif kind == "fan_failure":
         assert min(v["temperature_celsius"] for v in during) > max(v["temperature_celsius"] for v in before)
+    elif kind == "job_slowdown":
+        assert {t.cause for t in planned} == set(faults.SLOWDOWN_CAUSES)
+        _assert_slowed(planned, records)
+        for t in planned:
+            slow_t = [
+                v
+                for v in samples(records, t.entity, "slow")
+                if t.start + timedelta(minutes=1) <= v["time"] < t.end
+            ]
+            fast_t = [
+                v
+                for v in samples(records, t.entity, "fast")
+                if t.start <= v["time"] < t.end and v["processes"]
+            ]
+            if t.cause == "throttling":
+                assert slow_t and all("hw_slowdown" in v["throttle_reasons"] for v in slow_t)
+            elif fast_t:
+                assert all(v["memory_utilization_percent"] >= 97 for v in fast_t)
     elif kind in ("idle_allocated", "underused_job"):
         fast = [v for v in samples(records, truth.entity, "fast") if truth.start <= v["time"] < truth.end]
         busy = [v for v in fast if v["processes"]]
@@ -80,6 +120,33 @@ def test_each_kind_shows_in_the_records_while_active(kind: str) -> None:
         assert len(used) >= 20, "the leaking GPU should hold one job for 5 minutes of the fault"
         # Samples jitter by a few %; the leak (20 MiB/s) outgrows that within minutes.
         assert sum(used[-5:]) / 5 > sum(used[:5]) / 5 + 2 * 1024**3
+
+
+def _frames_per_s(records: list[Any], job_id: str, start: datetime, end: datetime) -> float | None:
+    """The job's frames per second over its frame timings in [start, end)."""
+    frames = seconds = 0.0
+    for topic, _, _, v in records:
+        if topic != "job.timings" or v["job_id"] != job_id or v["kind"] != "frame":
+            continue
+        if start <= v["interval_start"] and v["time"] <= end:
+            frames += v["count"]
+            seconds += (v["time"] - v["interval_start"]).total_seconds()
+    return frames / seconds if seconds >= 60 else None
+
+
+def _assert_slowed(truth: list[faults.Truth], records: list[Any]) -> None:
+    """Each fault that began on a busy GPU slowed that job: fewer frames/s during than before it."""
+    compared = 0
+    for t in truth:
+        if t.job_id is None:
+            continue
+        before = _frames_per_s(records, t.job_id, t.start - timedelta(minutes=10), t.start)
+        during = _frames_per_s(records, t.job_id, t.start + timedelta(seconds=15), t.end)
+        if before and during:
+            share = faults.THROTTLE_CLOCK_SHARE if t.kind == "throttling" else faults.SLOWDOWN_SHARE
+            assert during == pytest.approx(before * share, rel=0.05), t
+            compared += 1
+    assert compared >= 1, "some fault should start on a busy GPU whose job ran on"
 
 
 def test_bad_plans_are_refused() -> None:
