@@ -17,10 +17,19 @@ clipped to ``threshold`` scales, so a single spike barely moves it while a lasti
 State: one entry per series (keyed by series id) with the offset of the last record applied, written once
 per batch; replays skip what was applied. What a series published stays in its entry until the record's
 offset is committed, and is sent again on a resumed partition when it may have been lost.
+
+That is method ``ewma_mad_zscore``. It flags what is unusual for a series, and on a GPU that is every job
+start and stop (utilisation, power, temperature and memory all jump between idle and busy): about two
+alerts per job. The default method, ``relations`` (streams/anomaly/relations.py), scores instead the
+relations that hold on a healthy GPU (temperature against lagged power, SM clock against the busy or idle
+state, memory against the job holding the GPU), one entry per GPU keyed ``host/gpu_uuid``, with the same
+records, fingerprints, replay offsets and re-sends; it reads GPU samples only. ``AIMA_ANOMALY_METHOD``
+chooses; ``metrics`` applies to ``ewma_mad_zscore``.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -30,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bus import catalogue
+from streams.anomaly import relations
 from streams.runtime.buckets import from_ms, to_ms
 from streams.runtime.findings import alert_event, fingerprint, format_value
 from streams.runtime.processor import Input, Output, PartitionBatch, Result
@@ -39,12 +49,16 @@ from streams.runtime.state import OFFSET, BatchState, offset_of
 if TYPE_CHECKING:
     from streams.runtime.columns import Columns
 
-__all__ = ["ANOMALY_RECORD", "AnomalyConfig", "AnomalyProcessor", "default_metrics"]
+__all__ = ["ANOMALY_RECORD", "METHODS", "AnomalyConfig", "AnomalyProcessor", "default_metrics"]
 
 ANOMALY_RECORD = "aima.metrics.Anomaly"
 METHOD = "ewma_mad_zscore"
 RULE = "anomaly"
 DEFAULT_TOPICS = ("gpu.samples", "system.samples", "queue.samples")
+METHODS = ("relations", METHOD)
+"""The detectors to choose from (``AnomalyConfig.method``); the first is the default."""
+DEFAULT_ALERT_THRESHOLDS = {"relations": 6.0, METHOD: 10.0}
+GPU_RECORD = "aima.metrics.GpuSample"
 _MAD_TO_SIGMA = 1.4826
 _MAX_SENT = 16
 """Most findings a series remembers for the re-send after a restart."""
@@ -73,14 +87,16 @@ def _topic_or_none(record: str) -> str | None:
 
 @dataclass(frozen=True)
 class AnomalyConfig:
+    method: str = METHODS[0]
+    """``relations`` (per GPU, streams/anomaly/relations.py) or ``ewma_mad_zscore`` (per series)."""
     alpha: float = 0.1
     """Weight of a new sample in the baseline after the warm-up."""
     warmup: int = 30
     """Samples a series learns from before it can be flagged."""
     threshold: float = 6.0
     """Score from which a sample is published as an Anomaly."""
-    alert_threshold: float = 10.0
-    """Score from which it also raises an alert."""
+    alert_threshold: float | None = None
+    """Score from which it also raises an alert; None: the method's own (:attr:`alert_from`)."""
     resolve_after: int = 5
     """Normal samples in a row that resolve the alert."""
     min_scale: Mapping[str, float] = field(
@@ -94,17 +110,54 @@ class AnomalyConfig:
     """Metrics to watch; None: :func:`default_metrics`."""
     severity: str = "warning"
     channels: tuple[str, ...] = ("webhook",)
+    # Method ``relations`` only (module doc of streams/anomaly/relations.py):
+    alert_after: int = 3
+    """Samples in a row scoring the alert threshold or more before a check's alert fires."""
+    thermal_lag_s: float = 90.0
+    """Time constant of the first-order lag through which temperature follows power."""
+    relation_alpha: float = 0.02
+    """Weight of a new sample in the anchors and baselines after their warm-up."""
+    memory_alpha: float = 0.005
+    """How fast a job's memory baseline follows a lasting change, per sample."""
+    job_warmup: int = 6
+    """Samples of a job that set its memory baseline before it is scored."""
+    memory_floor_share: float = 0.01
+    """Smallest memory scale as a share of the GPU's memory."""
+    min_power_spread_w: float = 1.0
+    """Least power between the busy and idle anchors for the temperature line to be drawn."""
+    busy_percent: float = 10.0
+    """Utilisation from which a GPU whose processes are not readable counts as busy."""
+
+    @property
+    def alert_from(self) -> float:
+        """The alert threshold in force: ``alert_threshold``, or the method's default. A relation's alert
+        also needs ``alert_after`` samples in a row, which no transient of a healthy GPU gives, so it can
+        start lower than a single sample's alert of the z-score."""
+        if self.alert_threshold is not None:
+            return self.alert_threshold
+        return DEFAULT_ALERT_THRESHOLDS[self.method]
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method != METHOD and self.metrics is not None:
+            raise ValueError(f"metrics choose the series of method {METHOD}; method {self.method} reads GPUs")
+        if self.alert_after < 1 or self.job_warmup < 1:
+            raise ValueError("alert_after and job_warmup must be at least 1")
+        if not self.thermal_lag_s > 0:
+            raise ValueError(f"thermal_lag_s must be positive, got {self.thermal_lag_s}")
+        for name in ("relation_alpha", "memory_alpha"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if not 0 < self.alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
         if self.warmup < 1 or self.resolve_after < 1:
             raise ValueError("warmup and resolve_after must be at least 1")
         if not self.eps > 0:
             raise ValueError(f"eps must be positive (the scale divides), got {self.eps}")
-        if not 0 < self.threshold <= self.alert_threshold:
+        if not 0 < self.threshold <= self.alert_from:
             raise ValueError(
-                f"need 0 < threshold <= alert_threshold, got {self.threshold} and {self.alert_threshold}"
+                f"need 0 < threshold <= alert_threshold, got {self.threshold} and {self.alert_from}"
             )
         for name in self.metrics or ():
             catalogue.get(name)
@@ -116,12 +169,17 @@ class AnomalyProcessor:
     def __init__(self, config: AnomalyConfig | None = None, *, source: str = "stream") -> None:
         self.config = config or AnomalyConfig()
         self.source = source
+        self._relations = self.config.method == "relations"
         names = self.config.metrics if self.config.metrics is not None else default_metrics()
+        if self._relations:
+            names = ()
         self._by_record: dict[str, list[catalogue.Metric]] = {}
         for name in names:
             metric = catalogue.get(name)
             self._by_record.setdefault(metric.record, []).append(metric)
         self.topics = tuple(sorted({topic_of_record(record) for record in self._by_record}))
+        if self._relations:
+            self.topics = (topic_of_record(GPU_RECORD),)
         self._index = {record: SeriesIndex(metrics) for record, metrics in self._by_record.items()}
 
     def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
@@ -129,6 +187,8 @@ class AnomalyProcessor:
         outputs: list[Output] = []
         if batch.resumed:
             outputs.extend(self._resend(state, committed))
+        if self._relations:
+            return self._process_relations(batch, state, committed, outputs)
         work = BatchState(state)
         columns = batch.columns
         if columns is None:
@@ -139,6 +199,33 @@ class AnomalyProcessor:
             touched = self._fold(self._records(batch.inputs), work, committed, outputs)
         else:
             touched = self._fold_columns(columns, found, work, committed, outputs)
+        for key, entry in touched.items():
+            if entry.get("sent") and committed is not None:
+                entry["sent"] = [old for old in entry["sent"] if offset_of(old) >= committed]
+            work.put(key, entry)
+        work.flush()
+        return Result(outputs)
+
+    def _process_relations(
+        self,
+        batch: PartitionBatch,
+        state: MutableMapping[str, Any],
+        committed: int | None,
+        outputs: list[Output],
+    ) -> Result:
+        """Method ``relations``: each GPU sample folded into its GPU's entry (streams/anomaly/relations)."""
+        work = BatchState(state, load=copy.deepcopy)  # entries are nested: never change the stored one
+        touched: dict[str, dict[str, Any]] = {}
+        for offset, t, value in _gpu_rows(batch):
+            key = f"{value['host']}/{value['gpu_uuid']}"
+            entry = touched.get(key) or work.get(key) or {**relations.new_entry(), OFFSET: -1}
+            if offset <= entry[OFFSET]:
+                continue  # a replay of what the entry holds
+            entry[OFFSET] = offset
+            touched[key] = entry
+            findings = relations.observe(entry, value, t, self.config)
+            if findings:
+                outputs.extend(self._publish(key, entry, offset, findings, committed))
         for key, entry in touched.items():
             if entry.get("sent") and committed is not None:
                 entry["sent"] = [old for old in entry["sent"] if offset_of(old) >= committed]
@@ -280,7 +367,7 @@ class AnomalyProcessor:
         findings = []
         if z >= config.threshold:
             findings.append({"kind": "anomaly", **base})
-        if alert is None and z >= config.alert_threshold:
+        if alert is None and z >= config.alert_from:
             fp = fingerprint(RULE, {**labels, "metric": metric.name})
             entry["alert"] = {"fingerprint": fp, "starts_at": t, "normal": 0}
             findings.append({"kind": "firing", "fingerprint": fp, "starts_at": t, **base})
@@ -297,6 +384,8 @@ class AnomalyProcessor:
     def _output(self, series: str, finding: Mapping[str, Any]) -> Output:
         metric = catalogue.get(finding["metric"])
         labels, value, expected, z, t = (finding[k] for k in ("labels", "value", "expected", "z", "t"))
+        series = finding.get("series", series)  # method relations: one entry per GPU, a series per check
+        method = finding.get("method", METHOD)
         if finding["kind"] == "anomaly":
             return Output(
                 "anomalies",
@@ -310,7 +399,7 @@ class AnomalyProcessor:
                     "value": value,
                     "expected": expected,
                     "score": z,
-                    "method": METHOD,
+                    "method": method,
                     "source": self.source,
                 },
             )
@@ -328,12 +417,32 @@ class AnomalyProcessor:
             annotations={
                 "summary": f"Unusual {metric.name}: {format_value(value)}{unit} "
                 f"(expected about {format_value(expected)}{unit})",
-                "description": f"{series} scored {z:.1f} on the {METHOD} detector "
-                f"(alert from {format_value(self.config.alert_threshold)}).",
+                "description": f"{series} scored {z:.1f} on the {method} detector "
+                f"(alert from {format_value(self.config.alert_from)})."
+                + (f" {finding['note']}." if finding.get("note") else ""),
             },
             channels=self.config.channels,
             source=self.source,
         )
+
+
+def _gpu_rows(batch: PartitionBatch) -> Iterator[tuple[int, int, Mapping[str, Any]]]:
+    """(offset, event ms, fields) of each GPU sample: from the columns when the batch has them, only the
+    fields the relations read (building every record's whole dict costs more than the detector)."""
+    columns = batch.columns
+    if (
+        columns is None
+        or columns.record_name != GPU_RECORD
+        or not set(relations.FIELDS) <= set(columns.names)
+    ):
+        for record in batch.inputs:
+            if record.record_name == GPU_RECORD:
+                yield record.offset, to_ms(record.event_time), record.value
+        return
+    names = relations.FIELDS
+    values = [columns.values(name) for name in names]
+    for offset, t, row in zip(columns.offsets, columns.event_ms, zip(*values, strict=True), strict=True):
+        yield offset, t, dict(zip(names, row, strict=True))
 
 
 def _open(state: BatchState, key: str) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
@@ -20,22 +20,39 @@ class AnomalySettings(AimaSettings):
 
     model_config = SettingsConfigDict(env_prefix="AIMA_ANOMALY_")
 
+    method: Literal["relations", "ewma_mad_zscore"] = Field(
+        AnomalyConfig.method,
+        description="relations: healthy-GPU relations per GPU (quiet on job start/stop); ewma_mad_zscore: "
+        "every watched gauge against its own baseline",
+    )
     alpha: float = Field(
-        AnomalyConfig.alpha, description="weight of a new sample in the baseline after the warm-up"
+        AnomalyConfig.alpha,
+        description="ewma_mad_zscore: weight of a new sample in the baseline after the warm-up",
     )
     warmup: int = Field(
-        AnomalyConfig.warmup, description="samples a series learns from before it can be flagged"
+        AnomalyConfig.warmup,
+        description="samples a series learns from before it can be flagged (relations: half of it for each "
+        "busy/idle anchor and clock baseline)",
     )
     threshold: float = Field(AnomalyConfig.threshold, description="score from which a sample is an anomaly")
-    alert_threshold: float = Field(
-        AnomalyConfig.alert_threshold, description="score from which an anomaly also raises an alert"
+    alert_threshold: float | None = described(
+        None,
+        "score from which an anomaly also raises an alert",
+        shown="6 (relations, after alert_after in a row), 10 (ewma_mad_zscore)",
     )
     resolve_after: int = Field(
         AnomalyConfig.resolve_after, description="normal samples in a row that resolve the alert"
     )
+    alert_after: int = Field(
+        AnomalyConfig.alert_after,
+        description="relations: samples in a row from the alert threshold before an alert fires",
+    )
+    thermal_lag_s: float = Field(
+        AnomalyConfig.thermal_lag_s, description="relations: time constant of temperature following power"
+    )
     metrics: Annotated[tuple[str, ...] | None, NoDecode] = described(
         None,
-        "metrics to watch (comma-separated names)",
+        "ewma_mad_zscore: metrics to watch (comma-separated names)",
         shown="every gauge of the GPU, system and queue samples",
     )
 
@@ -62,6 +79,9 @@ class AnomalySettings(AimaSettings):
 
     def config(self) -> AnomalyConfig:
         return AnomalyConfig(
+            method=self.method,
+            alert_after=self.alert_after,
+            thermal_lag_s=self.thermal_lag_s,
             alpha=self.alpha,
             warmup=self.warmup,
             threshold=self.threshold,

@@ -21,6 +21,7 @@ LABELS = {"host": "a", "gpu": "0", "gpu_uuid": "GPU-a0", "gpu_model": "NVIDIA H1
 SERIES = 'gpu_temperature_celsius{gpu="0",gpu_model="NVIDIA H100",gpu_uuid="GPU-a0",host="a"}'
 # Small numbers so the expectations can be worked out by hand: no floors, a quick baseline.
 HAND = AnomalyConfig(
+    method="ewma_mad_zscore",
     alpha=0.5,
     warmup=3,
     threshold=6,
@@ -162,7 +163,7 @@ def test_replaying_a_batch_emits_nothing_new() -> None:
 
 
 def test_defaults_flag_a_spike_in_a_noisy_series_and_not_its_noise() -> None:
-    feed = Feed(AnomalyProcessor())
+    feed = Feed(AnomalyProcessor(AnomalyConfig(method="ewma_mad_zscore")))
     noise = [50 + (i % 5) - 2 for i in range(60)]  # 48..52
     assert feed.run(*noise, metric="utilization_percent") == []
     outputs = feed.run(85, metric="utilization_percent")
@@ -171,7 +172,9 @@ def test_defaults_flag_a_spike_in_a_noisy_series_and_not_its_noise() -> None:
 
 
 def test_every_series_has_its_own_baseline() -> None:
-    processor = AnomalyProcessor(AnomalyConfig(metrics=("gpu_temperature_celsius", "gpu_power_watts")))
+    processor = AnomalyProcessor(
+        AnomalyConfig(method="ewma_mad_zscore", metrics=("gpu_temperature_celsius", "gpu_power_watts"))
+    )
     assert processor.topics == ("gpu.samples",)
     feed = Feed(processor)
     feed.run(*[60.0] * 5)
@@ -181,25 +184,33 @@ def test_every_series_has_its_own_baseline() -> None:
 
 def test_configuration() -> None:
     assert "gpu_temperature_celsius" in default_metrics() and "gpu_sm_clock_hz" not in default_metrics()
-    assert AnomalyProcessor().topics == ("gpu.samples", "queue.samples", "system.samples")
+    assert AnomalyProcessor().topics == ("gpu.samples",)  # relations: GPU samples only
+    zscore = AnomalyProcessor(AnomalyConfig(method="ewma_mad_zscore"))
+    assert zscore.topics == ("gpu.samples", "queue.samples", "system.samples")
     config = AnomalySettings.from_environ(
         {
+            "AIMA_ANOMALY_METHOD": "ewma_mad_zscore",
             "AIMA_ANOMALY_THRESHOLD": "4",
             "AIMA_ANOMALY_WARMUP": "10",
             "AIMA_ANOMALY_METRICS": "queue_length_jobs",
         }
     )
-    assert (config.threshold, config.warmup, config.alert_threshold, config.metrics) == (
+    assert (config.threshold, config.warmup, config.config().alert_from, config.metrics) == (
         4.0,
         10,
-        10.0,
+        10.0,  # the z-score's own default
         ("queue_length_jobs",),
     )
+    assert AnomalyConfig().alert_from == 6.0  # relations: an anomaly alert_after times in a row
     assert AnomalyProcessor(config.config()).topics == ("queue.samples",)
     with pytest.raises(ValueError, match="need 0 < threshold <= alert_threshold"):
         AnomalyConfig(threshold=12)
     with pytest.raises(KeyError, match="unknown metric"):
-        AnomalyConfig(metrics=("gpu_temp",))
+        AnomalyConfig(method="ewma_mad_zscore", metrics=("gpu_temp",))
+    with pytest.raises(ValueError, match="metrics choose the series of method ewma_mad_zscore"):
+        AnomalySettings.from_environ({"AIMA_ANOMALY_METRICS": "queue_length_jobs"})
+    with pytest.raises(ValueError, match="AIMA_ANOMALY_METHOD: Input should be"):
+        AnomalySettings.from_environ({"AIMA_ANOMALY_METHOD": "crystal_ball"})
     with pytest.raises(ValueError, match="AIMA_ANOMALY_ALPHA: not a number"):
         AnomalySettings.from_environ({"AIMA_ANOMALY_ALPHA": "fast"})
 

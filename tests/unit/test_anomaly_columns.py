@@ -21,7 +21,9 @@ GPU = "aima.metrics.GpuSample"
 SYSTEM = "aima.metrics.SystemSample"
 QUEUE = "aima.metrics.QueueSample"
 # Low thresholds and a short warm-up, so that anomalies fire and resolve alerts all along.
-JUMPY = AnomalyConfig(warmup=5, threshold=2.0, alert_threshold=3.0, resolve_after=2)
+ZSCORE = AnomalyConfig(method="ewma_mad_zscore")
+"""The per-series detector at its defaults: the one with a columnar fold (relations read records)."""
+JUMPY = replace(ZSCORE, warmup=5, threshold=2.0, alert_threshold=3.0, resolve_after=2)
 
 
 @functools.cache
@@ -32,7 +34,7 @@ def _values(record_name: str, hosts: int, gpus_per_host: int, hours: int) -> lis
 
 
 def _both(
-    config: AnomalyConfig | None,
+    config: AnomalyConfig,
     record_name: str = GPU,
     *,
     batch_size: int,
@@ -79,7 +81,7 @@ def _kinds(run: Run) -> Counter[str]:
 
 @pytest.mark.parametrize("batch_size", [16, 64, 250, 1000])
 def test_gpu_samples_fold_the_same_from_columns(batch_size: int) -> None:
-    rows, columns = _both(None, batch_size=batch_size)
+    rows, columns = _both(ZSCORE, batch_size=batch_size)
     _assert_same(rows, columns)
     assert columns.built_inputs == 0
     assert rows.outputs  # the simulator's fleet does have anomalies at the defaults
@@ -116,7 +118,7 @@ def test_a_resumed_batch_of_folded_and_new_records_folds_the_same(
 @pytest.mark.parametrize("width", [0, 10**9], ids=["always-across-series", "always-sample-by-sample"])
 def test_both_columnar_folds_give_the_per_record_results(width: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(anomaly, "_MIN_WIDTH", width)
-    for config in (None, JUMPY):
+    for config in (ZSCORE, JUMPY):
         rows, columns = _both(config, batch_size=100, replay_every=2)
         _assert_same(rows, columns)
         assert columns.built_inputs == 0
@@ -130,8 +132,8 @@ def test_a_narrow_partition_folds_the_same_from_columns() -> None:
     assert _kinds(rows)["firing"] > 0
 
 
-@pytest.mark.parametrize("config", [None, JUMPY], ids=["defaults", "jumpy"])
-def test_queue_samples_fold_the_same_from_columns(config: AnomalyConfig | None) -> None:
+@pytest.mark.parametrize("config", [ZSCORE, JUMPY], ids=["defaults", "jumpy"])
+def test_queue_samples_fold_the_same_from_columns(config: AnomalyConfig) -> None:
     rows, columns = _both(config, QUEUE, batch_size=100, hours=2)
     _assert_same(rows, columns)
     assert columns.built_inputs == 0
@@ -146,7 +148,8 @@ def test_system_samples_with_array_metrics_fold_per_record() -> None:
 
 
 def test_system_samples_without_array_metrics_fold_from_columns() -> None:
-    config = AnomalyConfig(
+    config = replace(
+        ZSCORE,
         warmup=5,
         threshold=2.0,
         alert_threshold=3.0,
@@ -160,7 +163,7 @@ def test_system_samples_without_array_metrics_fold_from_columns() -> None:
 
 
 def test_a_gpu_batch_is_no_work_for_a_processor_watching_only_queues() -> None:
-    rows, columns = _both(AnomalyConfig(metrics=("queue_length_jobs",)), batch_size=250)
+    rows, columns = _both(replace(ZSCORE, metrics=("queue_length_jobs",)), batch_size=250)
     _assert_same(rows, columns)
     assert columns.built_inputs == 0 and not columns.state
 
@@ -173,7 +176,7 @@ def test_a_flat_zero_series_scores_against_eps(width: int, monkeypatch: pytest.M
         {**value, "memory_used_bytes": 0} if number < 60 else value
         for number, value in enumerate(_values(GPU, 1, 1, 1))
     ]
-    rows, columns = run_both(lambda: AnomalyProcessor(), list(deliveries(values, batch_size=100)))
+    rows, columns = run_both(lambda: AnomalyProcessor(ZSCORE), list(deliveries(values, batch_size=100)))
     _assert_same(rows, columns)
     assert columns.built_inputs == 0
     jump = next(o for o in rows.outputs if o.value.get("metric") == "gpu_memory_used_bytes")
