@@ -120,9 +120,20 @@ async def _data_error(request: Request, exc: Exception) -> ApiJSON:
     return _body(400, "invalid_value", f"the database rejected a parameter value: {message}", request=request)
 
 
+_AWAY_CLASSES = ("08", "53", "57")
+"""SQLSTATE classes of a database that is away or overloaded, not of a wrong query: connection exception,
+insufficient resources, operator intervention (shutdown, crash recovery, cannot connect now)."""
+_NOT_MIGRATED = ("42P01", "42703", "42883")
+"""Undefined table, column or function: the schema lacks a migration this API needs."""
+
+
 async def _database_error(request: Request, exc: Exception) -> ApiJSON:
+    """By SQLSTATE, not message text: bad input is a 400 (class 22), a database that is away or a query
+    cut short a 503 the client may retry, a schema behind the code a 503 naming it, anything else (a query
+    the code got wrong) a 500 logged with its traceback."""
     assert isinstance(exc, psycopg.Error | psycopg_pool.PoolTimeout)
-    if isinstance(exc, psycopg.Error) and exc.sqlstate and exc.sqlstate.startswith("22"):
+    sqlstate = exc.sqlstate if isinstance(exc, psycopg.Error) else None
+    if sqlstate is not None and sqlstate.startswith("22"):
         return await _data_error(request, exc)
     if isinstance(exc, psycopg.errors.QueryCanceled):
         return _body(
@@ -131,10 +142,25 @@ async def _database_error(request: Request, exc: Exception) -> ApiJSON:
             "the query ran longer than the server allows; narrow the time range",
             request=request,
         )
-    log.warning("database error on %s: %s", request.url.path, exc)
-    return _body(
-        503, "database_unavailable", "the database is not available right now; retry later", request=request
-    )
+    # No SQLSTATE: the server never answered (connection refused or lost) or the pool had no connection.
+    if sqlstate is None or sqlstate.startswith(_AWAY_CLASSES):
+        log.warning("database error on %s: %s", request.url.path, exc)
+        return _body(
+            503,
+            "database_unavailable",
+            "the database is not available right now; retry later",
+            request=request,
+        )
+    if sqlstate in _NOT_MIGRATED:
+        log.error("the database schema is behind the API on %s: %s", request.url.path, exc)
+        return _body(
+            503,
+            "schema_not_migrated",
+            "the database schema lacks what this request needs; run `aima-metrics db migrate`",
+            request=request,
+        )
+    log.error("database error on %s (SQLSTATE %s)", request.url.path, sqlstate, exc_info=exc)
+    return _body(500, "internal_error", "the server failed to answer this request", request=request)
 
 
 async def _unicode(request: Request, exc: Exception) -> ApiJSON:
