@@ -57,8 +57,10 @@ def _system(
 def _simulator(
     settings: Settings, own: CollectorSettings, once: bool, service: Service | None, publisher: Publisher
 ) -> Records:
+    from producers.faults import FaultPlan
     from producers.simulator import run as run_simulator
 
+    every_s = own.sim_faults_every_s
     return run_simulator(
         settings,
         once=once,
@@ -68,6 +70,7 @@ def _simulator(
         hosts=own.sim_hosts,
         gpus_per_host=own.sim_gpus_per_host,
         seed=own.sim_seed,
+        faults=FaultPlan(every_s=every_s, seed=own.sim_seed) if every_s is not None else None,
     )
 
 

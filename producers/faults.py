@@ -32,8 +32,9 @@ stretches) stays as without faults. ``Fleet.truth`` also lists the first host's 
 ``cooling_fault``), which every simulated fleet has, plan or no plan.
 
 ``python -m producers.simulator --faults-every-s 3600 [--fault-kinds ...] --truth truth.jsonl`` backfills a
-fleet with faults and writes the truth. Not there yet: faults aimed at a given job id, faults in the live
-simulator (``aima-metrics collect jobs-sim``)."""
+fleet with faults and writes the truth; the live simulator (``aima-metrics collect jobs-sim``) injects every
+kind with ``AIMA_SIM_FAULTS_EVERY_S`` set and logs each fault as it starts. Not there yet: faults aimed at a
+given job id."""
 
 from __future__ import annotations
 

@@ -94,6 +94,12 @@ class CollectorSettings(AimaSettings):
     sim_hosts: int = Field(2, ge=1, description="simulated fleet: hosts")
     sim_gpus_per_host: int = Field(4, ge=1, description="simulated fleet: GPUs per host")
     sim_seed: int = Field(1, description="simulated fleet: random seed")
+    sim_faults_every_s: float | None = Field(
+        None,
+        **_POSITIVE_S,
+        description="simulated fleet: inject a labelled fault (producers/faults.py) about this often, in "
+        "event-time seconds, each logged as it starts; unset: none",
+    )
 
     @field_validator("dcgm_url")
     @classmethod

@@ -20,11 +20,14 @@ now as fast as the broker takes it, step after step, so every partition holds it
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import math
 import random
 import threading
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from statistics import NormalDist
@@ -48,7 +51,10 @@ __all__ = [
     "generate",
     "main",
     "run",
+    "write_truth",
 ]
+
+log = logging.getLogger(__name__)
 
 Record = tuple[str, str, str, dict[str, Any]]
 """(topic_key, message key, record name, value), the arguments of ``Publisher.publish``."""
@@ -697,13 +703,14 @@ def run(
     gpus_per_host: int = 4,
     seed: int = 1,
     speedup: float = 1.0,
+    faults: fault_plan.FaultPlan | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
     """Publish the simulated fleet. Each step covers ``speedup / rate_hz`` seconds of event time and
     steps come ``1 / rate_hz`` seconds apart on the wall clock, starting now.
 
     ``once``: publish one step, flush, and return its (record name, value) pairs. Otherwise step until
     ``service.stopping`` is set (or forever without a service), log progress, flush, and return an empty
-    list (a long run keeps no records)."""
+    list (a long run keeps no records). ``faults``: labelled faults to inject; each is logged as it starts."""
     if rate_hz <= 0 or speedup <= 0:
         raise ValueError("rate_hz and speedup must be > 0")
     if publisher is None:
@@ -713,7 +720,7 @@ def run(
         publisher = Publisher(settings, source=SOURCE, registry=registry)
     period_s = 1.0 / rate_hz
     dt_s = period_s * speedup
-    fleet = Fleet(seed=seed, hosts=hosts, gpus_per_host=gpus_per_host)
+    fleet = Fleet(seed=seed, hosts=hosts, gpus_per_host=gpus_per_host, faults=faults)
     started = datetime.now(UTC)
     if once:
         records = fleet.step(started, dt_s)
@@ -725,7 +732,7 @@ def run(
     stopping = service.stopping if service is not None else threading.Event()
     progress = Progress("simulator records")
     wall0 = time.monotonic()
-    k = 0
+    k = logged = 0
     try:
         while True:
             k += 1
@@ -738,11 +745,26 @@ def run(
             for record in records:
                 publisher.publish(*record)
             progress.advance(len(records))
+            if faults is not None and len(faults.truth) > logged:
+                for fault in faults.truth[logged:]:
+                    log.info("simulator fault injected", extra={"fault": _logged(fault)})
+                logged = len(faults.truth)
     finally:
         # Within what the stop bound leaves: with the broker away, what is not acknowledged by then is lost
         # (it was never on the topic), rather than the bound ending the process mid-flush.
         publisher.flush(last_flush_s(service, settings))
     return []
+
+
+def write_truth(path: str, truth: Iterable[fault_plan.Truth]) -> None:
+    """The faults, one JSON object a line (times in ISO 8601), for whoever checks a detector against them."""
+    with open(path, "w", encoding="utf-8") as out:
+        for fault in truth:
+            out.write(json.dumps(_logged(fault)) + "\n")
+
+
+def _logged(fault: fault_plan.Truth) -> dict[str, Any]:
+    return {**dataclasses.asdict(fault), "start": fault.start.isoformat(), "end": fault.end.isoformat()}
 
 
 def _poisson(rng: random.Random, mean: float) -> int:
@@ -787,8 +809,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     fast as the broker takes it, in event-time order, and exit (0 when every record was acknowledged).
     Broker and topic settings come from the environment (bus/settings.py)."""
     import argparse
-    import dataclasses
-    import json
 
     from bus import logs
 
@@ -853,10 +873,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         faults=plan,
     )
     if args.truth:
-        with open(args.truth, "w", encoding="utf-8") as out:
-            for truth in report.truth:
-                out.write(json.dumps({**dataclasses.asdict(truth), "start": truth.start.isoformat(),
-                                      "end": truth.end.isoformat()}) + "\n")  # fmt: skip
+        write_truth(args.truth, report.truth)
     print(
         f"published {report.records} records from {start.isoformat()} to {end.isoformat()}: "
         f"{report.rejected} rejected, {report.pending} not acknowledged, {len(report.truth)} faults"

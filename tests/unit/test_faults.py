@@ -3,14 +3,22 @@ exactly while the truth says they are active."""
 
 from __future__ import annotations
 
+import json
+import threading
+from collections import Counter
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from bus.settings import Settings
 from producers import faults
 from producers.faults import FaultPlan
-from producers.simulator import Fleet, generate
+from producers.settings import CollectorSettings
+from producers.simulator import Fleet, backfill, generate, main, write_truth
+from producers.simulator import run as sim_run
 
 T0 = datetime(2025, 3, 14, 8, 0, tzinfo=UTC)
 
@@ -154,3 +162,55 @@ def test_bad_plans_are_refused() -> None:
         FaultPlan(kinds=("meteor",))
     with pytest.raises(ValueError, match="every_s"):
         FaultPlan(every_s=0)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    def publish(self, topic_key: str, key: str, record_name: str, value: dict[str, Any]) -> bool:
+        self.records.append((topic_key, key, record_name, value))
+        return True
+
+    def flush(self, timeout_s: float = 30.0) -> int:
+        return 0
+
+
+def test_a_backfill_with_faults_reports_and_writes_its_truth(tmp_path: Path) -> None:
+    plan = FaultPlan(every_s=1800.0, seed=6, kinds=("throttling", "job_slowdown"))
+    report = backfill(
+        Settings(), T0, T0 + timedelta(hours=3), step_s=60, hosts=1, gpus_per_host=2, seed=5,
+        publisher=_Recorder(), faults=plan,  # type: ignore[arg-type]
+    )  # fmt: skip
+    kinds = Counter(t.kind for t in report.truth)
+    assert kinds["cooling_fault"] == 3 and kinds["throttling"] + kinds["job_slowdown"] >= 4
+    assert list(report.truth) == sorted(report.truth, key=lambda t: t.start)
+    path = tmp_path / "truth.jsonl"
+    write_truth(str(path), report.truth)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(x["kind"], x["entity"], datetime.fromisoformat(x["start"])) for x in lines] == [
+        (t.kind, t.entity, t.start) for t in report.truth
+    ]
+    assert {x["cause"] for x in lines if x["kind"] == "job_slowdown"} <= set(faults.SLOWDOWN_CAUSES)
+
+
+def test_fault_options_of_the_command_line_and_the_live_simulator(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--since", "1h", "--fault-kinds", "throttling"])
+    assert "--fault-kinds needs --faults-every-s" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--since", "1h", "--faults-every-s", "600", "--fault-kinds", "meteor"])
+    assert "kinds must be a non-empty subset" in capsys.readouterr().err
+    assert CollectorSettings.from_environ({"AIMA_SIM_FAULTS_EVERY_S": "600"}).sim_faults_every_s == 600.0
+    assert CollectorSettings.from_environ({}).sim_faults_every_s is None
+    # The live simulator (aima-metrics collect jobs-sim) logs each fault as it starts.
+    service = SimpleNamespace(stopping=threading.Event(), time_left_s=lambda: 5.0)
+    threading.Timer(0.5, service.stopping.set).start()
+    plan = FaultPlan(every_s=20.0, duration_s=10.0, kinds=("fan_failure",))
+    sim_run(Settings(), service=service, publisher=_Recorder(), rate_hz=20, speedup=40, faults=plan)  # type: ignore[arg-type]
+    # main() configured logging (bus/logs.py): one JSON object a line on stderr.
+    logged = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    injected = [entry["fault"] for entry in logged if entry["msg"] == "simulator fault injected"]
+    assert injected and [(f["kind"], f["entity"]) for f in injected] == [
+        (t.kind, t.entity) for t in plan.truth
+    ]
