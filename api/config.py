@@ -14,7 +14,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from bus.prices import DEFAULT_PRICES_FILE
-from bus.settings import AimaSettings, described
+from bus.settings import REPO_ROOT, AimaSettings, described
 
 __all__ = ["ApiSettings"]
 
@@ -77,6 +77,12 @@ class ApiSettings(AimaSettings):
         "price catalogue `/recommendations` prices providers by for the cheapest one (the file of "
         "AIMA_PRICES_FILE)",
         shown="streams/costs/prices.yaml",
+    )
+    ui_library_dir: Path = described(
+        REPO_ROOT / ".aima" / "npm" / "node_modules" / "uplot" / "dist",
+        "folder holding the console's chart library (uPlot's `uPlot.iife.min.js` and `uPlot.min.css`, from "
+        "the npm registry); without it the console shows tables",
+        shown=".aima/npm/node_modules/uplot/dist (./dev setup installs it there)",
     )
 
     @model_validator(mode="after")

@@ -438,12 +438,26 @@ def test_dashboards_use_the_provisioned_datasource() -> None:
 def test_dockerfile_installs_the_project_as_non_root() -> None:
     lines = [line.strip() for line in (REPO / "Dockerfile").read_text().splitlines()]
     instructions = [line for line in lines if line and not line.startswith("#")]
-    assert instructions[0] == "FROM python:3.11-slim"
+    stages = [i for i, line in enumerate(instructions) if line.startswith("FROM ")]
+    assert instructions[stages[-1]] == "FROM python:3.11-slim", "the image is the last stage"
+    instructions = instructions[stages[-1] :]
     user_at = next(i for i, line in enumerate(instructions) if line.startswith("USER "))
     assert instructions[user_at].split()[1] not in {"root", "0"}
     install_at = next(i for i, line in enumerate(instructions) if "pip install ." in line)
     assert install_at > user_at, "pip install . runs as the non-root user"
     assert 'ENTRYPOINT ["aima-metrics"]' in instructions
+
+
+def test_the_image_has_the_console_library_dev_setup_installs() -> None:
+    """The same uPlot version as ./dev setup's, and the API told where it lies (api/config.py)."""
+    text = (REPO / "Dockerfile").read_text()
+    pinned = re.search(r"^UPLOT_VERSION=(\S+)$", (REPO / "dev").read_text(), re.MULTILINE)
+    assert pinned is not None and f"ARG UPLOT_VERSION={pinned[1]}" in text
+    copied = re.search(r"^COPY --from=console-library .* (\S+)/$", text, re.MULTILINE)
+    assert copied is not None and f"ENV AIMA_API_UI_LIBRARY_DIR={copied[1]}" in text
+    from api.config import ApiSettings
+
+    assert ApiSettings.from_environ({"AIMA_API_UI_LIBRARY_DIR": copied[1]}).ui_library_dir == Path(copied[1])
 
 
 def test_dockerignore_keeps_what_the_wheel_needs() -> None:

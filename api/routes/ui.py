@@ -2,7 +2,8 @@
 may see. The pages hold no data: each one asks the API with the token the person typed in (kept in the
 tab's sessionStorage, sent as ``Authorization: Bearer``), so the console has the API's roles and project
 scoping and nothing of its own. The chart library (uPlot) is installed from the npm registry by
-``./dev setup`` into .aima/npm and served from there; without it the pages show tables and say so."""
+``./dev setup`` into .aima/npm (an image puts it where ``AIMA_API_UI_LIBRARY_DIR`` says) and served from
+there; without it the pages show tables and say so."""
 
 from __future__ import annotations
 
@@ -14,16 +15,15 @@ from fastapi.responses import FileResponse, RedirectResponse
 
 from api import audit
 from api.auth import Auth
+from api.deps import api_state
 from api.errors import ApiError, error_responses
 from api.responses import ApiJSON
 from api.routes.fleet import FLEET_METRICS
 from bus import catalogue
-from bus.settings import REPO_ROOT
 
 router = APIRouter(tags=["console"])
 
 PAGES = FsPath(__file__).resolve().parent.parent / "ui"
-LIBRARY = REPO_ROOT / ".aima" / "npm" / "node_modules" / "uplot" / "dist"
 LIBRARY_FILES = ("uPlot.iife.min.js", "uPlot.min.css")
 _TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 # Pages may load only what the API serves itself: no inline script, no other origin.
@@ -52,10 +52,15 @@ def page() -> FileResponse:
 
 
 @router.get("/ui/lib/{name}", include_in_schema=False)
-def library(name: Annotated[str, Path(max_length=100)]) -> FileResponse:
-    if name not in LIBRARY_FILES or not (LIBRARY / name).is_file():
-        raise ApiError(404, "not_found", f"{name[:100]!r}: the chart library is not installed (./dev setup)")
-    return _file(LIBRARY / name)
+def library(request: Request, name: Annotated[str, Path(max_length=100)]) -> FileResponse:
+    folder = api_state(request).config.ui_library_dir
+    if name not in LIBRARY_FILES or not (folder / name).is_file():
+        raise ApiError(
+            404,
+            "not_found",
+            f"{name[:100]!r}: the chart library is not installed (./dev setup, AIMA_API_UI_LIBRARY_DIR)",
+        )
+    return _file(folder / name)
 
 
 @router.get("/ui/{name}", include_in_schema=False)

@@ -841,3 +841,18 @@ def test_cost_metrics_aggregate_their_stored_figures_per_calendar_bucket(
     for b in monthly["buckets"]:
         assert datetime.fromisoformat(b["bucket_start"]) == month
         assert datetime.fromisoformat(b["bucket_end"]) == (month + timedelta(days=32)).replace(day=1)
+
+
+def test_the_console_serves_its_chart_library_from_the_configured_folder(
+    settings: Settings, db_schema: str, tmp_path: Path
+) -> None:
+    """AIMA_API_UI_LIBRARY_DIR: an image puts uPlot elsewhere than ./dev setup's .aima/npm."""
+    (tmp_path / "uPlot.iife.min.js").write_text("/* uPlot */")
+    config = ApiSettings.from_environ({"AIMA_API_UI_LIBRARY_DIR": str(tmp_path)})
+    with TestClient(create_app(settings, schema=db_schema, config=config)) as client:
+        served = client.get("/ui/lib/uPlot.iife.min.js")
+        assert served.status_code == 200 and served.text == "/* uPlot */"
+        assert served.headers["content-type"].startswith("text/javascript")
+        missing = client.get("/ui/lib/uPlot.min.css")
+        assert missing.status_code == 404 and "AIMA_API_UI_LIBRARY_DIR" in missing.json()["detail"]
+        assert client.get("/ui/lib/other.js").status_code == 404
