@@ -199,11 +199,7 @@ class AnomalyProcessor:
             touched = self._fold(self._records(batch.inputs), work, committed, outputs)
         else:
             touched = self._fold_columns(columns, found, work, committed, outputs)
-        for key, entry in touched.items():
-            if entry.get("sent") and committed is not None:
-                entry["sent"] = [old for old in entry["sent"] if offset_of(old) >= committed]
-            work.put(key, entry)
-        work.flush()
+        _keep(work, touched, committed)
         return Result(outputs)
 
     def _process_relations(
@@ -226,11 +222,7 @@ class AnomalyProcessor:
             findings = relations.observe(entry, value, t, self.config)
             if findings:
                 outputs.extend(self._publish(key, entry, offset, findings, committed))
-        for key, entry in touched.items():
-            if entry.get("sent") and committed is not None:
-                entry["sent"] = [old for old in entry["sent"] if offset_of(old) >= committed]
-            work.put(key, entry)
-        work.flush()
+        _keep(work, touched, committed)
         return Result(outputs)
 
     def _records(self, inputs: Iterable[Input]) -> Iterator[tuple[int, int, list[Sample]]]:
@@ -424,6 +416,16 @@ class AnomalyProcessor:
             channels=self.config.channels,
             source=self.source,
         )
+
+
+def _keep(work: BatchState, touched: Mapping[str, dict[str, Any]], committed: int | None) -> None:
+    """Write the batch's entries once, each forgetting the findings it sent before the committed offset
+    (those are durable and never re-sent)."""
+    for key, entry in touched.items():
+        if entry.get("sent") and committed is not None:
+            entry["sent"] = [old for old in entry["sent"] if offset_of(old) >= committed]
+        work.put(key, entry)
+    work.flush()
 
 
 def _gpu_rows(batch: PartitionBatch) -> Iterator[tuple[int, int, Mapping[str, Any]]]:

@@ -254,6 +254,17 @@ def _labels(check: str, record: Mapping[str, Any]) -> tuple[str, dict[str, str]]
     return series, labels
 
 
+def _finding_base(
+    check: str, record: Mapping[str, Any], t: int, value: float, expected: float, z: float
+) -> dict[str, Any]:
+    """What every finding of ``check`` on this sample carries: its series, labels, values and method."""
+    series, labels = _labels(check, record)
+    return {
+        "t": t, "metric": CHECKS[check], "labels": labels, "value": value, "expected": expected, "z": z,
+        "series": series, "method": check,
+    }  # fmt: skip
+
+
 def _judge(
     entry: dict[str, Any],
     check: str,
@@ -276,12 +287,8 @@ def _judge(
         entry["streak"].pop(check, None)
     if z < config.threshold and alert is None:
         return []
-    series, labels = _labels(check, record)
-    metric = CHECKS[check]
-    base = {
-        "t": t, "metric": metric, "labels": labels, "value": value, "expected": expected, "z": z,
-        "series": series, "method": check,
-    }  # fmt: skip
+    base = _finding_base(check, record, t, value, expected, z)
+    metric, labels = base["metric"], base["labels"]
     if note:
         base["note"] = note
     findings: list[dict[str, Any]] = []
@@ -310,11 +317,7 @@ def _resolve(
 ) -> list[dict[str, Any]]:
     alert = entry["alerts"].pop(check)
     if base is None:
-        series, labels = _labels(check, record)
-        base = {
-            "t": t, "metric": CHECKS[check], "labels": labels, "value": value, "expected": expected,
-            "z": z, "series": series, "method": check,
-        }  # fmt: skip
+        base = _finding_base(check, record, t, value, expected, z)
     return [
         {"kind": "resolved", "fingerprint": alert["fingerprint"], "starts_at": alert["starts_at"], **base}
     ]
