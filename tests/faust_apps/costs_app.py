@@ -4,7 +4,7 @@ Like the stream app's default processors, the cost clock follows the partitions 
 
 import sys
 
-from bus.kafka import ensure_topics, partition_count
+from bus.kafka import partition_count
 from bus.settings import Settings
 from streams.costs import cost_processors_from_settings
 from streams.main import run
@@ -12,7 +12,7 @@ from streams.settings import WorkerSettings
 
 if __name__ == "__main__":
     config, settings = WorkerSettings.load(), Settings()
-    ensure_topics(settings)
+    # None before the topic exists (run() makes it with the catalogue's count): the catalogue's count.
     upstream = partition_count(settings, "job.events")
     sys.exit(
         run(
