@@ -37,6 +37,13 @@ from bus.settings import Settings
     help="least batch factor for a job to be listed (default AIMA_API_RECOMMEND_BATCH_MIN_FACTOR)",
 )
 @click.option(
+    "--min-slowdown",
+    type=click.FloatRange(0, 100, min_open=True, max_open=True),
+    default=None,
+    help="least drop of a job's frames/s, percent, for an hour to be slow "
+    "(default AIMA_API_RECOMMEND_SLOWDOWN_MIN_DROP_PERCENT)",
+)
+@click.option(
     "--job-model", default=None, help="job profile of the cheapest provider: jobs running this model"
 )
 def recommend(
@@ -46,11 +53,13 @@ def recommend(
     idle_below: float | None,
     min_idle_hours: int | None,
     min_batch_factor: float | None,
+    min_slowdown: float | None,
     job_model: str | None,
 ) -> None:
     """Idle GPU capacity with its cost per day (per project and GPU by GPU), jobs with memory headroom
-    for a larger batch, the cheapest provider and GPU model per million frames, and period-end spend
-    against budget per project (thresholds: the AIMA_API_RECOMMEND_* settings, or the options)."""
+    for a larger batch, jobs that got slow with the GPU metrics that moved most, the cheapest provider and
+    GPU model per million frames, and period-end spend against budget per project (thresholds: the
+    AIMA_API_RECOMMEND_* settings, or the options)."""
     from api import recommend as rec
 
     config = ApiSettings()
@@ -65,6 +74,7 @@ def recommend(
         idle_below_percent=idle_below,
         idle_min_hours=min_idle_hours,
         batch_min_factor=min_batch_factor,
+        slowdown_min_drop_percent=min_slowdown,
     )
     with psycopg.connect(Settings().database_dsn(), autocommit=True) as conn:
         if schema is not None:

@@ -72,6 +72,14 @@ class ApiSettings(AimaSettings):
         le=100,
         description="least batch factor for `/recommendations` to list a job with memory headroom",
     )
+    recommend_slowdown_min_drop_percent: float = Field(
+        30.0,
+        gt=0,
+        lt=100,
+        description="a job's whole hour is slow when its frames/s is at least this percent below its fastest "
+        "hour's; `/recommendations` lists a job with slow hours after normal ones, and the GPU metrics that "
+        "moved most between them",
+    )
     recommend_prices_file: Path = described(
         DEFAULT_PRICES_FILE,
         "price catalogue `/recommendations` prices providers by for the cheapest one (the file of "

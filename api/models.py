@@ -110,6 +110,11 @@ class RecommendationsResponse(BaseModel):
     idle_by_gpu_truncated: bool
     memory_headroom: list[dict[str, Any]] = Field(description="jobs whose batch could grow by batch_factor")
     memory_headroom_truncated: bool
+    slowed_jobs: list[dict[str, Any]] | None = Field(
+        description="jobs whose frames/s dropped against their own fastest hour, with the GPU metrics that "
+        "moved most (moved_most) and likely_cause; null without the GPU metric scopes"
+    )
+    slowed_jobs_truncated: bool
     job_model: str | None = Field(description="the job profile of cheapest; null: every job")
     throughput: list[dict[str, Any]] = Field(description="measured frames per GPU second per GPU model")
     cheapest: list[dict[str, Any]] = Field(description="catalogue offers by eur_per_million_frames")

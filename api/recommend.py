@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from api import recommend_slowdown
 from api.config import ApiSettings
 from bus.prices import PRICINGS, CatalogueError, PriceCatalogue
 
@@ -19,6 +20,8 @@ MAX_ROWS = 200
 PRICE_LOOKBACK = timedelta(days=7)
 """How far back the hourly cost figures give a host's price per GPU hour (a price rarely changes; a week
 prices a host that ran no job in the window)."""
+SLOWDOWN_LOOKBACK = timedelta(days=7)
+"""How far back a slowed job's own history goes: the hour tier of the rollups is kept 7 days (D2)."""
 THROUGHPUT_LOOKBACK = timedelta(days=30)
 """How far back the ended jobs give the measured throughput per GPU model: the day tier of the rollups,
 which holds their frame counts, is kept 30 days (D2)."""
@@ -34,6 +37,7 @@ class Thresholds:
     allocated_memory_percent: float
     memory_safe_percent: float
     batch_min_factor: float
+    slowdown_min_drop_percent: float
 
     @classmethod
     def of(cls, config: ApiSettings, **overrides: Any) -> Thresholds:
@@ -44,6 +48,7 @@ class Thresholds:
             config.recommend_allocated_memory_percent,
             config.recommend_memory_safe_percent,
             config.recommend_batch_min_factor,
+            config.recommend_slowdown_min_drop_percent,
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -225,6 +230,19 @@ def build(
     headroom = memory_headroom(
         recommend_sql.job_memory(conn, start, now, th.allocated_memory_percent, projects), th
     )
+    slowed = None
+    if gpus_visible:
+        frames = recommend_sql.job_frame_hours(conn, end - SLOWDOWN_LOOKBACK, end, projects)
+        periods = recommend_slowdown.slow_periods(frames, th.slowdown_min_drop_percent, start)
+        span = recommend_slowdown.hosts_and_span(periods)
+        rows = (
+            []
+            if span is None
+            else recommend_sql.gpu_metric_hours(conn, *span, list(recommend_slowdown.METRICS))
+        )
+        slowed = recommend_slowdown.slowed_jobs(
+            frames, rows, th.slowdown_min_drop_percent, th.allocated_memory_percent, start
+        )
     throughputs = recommend_sql.throughput(conn, end - THROUGHPUT_LOOKBACK, now, job_model, projects)
     problem = None
     try:
@@ -242,12 +260,15 @@ def build(
             "allocated_memory_percent": th.allocated_memory_percent,
             "memory_safe_percent": th.memory_safe_percent,
             "batch_min_factor": th.batch_min_factor,
+            "slowdown_min_drop_percent": th.slowdown_min_drop_percent,
         },
         "idle_gpus": idle,
         "idle_by_gpu": None if by_gpu is None else by_gpu[:MAX_ROWS],
         "idle_by_gpu_truncated": by_gpu is not None and len(by_gpu) > MAX_ROWS,
         "memory_headroom": headroom[:MAX_ROWS],
         "memory_headroom_truncated": len(headroom) > MAX_ROWS,
+        "slowed_jobs": None if slowed is None else slowed[:MAX_ROWS],
+        "slowed_jobs_truncated": slowed is not None and len(slowed) > MAX_ROWS,
         "job_model": job_model,
         "throughput": throughputs,
         "cheapest": ranked,
@@ -296,6 +317,11 @@ def render(body: Mapping[str, Any]) -> str:
         )
     if not body["memory_headroom"]:
         lines.append("  none")
+    lines.append("")
+    if body["slowed_jobs"] is None:
+        lines += ["Jobs that got slow:", "  not shown: this reader may not read the GPU metrics"]
+    else:
+        lines += recommend_slowdown.render(body["slowed_jobs"], th["slowdown_min_drop_percent"])
     profile = f"jobs running {body['job_model']}" if body["job_model"] else "every job"
     lines += ["", f"Cheapest provider and GPU model per million frames ({profile}, measured throughput):"]
     for c in body["cheapest"][:10]:

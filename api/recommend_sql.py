@@ -1,5 +1,6 @@
-"""SQL of the recommendations (issue 17): read only the hourly cost figures and budget figures of the
-costs table, which are kept without expiry, never the raw samples (kept 24 h)."""
+"""SQL of the recommendations (issue 17): the hourly cost and budget figures of the costs table, the
+rollups and job_placements (where each job ran, kept as long as the cost figures: migration 0019), never
+the raw samples or job events (kept 24 h)."""
 
 from __future__ import annotations
 
@@ -76,14 +77,15 @@ def gpu_hours(conn: Conn, start: datetime, end: datetime) -> list[dict[str, Any]
 
 
 def host_prices(conn: Conn, price_since: datetime, end: datetime) -> dict[str, dict[str, Any]]:
-    """Per host, the provider, pricing and GPU model its latest started job named (the job events say
-    what a host is; GPU samples do not), with the mean estimated cost per GPU hour of that provider,
-    model and pricing in the hourly cost figures of [price_since, end) (null when none were priced)."""
+    """Per host, the provider, pricing and GPU model its latest job started before ``end`` named
+    (job_placements: the job events say what a host is; GPU samples do not), with the mean estimated cost
+    per GPU hour of that provider, model and pricing in the hourly cost figures of [price_since, end)
+    (null when none were priced)."""
     query = """
         WITH hosts AS (
             SELECT DISTINCT ON (host) host, provider, pricing, gpu_model
-              FROM job_events WHERE event = 'started' AND host IS NOT NULL AND time < %s
-             ORDER BY host, time DESC),
+              FROM job_placements WHERE started < %s
+             ORDER BY host, started DESC),
         prices AS (
             SELECT provider, gpu_model, pricing, min(currency) AS currency,
                    sum(cost_estimated_eur) / NULLIF(sum(gpu_hours), 0) AS eur_per_gpu_hour
@@ -102,7 +104,7 @@ def host_prices(conn: Conn, price_since: datetime, end: datetime) -> dict[str, d
 def job_memory(
     conn: Conn, start: datetime, end: datetime, held_percent: float, projects: Projects
 ) -> list[dict[str, Any]]:
-    """Every job that ran on a host during [start, end) (from its started and ended events), with the
+    """Every job that ran on a host during [start, end) (job_placements: its start and end), with the
     peak and the highest hourly p95 of memory in use (percent of the total) over the hours it ran on the
     GPUs of its host that someone held then (hourly peak at least ``held_percent``), from the hour tier
     of gpu_memory_utilization_percent.
@@ -113,17 +115,10 @@ def job_memory(
     does not."""
     where, params = _project_filter(projects)
     query = sql.SQL(
-        """WITH started AS (
-               SELECT DISTINCT ON (job_id) job_id, project, model, host, gpu_count, gpu_model, provider,
-                      pricing, time AS started
-                 FROM job_events WHERE event = 'started' AND host IS NOT NULL AND time < %s
-                ORDER BY job_id, time),
-           ended AS (
-               SELECT job_id, min(time) AS ended FROM job_events
-                WHERE event IN ('finished', 'failed') GROUP BY job_id),
-           jobs AS (
-               SELECT s.*, e.ended FROM started s LEFT JOIN ended e USING (job_id)
-                WHERE coalesce(e.ended, %s) > %s AND {where})
+        """WITH jobs AS (
+               SELECT job_id, project, model, host, gpu_count, gpu_model, provider, pricing, started, ended
+                 FROM job_placements
+                WHERE started < %s AND coalesce(ended, %s) > %s AND {where})
            SELECT j.job_id, j.project, j.model, j.host, j.gpu_count, j.gpu_model, j.provider, j.pricing,
                   j.started, j.ended, count(DISTINCT m.bucket_start) AS hours,
                   count(DISTINCT m.labels->>'gpu_uuid') AS gpus_seen,
@@ -172,3 +167,46 @@ def throughput(
     args = [since, end, job_model, job_model, since, end, *params]
     with conn.cursor(row_factory=dict_row) as cur:
         return [json_row(r) for r in cur.execute(query, args)]
+
+
+def job_frame_hours(conn: Conn, since: datetime, end: datetime, projects: Projects) -> list[dict[str, Any]]:
+    """Every job that ran during [since, end) (job_placements) with the frames it processed in each whole
+    hour it ran (started at or before the hour's start, not ended before its end), oldest first: the count
+    of job_frame_processing_seconds in the hour tier of the rollups (kept 7 days), which is per hour of
+    event time, so a whole hour's count over 3,600 s is the job's frames/s in that hour. Partial hours
+    (the job's first and last) are left out: their count says how long the job ran, not how fast."""
+    where, params = _project_filter(projects)
+    query = sql.SQL(
+        """SELECT j.job_id, j.project, j.model, j.host, j.gpu_count, j.gpu_model, j.started, j.ended,
+                  array_agg(r.bucket_start ORDER BY r.bucket_start) AS hours,
+                  array_agg(r.count ORDER BY r.bucket_start) AS frames
+             FROM job_placements j
+             JOIN rollups r
+               ON r.metric = 'job_frame_processing_seconds' AND r.tier = 'hour'
+              AND r.labels->>'job_id' = j.job_id
+              AND r.bucket_start >= j.started AND r.bucket_end <= coalesce(j.ended, %s)
+              AND r.bucket_start >= %s AND r.bucket_end <= %s
+            WHERE j.started < %s AND coalesce(j.ended, %s) > %s AND {where}
+            GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
+            ORDER BY 1"""
+    ).format(where=where)
+    args = [end, since, end, end, end, since, *params]
+    with conn.cursor(row_factory=dict_row) as cur:
+        return list(cur.execute(query, args))
+
+
+def gpu_metric_hours(
+    conn: Conn, hosts: list[str], since: datetime, end: datetime, metrics: list[str]
+) -> list[dict[str, Any]]:
+    """The hourly mean of each of ``metrics`` of every whole GPU of ``hosts`` in [since, end), from the
+    hour tier of the rollups: one row per GPU, metric and hour."""
+    query = sql.SQL(
+        """SELECT r.labels->>'host' AS host, r.labels->>'gpu' AS gpu, r.labels->>'gpu_uuid' AS gpu_uuid,
+                  r.metric, r.bucket_start, r.avg
+             FROM rollups r
+            WHERE r.metric = ANY(%s) AND r.tier = 'hour' AND r.bucket_start >= %s AND r.bucket_end <= %s
+              AND r.labels->>'host' = ANY(%s) AND {whole}
+            ORDER BY 1, 3, 4, 5"""
+    ).format(whole=sql.SQL(_WHOLE_GPU.format(alias="r")))
+    with conn.cursor(row_factory=dict_row) as cur:
+        return list(cur.execute(query, [metrics, since, end, hosts]))

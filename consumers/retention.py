@@ -81,6 +81,7 @@ POLICIES: tuple[Policy, ...] = (
     *(Policy("rollups", "bucket_end", tier, ("tier", tier)) for tier in ("hour", "day", "month", "year")),
     Policy("costs", "period_end", "costs", ("kind", "gpu_hours")),
     Policy("costs", "period_end", "costs", ("kind", "job_cost")),
+    Policy("job_placements", "time", "costs"),
     Policy("costs", "period_end", "budgets", ("kind", "budget")),
     Policy(
         "alert_history",

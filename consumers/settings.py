@@ -82,7 +82,8 @@ class RetentionSettings(AimaSettings):
     )
     costs: timedelta | None = described(
         timedelta(days=365),
-        "GPU hours and job costs (costs of kind gpu_hours and job_cost; by period_end)",
+        "GPU hours and job costs (costs of kind gpu_hours and job_cost; by period_end), and where jobs ran "
+        "(job_placements; by time)",
         shown="1y",
     )
     budgets: timedelta | None = described(

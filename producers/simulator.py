@@ -174,7 +174,8 @@ class _Job:
 class Fleet:
     """The simulated fleet; see the module doc. ``start``: event time the fleet begins (default: the
     start of the first step's interval); ``arrivals_per_hour`` defaults to what keeps about 70 % of the
-    GPUs busy."""
+    GPUs busy. ``run_s_scale`` stretches every job's run time (2 to 30 minutes by default; the same draws),
+    for jobs long enough to have an hourly history of their own."""
 
     def __init__(
         self,
@@ -187,7 +188,10 @@ class Fleet:
         queues: Sequence[str] = ("priority", "default"),
         arrivals_per_hour: float | None = None,
         faults: fault_plan.FaultPlan | None = None,
+        run_s_scale: float = 1.0,
     ) -> None:
+        if run_s_scale <= 0:
+            raise ValueError(f"run_s_scale must be > 0, got {run_s_scale}")
         if hosts < 1 or gpus_per_host < 1 or not projects or not queues:
             raise ValueError("a fleet needs at least one host, one GPU per host, one project and one queue")
         self.seed = seed
@@ -198,7 +202,7 @@ class Fleet:
         # Users are born pseudonymous: a few random 'u_' ids per project.
         self._users = {p: [f"u_{self._rng.getrandbits(64):016x}" for _ in range(4)] for p in self._projects}
         self.hosts = [self._new_host(i) for i in range(hosts)]
-        mean_gpus, mean_run_s = 1.6, 900.0
+        mean_gpus, mean_run_s = 1.6, 900.0 * run_s_scale
         capacity = hosts * gpus_per_host
         self._arrivals_per_s = (arrivals_per_hour or 0.7 * capacity / mean_gpus / mean_run_s * 3600) / 3600
         self._jobs_made = 0
@@ -207,6 +211,7 @@ class Fleet:
         self._now: datetime | None = None
         self._last: dict[str, datetime] = {}
         self._faults = faults
+        self._run_s_scale = run_s_scale
         if start is not None:
             self._begin(_aware(start))
 
@@ -277,7 +282,7 @@ class Fleet:
             gpu_count=min(rng.choice((1, 1, 1, 2, 2, 4)), self._gpus_per_host),
             queued_at=queued_at,
             start_delay_s=rng.uniform(2.0, 20.0),
-            run_s=rng.uniform(120.0, 1800.0),
+            run_s=rng.uniform(120.0, 1800.0) * self._run_s_scale,
             error=error,
             intensity=rng.uniform(0.7, 0.98),
             memory_share=rng.uniform(0.3, 0.92),

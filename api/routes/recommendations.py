@@ -1,9 +1,10 @@
 """Recommendations (issue 17): idle GPU capacity with its cost per day, per project and GPU by GPU; jobs
-with memory headroom for a larger batch; the cheapest provider and GPU model per million frames from the
-price catalogue and the measured throughput; period-end spend against budget per project. From the hourly
-rollups, cost figures and budget figures, and the job events for which job ran where. A user token sees
-its own projects' jobs and figures only; the per-GPU list, as for `/fleet` (GPU metrics carry no
-project), needs the scopes of GPU utilization and memory."""
+with memory headroom for a larger batch; jobs that got slow with the GPU metrics that moved most; the
+cheapest provider and GPU model per million frames from the price catalogue and the measured throughput;
+period-end spend against budget per project. From the hourly rollups, cost figures and budget figures,
+and job_placements for which job ran where. A user token sees its own projects' jobs and figures only;
+the per-GPU list, as for `/fleet` (GPU metrics carry no project), and the slowed jobs' GPU metrics need
+the scopes of GPU utilization and memory."""
 
 from __future__ import annotations
 
@@ -47,6 +48,10 @@ def recommendations(
     min_batch_factor: Annotated[
         float | None, Query(gt=1, le=100, description="least batch factor for a job to be listed")
     ] = None,
+    min_slowdown: Annotated[
+        float | None,
+        Query(gt=0, lt=100, description="least drop of a job's frames/s, percent, for an hour to be slow"),
+    ] = None,
     job_model: Annotated[
         str | None,
         Query(min_length=1, max_length=200, description="job profile of `cheapest`: jobs running this model"),
@@ -58,6 +63,9 @@ def recommendations(
     `idle_below`, default AIMA_API_RECOMMEND_IDLE_BELOW_PERCENT) for `min_idle_hours` consecutive hours,
     allocated to a job or not, with its idle cost per day (null without the GPU metric scopes).
     `memory_headroom`: jobs whose peak GPU memory leaves room for a batch `batch_factor` times larger.
+    `slowed_jobs`: jobs whose frames/s in whole hours dropped `min_slowdown` percent (default
+    AIMA_API_RECOMMEND_SLOWDOWN_MIN_DROP_PERCENT) below their own fastest hour after a normal one, with
+    the GPU metrics of their host that moved most between those hours (null without the GPU scopes).
     `throughput`: frames per GPU second per GPU model, measured on the ended jobs of the last 30 days
     (of `job_model`, or all); `cheapest`: every provider, GPU model and pricing of the price catalogue
     for a measured model, by cost per million frames, cheapest first.
@@ -78,11 +86,12 @@ def recommendations(
         idle_below_percent=idle_below,
         idle_min_hours=min_idle_hours,
         batch_min_factor=min_batch_factor,
+        slowdown_min_drop_percent=min_slowdown,
     )
     visible = all(principal.can_read(catalogue.BY_NAME[name]) for name in GPU_METRICS)
     body = recommend.build(
         conn, config, projects, datetime.now(UTC), thresholds, gpus_visible=visible, job_model=job_model
     )
     rows = len(body["idle_gpus"]) + len(body["budgets"]) + len(body["memory_headroom"])
-    audit.note(request, rows=rows + len(body["idle_by_gpu"] or []))
+    audit.note(request, rows=rows + len(body["idle_by_gpu"] or []) + len(body["slowed_jobs"] or []))
     return ApiJSON(body)

@@ -125,17 +125,26 @@ class Simulated:
     """GPU uuid -> host."""
 
 
-def _simulate(database_url: str, schema: str) -> Simulated:
-    """Nine hours of a four-host fleet with one GPU per host (so a GPU's hours are its host's jobs') with
-    the fault plan, stored as the pipeline stores it: the job events (raw, they say which job ran where),
+def _simulate(
+    database_url: str,
+    schema: str,
+    hours: int = SIM_HOURS,
+    plan: FaultPlan | None = None,
+    seed: int = SEED,
+    run_s_scale: float = 1.0,
+) -> Simulated:
+    """Nine hours (``hours``) of a four-host fleet with one GPU per host (so a GPU's hours are its host's
+    jobs') with the fault plan (``plan``; default: idle_allocated and underused_job faults of 3 h), stored as
+    the pipeline stores it: the job events (raw, they say which job ran where),
     and the hourly rollups and cost figures the stream app derives (made from the same records by the
     helpers of test_dashboards; test_backfill checks the stream app computes the same). No raw GPU sample
     is stored: the recommendations must come from the rollups."""
     end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-    start = end - timedelta(hours=SIM_HOURS)
+    start = end - timedelta(hours=hours)
     # Faults long enough to fill whole hours, as the hourly rollups see them.
-    plan = FaultPlan(every_s=4 * 3600.0, duration_s=3 * 3600.0, seed=FAULT_SEED, kinds=FAULT_KINDS)
-    fleet = Fleet(seed=SEED, hosts=4, gpus_per_host=1, start=start, faults=plan)
+    if plan is None:
+        plan = FaultPlan(every_s=4 * 3600.0, duration_s=3 * 3600.0, seed=FAULT_SEED, kinds=FAULT_KINDS)
+    fleet = Fleet(seed=seed, hosts=4, gpus_per_host=1, start=start, faults=plan, run_s_scale=run_s_scale)
     store, rollups = dashboards._Store(database_url, schema), dashboards._Rollups()
     events: list[dict[str, Any]] = []
     gpus: dict[str, str] = {}
@@ -348,3 +357,89 @@ def test_recommendations_find_the_simulators_injected_idle_gpu_and_underused_job
     assert f"  {best['provider']} {best['catalogue_model']} ({best['pricing']}): " in report.output
     bad = CliRunner().invoke(recommend, ["--schema", db_schema, "--min-batch-factor", "0.5"], env=env)
     assert bad.exit_code == 2 and "--min-batch-factor" in bad.output
+
+
+# -- a job that got slow, against its own history ---------------------------------------------------------
+
+CAUSE_METRICS = {
+    "throttling": {"gpu_sm_clock_hz", "gpu_memory_clock_hz", "gpu_temperature_celsius"},
+    "memory_pressure": {"gpu_memory_utilization_percent", "gpu_memory_used_bytes"},
+}
+
+
+def _whole_hours_of_job(start: datetime, end: datetime) -> list[datetime]:
+    return [h for h in _hours_of(start, end) if h + timedelta(hours=1) <= end]
+
+
+def slowed_truths(sim: Simulated) -> dict[str, str]:
+    """job id -> cause of every job_slowdown fault that hit a job with a whole hour before the fault and a
+    whole hour inside it (what the hourly rollups can show as a job that got slow)."""
+    found = {}
+    for t in (t for t in sim.truth if t.kind == "job_slowdown"):
+        for job_id, job in sim.jobs.items():
+            hours = _whole_hours_of_job(job["start"], job["end"] or sim.end) if job["host"] == t.host else []
+            before = [h for h in hours if h + timedelta(hours=1) <= t.start]
+            inside = [h for h in hours if h >= t.start and h + timedelta(hours=1) <= t.end]
+            if before and inside:
+                found[job_id] = t.cause
+    return found
+
+
+def check_slowed_jobs(body: dict[str, Any], sim: Simulated, expected: dict[str, str]) -> None:
+    """Each job the slowdown faults could show is listed with its fault's cause, named by the metric that
+    moved most, its frames/s halved; no job is listed that no slowdown or throttling touched."""
+    listed = {j["job_id"]: j for j in body["slowed_jobs"]}
+    for job_id, cause in expected.items():
+        job = listed[job_id]
+        assert job["likely_cause"] == cause, job
+        assert job["moved_most"][0]["metric"] in CAUSE_METRICS[cause], job["moved_most"]
+        assert 0.45 <= job["throughput_drop"] <= 0.55, job
+        assert job["host"] == sim.jobs[job_id]["host"]
+    for job_id in set(listed) - set(expected):
+        job = sim.jobs[job_id]
+        assert any(
+            t.kind in ("job_slowdown", "throttling") and t.host == job["host"]
+            and t.start < (job["end"] or sim.end) and job["start"] < t.end
+            for t in sim.truth
+        ), listed[job_id]  # fmt: skip
+
+
+def test_recommendations_name_the_metrics_that_moved_when_the_simulators_jobs_got_slow(
+    client: TestClient, db: psycopg.Connection[Any], database_url: str, db_schema: str, settings: Settings
+) -> None:
+    # Jobs of 24 min to 6 h, slowdowns of 4 h: jobs with whole hours before and inside a slowdown, the
+    # first (seed 1, fault seed 2) throttled 3 h after 1 normal hour, another short of memory for 2 h.
+    plan = FaultPlan(every_s=3.5 * 3600, duration_s=4 * 3600.0, seed=2, kinds=("job_slowdown",))
+    sim = _simulate(database_url, db_schema, hours=12, plan=plan, seed=1, run_s_scale=12.0)
+    expected = slowed_truths(sim)
+    assert set(expected.values()) == {"throttling", "memory_pressure"}, sim.truth
+    # Job events are raw rows kept 24 h: where each job ran comes from job_placements (migration 0019).
+    db.execute("DELETE FROM job_events")
+    admin = {"Authorization": f"Bearer {auth.create_token(db, 'admin', name='admin')[1]}"}
+    body = client.get("/recommendations", headers=admin).json()
+    check_slowed_jobs(body, sim, expected)
+    assert body["idle_by_gpu"], "the per-GPU idle list still knows its hosts without job events"
+    assert all(g["provider"] for g in body["idle_by_gpu"])
+
+    project = sim.jobs[sorted(expected)[0]]["project"]
+    user = {"Authorization": f"Bearer {auth.create_token(db, 'user', [], [project], name='u')[1]}"}
+    assert client.get("/recommendations", headers=user).json()["slowed_jobs"] is None
+    scopes = [f"metrics:read:{m}" for m in ("gpu_utilization_percent", "gpu_memory_utilization_percent")]
+    seer = {"Authorization": f"Bearer {auth.create_token(db, 'user', scopes, [project], name='s')[1]}"}
+    assert {j["project"] for j in client.get("/recommendations", headers=seer).json()["slowed_jobs"]} == {
+        project
+    }
+    for bad in ("min_slowdown=0", "min_slowdown=100", "min_slowdown=x"):
+        answer = client.get(f"/recommendations?{bad}", headers=admin)
+        assert answer.status_code == 422 and "min_slowdown" in answer.text, (bad, answer.text)
+    assert client.get("/recommendations?min_slowdown=60", headers=admin).json()["slowed_jobs"] == []
+
+    env = {"AIMA_DATABASE_URL": settings.database_dsn()}
+    report = CliRunner().invoke(recommend, ["--schema", db_schema], env=env)
+    assert report.exit_code == 0, report.output
+    print(report.output)
+    for job_id, cause in expected.items():
+        line = next(x for x in report.output.splitlines() if x.startswith(f"  {job_id} ("))
+        assert f"likely cause: {cause}" in line, line
+    bad = CliRunner().invoke(recommend, ["--schema", db_schema, "--min-slowdown", "100"], env=env)
+    assert bad.exit_code == 2 and "--min-slowdown" in bad.output

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from api import recommend
+from api import recommend_slowdown as slowdown
 from api.config import ApiSettings
 from bus.prices import PriceCatalogue
 
@@ -46,6 +47,7 @@ TH = recommend.Thresholds(
     allocated_memory_percent=5.0,
     memory_safe_percent=90.0,
     batch_min_factor=1.5,
+    slowdown_min_drop_percent=30.0,
 )
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -130,3 +132,73 @@ def test_cheapest_ranks_every_catalogue_offer_of_a_measured_model_by_cost_per_mi
         ("gcp", "L4", "spot", 10.0),
         ("aws", "L4", "on_demand", 20.0),
     ]
+
+
+def _job(frames: list[float], first_hour: int = 0) -> dict[str, Any]:
+    return {
+        "job_id": "j1", "project": "p", "model": "m", "host": "h1", "gpu_count": 1, "gpu_model": "L4",
+        "hours": [T0 + timedelta(hours=first_hour + i) for i in range(len(frames))],
+        "frames": [f * 3600 for f in frames],
+    }  # fmt: skip
+
+
+def _gpu_rows(values: dict[str, list[float]], uuid: str = "g1", memory: float = 50.0) -> list[dict[str, Any]]:
+    hours = len(next(iter(values.values())))
+    values = {"gpu_memory_utilization_percent": [memory] * hours, **values}
+    return [
+        {"host": "h1", "gpu": "0", "gpu_uuid": uuid, "metric": metric,
+         "bucket_start": T0 + timedelta(hours=i), "avg": v}
+        for metric, series in values.items()
+        for i, v in enumerate(series)
+    ]  # fmt: skip
+
+
+def test_a_job_is_slow_in_whole_hours_well_below_its_fastest_and_the_hour_in_between_is_left_out() -> None:
+    # 100 frames/s for 3 h, 80 (the hour the slowdown began in), then 50 for 2 h.
+    jobs = [_job([100.0, 99.0, 100.0, 80.0, 50.0, 51.0])]
+    (slow,) = slowdown.slow_periods(jobs, 30.0, since=T0)
+    assert slow["normal_hours"] == [T0 + timedelta(hours=h) for h in (0, 1, 2)]
+    assert slow["slow_hours"] == [T0 + timedelta(hours=h) for h in (4, 5)]
+    assert slow["normal_frames_per_second"] == pytest.approx(100.0)
+    assert slow["slow_frames_per_second"] == pytest.approx(50.5)
+    # Slow from its first hour (no normal hour before), a mere wobble, or slow before `since`: not listed.
+    assert slowdown.slow_periods([_job([50.0, 100.0, 100.0])], 30.0, since=T0) == []
+    assert slowdown.slow_periods([_job([100.0, 85.0, 80.0])], 30.0, since=T0) == []
+    assert slowdown.slow_periods(jobs, 30.0, since=T0 + timedelta(hours=6)) == []
+    assert len(slowdown.slow_periods(jobs, 60.0, since=T0)) == 0
+
+
+def test_the_metric_that_moved_most_names_the_cause() -> None:
+    jobs = [_job([100.0, 100.0, 100.0, 50.0, 50.0])]
+    steady = {
+        "gpu_utilization_percent": [90.0, 91.0, 89.0, 90.0, 90.5],
+        "gpu_temperature_celsius": [70.0, 70.5, 69.5, 70.0, 70.2],
+        "gpu_power_watts": [300.0, 305.0, 298.0, 301.0, 300.0],
+    }
+    throttled = _gpu_rows({**steady, "gpu_sm_clock_hz": [1.98e9] * 3 + [1.19e9] * 2})
+    (job,) = slowdown.slowed_jobs(jobs, throttled, 30.0, 5.0, since=T0)
+    assert job["likely_cause"] == "throttling" and job["gpus_compared"] == 1
+    top = job["moved_most"][0]
+    assert top["metric"] == "gpu_sm_clock_hz" and top["change"] == pytest.approx(-0.4, abs=0.01)
+    assert top["score"] < -10 and all(abs(m["score"]) < 3 for m in job["moved_most"][1:])
+    assert job["throughput_drop"] == pytest.approx(0.5)
+
+    pressure = _gpu_rows(steady, memory=0) + _gpu_rows(
+        {"gpu_memory_used_bytes": [40e9] * 3 + [79e9] * 2}, memory=0
+    )
+    for row in pressure:
+        if row["metric"] == "gpu_memory_utilization_percent":
+            row["avg"] = 50.0 if row["bucket_start"] < T0 + timedelta(hours=3) else 98.0
+    (job,) = slowdown.slowed_jobs(jobs, pressure, 30.0, 5.0, since=T0)
+    assert job["likely_cause"] == "memory_pressure"
+    assert {m["metric"] for m in job["moved_most"][:2]} == {
+        "gpu_memory_utilization_percent",
+        "gpu_memory_used_bytes",
+    }
+    # A GPU of the host no job held in every compared hour is not compared; nothing moved clearly: unclear.
+    idle = _gpu_rows({"gpu_sm_clock_hz": [1.98e9] * 3 + [1.19e9] * 2}, uuid="g2", memory=1.0)
+    (job,) = slowdown.slowed_jobs(jobs, idle + _gpu_rows(steady), 30.0, 5.0, since=T0)
+    assert job["gpus_compared"] == 1 and job["likely_cause"] is None
+    assert "gpu_sm_clock_hz" not in {m["metric"] for m in job["moved_most"]}
+    lines = slowdown.render([job], 30.0)
+    assert "100.0 -> 50.0 frames/s (-50%)" in lines[1] and "likely cause: unclear" in lines[1]
