@@ -15,6 +15,7 @@ __all__ = [
     "BudgetsResponse",
     "CatalogueResponse",
     "CostsResponse",
+    "GpuEnergyResponse",
     "RawResponse",
     "SilenceIn",
     "SilenceOut",
@@ -86,6 +87,14 @@ class CostsResponse(BaseModel):
     group_by: str
     period: str
     source: str = Field(description="`gpu_hours` (hourly estimates) or `job_cost` (per finished job)")
+    start_time: datetime
+    end_time: datetime
+    truncated: bool
+    rows: list[dict[str, Any]]
+
+
+class GpuEnergyResponse(BaseModel):
+    period: str
     start_time: datetime
     end_time: datetime
     truncated: bool

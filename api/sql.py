@@ -364,6 +364,46 @@ def costs(
     return kind, page
 
 
+def gpu_energy(
+    conn: Conn,
+    period: Period,
+    start: datetime,
+    end: datetime,
+    limit: int,
+    *,
+    gpu_model: str | None = None,
+    gpu_uuid: str | None = None,
+) -> Page:
+    """Each GPU's energy (kWh), its cost at the tariff (EUR) and the hours it was seen, per GPU and period,
+    from the gpu_energy rows (migration 0018) whose hour starts in [start, end). energy_kwh sums the hours
+    that told it (null when none did); hours_with_energy says how many did."""
+    bucket = (
+        sql.SQL("NULL::timestamptz")
+        if period == "total"
+        else sql.SQL("date_trunc({}, g.time, 'UTC')").format(sql.Literal(period))
+    )
+    conditions: list[sql.Composable] = [sql.SQL("g.time >= %s"), sql.SQL("g.time < %s")]
+    params: list[Any] = [start, end]
+    for column, value in (("gpu_model", gpu_model), ("gpu_uuid", gpu_uuid)):
+        if value is not None:
+            conditions.append(sql.SQL("g.{} = %s").format(sql.Identifier(column)))
+            params.append(value)
+    query = sql.SQL(
+        """SELECT {bucket} AS period_start, g.gpu_uuid, min(g.gpu_model) AS gpu_model,
+                  sum(g.device_hours) AS device_hours, sum(g.energy_kwh) AS energy_kwh,
+                  sum(g.energy_cost_eur) AS energy_cost_eur, count(g.energy_kwh) AS hours_with_energy,
+                  min(g.currency) AS currency
+             FROM gpu_energy g WHERE {where}
+            GROUP BY 1, 2 ORDER BY 1, 2 LIMIT %s"""
+    ).format(bucket=bucket, where=sql.SQL(" AND ").join(conditions))
+    with conn.cursor(row_factory=dict_row) as cur:
+        page = fetch_page(cur, query, params, limit)
+    if period == "total":
+        for row in page.rows:
+            row["period_start"] = start.isoformat()
+    return page
+
+
 def budgets(
     conn: Conn,
     start: datetime | None,

@@ -47,6 +47,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("k8s.pods", f"{NS}.PodStatus", 2, timedelta(days=3), "namespace/pod"),
     TopicSpec("rollups", f"{NS}.Rollup", 8, timedelta(days=7), "series/tier/bucket_start"),
     TopicSpec("costs", f"{NS}.CostRecord", 4, timedelta(days=30), "kind|project|...|period"),
+    TopicSpec("energy", f"{NS}.GpuEnergy", 4, timedelta(days=30), "gpu_uuid|hour"),
     TopicSpec("alerts", f"{NS}.AlertEvent", 4, timedelta(days=30), "fingerprint"),
     TopicSpec("anomalies", f"{NS}.Anomaly", 4, timedelta(days=7), "series"),
     TopicSpec("deadletter", f"{NS}.DeadLetter", 2, timedelta(days=30), "origin topic"),

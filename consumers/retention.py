@@ -83,6 +83,7 @@ POLICIES: tuple[Policy, ...] = (
     Policy("costs", "period_end", "costs", ("kind", "job_cost")),
     Policy("job_placements", "time", "costs"),
     Policy("costs", "period_end", "budgets", ("kind", "budget")),
+    Policy("gpu_energy", "period_end", "energy"),
     Policy(
         "alert_history",
         "event_time",

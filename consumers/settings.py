@@ -86,6 +86,12 @@ class RetentionSettings(AimaSettings):
         "(job_placements; by time)",
         shown="1y",
     )
+    energy: timedelta | None = described(
+        timedelta(days=90),
+        "each GPU's energy and its cost per hour (gpu_energy; by period_end); the figures per GPU model and "
+        "per project are costs, kept as those",
+        shown="90d",
+    )
     budgets: timedelta | None = described(
         timedelta(days=730),
         "budget figures (costs of kind budget, the budgets view; by period_end, so a running period stays)",

@@ -87,6 +87,7 @@ DEFAULT_TOPICS: tuple[str, ...] = (
     "k8s.pods",
     "rollups",
     "costs",
+    "energy",
     "alerts",
     "anomalies",
     "deadletter",

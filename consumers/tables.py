@@ -291,6 +291,18 @@ TABLES: tuple[Table, ...] = (
         ("kind", *_COST_KEY.split(), "time"),
         newest=("emitted_at",),
     ),
+    # GpuEnergy: each GPU's hour, re-sent with its total so far as the hour grows (the latest wins).
+    Table(
+        "gpu_energy",
+        f"{NS}.GpuEnergy",
+        _columns(
+            "time period_end gpu_uuid gpu_model device_hours energy_kwh energy_cost_eur currency source "
+            "emitted_at",
+            renamed={"emitted_at": "@timestamp"},
+        ),
+        ("gpu_uuid", "time"),
+        newest=("emitted_at",),
+    ),
     Table(
         "alert_history",
         f"{NS}.AlertEvent",

@@ -11,7 +11,7 @@ from api import audit, params, sql
 from api.auth import Auth
 from api.deps import Conn
 from api.errors import error_responses
-from api.models import BudgetsResponse, CostsResponse
+from api.models import BudgetsResponse, CostsResponse, GpuEnergyResponse
 from api.responses import ApiJSON
 from api.routes.common import EndTime, Limit, StartTime
 
@@ -55,6 +55,31 @@ def costs(
             "rows": page.rows,
         }
     )
+
+
+@router.get(
+    "/costs/gpus", responses={200: {"model": GpuEnergyResponse}, **error_responses(400, 401, 403, 422)}
+)
+def gpu_energy(
+    request: Request,
+    principal: Auth,
+    conn: Conn,
+    period: Annotated[sql.Period, Query(description="bucket per UTC calendar period, or one total")] = "day",
+    start_time: StartTime = None,
+    end_time: EndTime = None,
+    gpu_model: Annotated[str | None, Query(max_length=200, description="only GPUs of this model")] = None,
+    gpu_uuid: Annotated[str | None, Query(max_length=200, description="only this GPU")] = None,
+    limit: Limit = 1000,
+) -> ApiJSON:
+    """Each GPU's energy in [start_time, end_time) (default: the last 30 days) per `period`: energy_kwh
+    (its energy counter, power x time where that reset or is missing), energy_cost_eur at the catalogue's
+    tariff, device_hours (the time it was seen) and hours_with_energy. GPUs belong to no project (job
+    events do not say which GPUs a job held), so this is fleet data: admin and finance tokens only."""
+    principal.require_role("admin", "finance", what="energy per GPU")
+    span = params.time_range(start_time, end_time, default=DEFAULT_COST_RANGE)
+    page = sql.gpu_energy(conn, period, span.start, span.end, limit, gpu_model=gpu_model, gpu_uuid=gpu_uuid)
+    audit.note(request, rows=len(page.rows))
+    return ApiJSON({"period": period, **span.to_json(), "truncated": page.truncated, "rows": page.rows})
 
 
 @router.get("/budgets", responses={200: {"model": BudgetsResponse}, **error_responses(400, 401, 403, 422)})

@@ -243,10 +243,22 @@ async function costsPage() {
         el("td", {}, el("span", { class: `bar ${used > 100 ? "over" : ""}`, style: `width:${Math.min(used, 100)}px` }), ` ${fmt(used, 0)} %`),
         el("td", { class: `num ${over ? "over" : ""}` }, fmt(b.forecast_eur, 2)));
     })), charts);
-  const projects = [...new Set(costs.rows.map((r) => r.project))];
+  // Rows of no project carry the energy of GPUs no job held (idle): no GPU-hour cost, so not in the chart.
+  const groups = [...new Set(costs.rows.map((r) => r.project))];
+  const projects = groups.filter((p) => p != null);
   const times = [...new Set(costs.rows.map((r) => Date.parse(r.period_start ?? r.time) / 1000))].sort((a, b) => a - b);
   const ys = projects.map((p) => times.map((t) => costs.rows.find((r) => r.project === p && Date.parse(r.period_start ?? r.time) / 1000 === t)?.cost_eur ?? null));
   chart(charts, "GPU cost € per project and day (last 30 days)", projects, times, ys);
+  const total = (rows, key) => (rows.some((r) => r[key] != null) ? rows.reduce((sum, r) => sum + (r[key] ?? 0), 0) : null);
+  page.append(el("h2", {}, "GPU cost and energy per project (last 30 days)"), el("div", { id: "costs-energy" }, table(
+    ["project", "GPU cost €", "energy kWh", "energy €"],
+    groups.map((p) => {
+      const rows = costs.rows.filter((r) => r.project === p);
+      return el("tr", { "data-energy": p ?? "" },
+        el("td", {}, p ?? "no project (idle GPUs)"), el("td", { class: "num" }, fmt(total(rows, "cost_eur"), 2)),
+        el("td", { class: "num" }, fmt(total(rows, "energy_kwh"), 1)),
+        el("td", { class: "num" }, fmt(total(rows, "energy_cost_eur"), 2)));
+    }))));
   page.append(el("p", { class: "note" }, me.projects ? `only this token's projects: ${me.projects.join(", ")}` : "all projects"));
 }
 

@@ -20,6 +20,7 @@ The data flow::
                                    (gpu_uuid, hour)
     streams.device-hours ──IdleHoursProcessor──► costs: per (gpu_model, hour) device_hours, idle_gpu_hours,
                                    energy_kwh, energy_cost_eur (the catalogue's energy_eur_per_kwh)
+                           energy: GpuEnergy per (gpu_uuid, hour), device_hours, energy_kwh and its cost
 
 Allocated GPU-hours: a job holds ``gpu_count`` GPUs from its ``started`` to its ``finished``/``failed``
 event; each UTC hour gets ``gpu_count x overlap``. While a job runs, its hours are counted up to the
@@ -43,10 +44,12 @@ at most ``max_gap`` more; the time before its first sample counts nothing.
 Energy (streams/costs/energy.py): per GPU, between consecutive readings (samples with an energy counter
 or a power draw), the counter's increase, or power x time where the counter reset or is missing, over the
 same coverage as the device-hours; a GPU with neither has no energy figure, never 0. The fleet record of a
-model's hour carries the sum and its cost. A project's share is the view ``energy_costs`` (migration
-0016): the model's energy per device-hour in that hour times the project's GPU-hours. Job events say how
-many GPUs of which model a job holds, not which ones, so this follows the allocation the GPU-hour cost
-follows; a busy GPU draws more than an idle one, so the share is an average, not a meter reading.
+model's hour carries the sum and its cost, each GPU's hour its own GpuEnergy record (topic ``energy``,
+table ``gpu_energy``). A project's share is the view ``energy_costs`` (migration 0016): the model's energy
+per device-hour in that hour times the project's GPU-hours. Job events say how many GPUs of which model
+a job holds and on which host, not which GPUs (nor do job timings or pod status: no input names a job's
+GPU uuid or index), so this follows the allocation the GPU-hour cost follows; a busy GPU draws more than
+an idle one, so the share is an average, not a meter reading.
 
 Both sides meet on ``streams.device-hours`` (keyed by gpu_model, so one model's figures share a partition):
 the CostProcessor forwards each allocation bucket there, the DeviceHoursProcessor each device's hour.

@@ -18,6 +18,7 @@ from streams.runtime.processor import Input, PartitionBatch
 from streams.runtime.state import OFFSET
 
 COST_RECORD = "aima.metrics.CostRecord"
+GPU_ENERGY = "aima.metrics.GpuEnergy"
 JOBS_BY_PROJECT = "streams.jobs-by-project"
 DEVICE_HOURS = "streams.device-hours"
 DEVICE_SOURCE_PREFIX = "stream:device:"

@@ -1,5 +1,6 @@
 """Idle GPU-hours per GPU model and hour (device-hours less allocated GPU-hours) and the energy the
-model's GPUs drew with its cost, from ``streams.device-hours``, published to ``costs`` as fleet records."""
+model's GPUs drew with its cost, from ``streams.device-hours``, published to ``costs`` as fleet records;
+each GPU's energy and its cost per hour to ``energy``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from streams.costs.common import (
     COST_RECORD,
     DEVICE_HOURS,
     DEVICE_SOURCE_PREFIX,
+    GPU_ENERGY,
     INDEX,
     MS,
     cost_record,
@@ -21,7 +23,7 @@ from streams.costs.common import (
     span,
 )
 from streams.costs.pricing import PriceCatalogue, Reloading
-from streams.runtime.buckets import HOUR_MS, bucket_start, to_ms
+from streams.runtime.buckets import HOUR_MS, bucket_start, from_ms, to_ms
 from streams.runtime.processor import Output, PartitionBatch, Result
 from streams.runtime.state import OFFSET, BatchState
 
@@ -36,9 +38,11 @@ class IdleHoursProcessor:
     records carry the allocation, and a fleet copy would be counted twice by anyone summing gpu_hours.
     energy_kwh is the sum over the devices whose records tell their energy (null when none does), and
     energy_cost_eur that times the catalogue's ``energy_eur_per_kwh`` in force when the hour is (re)computed
-    (null without a tariff). A project's share is not made here: the costs table's ``energy_costs`` view
-    (consumers/migrations/0016_energy_cost.sql) divides it by the projects' GPU-hours, from these rows and
-    the projects' own, so each row keeps one writer.
+    (null without a tariff). Each device whose hour changed gets its own record on ``energy`` too, a
+    GpuEnergy (gpu_uuid, hour: device_hours, energy_kwh, energy_cost_eur), priced here so that the tariff
+    is applied in one place and the fleet record is the sum of those. A project's share is not made here:
+    the costs table's ``energy_costs`` view (consumers/migrations/0016_energy_cost.sql) divides it by the
+    projects' GPU-hours, from these rows and the projects' own, so each row keeps one writer.
 
     This topic merges senders that each keep their own pace: device records come from every gpu.samples
     partition, allocations from every jobs-by-project partition, and in a backfill the few job events run
@@ -80,11 +84,14 @@ class IdleHoursProcessor:
         dropped = index["dropped_before"]
         result = Result()
         changed: dict[str, dict[str, Any]] = {}
+        gpus: dict[str, set[str]] = {}
+        """Per changed entry, the devices whose hour changed: their GpuEnergy records."""
         if batch.resumed:  # publish again what may not have been published before a crash
             for key in e.live_keys():
                 entry = e.get(key) if key.startswith("idle|") else None
                 if entry is not None and since_committed(entry, batch.committed_offset):
                     changed[key] = entry
+                    gpus[key] = set(entry["devices"])
         left_out: list[int] = []
         for record in batch.inputs:
             value = record.value
@@ -114,6 +121,7 @@ class IdleHoursProcessor:
             entry[side][sender] = figure
             if side == "devices":  # replaced like the device-hours: each record has the hour's total
                 entry.setdefault("energy", {})[sender] = value.get("energy_kwh")
+                gpus.setdefault(key, set()).add(sender)
             entry[OFFSET] = record.offset
             e.put(key, entry)
             changed[key] = entry
@@ -126,7 +134,8 @@ class IdleHoursProcessor:
                 hour_label(min(left_out)),
                 span(self._retention_ms),
             )
-        for entry in changed.values():
+        for key, entry in changed.items():
+            result.outputs.extend(_gpu_energy(entry, sorted(gpus.get(key, ())), tariff))
             if not entry["devices"]:
                 continue  # no device seen: nothing to compare the allocation with
             device = sum(entry["devices"].values())
@@ -164,3 +173,25 @@ class IdleHoursProcessor:
             e.put(INDEX, index)
         e.flush()
         return result
+
+
+def _gpu_energy(entry: dict[str, Any], uuids: list[str], tariff: float | None) -> list[Output]:
+    """The GpuEnergy records of the devices ``uuids`` in an (gpu_model, hour) entry: each GPU's
+    device-hours and energy of the hour, the energy priced at ``tariff`` (null without one)."""
+    hour, model = entry["hour_ms"], entry["gpu_model"]
+    outputs = []
+    for uuid in uuids:
+        kwh = entry.get("energy", {}).get(uuid)
+        value = {
+            "time": from_ms(hour),
+            "period_end": from_ms(hour + HOUR_MS),
+            "gpu_uuid": uuid,
+            "gpu_model": model,
+            "device_hours": entry["devices"][uuid],
+            "energy_kwh": kwh,
+            "energy_cost_eur": None if kwh is None or tariff is None else kwh * tariff,
+            "currency": "EUR",
+            "source": "stream",
+        }
+        outputs.append(Output("energy", f"{uuid}|{hour_label(hour)}", GPU_ENERGY, value))
+    return outputs

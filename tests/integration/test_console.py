@@ -133,6 +133,13 @@ def _fleet_rows(db: psycopg.Connection[Any]) -> None:
                            now())""",
                 (at, at + timedelta(hours=1), project, eur / 3, eur),
             )
+        # The fleet's row of the hour: 100 device-hours drawing 50 kWh at 0.3 EUR, shared by GPU-hours.
+        db.execute(
+            """INSERT INTO costs (time, period_end, kind, gpu_model, device_hours, idle_gpu_hours, energy_kwh,
+                                  energy_cost_eur, currency, source, emitted_at)
+               VALUES (%s, %s, 'gpu_hours', 'H100', 100, 50, 50, 15, 'EUR', 'sim', now())""",
+            (at, at + timedelta(hours=1)),
+        )
     month = NOW.replace(day=1, hour=0, minute=0, second=0)
     for project, used, forecast in (("p1", 42.0, 80.0), ("p2", 96.0, 130.0)):
         db.execute(
@@ -260,6 +267,13 @@ def test_console_live_alerts_fleet_costs_job_and_a_user_limited_to_its_projects(
             page.wait_for_selector("body[data-page=costs]", timeout=WAIT_MS)
             assert page.locator("tr[data-project]").count() == 2
             assert page.locator("#costs-chart .uplot").count() == 1
+            energy = {
+                row.get_attribute("data-energy"): row.locator("td").all_inner_texts()
+                for row in page.locator("#costs-energy tr[data-energy]").all()
+            }
+            assert set(energy) == {"p1", "p2", ""}, energy
+            # p1's 8 days: its GPU-hours (40..47 EUR / 3 each) x 0.5 kWh per device-hour
+            assert energy["p1"][2] == f"{sum(40 + d for d in range(8)) / 3 * 0.5:.1f}", energy
             _shot(page, "costs")
 
             page.goto(f"{console}/ui/#job/job-p2")
@@ -278,6 +292,7 @@ def test_console_live_alerts_fleet_costs_job_and_a_user_limited_to_its_projects(
             page.wait_for_selector("body[data-page=costs]", timeout=WAIT_MS)
             assert page.locator("tr[data-project]").all_inner_texts()[0].startswith("p1")
             assert page.locator("tr[data-project]").count() == 1
+            assert [r.get_attribute("data-energy") for r in page.locator("tr[data-energy]").all()] == ["p1"]
             page.goto(f"{console}/ui/#jobs")
             page.wait_for_selector("body[data-page=jobs]", timeout=WAIT_MS)
             assert page.locator("tr[data-job]").count() == 1

@@ -140,6 +140,20 @@ def _cost(kind: str, start: datetime, end: datetime, **fields: Any) -> dict[str,
     return value
 
 
+def _gpu_energy(gpus: dict[str, str], start: datetime, end: datetime) -> list[dict[str, Any]]:
+    """Each GPU's hours as the stream app's GpuEnergy records: the fleet rows of _costs per GPU."""
+    return [
+        {
+            "time": hour, "period_end": hour + timedelta(hours=1), "gpu_uuid": uuid, "gpu_model": model,
+            "device_hours": overlap, "energy_kwh": overlap * ENERGY_KW_PER_GPU,
+            "energy_cost_eur": overlap * ENERGY_KW_PER_GPU * ENERGY_EUR_PER_KWH, "currency": "EUR",
+            "source": HAND,
+        }
+        for uuid, model in sorted(gpus.items())
+        for hour, overlap in _hours(start, end)
+    ]  # fmt: skip
+
+
 def _costs(events: list[dict[str, Any]], gpus: dict[str, str], start: datetime, end: datetime) -> list[dict]:
     """What the cost processor makes of the job events: GPU-hours and cost per project/model/provider/pricing
     and hour, idle GPU-hours per model and hour, each ended job's cost, and the month's budget figures."""
@@ -332,6 +346,8 @@ def fill(database_url: str, schema: str) -> Filled:
         for value in _costs(events, gpus, start, end):
             full, decoded = store.add("costs", "CostRecord", value)
             rollups.add(full, decoded, decoded["time"])
+        for value in _gpu_energy(gpus, start, end):
+            store.add("energy", "GpuEnergy", value)
         for value in rollups.records(end):
             store.add("rollups", "Rollup", value)
         for value in _alerts(some_gpu, start, end):

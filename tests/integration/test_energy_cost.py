@@ -2,7 +2,8 @@
 counter resets, some readings lack it) and job events go through the real broker into a stream worker
 running the cost processors; its cost records go through the sink into PostgreSQL, where the
 ``energy_costs`` view shares the fleet's energy out by GPU-hours, and ``GET /costs`` returns it beside the
-GPU-hour cost, a user token seeing its own project only."""
+GPU-hour cost, a user token seeing its own project only. Each GPU's hour goes on the ``energy`` topic into
+``gpu_energy``, and ``GET /costs/gpus`` returns it to admin and finance tokens, not to user tokens."""
 
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ FLEET_KWH = 0.9
 # Jobs: archive holds 1 GPU 10:00-11:00, newsroom 1 GPU 10:30-11:00: 1.5 of the 2 device-hours held,
 # so each GPU-hour carries 0.45 kWh.
 SHARES = {"archive": 1.0 * 0.45, "newsroom": 0.5 * 0.45, None: 0.5 * 0.45}
+PER_GPU = {"GPU-0": 0.3, "GPU-1": 0.6}
+"""kWh of each GPU in the hour (its counter; GPU-1's power x time where it reset or is missing)."""
 
 
 def gpu_samples() -> list[tuple[str, dict[str, Any]]]:
@@ -127,6 +130,18 @@ def test_energy_cost_from_samples_to_the_api(
         ).fetchall()
         return {project: (kwh, eur) for project, kwh, eur in rows}
 
+    def per_gpu() -> dict[str, tuple[Any, ...]]:
+        rows = db.execute(
+            "SELECT gpu_uuid, gpu_model, device_hours, energy_kwh, energy_cost_eur, period_end"
+            " FROM gpu_energy WHERE time = %s",
+            (at(10),),
+        ).fetchall()
+        return {row[0]: row[1:] for row in rows}
+
+    expected_gpus = {
+        uuid: (H100, pytest.approx(1.0), pytest.approx(kwh), pytest.approx(kwh * TARIFF), at(11))
+        for uuid, kwh in PER_GPU.items()
+    }
     with running_sink(topics, db_schema):
         wait_until(
             lambda: (
@@ -136,6 +151,8 @@ def test_energy_cost_from_samples_to_the_api(
             timeout_s=90,
             what="the energy shares in the database",
         )
+        wait_until(lambda: per_gpu() == expected_gpus, timeout_s=60, what="each GPU's energy in gpu_energy")
+    assert db.execute("SELECT count(*) FROM gpu_energy").fetchone() == (2,)  # one row per GPU and hour
     fleet = db.execute(
         "SELECT energy_kwh, energy_cost_eur FROM costs"
         " WHERE kind = 'gpu_hours' AND project = '' AND time = %s",
@@ -146,11 +163,13 @@ def test_energy_cost_from_samples_to_the_api(
     for project, kwh in SHARES.items():
         assert shares[project] == (pytest.approx(kwh), pytest.approx(kwh * TARIFF)), project
     assert sum(kwh for kwh, _ in shares.values()) == pytest.approx(FLEET_KWH)  # nothing lost or doubled
+    assert sum(row[2] for row in per_gpu().values()) == pytest.approx(FLEET_KWH)  # the fleet's is their sum
 
     # GET /costs: the energy beside the GPU-hour cost; a user token sees its own project only.
     app = create_app(topics, schema=db_schema, config=ApiSettings.from_environ({}))
     admin = {"Authorization": f"Bearer {auth.create_token(db, 'admin', name='admin')[1]}"}
     user = {"Authorization": f"Bearer {auth.create_token(db, 'user', [], ['newsroom'], name='nina')[1]}"}
+    finance = {"Authorization": f"Bearer {auth.create_token(db, 'finance', name='fiona')[1]}"}
     span = {"start_time": "2025-04-10T10:00:00Z", "end_time": "2025-04-10T11:00:00Z", "period": "hour"}
     with TestClient(app) as client:
         answer = client.get("/costs", params={**span, "group_by": "project"}, headers=admin)
@@ -170,3 +189,37 @@ def test_energy_cost_from_samples_to_the_api(
         assert [(r["project"], r["energy_kwh"]) for r in mine["rows"]] == [
             ("newsroom", pytest.approx(SHARES["newsroom"]))
         ]
+
+        # GET /costs/gpus: each GPU's energy and its cost per hour, for admin and finance tokens.
+        for headers in (admin, finance):
+            answer = client.get("/costs/gpus", params=span, headers=headers)
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert body["truncated"] is False
+            gpus = {row["gpu_uuid"]: row for row in body["rows"]}
+            assert set(gpus) == set(PER_GPU)
+            for uuid, kwh in PER_GPU.items():
+                row = gpus[uuid]
+                assert row["period_start"].startswith("2025-04-10T10:00:00"), row
+                assert (row["gpu_model"], row["device_hours"], row["hours_with_energy"]) == (
+                    H100,
+                    pytest.approx(1.0),
+                    1,
+                ), uuid
+                assert row["energy_kwh"] == pytest.approx(kwh), uuid
+                assert row["energy_cost_eur"] == pytest.approx(kwh * TARIFF), uuid
+        one = client.get(
+            "/costs/gpus", params={**span, "gpu_uuid": "GPU-1", "period": "total"}, headers=admin
+        )
+        assert [(r["gpu_uuid"], r["energy_kwh"]) for r in one.json()["rows"]] == [
+            ("GPU-1", pytest.approx(0.6))
+        ]
+        none = client.get("/costs/gpus", params={**span, "gpu_model": "NVIDIA L4"}, headers=admin)
+        assert none.status_code == 200 and none.json()["rows"] == []
+        # A GPU belongs to no project: a user token is refused, saying why; bad parameters are named.
+        refused = client.get("/costs/gpus", params=span, headers=user)
+        assert refused.status_code == 403 and "admin or finance" in refused.json()["detail"], refused.text
+        bad = client.get("/costs/gpus", params={**span, "period": "fortnight"}, headers=admin)
+        assert bad.status_code == 422 and "'period'" in bad.json()["detail"], bad.text
+        backwards = {"start_time": "2025-04-10T11:00:00Z", "end_time": "2025-04-10T10:00:00Z"}
+        assert client.get("/costs/gpus", params=backwards, headers=admin).status_code == 400

@@ -40,6 +40,14 @@ def _cost(db: psycopg.Connection, tag: str, kind: str, end: datetime) -> None:
     )
 
 
+def _gpu_energy(db: psycopg.Connection, uuid: str, end: datetime) -> None:
+    db.execute(
+        "INSERT INTO gpu_energy (time, period_end, gpu_uuid, gpu_model, device_hours, energy_kwh, currency, "
+        "source, emitted_at) VALUES (%s, %s, %s, 'L4', 1.0, 0.1, 'EUR', 'test', %s)",
+        (end - timedelta(hours=1), end, uuid, end),
+    )
+
+
 def _alert(db: psycopg.Connection, fingerprint: str, status: str, starts: datetime, at: datetime) -> None:
     db.execute(
         "INSERT INTO alert_history (fingerprint, rule, status, severity, starts_at, event_time, labels, "
@@ -254,6 +262,9 @@ def test_each_table_expires_exactly_what_is_older_than_its_period(db: psycopg.Co
     _silence(db, "silence-gone", gone)
     _silence(db, "silence-kept", kept)
     _silence(db, "silence-active", now + timedelta(hours=1))
+    gone, kept = edge(settings.energy)
+    _gpu_energy(db, "GPU-gone", gone)
+    _gpu_energy(db, "GPU-kept", kept)
     db.execute(
         "INSERT INTO api_tokens (name, token_hash, role, created_at) VALUES ('old-token', 'h', 'admin', %s)",
         (now - timedelta(days=3650),),
@@ -278,6 +289,7 @@ def test_each_table_expires_exactly_what_is_older_than_its_period(db: psycopg.Co
             ("dead_letters", ""): 1,
             ("audit_log", ""): 1,
             ("silences", ""): 1,
+            ("gpu_energy", ""): 1,
         }
     )
     tags = _tags(db)
@@ -288,6 +300,7 @@ def test_each_table_expires_exactly_what_is_older_than_its_period(db: psycopg.Co
         assert tags[table] == {f"{table}-kept"}, table
     assert tags["silences"] == {"silence-kept", "silence-active"}
     assert tags["api_tokens"] == {"old-token"}
+    assert db.execute("SELECT gpu_uuid FROM gpu_energy").fetchall() == [("GPU-kept",)]
     # The configured periods are what the SQL side reads too.
     assert (
         db.execute(

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from bus.codec import Codec
 from streams.costs import DeviceHoursProcessor, IdleHoursProcessor
 from streams.costs.energy import J_PER_KWH, energy_by_hour, reading
 from streams.costs.pricing import PriceCatalogue
@@ -240,3 +241,63 @@ def test_energy_cost_end_to_end_through_the_processors() -> None:
     assert record["energy_cost_eur"] == pytest.approx(GPU_1_JOULES / J_PER_KWH * 0.3)
     project = jobs.latest()[f"newsroom|{H100}|aws|on_demand|2025-04-10T10:00Z"]
     assert project["energy_kwh"] is None  # a project's share is the energy_costs view's (migration 0016)
+
+
+# -- each GPU's energy and its cost ----------------------------------------------------------------------
+
+
+def test_each_gpu_hour_is_published_priced_beside_the_fleet_sum() -> None:
+    feed = Feed(IdleHoursProcessor(prices=TARIFF), "streams.device-hours", COST)
+    feed.send(energy_record("GPU-1", 10, 1.0, 0.2), energy_record("GPU-2", 10, 0.5, None))
+    feed.send(allocation_record("newsroom", 10, 0.5))  # an allocation names no GPU: no GPU record
+    feed.send(energy_record("GPU-1", 10, 1.0, 0.3))  # the hour's new total
+    gpus = feed.latest("energy")
+    assert set(gpus) == {"GPU-1|2025-04-10T10:00Z", "GPU-2|2025-04-10T10:00Z"}
+    one, two = gpus["GPU-1|2025-04-10T10:00Z"], gpus["GPU-2|2025-04-10T10:00Z"]
+    assert (one["gpu_uuid"], one["gpu_model"], one["time"], one["period_end"]) == (
+        "GPU-1",
+        H100,
+        at(10, 10),
+        at(10, 11),
+    )
+    assert one["device_hours"] == 1.0 and one["energy_kwh"] == pytest.approx(0.3)
+    assert one["energy_cost_eur"] == pytest.approx(0.3 * 0.3)
+    assert two["device_hours"] == 0.5 and two["energy_kwh"] is None and two["energy_cost_eur"] is None
+    assert len([o for o in feed.outputs if o.topic_key == "energy"]) == 3  # only the GPU that changed
+    fleet = feed.latest()[FLEET_10]
+    known = [g["energy_kwh"] for g in gpus.values() if g["energy_kwh"] is not None]
+    assert fleet["energy_kwh"] == pytest.approx(sum(known))  # the fleet's figure is their sum
+    assert sum(g["device_hours"] for g in gpus.values()) == fleet["device_hours"]
+
+
+def test_a_gpu_record_is_valid_avro_and_unpriced_without_a_tariff() -> None:
+    feed = Feed(IdleHoursProcessor(prices=NO_TARIFF), "streams.device-hours", COST)
+    feed.send(energy_record("GPU-1", 10, 1.0, 0.5))
+    (output,) = [o for o in feed.outputs if o.topic_key == "energy"]
+    assert output.value["energy_kwh"] == 0.5 and output.value["energy_cost_eur"] is None
+    codec = Codec()
+    assert codec.decode(codec.encode(output.record_name, output.value)) == (
+        "aima.metrics.GpuEnergy",
+        output.value,
+    )
+
+
+def test_replays_repeat_no_gpu_record_and_a_restart_publishes_them_again() -> None:
+    feed = Feed(IdleHoursProcessor(prices=TARIFF), "streams.device-hours", COST)
+    inputs = [
+        Input("streams.device-hours", 0, offset, COST, value, value["time"])
+        for offset, value in enumerate(
+            (energy_record("GPU-1", 10, 1.0, 0.2), energy_record("GPU-2", 10, 1.0, 0.4))
+        )
+    ]
+    feed.run(inputs)
+    sent = len(feed.outputs)
+    feed.run(inputs)  # a replay at the same offsets
+    assert [o for o in feed.outputs[sent:] if o.topic_key == "energy"] == []
+    again = Feed(IdleHoursProcessor(prices=TARIFF), "streams.device-hours", COST, state=feed.state)
+    again.watermark = feed.watermark
+    again.run([], resumed=True, committed=1)  # the GPU-2 record may not have been sent
+    assert {k: v["energy_kwh"] for k, v in again.latest("energy").items()} == {
+        "GPU-1|2025-04-10T10:00Z": pytest.approx(0.2),
+        "GPU-2|2025-04-10T10:00Z": pytest.approx(0.4),
+    }

@@ -84,6 +84,11 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "kind": "budget", "project": "newsroom", "budget": "newsroom-monthly", "budget_eur": 10_000.0,
         "budget_utilization_percent": 43.2, "forecast_eur": 9_100.0, "source": "stream",
     },
+    "GpuEnergy": {
+        "time": datetime(2025, 3, 14, 9, tzinfo=UTC), "period_end": datetime(2025, 3, 14, 10, tzinfo=UTC),
+        "gpu_uuid": "GPU-5c1b", "gpu_model": "NVIDIA H100 80GB HBM3", "device_hours": 1.0,
+        "energy_kwh": 0.42, "energy_cost_eur": 0.126, "currency": "EUR", "source": "stream",
+    },
     "AlertEvent": {
         "fingerprint": "8c1f0e3a9b7d2c4e", "rule": "gpu_temperature_high", "status": "firing",
         "severity": "critical", "starts_at": T0, "ends_at": None, "event_time": T0, "value": 88.0,
