@@ -29,7 +29,6 @@ chooses; ``metrics`` applies to ``ewma_mad_zscore``.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -44,7 +43,7 @@ from streams.runtime.buckets import from_ms, to_ms
 from streams.runtime.findings import alert_event, fingerprint, format_value
 from streams.runtime.processor import Input, Output, PartitionBatch, Result
 from streams.runtime.series import MetricColumn, Sample, SeriesIndex, by_row, topic_of_record
-from streams.runtime.state import OFFSET, BatchState, offset_of
+from streams.runtime.state import OFFSET, BatchState, copy_entry, offset_of
 
 if TYPE_CHECKING:
     from streams.runtime.columns import Columns
@@ -210,7 +209,7 @@ class AnomalyProcessor:
         outputs: list[Output],
     ) -> Result:
         """Method ``relations``: each GPU sample folded into its GPU's entry (streams/anomaly/relations)."""
-        work = BatchState(state, load=copy.deepcopy)  # entries are nested: never change the stored one
+        work = BatchState(state, load=copy_entry)  # entries are nested: never change the stored one
         touched: dict[str, dict[str, Any]] = {}
         for offset, t, value in _gpu_rows(batch):
             key = f"{value['host']}/{value['gpu_uuid']}"

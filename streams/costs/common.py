@@ -61,8 +61,10 @@ def span(ms: int) -> str:
 
 def split_by_hour(start_ms: int, end_ms: int) -> list[tuple[int, int]]:
     """The UTC hours that ``[start_ms, end_ms)`` overlaps, as (hour start, overlap in ms)."""
+    hour = start_ms - start_ms % HOUR_MS  # bucket_start("hour", ...), inlined: once per sample and GPU
+    if end_ms <= hour + HOUR_MS:  # the common case, within one hour
+        return [(hour, end_ms - start_ms)] if end_ms > start_ms else []
     out = []
-    hour = bucket_start("hour", start_ms)
     while hour < end_ms:
         overlap = min(end_ms, hour + HOUR_MS) - max(start_ms, hour)
         if overlap > 0:

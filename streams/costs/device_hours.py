@@ -4,7 +4,6 @@ allocated hours and prices the energy. How energy is counted: streams/costs/ener
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, MutableMapping
 from datetime import timedelta
 from typing import Any
@@ -23,7 +22,7 @@ from streams.costs.common import (
 from streams.costs.energy import J_PER_KWH, energy_by_hour, reading
 from streams.runtime.buckets import HOUR_MS, bucket_start, from_ms, iso, to_ms
 from streams.runtime.processor import Input, Output, PartitionBatch, Result
-from streams.runtime.state import OFFSET, BatchState
+from streams.runtime.state import OFFSET, BatchState, copy_entry
 
 
 class DeviceHoursProcessor:
@@ -54,7 +53,7 @@ class DeviceHoursProcessor:
         self._retention_ms = retention // MS
 
     def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
-        e = BatchState(state, load=copy.deepcopy)
+        e = BatchState(state, load=copy_entry)
         retention = self._retention_ms
         mark = None if batch.previous_watermark is None else to_ms(batch.previous_watermark)
         result = Result()

@@ -4,7 +4,6 @@ each GPU's energy and its cost per hour to ``energy``."""
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import MutableMapping
 from datetime import timedelta
@@ -25,7 +24,7 @@ from streams.costs.common import (
 from streams.costs.pricing import PriceCatalogue, Reloading
 from streams.runtime.buckets import HOUR_MS, bucket_start, from_ms, to_ms
 from streams.runtime.processor import Output, PartitionBatch, Result
-from streams.runtime.state import OFFSET, BatchState
+from streams.runtime.state import OFFSET, BatchState, copy_entry
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ class IdleHoursProcessor:
 
     def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
         tariff = None if self._prices is None else self._prices.current().energy_eur_per_kwh
-        e = BatchState(state, order=("idle|",), load=copy.deepcopy)  # the figures before the clock
+        e = BatchState(state, order=("idle|",), load=copy_entry)  # the figures before the clock
         index = e.get(INDEX) or {"devices": {}, "dropped_before": None}
         progress: dict[str, int] = index["devices"]
         """Newest hour seen per device: the clock."""

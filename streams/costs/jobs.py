@@ -5,7 +5,6 @@ what the clock is."""
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import MutableMapping
 from datetime import datetime, timedelta
@@ -40,7 +39,7 @@ from streams.costs.pricing import PriceCatalogue, Reloading
 from streams.runtime.buckets import DAY_MS, HOUR_MS, bucket_end, bucket_start, from_ms, to_ms
 from streams.runtime.findings import ALERT_RECORD, ALERTS_TOPIC
 from streams.runtime.processor import Input, Output, PartitionBatch, Result
-from streams.runtime.state import OFFSET, BatchState
+from streams.runtime.state import OFFSET, BatchState, copy_entry
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ class CostProcessor:
         prices, book = self._prices.current(), self._budgets.current()
         # Buckets (replace-by-job, so folding a record twice changes nothing) before the index and the job
         # entries whose offsets mark a record as folded.
-        entries = BatchState(state, order=("month|", "day|", "hour|", INDEX, "job|"), load=copy.deepcopy)
+        entries = BatchState(state, order=("month|", "day|", "hour|", INDEX, "job|"), load=copy_entry)
         outputs: list[Output] = []
         for part in by_watermark_hour(batch):
             _CostRun(self, part, state, entries, prices, book, outputs).execute()

@@ -36,13 +36,26 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any
 
-__all__ = ["LEGACY_OFFSET", "OFFSET", "BatchState", "offset_of"]
+__all__ = ["LEGACY_OFFSET", "OFFSET", "BatchState", "copy_entry", "offset_of"]
 
 OFFSET = "offset"
 """The field of a state entry holding the offset of the last record folded into it."""
 LEGACY_OFFSET = "o"
 """What :data:`OFFSET` was called in rollup entries, anomaly findings and the app's progress records before
 it had one name: read, never written."""
+
+
+def copy_entry(value: Any) -> Any:
+    """A copy of a state entry (JSON-shaped: dicts, lists and scalars) that shares nothing mutable with it:
+    ``copy.deepcopy``'s result for such values at about a third of its cost (no memo, no dispatch), for
+    processors that change nested entries in place (``BatchState(load=copy_entry)``) once per entry and
+    batch. A tuple is kept as is: the state holds none with anything mutable inside."""
+    kind = type(value)
+    if kind is dict:
+        return {key: copy_entry(item) for key, item in value.items()}
+    if kind is list:
+        return [copy_entry(item) for item in value]
+    return value
 
 
 def offset_of(entry: Mapping[str, Any], default: int = -1) -> int:

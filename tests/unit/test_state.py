@@ -4,10 +4,11 @@ the replay offset was still called ``o``."""
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
-from streams.runtime.state import OFFSET, BatchState, offset_of
+from streams.runtime.state import OFFSET, BatchState, copy_entry, offset_of
 
 
 class Changelog(dict[str, Any]):
@@ -99,3 +100,23 @@ def test_a_working_type_is_stored_through_dump() -> None:
     work.put("k", entry)
     work.flush()
     assert state.log == [("k", {"n": [1, 2, 3]})] and state["k"] == {"n": [1, 2, 3]}
+
+
+def test_copy_entry_equals_deepcopy_and_shares_nothing_mutable() -> None:
+    entry = {
+        "offset": 7,
+        "anchors": {"idle": [3, 41.5, 30.0], "busy": [0, 0.0, 0.0]},
+        "alerts": {"memory_vs_job": {"expected": 1.5e9, "since": 1_700_000_000_000}},
+        "job": [101, 202],
+        "energy_last": [1_700_000_000_000, None, 250.0],
+        "label": "GPU-0",
+        "pair": (1, "a"),
+    }
+    copied = copy_entry(entry)
+    assert copied == copy.deepcopy(entry)
+    copied["anchors"]["idle"][0] += 1
+    copied["alerts"]["memory_vs_job"]["since"] = 0
+    copied["job"].append(303)
+    assert entry["anchors"]["idle"][0] == 3
+    assert entry["alerts"]["memory_vs_job"]["since"] == 1_700_000_000_000
+    assert entry["job"] == [101, 202]
