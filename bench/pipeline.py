@@ -1,25 +1,33 @@
 """The whole pipeline at once: broker, stream workers (every processor) and the sink with PostgreSQL, all
-on this machine, with each consumer group's lag sampled every few seconds.
+on this machine, with each consumer group's lag sampled every few seconds (every topic the group commits:
+its inputs and, for the stream app, its internal topics).
 
-Two phases, on topics under a fresh prefix and a freshly migrated schema (both removed at the end):
+On topics under a fresh prefix and a freshly migrated schema (both removed at the end):
 
-1. capacity: ``--gpu-samples`` GpuSamples of the simulator's full mix (with the system, job, queue and
-   pod records the same fleet produces; event times ending now) are on the broker before anything starts;
-   then ``--workers`` stream workers and one sink start and drain them. This drives the pipeline above
-   what it can take, so what it absorbs is its capacity: per group, records/s over the window in which
-   every group is busy, and each process's CPU seconds per million GPU samples (from /proc).
-2. live: GpuSamples stamped with the wall clock are produced at ``--live-fraction`` of the absorbed GPU
-   rate for ``--live-s`` seconds; every ``--probe-every``-th is a probe whose row the bench looks for in
-   the database. Reports the lag of each group at the start and the end (flat or not) and the p50/p99
-   delay from a probe's produce to its row being visible.
+1. overdrive: live GpuSamples (``--live-gpus`` GPUs, stamped with the wall clock as a fleet sends them) at
+   ``--drive-rate``, above what the pipeline can take, for ``--warmup-s`` + ``--drive-s``; what each group
+   commits per second meanwhile is what it absorbs. The backlog then drains.
+2. sustained: ``--fraction`` of the slower group's absorbed rate (or ``--rate``), ``--warmup-s`` of
+   warm-up and ``--sustain-s`` measured (5 minutes by default). The lag is flat when its least-squares
+   growth over the measured part is under 3 s of input; if it is not, the run is repeated 15 % slower, up
+   to ``--tries`` runs. Reports, for each run, the lag's growth and highest value, each process's CPU
+   seconds per million GPU samples (broker, each worker, the sink, PostgreSQL's sink backends and
+   background processes, this bench's producer), and the delay from a probe's produce (every
+   ``--probe-every``-th sample) to its row in gpu_samples: p50, p99, max.
+3. with ``--gpu-samples N`` first: the simulator's full mix (GPU, system, job, queue and pod records of
+   one fleet; event times compressed into the hours before now) as a backlog before anything starts,
+   drained by the same processes: records/s per group and CPU seconds per million GPU samples.
+
+The bench's producer encodes each GPU's samples once and splices the time in (class Feed), so that it
+takes a small share of the two cores it shares with what it measures.
 
     infra/kafka/kafka.sh status && infra/postgres/postgres.sh status     # both must be up
-    .venv/bin/python -m bench.pipeline                                    # defaults below
-    .venv/bin/python -m bench.pipeline --gpu-samples 100000 --live-s 60  # shorter
+    .venv/bin/python -m bench.pipeline                                    # overdrive, then 5 minutes
+    .venv/bin/python -m bench.pipeline --rate 20000 --sustain-s 60 --tries 1   # one short run
+    .venv/bin/python -m bench.pipeline --gpu-samples 300000               # with the full-mix backlog
 
-Writes ``bench/results/pipeline-<date>.md``. The broker and PostgreSQL are the shared local ones: their CPU
-includes whatever else used them meanwhile (the report says so); PostgreSQL's is its sink backends and
-background processes.
+Writes ``bench/results/pipeline-<date>.md`` (appends to the day's file). The broker and PostgreSQL are the
+shared local ones: their CPU includes whatever else used them meanwhile, so run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +58,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.machine import machine  # noqa: E402
-from bench.streams import _free_port, _scrape, drop_topics, fill  # noqa: E402
+from bench.streams import START, _free_port, _scrape, drop_topics, fill  # noqa: E402
+from bench.tracing import Profile  # noqa: E402
 from bus.codec import Codec  # noqa: E402
 from bus.kafka import admin, client_config, ensure_topics  # noqa: E402
 from bus.settings import Settings  # noqa: E402
 from bus.topics import TOPICS, topic_name  # noqa: E402
 from consumers.migrate import migrate  # noqa: E402
 from consumers.sink import DEFAULT_TOPICS as SINK_TOPICS  # noqa: E402
+from producers.simulator import Fleet, generate  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SAMPLE_S = 3.0
@@ -106,15 +117,21 @@ class Lag:
         lag, done = {}, {}
         meta = self.client.list_topics(timeout=10).topics
         for group, topics in self.groups.items():
-            partitions = [TopicPartition(t, p) for t in topics if t in meta for p in meta[t].partitions]
-            request = [ConsumerGroupTopicPartitions(group, partitions)]
+            partitions = {(t, p) for t in topics if t in meta for p in meta[t].partitions}
+            # Whatever else the group commits (the app's internal topics: repartitioned jobs, device
+            # hours, rollup partials) counts too: a stage behind on those is behind.
+            every = self.client.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])
+            partitions |= {(c.topic, c.partition) for c in every[group].result().topic_partitions}
+            request = [
+                ConsumerGroupTopicPartitions(group, [TopicPartition(*tp) for tp in sorted(partitions)])
+            ]
             committed = self.client.list_consumer_group_offsets(request)[group].result().topic_partitions
             ends = {
                 (tp.topic, tp.partition): self.reader.get_watermark_offsets(tp, timeout=10)[1]
-                for tp in partitions
+                for tp in committed
             }
             lag[group] = sum(ends[(c.topic, c.partition)] - max(c.offset, 0) for c in committed)
-            done[group] = sum(max(c.offset, 0) for c in committed)
+            done[group] = sum(max(c.offset, 0) for c in committed if c.topic in topics)
         self.samples.append((time.monotonic(), lag, done))
 
 
@@ -135,6 +152,7 @@ class Processes:
             AIMA_STREAMS_LOG_LEVEL="warn",
             AIMA_LOG_LEVEL="warning",
         )
+        self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
         for index, port in enumerate(self.ports):
@@ -242,28 +260,82 @@ def drain(procs: Processes, lag: Lag, timeout_s: float = 900) -> None:
     raise RuntimeError(f"the backlog was not drained in {timeout_s:.0f} s: {lag.samples[-1][1]}")
 
 
-def live(
-    settings: Settings,
-    procs: Processes,
-    lag: Lag,
-    database_url: str,
-    rate: float,
-    seconds: float,
-    probe_every: int,
-) -> dict[str, Any]:
-    """GpuSamples of 400 GPUs stamped with the wall clock at ``rate`` per second; returns the probes'
-    delays (seconds from produce to row) and the lag samples taken meanwhile."""
-    codec = Codec()
-    producer = Producer(client_config(settings, **{"linger.ms": 5}))
-    topic = topic_name(settings, "gpu.samples")
-    probes: dict[tuple[str, datetime], float] = {}
-    seen: dict[tuple[str, datetime], float] = {}
-    stop = threading.Event()
+GPU = "aima.metrics.GpuSample"
+STEPS = 12
+"""Simulator steps each GPU's samples are taken from (10 s each: fast samples every step, slow ones with
+temperature, power, energy and clocks every third, as the collectors send them)."""
 
-    def watch() -> None:
+
+def _zigzag(value: int) -> bytes:
+    """Avro's encoding of a long: zigzag, then 7-bit groups, low first."""
+    n = (value << 1) ^ (value >> 63)
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+class Feed:
+    """The simulator's GpuSamples of ``gpus`` GPUs (fast and slow groups, jobs coming and going), re-stamped
+    with the wall clock as they are sent, cheaply enough to send tens of thousands a second from this
+    process, which shares the two cores with the pipeline it measures (the codec takes about 20 us a
+    record here). Each GPU's first ``STEPS`` steps are encoded once, by the codec; a send splices the
+    current millisecond into the next one of its GPU's cycle. That works because ``time`` is the first
+    field of the body and its zigzag varint is 6 bytes for every millisecond timestamp from 1970-07 to
+    2109, so the bytes around it never move; ``__init__`` checks this on every template."""
+
+    def __init__(self, codec: Codec, gpus: int) -> None:
+        fleet = Fleet(seed=11, hosts=max(1, gpus // 8), gpus_per_host=8, start=START)
+        by_gpu: dict[str, list[tuple[bytes, bytes]]] = {}
+        for topic_key, key, record, value in generate(
+            fleet, START, START + timedelta(seconds=10 * STEPS), 10.0
+        ):
+            if topic_key != "gpu.samples":
+                continue
+            data = codec.encode(record, value)
+            stamp = _zigzag(int(value["time"].timestamp() * 1000))
+            at = data.find(stamp)
+            if not 0 < at <= 16 or data.find(stamp, at + 1) != -1:
+                raise RuntimeError(f"the time field is not where the feed splices it ({at})")
+            by_gpu.setdefault(key, []).append((data[:at], data[at + len(stamp) :]))
+        self.keys = [key.encode() for key in by_gpu]
+        self.uuids = [key.rsplit("/", 1)[1] for key in by_gpu]
+        self.templates = list(by_gpu.values())
+        self.gpus = len(self.keys)
+        self._last_ms = [0] * self.gpus
+
+    def sample(self, i: int) -> tuple[int, bytes, bytes, int]:
+        """The ``i``-th sample: (GPU index, key, value, its time in epoch ms), the time strictly after
+        the same GPU's previous one so that no two share the database's natural key."""
+        gpu = i % self.gpus
+        now = max(int(time.time() * 1000), self._last_ms[gpu] + 1)
+        self._last_ms[gpu] = now
+        cycle = self.templates[gpu]
+        head, tail = cycle[(i // self.gpus) % len(cycle)]
+        return gpu, self.keys[gpu], head + _zigzag(now) + tail, now
+
+
+class Probes:
+    """Every ``every``-th sample sent is a probe; a thread looks for the probes' rows in gpu_samples and
+    notes when each appears."""
+
+    def __init__(self, database_url: str, every: int) -> None:
+        self.every = every
+        self.sent: dict[tuple[str, datetime], float] = {}
+        self.seen: dict[tuple[str, datetime], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(database_url,), daemon=True)
+        self._thread.start()
+
+    def add(self, uuid_: str, ms: int) -> None:
+        self.sent[(uuid_, datetime.fromtimestamp(ms / 1000, UTC))] = time.time()
+
+    def _watch(self, database_url: str) -> None:
         with psycopg.connect(database_url, autocommit=True) as watcher:
-            while not stop.is_set() or len(seen) < len(probes):
-                pending = [key for key in list(probes) if key not in seen]
+            while not self._stop.is_set():
+                pending = [key for key in list(self.sent) if key not in self.seen][:5000]
                 if pending:
                     rows = watcher.execute(
                         "SELECT gpu_uuid, time FROM gpu_samples WHERE (gpu_uuid, time) IN "
@@ -272,70 +344,173 @@ def live(
                     ).fetchall()
                     now = time.time()
                     for row in rows:
-                        seen.setdefault((row[0], row[1]), now)
-                if stop.is_set() and time.time() > stop_at[0] + 120:
-                    return  # what is still missing after two minutes is reported as missing
-                time.sleep(0.2)
+                        self.seen.setdefault((row[0], row[1]), now)
+                self._stop.wait(0.2)
 
-    stop_at = [0.0]
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    first_lag = len(lag.samples)
+    def delays(self, since: float, until: float, wait_s: float = 120) -> tuple[int, list[float]]:
+        """(probes sent between ``since`` and ``until`` (time.time()), the sorted delays of those found),
+        waiting up to ``wait_s`` for the missing ones."""
+        chosen = [key for key, sent in self.sent.items() if since <= sent < until]
+        deadline = time.time() + wait_s
+        while time.time() < deadline and any(key not in self.seen for key in chosen):
+            time.sleep(0.5)
+        return len(chosen), sorted(self.seen[k] - self.sent[k] for k in chosen if k in self.seen)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+@dataclass
+class Drive:
+    """What one phase of sending at a fixed rate gave."""
+
+    rate: float
+    seconds: float
+    sent: int = 0
+    measured_from: int = 0
+    """Index of the first lag sample after the warm-up."""
+    lag: list[tuple[float, dict[str, int], dict[str, int]]] = field(default_factory=list)
+    usage: Usage | None = None
+    window: tuple[float, float] = (0.0, 0.0)
+    """Wall-clock (time.time()) start and end of the measured part."""
+    sent_measured: int = 0
+    profiles: dict[str, Path] = field(default_factory=dict)
+    """py-spy's stacks of each process over the measured part, when profiled."""
+
+
+def drive(
+    settings: Settings,
+    feed: Feed,
+    probes: Probes,
+    procs: Processes,
+    lag: Lag,
+    conn: psycopg.Connection,
+    since: datetime,
+    rate: float,
+    seconds: float,
+    warmup_s: float,
+    py_spy: Path | None = None,
+) -> Drive:
+    """Send ``feed``'s samples at ``rate`` for ``warmup_s`` plus ``seconds``, sampling every group's lag
+    every few seconds and the processes' CPU at the start and end of the measured part."""
+    producer = Producer(client_config(settings, **{"linger.ms": 5, "queue.buffering.max.messages": 500_000}))
+    topic = topic_name(settings, "gpu.samples")
+    result = Drive(rate=rate, seconds=seconds)
+    profilers: list[Profile] = []
+    first = len(lag.samples)
     start = time.monotonic()
-    sent, next_sample = 0, start
-    while (elapsed := time.monotonic() - start) < seconds:
-        due = int(elapsed * rate)
-        while sent < due:
-            now = datetime.now(UTC)  # in whole milliseconds, as the schema keeps it
-            moment = now.replace(microsecond=now.microsecond // 1000 * 1000)
-            value = _gpu_sample(sent, moment)
-            producer.produce(topic, key=value["gpu_uuid"].encode(), value=codec.encode(GPU, value))
-            if sent % probe_every == 0:
-                probes[(value["gpu_uuid"], moment)] = time.time()
-            sent += 1
-            if sent % 1000 == 0:
+    next_sample, measuring = start, False
+    total = warmup_s + seconds
+    while (elapsed := time.monotonic() - start) < total:
+        if not measuring and elapsed >= warmup_s:
+            measuring = True
+            lag.sample()
+            result.measured_from = len(lag.samples) - 1 - first
+            result.usage = Usage(usage_now(procs, conn, since))
+            result.window = (time.time(), 0.0)
+            sent_at_start = result.sent
+            for name, proc in procs.procs.items() if py_spy else ():
+                out = procs.log_dir / f"{name}-{len(lag.samples)}.py-spy.txt"
+                profilers.append(Profile(py_spy, out))
+                profilers[-1].attach(proc.pid)
+                result.profiles[name] = out
+            next_sample = time.monotonic() + SAMPLE_S
+        due = min(int(elapsed * rate), result.sent + 20_000)
+        while result.sent < due:
+            gpu, key, value, ms = feed.sample(result.sent)
+            try:
+                producer.produce(topic, key=key, value=value)
+            except BufferError:
+                producer.poll(0.05)
+                continue
+            if result.sent % probes.every == 0:
+                probes.add(feed.uuids[gpu], ms)
+            result.sent += 1
+            if result.sent % 2000 == 0:
                 producer.poll(0)
         producer.poll(0.001)
         if time.monotonic() >= next_sample:
+            procs.check()
             lag.sample()
-            next_sample += SAMPLE_S * 2
-    producer.flush(60)
-    stop_at[0] = time.time()
-    stop.set()
+            next_sample += SAMPLE_S
     lag.sample()
-    watcher.join(180)
-    delays = sorted(seen[key] - produced for key, produced in probes.items() if key in seen)
-    return {
-        "sent": sent,
-        "rate": sent / seconds,
-        "probes": len(probes),
-        "found": len(delays),
-        "delays": delays,
-        "lag": lag.samples[first_lag:],
-    }
+    for profiler in profilers:
+        profiler.stop()
+    if result.usage is not None:
+        result.usage.after = usage_now(procs, conn, since)
+        result.window = (result.window[0], time.time())
+        result.sent_measured = result.sent - sent_at_start
+    producer.flush(60)
+    result.lag = lag.samples[first:]
+    return result
 
 
-GPU = "aima.metrics.GpuSample"
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (t, y) points: units of y per second."""
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mt = sum(t for t, _ in points) / n
+    my = sum(y for _, y in points) / n
+    var = sum((t - mt) ** 2 for t, _ in points)
+    return sum((t - mt) * (y - my) for t, y in points) / var if var else 0.0
 
 
-def _gpu_sample(i: int, moment: datetime) -> dict[str, Any]:
-    gpu = i % 400
-    return {
-        "time": moment,
-        "host": f"live-host-{gpu // 8:03d}",
-        "gpu": gpu % 8,
-        "gpu_uuid": f"GPU-live-{gpu:04d}",
-        "gpu_model": "NVIDIA H100 80GB HBM3",
-        "mig_instance": None,
-        "parent_gpu_uuid": None,
-        "source": "bench",
-        "interval_group": "fast",
-        "utilization_percent": float(i % 100),
-        "memory_used_bytes": 10_000_000_000 + i % 1000,
-        "memory_utilization_percent": 12.5,
-        "power_watts": 300.0 + i % 50,
-        "temperature_celsius": 60.0 + i % 10,
-    }
+def absorbed(phase: Drive) -> dict[str, float]:
+    """Per group, the input records per second it committed over the measured part of an overdriven
+    phase (least squares over the committed offsets, so that commit steps do not matter)."""
+    measured = phase.lag[phase.measured_from :]
+    groups = measured[0][2]
+    return {g: slope([(t, done[g]) for t, _, done in measured]) for g in groups}
+
+
+def lag_growth(phase: Drive) -> dict[str, float]:
+    """Per group, the lag's least-squares growth over the measured part (records)."""
+    measured = phase.lag[phase.measured_from :]
+    span = measured[-1][0] - measured[0][0]
+    return {g: slope([(t, lags[g]) for t, lags, _ in measured]) * span for g in measured[0][1]}
+
+
+STAGES = (
+    ("waiting (event loop idle)", ("EpollSelector.select", "_PollLikeSelector.select")),
+    ("database write (writer threads: COPY, upsert, commit)", ("Writer.write (consumers/sink_writer.py",)),
+    ("decode (polars Avro reader, columns)", ("FrameDecoder", "Dispatcher._decode")),
+    ("CSV chunks for COPY (polars)", ("Chunk.prepare",)),
+    ("publishing outputs", ("Dispatcher._publish",)),
+    ("accepting records into the batch", ("Sink._accept_many",)),
+    ("committing offsets", ("Sink._commit",)),
+    ("Kafka client (aiokafka)", ("aiokafka/",)),
+    ("consume call (librdkafka; includes waiting for records)", ("Sink._step",)),
+)
+"""Where a sampled stack's time goes, by the first of these its frames show (after a processor's own
+``process``, which names itself)."""
+
+
+def stages(stacks: Path) -> tuple[int, dict[str, float]]:
+    """(samples, share of each stage) of one process's py-spy stacks (raw, collapsed)."""
+    counts: Counter[str] = Counter()
+    for line in stacks.read_text().splitlines() if stacks.exists() else []:
+        stack, _, number = line.rpartition(" ")
+        if not number.isdigit():
+            continue
+        frames = stack.split(";")
+        label = next(
+            (f.split(" ", 1)[0].removesuffix(".process") for f in frames if "Processor.process " in f),
+            None,
+        )
+        if label is None:
+            label = next(
+                (name for name, marks in STAGES if any(m in f for f in frames for m in marks)), "other"
+            )
+        counts[label] += int(number)
+    total = sum(counts.values())
+    return total, {k: v / total for k, v in counts.most_common()} if total else {}
+
+
+FLAT_S = 3.0
+"""The lag is flat when its growth over the measured part is under this many seconds of input: a pipeline
+that keeps up only on average drifts by more over five minutes, one that cannot grows by a lot more."""
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -346,14 +521,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--gpu-samples", type=int, default=300_000)
+    parser.add_argument(
+        "--gpu-samples", type=int, default=0, help="the full-mix backlog phase's GPU samples (0: skip it)"
+    )
     parser.add_argument("--hosts", type=int, default=50)
     parser.add_argument("--gpus-per-host", type=int, default=8)
     parser.add_argument("--step-s", type=float, default=10.0)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--live-s", type=float, default=120.0)
-    parser.add_argument("--live-fraction", type=float, default=0.5)
+    parser.add_argument("--live-gpus", type=int, default=3000, help="GPUs of the live feed")
+    parser.add_argument("--drive-rate", type=float, default=60_000.0, help="overdrive, samples/s")
+    parser.add_argument("--drive-s", type=float, default=90.0)
+    parser.add_argument("--rate", type=float, help="skip the overdrive: sustain this many samples/s")
+    parser.add_argument("--fraction", type=float, default=0.9, help="of the absorbed rate, sustained")
+    parser.add_argument("--warmup-s", type=float, default=30.0)
+    parser.add_argument("--sustain-s", type=float, default=300.0)
+    parser.add_argument("--tries", type=int, default=3, help="sustained runs, each 15 %% slower")
     parser.add_argument("--probe-every", type=int, default=200)
+    parser.add_argument(
+        "--py-spy", type=Path, help="a py-spy binary: where each process's time goes in the sustained runs"
+    )
     parser.add_argument("--sink-group", help=argparse.SUPPRESS)  # the sink subprocess
     parser.add_argument(
         "--out", type=Path, default=REPO / "bench" / "results" / f"pipeline-{date.today()}.md"
@@ -362,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sink_group:
         run_sink(args.sink_group)
         return 0
+    signal.signal(signal.SIGTERM, _interrupt)  # a stopped bench still stops what it started
 
     settings = Settings(topic_prefix=f"pipe{uuid.uuid4().hex[:6]}.")
     schema = f"bench_pipe_{uuid.uuid4().hex[:6]}"
@@ -370,36 +557,68 @@ def main(argv: list[str] | None = None) -> int:
     conn = psycopg.connect(database_url, autocommit=True)
     migrate(conn, schema=schema)
     url = make_conninfo(database_url, options=f"-c search_path={schema},public")
-    duration_s = args.gpu_samples / (args.hosts * args.gpus_per_host) * args.step_s
-    start = datetime.now(UTC) - timedelta(seconds=duration_s + 60)
-    t0 = time.perf_counter()
-    counts = fill(settings, args.gpu_samples, args.hosts, args.gpus_per_host, args.step_s, start=start)
-    total = sum(counts.values())
-    print(f"published {total:,} records {dict(counts)} in {time.perf_counter() - t0:.0f} s")
-    app_topics = [topic_name(settings, spec.key) for spec in TOPICS if spec.key in counts]
-    sink_topics = [topic_name(settings, key) for key in SINK_TOPICS if key in counts]
+    counts: Counter[str] = Counter()
+    if args.gpu_samples:
+        duration_s = args.gpu_samples / (args.hosts * args.gpus_per_host) * args.step_s
+        start = datetime.now(UTC) - timedelta(seconds=duration_s + 60)
+        t0 = time.perf_counter()
+        counts = fill(settings, args.gpu_samples, args.hosts, args.gpus_per_host, args.step_s, start=start)
+        print(
+            f"published {sum(counts.values()):,} records {dict(counts)} in {time.perf_counter() - t0:.0f} s"
+        )
+    inputs = set(counts) | {"gpu.samples"}
+    app_topics = [topic_name(settings, spec.key) for spec in TOPICS if spec.key in inputs]
+    sink_topics = [topic_name(settings, key) for key in SINK_TOPICS if key in inputs]
+    feed = Feed(Codec(), args.live_gpus)
     since = datetime.now(UTC)
+    measured: dict[str, Any] | None = None
+    overdriven: Drive | None = None
+    sustained: list[Drive] = []
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         procs = Processes(settings, url, args.workers, Path(tmp))
         reader = Consumer(client_config(settings, **{"group.id": f"lag-{uuid.uuid4().hex[:6]}"}))
         lag = Lag(admin(settings), reader, {procs.app_id: app_topics, procs.sink_group: sink_topics})
+        probes = Probes(url, args.probe_every)
+        run = partial(drive, settings, feed, probes, procs, lag, conn, since)
         try:
-            measured = capacity(procs, lag, conn, since, total)
-            drain(procs, lag)
-            gpu_share = counts["gpu.samples"] / total
-            gpu_rate = min(measured["rates"].values()) * gpu_share
-            live_rate = max(100.0, gpu_rate * args.live_fraction)
-            print(f"capacity: {measured['rates']}; live at {live_rate:,.0f} GPU samples/s")
-            lived = live(settings, procs, lag, url, live_rate, args.live_s, args.probe_every)
+            if counts:
+                measured = capacity(procs, lag, conn, since, sum(counts.values()))
+                drain(procs, lag)
+                print(f"full-mix capacity: {measured['rates']}")
+            # Every process up, in its group and through its first batches before anything is measured.
+            run(1000.0, 10.0, 0.0)
+            drain(procs, lag, timeout_s=300)
+            rate = args.rate
+            if rate is None:
+                overdriven = run(args.drive_rate, args.drive_s, args.warmup_s)
+                rate = min(absorbed(overdriven).values()) * args.fraction
+                print(f"overdrive at {args.drive_rate:,.0f}/s absorbed {absorbed(overdriven)}")
+                drain(procs, lag)
+            for _ in range(args.tries):
+                print(f"sustaining {rate:,.0f} GPU samples/s for {args.sustain_s:.0f} s")
+                phase = run(rate, args.sustain_s, args.warmup_s, args.py_spy)
+                sustained.append(phase)
+                growth = lag_growth(phase)
+                print(f"lag growth {growth}")
+                if max(growth.values()) < FLAT_S * rate:
+                    break
+                drain(procs, lag)
+                rate *= 0.85
             app_outputs = Counter[str]()
             for port in procs.ports:
                 app_outputs.update(_scrape(port))
+            found = {
+                id(phase): probes.delays(*phase.window, wait_s=120 if phase is sustained[-1] else 0)
+                for phase in sustained
+            }
+            spent = {id(phase): {n: stages(p) for n, p in phase.profiles.items()} for phase in sustained}
         finally:
             codes = procs.stop()
+            probes.close()
             reader.close()
             drop_topics(settings, procs.app_id)
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
-    report = render(args, counts, measured, lived, codes, app_outputs)
+    report = render(args, counts, measured, overdriven, sustained, found, spent, codes, app_outputs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.out.exists():
         report = args.out.read_text() + "\n" + report.replace("# Pipeline", "## Pipeline", 1)
@@ -408,62 +627,113 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _cpu_table(usage: Usage, samples: float) -> str:
+    return "\n".join(
+        f"| {name} | {seconds:.1f} | {seconds / samples * 1e6:,.0f} |"
+        for name, seconds in usage.spent().items()
+    )
+
+
 def render(
     args: argparse.Namespace,
     counts: Counter[str],
-    measured: dict[str, Any],
-    lived: dict[str, Any],
+    measured: dict[str, Any] | None,
+    overdriven: Drive | None,
+    sustained: list[Drive],
+    found: dict[int, tuple[int, list[float]]],
+    spent: dict[int, dict[str, tuple[int, dict[str, float]]]],
     codes: dict[str, int],
     app_outputs: Counter[str],
 ) -> str:
-    total = sum(counts.values())
-    gpu_share = counts["gpu.samples"] / total
-    spent = measured["usage"].spent()
-    gpu_in_window = min(measured["rates"].values()) * gpu_share * measured["seconds"]
-    cpu_rows = "\n".join(
-        f"| {name} | {seconds:.1f} | {seconds / gpu_in_window * 1e6:,.0f} |"
-        for name, seconds in spent.items()
-    )
-    group_rows = "\n".join(
-        f"| {'stream app' if group.startswith('pipe-') and 'sink' not in group else 'sink'} (`{group}`) | "
-        f"{rate:,.0f} | {rate * gpu_share:,.0f} |"
-        for group, rate in measured["rates"].items()
-    )
-    lag_series = lived["lag"]
-    lag_first, lag_last = lag_series[0][1], lag_series[-1][1]
-    lag_max = {group: max(sample[1][group] for sample in lag_series) for group in lag_first}
-    delays = lived["delays"]
-    records = ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()))
     dead = sum(v for k, v in app_outputs.items() if k.startswith("aima_stream_dead_letters"))
-    return f"""# Pipeline end to end, {date.today()}
+    parts = [
+        f"""# Pipeline end to end, {date.today()}
 
-Machine: {machine()}; Kafka 4.1 (one local KRaft broker) and PostgreSQL (plain) on the same machine, shared
-with whatever else ran. Command: `.venv/bin/python -m bench.pipeline --gpu-samples {args.gpu_samples} \
---workers {args.workers} --live-s {args.live_s:g} --live-fraction {args.live_fraction:g}`.
+Machine: {machine()}; Kafka 4.1 (one local KRaft broker) and PostgreSQL (plain) on the same machine.
+Command: `.venv/bin/python -m bench.pipeline {" ".join(sys.argv[1:])}`. {args.workers} stream workers with
+every processor, one sink (2 writers), the broker, PostgreSQL and this bench's producer share the machine.
+"""
+    ]
+    if overdriven is not None:
+        rates = absorbed(overdriven)
+        rows = "\n".join(f"| {_group_name(g)} | {r:,.0f} |" for g, r in rates.items())
+        sent_rate = overdriven.sent / (overdriven.seconds + args.warmup_s)
+        parts.append(
+            f"""**Overdrive**: live GpuSamples of {args.live_gpus:,} GPUs at {sent_rate:,.0f}/s for
+{args.warmup_s:g} + {overdriven.seconds:g} s; what each group committed in the last {overdriven.seconds:g} s:
 
-**Capacity** (a backlog of {total:,} records: {records}; {args.workers} stream workers with every processor,
-one sink with 2 writers): measured over {measured["seconds"]:.0f} s in which both groups were busy.
+| group | GPU samples/s absorbed |
+|---|---:|
+{rows}
+"""
+        )
+    for number, phase in enumerate(sustained, 1):
+        growth = lag_growth(phase)
+        measured_lag = phase.lag[phase.measured_from :]
+        highest = {g: max(s[1][g] for s in measured_lag) for g in growth}
+        flat = max(growth.values()) < FLAT_S * phase.rate
+        probes, delays = found[id(phase)]
+        cpu = _cpu_table(phase.usage, phase.sent_measured) if phase.usage else ""
+        grew = ", ".join(f"{_group_name(g)} {v:+,.0f}" for g, v in growth.items())
+        top = ", ".join(f"{_group_name(g)} {v:,}" for g, v in highest.items())
+        parts.append(
+            f"""**Sustained run {number}**: {phase.rate:,.0f} GPU samples/s ({args.live_gpus:,} GPUs) for
+{args.warmup_s:g} s of warm-up and {phase.seconds:g} s measured ({phase.sent_measured:,} samples); lag sampled
+every {SAMPLE_S:g} s. Lag growth over the measured part (least squares): {grew} records; highest {top}:
+**{"flat" if flat else "NOT flat"}** (flat: growth under {FLAT_S:g} s of input, {FLAT_S * phase.rate:,.0f}
+records). Sample to row in the database ({len(delays)} of {probes} probes of the measured part found):
+p50 **{_pct(delays, 0.5):.2f} s**, p99 **{_pct(delays, 0.99):.2f} s**, max {_pct(delays, 1.0):.2f} s.
+
+| process | CPU s | CPU s per million GPU samples |
+|---|---:|---:|
+{cpu}
+"""
+        )
+        for name, (samples, shares) in spent.get(id(phase), {}).items():
+            rows = "\n".join(f"| {stage} | {share:.1%} |" for stage, share in shares.items())
+            parts.append(
+                f"""Where {name}'s time went in run {number} (py-spy `--nonblocking`, 250/s, {samples:,}
+samples of its busy threads; a stack counts for the first processor or stage in it):
+
+| stage | share |
+|---|---:|
+{rows}
+"""
+            )
+    if measured is not None:
+        total = sum(counts.values())
+        gpu_share = counts["gpu.samples"] / total
+        gpu_in_window = min(measured["rates"].values()) * gpu_share * measured["seconds"]
+        group_rows = "\n".join(
+            f"| {_group_name(group)} | {rate:,.0f} | {rate * gpu_share:,.0f} |"
+            for group, rate in measured["rates"].items()
+        )
+        records = ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()))
+        hours = args.gpu_samples / (args.hosts * args.gpus_per_host) * args.step_s / 3600
+        fleet = args.hosts * args.gpus_per_host
+        parts.append(
+            f"""**Full-mix backlog** ({total:,} records: {records}; event times compressed: {hours:.1f} h of a
+{fleet}-GPU fleet), measured over {measured["seconds"]:.0f} s in which both groups were busy:
 
 | group | records/s | GPU samples/s |
 |---|---:|---:|
 {group_rows}
 
-The pipeline absorbs **{min(measured["rates"].values()) * gpu_share:,.0f} GPU samples/s** end to end (the
-slower group; target 30,000, goal 50,000).
-
-CPU in that window ({gpu_in_window:,.0f} GPU samples through the slower group):
-
 | process | CPU s | CPU s per million GPU samples |
 |---|---:|---:|
-{cpu_rows}
-
-**Live** ({lived["rate"]:,.0f} GPU samples/s stamped with the wall clock for {args.live_s:g} s, on top of
-the drained backlog): lag at the start {lag_first}, at the end {lag_last}, highest {lag_max}.
-Sample to row in the database ({lived["found"]} of {lived["probes"]} probes found): p50
-**{_pct(delays, 0.5):.2f} s**, p99 **{_pct(delays, 0.99):.2f} s**, max {_pct(delays, 1.0):.2f} s.
-
-Dead letters of the stream app: {dead:.0f}. Exit codes after SIGTERM: {codes}.
+{_cpu_table(measured["usage"], gpu_in_window)}
 """
+        )
+    parts.append(f"Dead letters of the stream app: {dead:.0f}. Exit codes after SIGTERM: {codes}.\n")
+    return "\n".join(parts)
+
+
+def _group_name(group: str) -> str:
+    return f"sink (`{group}`)" if "-sink-" in group else f"stream app (`{group}`)"
 
 
 if __name__ == "__main__":
