@@ -46,13 +46,16 @@ NORMAL_TOLERANCE = 0.1
 RELATIVE_FLOOR = 0.02
 """Least scale of the z-score, as a share of the normal median."""
 CAUSES = {
-    "gpu_sm_clock_hz": "throttling",
-    "gpu_memory_clock_hz": "throttling",
-    "gpu_temperature_celsius": "throttling",
-    "gpu_memory_utilization_percent": "memory_pressure",
-    "gpu_memory_used_bytes": "memory_pressure",
+    "gpu_sm_clock_hz": ("throttling", -1),
+    "gpu_memory_clock_hz": ("throttling", -1),
+    "gpu_temperature_celsius": ("throttling", 1),
+    "gpu_memory_utilization_percent": ("memory_pressure", 1),
+    "gpu_memory_used_bytes": ("memory_pressure", 1),
 }
-"""What the metric that moved most suggests, when it moved clearly (``CAUSE_MIN_SCORE``)."""
+"""What a metric that moved clearly (``CAUSE_MIN_SCORE``) in the given direction suggests: clocks down or
+the temperature up, throttling; memory up, memory pressure. Utilization, power, bandwidth and PCIe fall with
+any slowdown (less work done) and a cooler GPU follows less power, so they suggest no cause by themselves;
+``likely_cause`` is the cause of the highest-ranked move that suggests one."""
 CAUSE_MIN_SCORE = 3.0
 
 
@@ -132,13 +135,12 @@ def slowed_jobs(
     since: datetime,
 ) -> list[dict[str, Any]]:
     """Every job of :func:`slow_periods` with the metrics that moved most (``moved_most``), the cause
-    the top one suggests (``likely_cause``, null when none clearly), hours as ISO text. Largest drop
-    first."""
+    they suggest (``likely_cause``, :data:`CAUSES`; null when none clearly) and the metric that suggests it
+    (``cause_metric``), hours as ISO text. Largest drop first."""
     out = []
     for job in slow_periods(jobs, min_drop_percent, since):
         moves, gpus = moved_most(job, gpu_rows, held_percent)
-        top = moves[0] if moves else None
-        cause = CAUSES.get(top["metric"]) if top and abs(top["score"]) >= CAUSE_MIN_SCORE else None
+        named = next((m for m in moves if _cause(m) is not None), None)
         out.append(
             {
                 **job,
@@ -148,10 +150,16 @@ def slowed_jobs(
                 "throughput_drop": 1 - job["slow_frames_per_second"] / job["normal_frames_per_second"],
                 "gpus_compared": gpus,
                 "moved_most": moves,
-                "likely_cause": cause,
+                "likely_cause": None if named is None else _cause(named),
+                "cause_metric": None if named is None else named["metric"],
             }
         )
     return sorted(out, key=lambda r: (-r["throughput_drop"], r["job_id"]))
+
+
+def _cause(move: Mapping[str, Any]) -> str | None:
+    cause, sign = CAUSES.get(move["metric"], (None, 0))
+    return cause if move["score"] * sign >= CAUSE_MIN_SCORE else None
 
 
 def hosts_and_span(jobs: Iterable[Mapping[str, Any]]) -> tuple[list[str], datetime, datetime] | None:
@@ -175,7 +183,9 @@ def render(rows: Sequence[Mapping[str, Any]], min_drop_percent: float) -> list[s
             f"(-{r['throughput_drop']:.0%}) since {r['slow_since']} ({len(r['normal_hours'])} normal h, "
             f"{len(r['slow_hours'])} slow h); likely cause: {r['likely_cause'] or 'unclear'}"
         )
-        for m in r["moved_most"][:3]:
+        shown = r["moved_most"][:3]
+        shown += [m for m in r["moved_most"][3:] if m["metric"] == r["cause_metric"]]
+        for m in shown:
             change = "" if m["change"] is None else f" ({m['change']:+.0%})"
             lines.append(
                 f"    {m['metric']} on GPU {m['gpu']}: {_num(m['normal'])} -> {_num(m['slow'])}{change}, "

@@ -177,7 +177,8 @@ def test_the_metric_that_moved_most_names_the_cause() -> None:
     }
     throttled = _gpu_rows({**steady, "gpu_sm_clock_hz": [1.98e9] * 3 + [1.19e9] * 2})
     (job,) = slowdown.slowed_jobs(jobs, throttled, 30.0, 5.0, since=T0)
-    assert job["likely_cause"] == "throttling" and job["gpus_compared"] == 1
+    assert job["likely_cause"] == "throttling" and job["cause_metric"] == "gpu_sm_clock_hz"
+    assert job["gpus_compared"] == 1
     top = job["moved_most"][0]
     assert top["metric"] == "gpu_sm_clock_hz" and top["change"] == pytest.approx(-0.4, abs=0.01)
     assert top["score"] < -10 and all(abs(m["score"]) < 3 for m in job["moved_most"][1:])
@@ -202,3 +203,21 @@ def test_the_metric_that_moved_most_names_the_cause() -> None:
     assert "gpu_sm_clock_hz" not in {m["metric"] for m in job["moved_most"]}
     lines = slowdown.render([job], 30.0)
     assert "100.0 -> 50.0 frames/s (-50%)" in lines[1] and "likely cause: unclear" in lines[1]
+
+
+def test_a_cause_is_named_by_a_move_in_its_direction_even_below_consequences_of_the_slowdown() -> None:
+    jobs = [_job([100.0, 100.0, 100.0, 50.0, 50.0])]
+    # An allocated GPU also left idle: utilization and power fall most, the clock below them names the cause.
+    rows = _gpu_rows({
+        "gpu_utilization_percent": [90.0, 90.0, 90.0, 2.0, 2.0],
+        "gpu_power_watts": [300.0, 300.0, 300.0, 60.0, 60.0],
+        "gpu_sm_clock_hz": [1.98e9] * 3 + [1.4e9] * 2,
+        "gpu_temperature_celsius": [70.0, 70.0, 70.0, 40.0, 40.0],
+    })  # fmt: skip
+    (job,) = slowdown.slowed_jobs(jobs, rows, 30.0, 5.0, since=T0)
+    assert [m["metric"] for m in job["moved_most"][:2]] == ["gpu_utilization_percent", "gpu_power_watts"]
+    assert (job["likely_cause"], job["cause_metric"]) == ("throttling", "gpu_sm_clock_hz")
+    assert any("gpu_sm_clock_hz on GPU 0" in line for line in slowdown.render([job], 30.0))
+    # A cooler GPU alone (less power drawn) names no cause: temperature counts when it rises.
+    rows = _gpu_rows({"gpu_temperature_celsius": [70.0, 70.0, 70.0, 40.0, 40.0]})
+    assert slowdown.slowed_jobs(jobs, rows, 30.0, 5.0, since=T0)[0]["likely_cause"] is None
