@@ -110,6 +110,7 @@ def cost_processors(
     cost_retention: timedelta = timedelta(hours=48),
     cost_upstream_stale_after: timedelta = timedelta(days=45),
     device_retention: timedelta = timedelta(hours=48),
+    device_emit_interval: timedelta = timedelta(0),
     idle_retention: timedelta = timedelta(days=45),
     idle_stale_after: timedelta = timedelta(days=7),
     upstream_partitions: int | None = None,
@@ -126,7 +127,7 @@ def cost_processors(
             upstream_stale_after=cost_upstream_stale_after,
             upstream_partitions=upstream_partitions,
         ),
-        DeviceHoursProcessor(max_gap=max_gap, retention=device_retention),
+        DeviceHoursProcessor(max_gap=max_gap, retention=device_retention, emit_interval=device_emit_interval),
         IdleHoursProcessor(retention=idle_retention, stale_after=idle_stale_after, prices=prices),
     ]
 
@@ -150,6 +151,7 @@ def cost_processors_from_settings(
         cost_retention=timedelta(seconds=settings.cost_retention_s),
         cost_upstream_stale_after=timedelta(seconds=settings.cost_upstream_stale_s),
         device_retention=timedelta(seconds=settings.device_hours_retention_s),
+        device_emit_interval=timedelta(seconds=settings.device_hours_emit_interval_s),
         idle_retention=timedelta(seconds=settings.idle_hours_retention_s),
         idle_stale_after=timedelta(seconds=settings.idle_device_stale_s),
         upstream_partitions=upstream_partitions,

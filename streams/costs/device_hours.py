@@ -33,7 +33,16 @@ class DeviceHoursProcessor:
 
     The clock is the partition's watermark as it stands at each record, in offset order (not at the end
     of the batch: one batch of a backfill can span days). Hours more than ``retention`` behind it are
-    complete and dropped; a sample that old (out of order on its own partition) goes to ``Result.late``."""
+    complete and dropped; a sample that old (out of order on its own partition) goes to ``Result.late``.
+
+    Coalescing (``emit_interval``): a GPU's changed hours are published at most once per ``emit_interval``
+    of its own event time, as the rollups' non-final upserts are; until then the entry lists them under
+    ``unsent``. Without it a live fleet, whose batches hold about one sample per GPU, sent one record per
+    sample here and one more downstream (IdleHoursProcessor's GpuEnergy), each a database upsert, for a
+    figure that only says "a few more seconds". Held-back hours still go out: at once when the GPU's
+    samples reach a later hour (the hour it left is complete), and, for a GPU that stopped sending, when
+    the partition's watermark crosses an hour. So each published figure is the hour's current value, at
+    most ``emit_interval`` of event time old while the GPU reports. 0 publishes every batch's changes."""
 
     topics = ("gpu.samples",)
 
@@ -43,6 +52,7 @@ class DeviceHoursProcessor:
         name: str = "costs_device_hours",
         max_gap: timedelta = timedelta(seconds=60),
         retention: timedelta = timedelta(hours=48),
+        emit_interval: timedelta = timedelta(0),
     ) -> None:
         if max_gap <= timedelta(0):
             raise ValueError(f"max_gap must be positive, got {max_gap}")
@@ -51,6 +61,9 @@ class DeviceHoursProcessor:
         self.name = name
         self._max_gap_ms = max_gap // MS
         self._retention_ms = retention // MS
+        if emit_interval < timedelta(0):
+            raise ValueError(f"emit_interval must not be negative, got {emit_interval}")
+        self._emit_ms = emit_interval // MS
 
     def process(self, batch: PartitionBatch, state: MutableMapping[str, Any]) -> Result:
         e = BatchState(state, load=copy_entry)
@@ -63,7 +76,7 @@ class DeviceHoursProcessor:
                 device = e.get(key)
                 if device is not None and since_committed(device, batch.committed_offset):
                     labels = {*device["hours"], *device.get("energy", {})}
-                    changed[key] = (device, {int(label) for label in labels})
+                    self._publish(device, {int(label) for label in labels}, result.outputs)
         devices: dict[str, dict[str, Any]] = {}  # each entry the batch touches, read once
         gap = self._max_gap_ms
         for row, offset, t, mig_instance, uuid, model, energy_j, power_w in _gpu_samples(batch):
@@ -113,22 +126,12 @@ class DeviceHoursProcessor:
                 device["energy_last"] = now
             device["gpu_model"], device[OFFSET] = model, offset
         for device, hours in changed.values():
-            energy = device.get("energy", {})
-            for hour in sorted(hours):
-                label = str(hour)
-                if label not in device["hours"] and label not in energy:
-                    continue
-                joules = energy.get(label)
-                value = cost_record(
-                    "gpu_hours",
-                    hour,
-                    hour + HOUR_MS,
-                    gpu_model=device["gpu_model"],
-                    device_hours=device["hours"].get(label, 0) / HOUR_MS,
-                    energy_kwh=None if joules is None else joules / J_PER_KWH,
-                    source=DEVICE_SOURCE_PREFIX + device["gpu_uuid"],
-                )
-                result.outputs.append(Output(DEVICE_HOURS, device["gpu_model"], COST_RECORD, value))
+            unsent = set(device.get("unsent", ())) | hours
+            if self._due(device, unsent):
+                self._publish(device, unsent, result.outputs)
+                device["unsent"], device["sent_ms"] = [], device["last_ms"]
+            else:
+                device["unsent"] = sorted(unsent)
         horizon = bucket_start("hour", (to_ms(batch.watermark) if mark is None else mark) - retention)
         for key, device in devices.items():
             # Published above; no later sample reaches back past the horizon, so these are complete.
@@ -139,10 +142,43 @@ class DeviceHoursProcessor:
         if hour_crossed(batch):
             for key in list(state.keys()):
                 device = e.get(key)
-                if device is not None and (device["last_ms"] or 0) < horizon:
+                if device is None:
+                    continue
+                if device.get("unsent"):  # a GPU that stopped sending: what it held back, now
+                    self._publish(device, set(device["unsent"]), result.outputs)
+                    device["unsent"], device["sent_ms"] = [], device["last_ms"]
+                    e.put(key, device)
+                if (device["last_ms"] or 0) < horizon:
                     e.delete(key)  # not seen for the whole retention
         e.flush()
         return result
+
+    def _due(self, device: dict[str, Any], unsent: set[int]) -> bool:
+        """Whether a touched GPU's held-back hours go out now (class doc, coalescing)."""
+        sent, last = device.get("sent_ms"), device["last_ms"]
+        if self._emit_ms == 0 or sent is None or last is None or last - sent >= self._emit_ms:
+            return True
+        return min(unsent) < last - last % HOUR_MS  # an hour the GPU has left is complete
+
+    @staticmethod
+    def _publish(device: dict[str, Any], hours: set[int], outputs: list[Output]) -> None:
+        """The current figures of ``hours`` of one GPU, to ``streams.device-hours``."""
+        energy = device.get("energy", {})
+        for hour in sorted(hours):
+            label = str(hour)
+            if label not in device["hours"] and label not in energy:
+                continue  # past the horizon, published before it was pruned
+            joules = energy.get(label)
+            value = cost_record(
+                "gpu_hours",
+                hour,
+                hour + HOUR_MS,
+                gpu_model=device["gpu_model"],
+                device_hours=device["hours"].get(label, 0) / HOUR_MS,
+                energy_kwh=None if joules is None else joules / J_PER_KWH,
+                source=DEVICE_SOURCE_PREFIX + device["gpu_uuid"],
+            )
+            outputs.append(Output(DEVICE_HOURS, device["gpu_model"], COST_RECORD, value))
 
     def _late_reason(self, event_ms: int, mark_ms: int) -> str:
         return (

@@ -49,6 +49,12 @@ class CostSettings(AimaSettings):
         "behind on its own partition is dead-lettered (`LateSample`, the reason names the processor and the "
         "variable)",
     )
+    device_hours_emit_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description="event time between two updates of one GPU's device hours and energy (an hour the GPU "
+        "has left goes out at once; 0: every batch's changes)",
+    )
     idle_hours_retention_s: float = Field(
         45 * 24 * 3600.0, gt=0, description="how far behind the watermark an idle hour stays open"
     )

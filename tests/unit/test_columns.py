@@ -158,13 +158,16 @@ def test_device_hours_from_columns_equal_device_hours_from_records(
     values = [dict(value) for value in gpu_values]
     for value in values[len(values) // 2 :: 97]:
         value["time"] -= timedelta(hours=3)  # older than the retention below: late
-    rows, _ = _same(
-        lambda: DeviceHoursProcessor(retention=timedelta(hours=1), max_gap=timedelta(seconds=30)),
-        values,
-        batch_size=batch_size,
-        replay_every=2,
-    )
-    assert rows.outputs and rows.late
+    for emit_interval in (timedelta(0), timedelta(seconds=60)):  # every batch's changes, and coalesced
+        rows, _ = _same(
+            lambda emit_interval=emit_interval: DeviceHoursProcessor(
+                retention=timedelta(hours=1), max_gap=timedelta(seconds=30), emit_interval=emit_interval
+            ),
+            values,
+            batch_size=batch_size,
+            replay_every=2,
+        )
+        assert rows.outputs and rows.late
 
 
 def test_indexes_sharing_a_batch_share_its_metric_columns(gpu_values: list[dict[str, Any]]) -> None:

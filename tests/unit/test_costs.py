@@ -595,6 +595,35 @@ def test_device_hours_resumed_partition_publishes_uncommitted_hours_again() -> N
     assert again.run(replay, resumed=True, committed=4).outputs == []
 
 
+def test_coalesced_device_hours_go_out_once_per_interval_and_end_at_the_uncoalesced_figures() -> None:
+    # One sample a batch, every 10 s from 10:59:00 to 11:02:00, as a live fleet's batches come.
+    samples = [gpu_sample("GPU-1", at(10, 10, 59) + timedelta(seconds=10 * i)) for i in range(19)]
+    every, coalesced = device_feed(), device_feed(emit_interval=timedelta(seconds=60))
+    for sample in samples:
+        every.send(sample)
+        coalesced.send(sample)
+    assert len(every.outputs) >= 18  # about one record a sample
+    # 10:59:10 (the first coverage), 11:00:00 (the GPU left 10:00), then 11:01:00 and 11:02:00.
+    assert [o.value["time"] for o in coalesced.outputs] == [at(10, 10), at(10, 10), at(10, 11), at(10, 11)]
+    hours = lambda feed: {o.value["time"]: o.value["device_hours"] for o in feed.outputs}  # noqa: E731
+    assert hours(coalesced) == hours(every)  # every hour's last figure: the same
+    assert hours(coalesced)[at(10, 10)] == pytest.approx(60 / 3600)
+
+
+def test_coalesced_device_hours_of_a_gpu_that_stopped_go_out_when_the_hour_turns() -> None:
+    feed = device_feed(emit_interval=timedelta(seconds=60))
+    feed.send(gpu_sample("GPU-1", at(10, 10, 30)))
+    feed.send(gpu_sample("GPU-1", at(10, 10, 30, 20)))  # its first coverage goes out: 20 s
+    feed.send(gpu_sample("GPU-1", at(10, 10, 30, 40)))  # held back: 20 s after that update
+    assert feed.latest("streams.device-hours")[H100]["device_hours"] == pytest.approx(20 / 3600)
+    feed.send(gpu_sample("GPU-2", at(10, 10, 59, 50)))
+    assert len([o for o in feed.outputs if o.value["source"].endswith("GPU-1")]) == 1  # still held
+    feed.send(gpu_sample("GPU-2", at(10, 11, 0, 10)))  # the partition enters 11:00: GPU-1's hour goes out
+    gpu1 = [o.value for o in feed.outputs if o.value["source"].endswith("GPU-1")]
+    assert gpu1[-1]["device_hours"] == pytest.approx(40 / 3600)
+    assert feed.state["dev|GPU-1"]["unsent"] == []
+
+
 def test_samples_older_than_the_retention_are_late() -> None:
     feed = device_feed(retention=timedelta(hours=2))
     feed.send(gpu_sample("GPU-1", at(10, 12)))
