@@ -728,6 +728,15 @@ samples of its busy threads; a stack counts for the first processor or stage in 
 {_cpu_table(measured["usage"], gpu_in_window)}
 """
         )
+    inputs = sum(v for k, v in app_outputs.items() if k.startswith("aima_stream_events_total"))
+    outputs = {
+        k.split(":", 1)[1]: v for k, v in app_outputs.items() if k.startswith("aima_stream_outputs_total")
+    }
+    made = ", ".join(f"{topic.split('.', 1)[-1]} {n:,.0f}" for topic, n in sorted(outputs.items()))
+    parts.append(
+        f"The stream app over the whole run: {inputs:,.0f} records in (internal topics included), out: "
+        f"{made or 'none'}."
+    )
     parts.append(f"Dead letters of the stream app: {dead:.0f}. Exit codes after SIGTERM: {codes}.\n")
     return "\n".join(parts)
 
