@@ -105,6 +105,45 @@ def test_nothing_is_recommended_on_an_empty_fleet(client: TestClient, db: psycop
     assert body["idle_gpus"] == [] and body["budgets"] == []
 
 
+def test_job_placements_keep_where_jobs_ran_once_the_job_events_are_gone(
+    db: psycopg.Connection[Any], database_url: str, db_schema: str
+) -> None:
+    t0 = HOUR - timedelta(hours=30)
+    ev = {"queue": "default", "gpu_model": "NVIDIA L4", "provider": "gcp", "pricing": "spot", "source": "t"}
+    store = dashboards._Store(database_url, db_schema)
+    try:
+        # One batch: j1's end before its start (the trigger keeps the earliest of each), j2 still running,
+        # j3 queued only (no host: not placed).
+        for value in (
+            {**ev, "time": t0 + timedelta(hours=2), "job_id": "j1", "event": "finished", "project": "p",
+             "host": "h1", "gpu_count": 1, "media_minutes": 3.0},
+            {**ev, "time": t0, "job_id": "j1", "event": "started", "project": "p", "host": "h1",
+             "gpu_count": 1, "model": "m1"},
+            {**ev, "time": t0 + timedelta(hours=1), "job_id": "j2", "event": "started", "project": "q",
+             "host": "h2", "gpu_count": 2, "provider": "aws", "pricing": "on_demand"},
+            {**ev, "time": t0, "job_id": "j3", "event": "queued", "project": "p", "gpu_count": 1},
+        ):  # fmt: skip
+            store.add("job.events", "JobEvent", value)
+        store.flush()
+        before = db.execute("SELECT * FROM job_placements ORDER BY job_id").fetchall()
+        # A re-sent event is a row the sink does not insert: nothing changes.
+        again = {"time": t0, "job_id": "j1", "event": "started", "project": "p", "host": "h1", "gpu_count": 1}
+        store.add("job.events", "JobEvent", {**ev, **again, "model": "m1"})
+        store.flush()
+    finally:
+        store.close()
+    db.execute("DELETE FROM job_events")  # raw rows, kept 24 h
+    rows = db.execute(
+        "SELECT job_id, time, host, gpu_count, provider, pricing, model, started, ended FROM job_placements"
+        " ORDER BY job_id"
+    ).fetchall()
+    assert rows == [
+        ("j1", t0, "h1", 1, "gcp", "spot", "m1", t0, t0 + timedelta(hours=2)),
+        ("j2", t0 + timedelta(hours=1), "h2", 2, "aws", "on_demand", None, t0 + timedelta(hours=1), None),
+    ]
+    assert db.execute("SELECT * FROM job_placements ORDER BY job_id").fetchall() == before
+
+
 # -- on a simulated fleet whose faults are known ------------------------------------------------------------
 
 SIM_HOURS, STEP_S, SEED, FAULT_SEED = 9, 60.0, 3, 14

@@ -89,6 +89,14 @@ def test_the_live_pipeline_recommends_what_the_simulator_injected(
     ]
     last_hour = end - timedelta(hours=1)
     started = {e["job_id"] for e in events if e["event"] == "started"}
+    # The whole hours of every job, whose frame counts are each one rollup (a GPU's rollups come in order on
+    # their partition, so its last hour final means the earlier ones are stored; a job's are another series).
+    job_hours = sorted(
+        (job_id, hour)
+        for job_id, job in sim.jobs.items()
+        for hour in _hours_of(job["start"], job["end"] or end)
+        if hour + timedelta(hours=1) <= (job["end"] or end) and frames[job_id]
+    )
 
     def stored() -> bool:
         for proc in workers:
@@ -102,7 +110,14 @@ def test_the_live_pipeline_recommends_what_the_simulator_injected(
         priced = db.execute(
             "SELECT count(*) FROM costs WHERE kind = 'gpu_hours' AND project <> '' AND time >= %s", (start,)
         ).fetchone()[0]
-        return final == 4 and placed >= len(started) and priced > 0
+        hours = db.execute(
+            """SELECT count(*) FROM rollups r
+                JOIN unnest(%s::text[], %s::timestamptz[]) AS w(job_id, hour)
+                  ON r.labels->>'job_id' = w.job_id AND r.bucket_start = w.hour
+               WHERE r.metric = 'job_frame_processing_seconds' AND r.tier = 'hour'""",
+            ([j for j, _ in job_hours], [h for _, h in job_hours]),
+        ).fetchone()[0]
+        return final == 4 and placed >= len(started) and priced > 0 and hours == len(job_hours)
 
     try:
         with running_sink(topics, db_schema):
