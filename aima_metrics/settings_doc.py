@@ -25,7 +25,7 @@ from consumers.settings import (
     RetentionSettings,
     SinkSettings,
 )
-from producers.settings import CollectorSettings, PseudonymSettings
+from producers.settings import CollectorSettings, JobGpuSettings, PseudonymSettings
 from streams.settings import AlertSettings, AnomalySettings, CostSettings, StreamsSettings
 
 __all__ = ["BEGIN", "END", "MODELS", "ROUTING_FILE_VARIABLES", "documented", "render", "update"]
@@ -49,6 +49,7 @@ MODELS: tuple[tuple[str, type[BaseSettings]], ...] = (
     ("API and token commands", ApiSettings),
     ("collectors (`aima-metrics collect`)", CollectorSettings),
     ("job SDK", PseudonymSettings),
+    ("job SDK: the job's GPUs (read where they name GPU UUIDs)", JobGpuSettings),
     ("local stack (`up`, its scripts, the webhook receiver)", StackSettings),
     ("children of `up`", LifecycleSettings),
 )

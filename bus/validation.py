@@ -1,7 +1,8 @@
 """Value checks beyond the Avro types, shared by every writer (before sending) and every reader (the stream
 app, the sink) on receipt: no NaN or infinity, percentages within 0-100, no negative durations, counts or
-sizes, label values of at most :data:`MAX_LABEL_LENGTH` characters, and (:class:`EventTimeGuard`) no event
-time further ahead of the checking process's clock than the allowed skew.
+sizes, label values of at most :data:`MAX_LABEL_LENGTH` characters, a job's ``gpu_uuids`` (when given) as
+many distinct, non-empty label values as its ``gpu_count``, and (:class:`EventTimeGuard`) no event time
+further ahead of the checking process's clock than the allowed skew.
 
 The rules follow the field names of the contract, so a new field named ``*_percent`` or ``*_seconds``, or a
 new label of the metric catalogue, is checked without anyone remembering to add it here."""
@@ -62,6 +63,29 @@ def _too_long(value: Any) -> bool:
 
 def _length_problem(where: str, value: str) -> str:
     return f"{where}: a label value of {len(value)} characters is longer than {MAX_LABEL_LENGTH}"
+
+
+GPU_UUIDS = "gpu_uuids"
+"""The field naming the GPUs a record's job holds (JobEvent); checked against the record's ``gpu_count``:
+the energy a GPU draws is given to the jobs that name it, so a list that names a GPU twice, a blank one or
+more or fewer GPUs than the job holds would bill the wrong project."""
+
+
+def _gpu_uuid_problems(where: str, uuids: list[Any], gpu_count: Any) -> Iterator[str]:
+    for index, uuid in enumerate(uuids):
+        if not isinstance(uuid, str) or not uuid.strip():
+            yield f"{where}[{index}]: a GPU UUID must be a non-empty string, got {uuid!r}"
+        elif len(uuid) > MAX_LABEL_LENGTH:
+            yield _length_problem(f"{where}[{index}]", uuid)
+    if len(set(uuids)) != len(uuids):
+        yield f"{where}: names a GPU more than once"
+    if isinstance(gpu_count, int) and len(uuids) != gpu_count:
+        yield f"{where}: names {len(uuids)} GPU(s) but gpu_count is {gpu_count}"
+
+
+def _gpu_uuids_ok(value: Mapping[str, Any]) -> bool:
+    uuids = value.get(GPU_UUIDS)
+    return uuids is None or not any(_gpu_uuid_problems(GPU_UUIDS, uuids, value.get("gpu_count")))
 
 
 class EventTimeGuard:
@@ -142,7 +166,9 @@ def _walk(value: Mapping[str, Any], path: str) -> Iterator[str]:
     labels = label_names()
     for name, item in value.items():
         where = f"{path}{name}"
-        if isinstance(item, str):
+        if name == GPU_UUIDS and isinstance(item, list):
+            yield from _gpu_uuid_problems(where, item, value.get("gpu_count"))
+        elif isinstance(item, str):
             if name in labels and len(item) > MAX_LABEL_LENGTH:
                 yield _length_problem(where, item)
         elif isinstance(item, Mapping):
@@ -223,6 +249,7 @@ class Validator:
         records: list[tuple[str, _Check]] = []
         arrays: list[tuple[str, _Check]] = []
         labels = label_names()
+        uuids = any(spec["name"] == GPU_UUIDS for spec in schema["fields"])
         for spec in schema["fields"]:
             name, kind = spec["name"], _field_kind(spec)
             if isinstance(kind, str):
@@ -249,6 +276,8 @@ class Validator:
                 label_maps.append(name)
 
         def check(value: Mapping[str, Any]) -> bool:
+            if uuids and not _gpu_uuids_ok(value):
+                return False
             for name in strings:
                 item = value.get(name)
                 if item is not None and len(item) > MAX_LABEL_LENGTH:
@@ -280,6 +309,8 @@ class Validator:
     def _ok(self, value: Mapping[str, Any]) -> bool:
         """The field-by-field walk, for schemas :meth:`_compile` does not handle."""
         labels = label_names()
+        if not _gpu_uuids_ok(value):
+            return False
         for name, item in value.items():
             kind = type(item)
             if kind is str:
@@ -352,7 +383,11 @@ def _frame_check(schema: Mapping[str, Any], inside: pl.Expr | None) -> pl.Expr:
     for spec in schema["fields"]:
         name, kind = spec["name"], _field_kind(spec)
         column = pl.col(name) if inside is None else inside.struct.field(name)
-        if isinstance(kind, str):
+        if name == GPU_UUIDS:
+            if inside is not None:
+                raise ValueError(f"{name} inside a record")
+            parts.append(_gpu_uuids_check(column))
+        elif isinstance(kind, str):
             if kind in _NUMBERS:
                 parts.append(_number_check(column, name, _NUMBERS[kind]))
             elif kind == "string" and name in labels:
@@ -372,6 +407,17 @@ def _frame_check(schema: Mapping[str, Any], inside: pl.Expr | None) -> pl.Expr:
             raise ValueError("a map the rules walk into")
     check = pl.all_horizontal(parts)
     return check.all() if inside is None else check
+
+
+def _gpu_uuids_check(column: pl.Expr) -> pl.Expr:
+    """The rule of :func:`_gpu_uuid_problems` as columns: null, or as many distinct non-blank label values
+    as the row's gpu_count."""
+    names = column.list.eval(
+        (pl.element().str.strip_chars().str.len_chars() > 0)
+        & (pl.element().str.len_chars() <= MAX_LABEL_LENGTH)
+    ).list.all()
+    ok = names & (column.list.n_unique() == column.list.len()) & (column.list.len() == pl.col("gpu_count"))
+    return (column.is_null() | ok).fill_null(True)
 
 
 def _number_check(column: pl.Expr, name: str, floating: bool) -> pl.Expr:

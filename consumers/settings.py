@@ -88,8 +88,9 @@ class RetentionSettings(AimaSettings):
     )
     energy: timedelta | None = described(
         timedelta(days=90),
-        "each GPU's energy and its cost per hour (gpu_energy; by period_end); the figures per GPU model and "
-        "per project are costs, kept as those",
+        "each GPU's energy and its cost per hour (gpu_energy; by period_end) and the GPUs jobs held "
+        "(job_gpus; by time: measured shares then fall back to the GPU-hour average); the figures per GPU "
+        "model and per project are costs, kept as those",
         shown="90d",
     )
     budgets: timedelta | None = described(

@@ -248,8 +248,8 @@ TABLES: tuple[Table, ...] = (
         "job_events",
         f"{NS}.JobEvent",
         _columns(
-            "time job_id event project user_pseudonym service queue model host gpu_count gpu_model provider "
-            "pricing media_minutes queue_wait_seconds error source",
+            "time job_id event project user_pseudonym service queue model host gpu_count gpu_uuids gpu_model "
+            "provider pricing media_minutes queue_wait_seconds error source",
             renamed={"user_pseudonym": "user"},
         ),
         ("job_id", "event", "time"),

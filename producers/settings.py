@@ -1,6 +1,7 @@
 """The producers' settings beyond :class:`bus.settings.Settings`: the collectors' (`aima-metrics collect`
 builds :class:`CollectorSettings` when it starts) and the job SDK's key (:class:`PseudonymSettings`,
-built by the SDK's entry point when the caller passes no key: a job's process has no command of ours)."""
+built by the SDK's entry point when the caller passes no key: a job's process has no command of ours) and
+the GPUs a job's process was given (:class:`JobGpuSettings`, read the same way)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from bus.settings import AimaSettings, described
 from producers.gpu.collector import DEFAULT_EXPORTER_PORT
 from producers.system import GROUPS, SystemIntervals
 
-__all__ = ["CollectorSettings", "PseudonymSettings"]
+__all__ = ["CollectorSettings", "JobGpuSettings", "PseudonymSettings"]
 
 _POSITIVE_S = {"gt": 0, "allow_inf_nan": False}
 
@@ -124,3 +125,42 @@ class PseudonymSettings(AimaSettings):
         None, "key for pseudonymising user ids (P1), at least 16 bytes", shown="required by the job SDK"
     )
     key_file: Path | None = Field(None, description="file holding the key, when AIMA_PSEUDONYM_KEY is unset")
+
+
+class JobGpuSettings(AimaSettings):
+    """The GPUs the job's process was given, as the container runtime and CUDA name them: the job SDK reports
+    their UUIDs (JobEvent ``gpu_uuids``) so that each GPU's measured energy goes to the job's project. Only a
+    list of whole-GPU UUIDs (``GPU-...``) counts: indices, ``all``, ``none`` or MIG instances (``MIG-...``,
+    whose energy is counted on their physical GPU) say no GPU UUID."""
+
+    nvidia_visible_devices: str | None = Field(
+        None,
+        validation_alias="NVIDIA_VISIBLE_DEVICES",
+        description="set by the NVIDIA container runtime: the GPUs given to the job's container (the job SDK "
+        "reports them as the job's GPUs when they are GPU UUIDs)",
+    )
+    cuda_visible_devices: str | None = Field(
+        None,
+        validation_alias="CUDA_VISIBLE_DEVICES",
+        description="the GPUs CUDA shows the job's process; read by the job SDK when NVIDIA_VISIBLE_DEVICES "
+        "names no GPU UUIDs",
+    )
+
+    def gpu_uuids(self) -> list[str] | None:
+        """The GPU UUIDs of NVIDIA_VISIBLE_DEVICES, else of CUDA_VISIBLE_DEVICES; None when neither names
+        whole GPUs by UUID."""
+        for value in (self.nvidia_visible_devices, self.cuda_visible_devices):
+            uuids = parse_gpu_uuids(value)
+            if uuids is not None:
+                return uuids
+        return None
+
+
+def parse_gpu_uuids(value: str | None) -> list[str] | None:
+    """``GPU-a,GPU-b`` as a list of UUIDs; None for anything else (unset, indices, all, MIG instances)."""
+    if value is None:
+        return None
+    entries = [entry.strip() for entry in value.split(",") if entry.strip()]
+    if not entries or not all(entry.startswith("GPU-") for entry in entries):
+        return None
+    return list(dict.fromkeys(entries))

@@ -390,6 +390,7 @@ class Fleet:
             "time": at, "job_id": job.job_id, "event": event, "project": job.project, "user": job.user,
             "service": job.service, "queue": job.queue, "model": job.model,
             "host": host.name if host else None, "gpu_count": job.gpu_count,
+            "gpu_uuids": [g.uuid for g in job.gpus] if host else None,
             "gpu_model": host.model if host else None, "provider": host.provider if host else None,
             "pricing": host.pricing if host else None, "media_minutes": None, "queue_wait_seconds": wait_s,
             "error": None, "source": SOURCE,

@@ -24,10 +24,10 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 
@@ -35,6 +35,9 @@ from bus.settings import Settings
 from producers.publisher import Publisher
 from producers.sdk.pseudonym import Pseudonymiser
 from producers.sdk.timings import KernelTimer, TimingAggregator
+
+if TYPE_CHECKING:
+    from producers.settings import JobGpuSettings
 
 __all__ = ["JobReporter"]
 
@@ -99,7 +102,7 @@ class JobReporter:
         model: str | None = None,
         queue: str | None = None,
         service: str | None = None,
-        gpu_count: int = 1,
+        gpu_count: int | None = None,
         gpu_model: str | None = None,
         provider: str | None = None,
         pricing: str | None = None,
@@ -111,6 +114,8 @@ class JobReporter:
         clock: Callable[[], datetime] | None = None,
         torch: Any = None,
         close_timeout_s: float = 10.0,
+        gpu_uuids: Sequence[str] | None = None,
+        gpu_settings: JobGpuSettings | None = None,
     ) -> None:
         """``user`` is the raw user id; only its pseudonym is kept and sent. ``pseudonym_key`` (else
         AIMA_PSEUDONYM_KEY or AIMA_PSEUDONYM_KEY_FILE) is required: without one this raises
@@ -118,11 +123,17 @@ class JobReporter:
         one between the jobs of a process; by default each JobReporter makes its own, with a private
         Prometheus registry. ``clock``: tz-aware UTC event times (tests inject one). ``torch``: see
         :class:`~producers.sdk.timings.KernelTimer`. ``close_timeout_s``: how long :meth:`close` waits
-        for the broker to acknowledge what is buffered."""
+        for the broker to acknowledge what is buffered. ``gpu_uuids``: the UUIDs of the GPUs the job holds,
+        sent on its started and end events so each GPU's measured energy goes to ``project``; when not
+        given, those of NVIDIA_VISIBLE_DEVICES or CUDA_VISIBLE_DEVICES (``gpu_settings``, built from the
+        environment when not given) where they name GPU UUIDs. ``gpu_count`` defaults to their number, else
+        1; an explicit list of another length raises ValueError, one from the environment is left out
+        (logged), so the events stay valid."""
         # The key check comes first: a misconfigured job must fail before it opens any connection.
         pseudonymise = Pseudonymiser(pseudonym_key)
         if pricing is not None and pricing not in PRICING:
             raise ValueError(f"pricing must be on_demand or spot, got {pricing!r}")
+        gpu_count, uuids = _job_gpus(gpu_count, gpu_uuids, gpu_settings, job_id)
         if gpu_count < 0:
             raise ValueError(f"gpu_count must be >= 0, got {gpu_count}")
         if interval_s <= 0:
@@ -132,6 +143,7 @@ class JobReporter:
         self.user = pseudonymise(user) if user is not None else None
         self.host = host or socket.gethostname()
         self.interval_s = interval_s
+        self.gpu_uuids = uuids
         self._attrs = {
             "service": service, "queue": queue, "model": model, "gpu_count": gpu_count,
             "gpu_model": gpu_model, "provider": provider, "pricing": pricing,
@@ -322,6 +334,7 @@ class JobReporter:
             "host": self.host, **self._attrs, "media_minutes": None, "queue_wait_seconds": None,
             "error": None, "source": "sdk",
         }  # fmt: skip
+        value["gpu_uuids"] = None if event == "queued" else self.gpu_uuids  # held once started
         value.update(fields)
         self._send("job.events", "JobEvent", value)
 
@@ -369,6 +382,34 @@ class JobReporter:
             "invalid": getattr(publisher, "invalid", 0),
             "failed": getattr(publisher, "failed", 0),
         }
+
+
+def _job_gpus(
+    gpu_count: int | None,
+    gpu_uuids: Sequence[str] | None,
+    settings: JobGpuSettings | None,
+    job_id: str,
+) -> tuple[int, list[str] | None]:
+    """The job's GPU count and GPU UUIDs (see :class:`JobReporter`)."""
+    if gpu_uuids is not None:
+        uuids = list(gpu_uuids)
+        if gpu_count is not None and gpu_count != len(uuids):
+            raise ValueError(f"gpu_uuids names {len(uuids)} GPU(s) but gpu_count is {gpu_count}")
+        return len(uuids), uuids
+    if settings is None:
+        from producers.settings import JobGpuSettings
+
+        settings = JobGpuSettings()
+    found = settings.gpu_uuids()
+    if found is None:
+        return (1 if gpu_count is None else gpu_count), None
+    if gpu_count is not None and gpu_count != len(found):
+        log.warning(
+            "the visible GPUs are not the job's gpu_count: GPU UUIDs left out of its events",
+            extra={"job_id": job_id, "gpu_count": gpu_count, "visible_gpus": len(found)},
+        )
+        return gpu_count, None
+    return len(found), found
 
 
 def _aware(at: datetime) -> datetime:

@@ -40,8 +40,9 @@ class IdleHoursProcessor:
     (null without a tariff). Each device whose hour changed gets its own record on ``energy`` too, a
     GpuEnergy (gpu_uuid, hour: device_hours, energy_kwh, energy_cost_eur), priced here so that the tariff
     is applied in one place and the fleet record is the sum of those. A project's share is not made here:
-    the costs table's ``energy_costs`` view (consumers/migrations/0016_energy_cost.sql) divides it by the
-    projects' GPU-hours, from these rows and the projects' own, so each row keeps one writer.
+    the costs table's ``energy_costs`` view (consumers/migrations/0020_energy_per_gpu.sql) shares it out,
+    each GPU's measured energy to the jobs that named it, the rest by GPU-hours, from these rows, the
+    projects' own and the GPUs the job events name, so each row keeps one writer.
 
     This topic merges senders that each keep their own pace: device records come from every gpu.samples
     partition, allocations from every jobs-by-project partition, and in a backfill the few job events run

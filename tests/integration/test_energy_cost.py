@@ -223,3 +223,70 @@ def test_energy_cost_from_samples_to_the_api(
         assert bad.status_code == 422 and "'period'" in bad.json()["detail"], bad.text
         backwards = {"start_time": "2025-04-10T11:00:00Z", "end_time": "2025-04-10T10:00:00Z"}
         assert client.get("/costs/gpus", params=backwards, headers=admin).status_code == 400
+
+
+# Jobs whose events name their GPUs: archive holds GPU-1 (0.6 kWh) all the hour, newsroom GPU-0 (0.3 kWh)
+# from 10:30: each gets its GPU's measured share (not the average's 0.45 and 0.225); the rest is idle.
+MEASURED = {"archive": 0.6, "newsroom": 0.5 * 0.3, None: 0.5 * 0.3}
+
+
+def test_a_projects_energy_is_its_gpus_measured_share(
+    topics: Settings,
+    db_schema: str,
+    db: psycopg.Connection[Any],
+    worker: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    process, log_path = worker
+    archive = {"job_id": "a1", "project": "archive", "gpu_count": 1, "gpu_uuids": ["GPU-1"]}
+    newsroom = {"job_id": "n1", "gpu_count": 1, "gpu_uuids": ["GPU-0"]}
+    produce(topics, "job.events", "JobEvent", [
+        ("a1", job_event("started", at(10), **archive)),
+        ("a1", job_event("finished", at(11), **archive)),
+        ("n1", job_event("started", at(10, 30), **newsroom)),
+        ("n1", job_event("finished", at(11), **newsroom)),
+        # Names one GPU twice for a job of two: dead-lettered, saying why, and no share.
+        ("x1", job_event("started", at(10), job_id="x1", gpu_uuids=["GPU-0", "GPU-0"])),
+    ])  # fmt: skip
+    produce(topics, "gpu.samples", "GpuSample", gpu_samples())
+
+    costs, _, dead = collect(topics, process, log_path, _priced)
+    assert _priced(costs), costs.get(FLEET_10)
+    assert [letter["origin_topic"].endswith("job.events") for letter in dead] == [True], dead
+    assert "gpu_uuids: names a GPU more than once" in dead[0]["reason"], dead[0]
+
+    def stored() -> dict[tuple[str | None, str], float]:
+        rows = db.execute(
+            "SELECT project, basis, energy_kwh FROM energy_costs WHERE time = %s", (at(10),)
+        ).fetchall()
+        return {(project, basis): kwh for project, basis, kwh in rows}
+
+    expected = {
+        (project, "idle" if project is None else "measured"): pytest.approx(kwh)
+        for project, kwh in MEASURED.items()
+    }
+    with running_sink(topics, db_schema):
+        wait_until(lambda: stored() == expected, timeout_s=90, what="the measured energy shares")
+    assert db.execute(
+        "SELECT job_id, gpu_uuids, started, ended FROM job_gpus ORDER BY job_id"
+    ).fetchall() == [("a1", ["GPU-1"], at(10), at(11)), ("n1", ["GPU-0"], at(10, 30), at(11))]
+    assert sum(stored().values()) == pytest.approx(FLEET_KWH)  # the hour's rows add up to the fleet's
+
+    # GET /costs: each project's measured share; a user token sees its own project only.
+    app = create_app(topics, schema=db_schema, config=ApiSettings.from_environ({}))
+    admin = {"Authorization": f"Bearer {auth.create_token(db, 'admin', name='admin')[1]}"}
+    user = {"Authorization": f"Bearer {auth.create_token(db, 'user', [], ['newsroom'], name='nina')[1]}"}
+    span = {"start_time": "2025-04-10T10:00:00Z", "end_time": "2025-04-10T11:00:00Z", "period": "hour"}
+    with TestClient(app) as client:
+        answer = client.get("/costs", params={**span, "group_by": "project"}, headers=admin)
+        assert answer.status_code == 200, answer.text
+        rows = {row["project"]: row for row in answer.json()["rows"]}
+        assert set(rows) == set(MEASURED)
+        for project, kwh in MEASURED.items():
+            assert rows[project]["energy_kwh"] == pytest.approx(kwh), project
+            assert rows[project]["energy_cost_eur"] == pytest.approx(kwh * TARIFF), project
+        assert rows["archive"]["gpu_hours"] == pytest.approx(1.0)
+        assert rows["newsroom"]["cost_eur"] == pytest.approx(2.0)  # the GPU-hour cost beside, unchanged
+        mine = client.get("/costs", params={**span, "group_by": "project"}, headers=user).json()
+        assert [(r["project"], r["energy_kwh"]) for r in mine["rows"]] == [
+            ("newsroom", pytest.approx(MEASURED["newsroom"]))
+        ]
