@@ -25,6 +25,7 @@ READ_NATIVELY = (
     "JobTimings",
     "JobEvent",
     "CostRecord",
+    "GpuEnergy",
 )
 """Every record kind polars reads (maps are left to fastavro; a record's own enums are read as ints)."""
 
@@ -43,7 +44,7 @@ def simulated() -> dict[str, list[bytes]]:
 @pytest.mark.parametrize("name", READ_NATIVELY)
 def test_columns_equal_codec_decode(name: str, simulated: dict[str, list[bytes]]) -> None:
     codec = Codec()
-    made = {"DeadLetter": _dead_letter, "CostRecord": cost_record}  # the simulator makes neither
+    made = {"DeadLetter": _dead_letter, "CostRecord": cost_record, "GpuEnergy": _gpu_energy}  # nor these
     values = simulated.get(name) or [codec.encode(name, made[name](i)) for i in range(50)]
     assert len(values) >= 8
     frame = FrameDecoder(codec, name).decode(values)
@@ -53,6 +54,24 @@ def test_columns_equal_codec_decode(name: str, simulated: dict[str, list[bytes]]
     records = frame.records()
     assert records == [codec.decode(value)[1] for value in values]
     assert all(record["time"].tzinfo is UTC for record in records)
+
+
+def _gpu_energy(i: int) -> dict[str, object]:
+    """Energy known and unknown (null), priced and not."""
+    fields = [f["name"] for f in schemas.load("GpuEnergy")["fields"]]
+    value: dict[str, object] = dict.fromkeys(fields)
+    value.update(
+        time=START + timedelta(hours=i),
+        period_end=START + timedelta(hours=i + 1),
+        gpu_uuid=f"GPU-{i % 8}",
+        gpu_model="NVIDIA H100 80GB HBM3",
+        device_hours=(i % 4) / 4,
+        energy_kwh=i / 10 if i % 3 else None,
+        energy_cost_eur=i / 30 if i % 6 == 1 else None,
+        currency="EUR",
+        source="stream",
+    )
+    return {k: v for k, v in value.items() if k in fields}
 
 
 def cost_record(i: int) -> dict[str, object]:
