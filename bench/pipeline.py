@@ -335,12 +335,24 @@ class Probes:
     def _watch(self, database_url: str) -> None:
         with psycopg.connect(database_url, autocommit=True) as watcher:
             while not self._stop.is_set():
-                pending = [key for key in list(self.sent) if key not in self.seen][:5000]
+                # The newest unseen probes only, looked up through the natural-key index one by one
+                # (a nested loop over the list, partitions pruned by its time range): a hash join of
+                # the list against all of gpu_samples would scan the table and take PostgreSQL's CPU
+                # from the sink it measures. A probe unseen after PROBE_GIVE_UP_S counts as missing.
+                oldest = time.time() - PROBE_GIVE_UP_S
+                pending = [k for k, at in list(self.sent.items()) if at >= oldest and k not in self.seen]
+                pending = pending[-500:]
                 if pending:
                     rows = watcher.execute(
-                        "SELECT gpu_uuid, time FROM gpu_samples WHERE (gpu_uuid, time) IN "
-                        "(SELECT * FROM unnest(%s::text[], %s::timestamptz[]))",
-                        ([k[0] for k in pending], [k[1] for k in pending]),
+                        "SELECT g.gpu_uuid, g.time FROM unnest(%s::text[], %s::timestamptz[]) AS p(u, t) "
+                        "JOIN LATERAL (SELECT gpu_uuid, time FROM gpu_samples WHERE gpu_uuid = p.u "
+                        "AND time = p.t AND time BETWEEN %s AND %s) AS g ON true",
+                        (
+                            [k[0] for k in pending],
+                            [k[1] for k in pending],
+                            min(k[1] for k in pending),
+                            max(k[1] for k in pending),
+                        ),
                     ).fetchall()
                     now = time.time()
                     for row in rows:
@@ -507,6 +519,9 @@ def stages(stacks: Path) -> tuple[int, dict[str, float]]:
     total = sum(counts.values())
     return total, {k: v / total for k, v in counts.most_common()} if total else {}
 
+
+PROBE_GIVE_UP_S = 150.0
+"""A probe whose row has not appeared this long after its produce is missing (and reported as such)."""
 
 FLAT_S = 3.0
 """The lag is flat when its growth over the measured part is under this many seconds of input: a pipeline
