@@ -436,6 +436,18 @@ def slowed_truths(sim: Simulated) -> dict[str, str]:
     return found
 
 
+def recommend_report(env: dict[str, str], schema: str, causes: dict[str, str]) -> str:
+    """``aima-metrics recommend`` on ``schema``: it succeeds, and names each slowed job's cause on its
+    line; returns (and prints, a sample for the closing note) its output."""
+    report = CliRunner().invoke(recommend, ["--schema", schema], env=env)
+    assert report.exit_code == 0, report.output
+    print(report.output)
+    for job_id, cause in causes.items():
+        line = next(x for x in report.output.splitlines() if x.startswith(f"  {job_id} ("))
+        assert f"likely cause: {cause}" in line, line
+    return report.output
+
+
 def check_slowed_jobs(
     body: dict[str, Any], sim: Simulated, expected: dict[str, str], *, other_faults: bool = False
 ) -> None:
@@ -501,11 +513,6 @@ def test_recommendations_name_the_metrics_that_moved_when_the_simulators_jobs_go
     assert client.get("/recommendations?min_slowdown=60", headers=admin).json()["slowed_jobs"] == []
 
     env = {"AIMA_DATABASE_URL": settings.database_dsn()}
-    report = CliRunner().invoke(recommend, ["--schema", db_schema], env=env)
-    assert report.exit_code == 0, report.output
-    print(report.output)
-    for job_id, cause in expected.items():
-        line = next(x for x in report.output.splitlines() if x.startswith(f"  {job_id} ("))
-        assert f"likely cause: {cause}" in line, line
+    recommend_report(env, db_schema, expected)
     bad = CliRunner().invoke(recommend, ["--schema", db_schema, "--min-slowdown", "100"], env=env)
     assert bad.exit_code == 2 and "--min-slowdown" in bad.output
