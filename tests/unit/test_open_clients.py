@@ -6,6 +6,7 @@ which still refers to the clients) is alive."""
 
 from __future__ import annotations
 
+import gc
 import threading
 from pathlib import Path
 
@@ -25,8 +26,12 @@ BAD_CONSUMER = {"no.such.property": "1"}
 UNREACHABLE_DSN = "postgresql://aima@127.0.0.1:1/aima?connect_timeout=1"
 
 
-def librdkafka_threads() -> int:
-    return sum(1 for task in Path("/proc/self/task").iterdir() if _thread_name(task).startswith("rdk:"))
+def librdkafka_threads() -> set[str]:
+    """The ids of librdkafka's threads now running. A set, not a count: clients of earlier tests may
+    still be ending theirs (their threads leave while this test runs), and what is checked is only that
+    none of the threads this test's clients started is left."""
+    gc.collect()  # earlier tests' clients that only garbage still refers to are destroyed first
+    return {task.name for task in Path("/proc/self/task").iterdir() if _thread_name(task).startswith("rdk:")}
 
 
 def _thread_name(task: Path) -> str:
@@ -58,7 +63,7 @@ def test_a_sink_whose_consumer_fails_closes_its_producer_and_writers() -> None:
     with pytest.raises(KafkaException, match=r"no\.such\.property") as failed:
         open_sink(settings, SinkMetrics(CollectorRegistry()), writers, consumer_config=BAD_CONSUMER)
     assert failed.traceback  # the factory's frame, and what it opened, are still referred to here
-    assert librdkafka_threads() == before  # the producer built before the consumer is closed
+    assert librdkafka_threads() <= before  # the producer built before the consumer is closed
     assert [writer.closes for writer in writers] == [1, 1]
 
 
@@ -72,7 +77,7 @@ def test_a_notifier_whose_consumer_fails_closes_its_pool_producer_and_http_clien
     with pytest.raises(KafkaException, match=r"no\.such\.property") as failed:
         open_notifier(settings, threading.Event(), notify, consumer_config=BAD_CONSUMER)
     assert failed.traceback
-    assert librdkafka_threads() == before  # the dead-letter producer is closed
+    assert librdkafka_threads() <= before  # the dead-letter producer is closed
     assert pool_threads() == []  # the pool (opened, still trying the unreachable database) is closed
     http = next(
         value
