@@ -14,9 +14,10 @@ hour (hourly mean memory in use at least the allocated threshold), the median of
 against the median of the normal hours': ``change`` relative to the normal median, ``score`` a robust
 z-score (the difference over the normal hours' MAD x 1.4826, at least ``RELATIVE_FLOOR`` of the normal
 median, so two or three steady normal hours do not make every wobble huge). Per metric the GPU that moved
-most; metrics by |score|, largest first. Job events name a job's host and GPU count, not its GPUs: on a
-host whose other GPUs ran other jobs, their moves are candidates too (``gpus_compared`` says how many
-GPUs were looked at), exact for a job alone on its host's held GPUs."""
+most; metrics by |score|, largest first. A job whose events name its GPUs (JobEvent gpu_uuids) is compared
+on those only. Otherwise its events name its host and GPU count, not its GPUs: on a host whose other GPUs
+ran other jobs, their moves are candidates too (``gpus_compared`` says how many GPUs were looked at), exact
+for a job alone on its host's held GPUs."""
 
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ def slow_periods(jobs: Iterable[Mapping[str, Any]], min_drop_percent: float, sin
         out.append(
             {
                 **{k: job[k] for k in ("job_id", "project", "model", "host", "gpu_count", "gpu_model")},
+                "gpu_uuids": job.get("gpu_uuids"),
                 "normal_hours": [hours[i] for i in normal],
                 "slow_hours": [hours[i] for i in slow],
                 "normal_frames_per_second": median(fps[i] for i in normal),
@@ -89,12 +91,14 @@ def slow_periods(jobs: Iterable[Mapping[str, Any]], min_drop_percent: float, sin
 def moved_most(
     job: Mapping[str, Any], gpu_rows: Iterable[Mapping[str, Any]], held_percent: float
 ) -> tuple[list[dict[str, Any]], int]:
-    """The GPU metrics of ``job``'s host that moved between its normal and slow hours, most first, and how
-    many GPUs were compared (held in every compared hour)."""
+    """The GPU metrics of ``job``'s GPUs (those its events named, else every GPU of its host) that moved
+    between its normal and slow hours, most first, and how many GPUs were compared (held in every compared
+    hour)."""
     series: dict[tuple[str, str], dict[str, dict[datetime, float]]] = defaultdict(lambda: defaultdict(dict))
     gpu_index: dict[str, str] = {}
+    own = set(job.get("gpu_uuids") or ())
     for row in gpu_rows:
-        if row["host"] == job["host"]:
+        if row["host"] == job["host"] and (not own or row["gpu_uuid"] in own):
             series[(row["host"], row["gpu_uuid"])][row["metric"]][row["bucket_start"]] = row["avg"]
             gpu_index[row["gpu_uuid"]] = row["gpu"]
     compared = [*job["normal_hours"], *job["slow_hours"]]
@@ -169,7 +173,8 @@ def hosts_and_span(jobs: Iterable[Mapping[str, Any]]) -> tuple[list[str], dateti
     if not jobs:
         return None
     hours = [h for job in jobs for h in (*job["normal_hours"], *job["slow_hours"])]
-    return sorted({job["host"] for job in jobs}), min(hours), max(hours) + timedelta(hours=1)
+    hosts = {job["host"] for job in jobs if job["host"] is not None}  # a job known only by its GPUs
+    return sorted(hosts), min(hours), max(hours) + timedelta(hours=1)
 
 
 def render(rows: Sequence[Mapping[str, Any]], min_drop_percent: float) -> list[str]:

@@ -84,7 +84,7 @@ def host_prices(conn: Conn, price_since: datetime, end: datetime) -> dict[str, d
     query = """
         WITH hosts AS (
             SELECT DISTINCT ON (host) host, provider, pricing, gpu_model
-              FROM job_placements WHERE started < %s
+              FROM job_placements WHERE started < %s AND host IS NOT NULL
              ORDER BY host, started DESC),
         prices AS (
             SELECT provider, gpu_model, pricing, min(currency) AS currency,
@@ -170,15 +170,16 @@ def throughput(
 
 
 def job_frame_hours(conn: Conn, since: datetime, end: datetime, projects: Projects) -> list[dict[str, Any]]:
-    """Every job that ran during [since, end) (job_placements) with the frames it processed in each whole
+    """Every job that ran during [since, end) (job_placements: with its host and, where its events named
+    them, its GPUs) with the frames it processed in each whole
     hour it ran (started at or before the hour's start, not ended before its end), oldest first: the count
     of job_frame_processing_seconds in the hour tier of the rollups (kept 7 days), which is per hour of
     event time, so a whole hour's count over 3,600 s is the job's frames/s in that hour. Partial hours
     (the job's first and last) are left out: their count says how long the job ran, not how fast."""
     where, params = _project_filter(projects)
     query = sql.SQL(
-        """SELECT j.job_id, j.project, j.model, j.host, j.gpu_count, j.gpu_model, j.started, j.ended,
-                  array_agg(r.bucket_start ORDER BY r.bucket_start) AS hours,
+        """SELECT j.job_id, j.project, j.model, j.host, j.gpu_count, j.gpu_model, j.gpu_uuids, j.started,
+                  j.ended, array_agg(r.bucket_start ORDER BY r.bucket_start) AS hours,
                   array_agg(r.count ORDER BY r.bucket_start) AS frames
              FROM job_placements j
              JOIN rollups r
@@ -187,7 +188,7 @@ def job_frame_hours(conn: Conn, since: datetime, end: datetime, projects: Projec
               AND r.bucket_start >= j.started AND r.bucket_end <= coalesce(j.ended, %s)
               AND r.bucket_start >= %s AND r.bucket_end <= %s
             WHERE j.started < %s AND coalesce(j.ended, %s) > %s AND {where}
-            GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
+            GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9
             ORDER BY 1"""
     ).format(where=where)
     args = [end, since, end, end, end, since, *params]

@@ -84,7 +84,6 @@ POLICIES: tuple[Policy, ...] = (
     Policy("job_placements", "time", "costs"),
     Policy("costs", "period_end", "budgets", ("kind", "budget")),
     Policy("gpu_energy", "period_end", "energy"),
-    Policy("job_gpus", "time", "energy"),
     Policy(
         "alert_history",
         "event_time",

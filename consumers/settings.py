@@ -83,14 +83,14 @@ class RetentionSettings(AimaSettings):
     costs: timedelta | None = described(
         timedelta(days=365),
         "GPU hours and job costs (costs of kind gpu_hours and job_cost; by period_end), and where jobs ran "
-        "(job_placements; by time)",
+        "and the GPUs they held (job_placements; by time)",
         shown="1y",
     )
     energy: timedelta | None = described(
         timedelta(days=90),
-        "each GPU's energy and its cost per hour (gpu_energy; by period_end) and the GPUs jobs held "
-        "(job_gpus; by time: measured shares then fall back to the GPU-hour average); the figures per GPU "
-        "model and per project are costs, kept as those",
+        "each GPU's energy and its cost per hour (gpu_energy; by period_end: a project's measured share of "
+        "an expired hour is gone with it); the figures per GPU model and per project are costs, kept as "
+        "those",
         shown="90d",
     )
     budgets: timedelta | None = described(

@@ -1,6 +1,6 @@
 """A project's energy measured per GPU (issue 17, item 3): the rule of the ``energy_costs`` view (migration
 0020, its one home) as logic, on rows written straight into a migrated schema, no broker or stream app:
-job events (whose trigger keeps ``job_gpus``), each GPU's hour in ``gpu_energy`` and the cost rows the
+job events (whose trigger keeps ``job_placements``), each GPU's hour in ``gpu_energy`` and the cost rows the
 stream app writes (the projects' GPU-hours, the fleet's energy per model and hour).
 
 A job whose events name its GPUs gets, of each such GPU's measured kWh, the share of the hour it held it;
@@ -9,11 +9,16 @@ the measured shares leave; an hour's rows always add up to the fleet's energy.""
 
 from __future__ import annotations
 
+import shutil
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
+
+from consumers.migrate import MIGRATIONS_DIR, migrate
 
 pytestmark = pytest.mark.integration
 
@@ -119,7 +124,7 @@ def test_a_job_without_gpu_uuids_keeps_the_gpu_hour_average(partitions: psycopg.
     fleet_hour(db, 2.0, 0.8)
     job(db, "n1", "newsroom", 0, 30, None, gpu_count=1)
     project_hours(db, "newsroom", 0.5)
-    assert db.execute("SELECT count(*) FROM job_gpus WHERE gpu_uuids IS NOT NULL").fetchone() == (0,)
+    assert db.execute("SELECT count(*) FROM job_placements WHERE gpu_uuids IS NOT NULL").fetchone() == (0,)
     found = shares(db)
     assert set(found) == {("newsroom", "gpu_hours"), (None, "idle")}
     # 0.5 GPU-hours x 0.8 kWh / 2 device-hours, as migration 0016 shared it.
@@ -172,7 +177,9 @@ def test_an_end_event_stored_before_its_start_still_ends_the_job(partitions: psy
         (at(30),),
     )
     job(db, "a1", "archive", 0, None, ["GPU-1"])
-    assert db.execute("SELECT gpu_uuids, started, ended FROM job_gpus WHERE job_id = 'a1'").fetchone() == (
+    assert db.execute(
+        "SELECT gpu_uuids, started, ended FROM job_placements WHERE job_id = 'a1'"
+    ).fetchone() == (
         ["GPU-1"],
         at(0),
         at(30),
@@ -181,3 +188,58 @@ def test_an_end_event_stored_before_its_start_still_ends_the_job(partitions: psy
     fleet_hour(db, 1.0, 0.6)
     project_hours(db, "archive", 0.5)
     assert shares(db)["archive", "measured"][1] == pytest.approx(0.3)
+
+
+def test_a_schema_migrated_before_0021_keeps_the_gpus_jobs_held(
+    database_url: str, unique: str, tmp_path: Path
+) -> None:
+    """0021 folds job_gpus (0020) into job_placements: the GPUs a job held, and a job known only from an
+    end event without a host, come across, and the energy view gives the same shares after as before."""
+    before = tmp_path / "migrations"
+    before.mkdir()
+    for path in MIGRATIONS_DIR.glob("*.sql"):
+        if int(path.name[:4]) <= 20:
+            shutil.copy(path, before)
+    schema = f"up_{unique}"
+    with psycopg.connect(database_url, autocommit=True) as db:
+        try:
+            migrate(db, schema=schema, directory=before)
+            db.execute("SELECT aima_ensure_partitions(%s)", (HOUR - timedelta(days=1),))
+            gpu_hour(db, "GPU-0", 0.2)
+            gpu_hour(db, "GPU-1", 0.6)
+            fleet_hour(db, 2.0, 0.8)
+            job(db, "a1", "archive", 0, 30, ["GPU-1"])
+            project_hours(db, "archive", 0.5)
+            db.execute(
+                "INSERT INTO job_events (time, job_id, event, project, gpu_count, gpu_uuids, source)"
+                " VALUES (%s, 'x1', 'finished', 'archive', 1, ARRAY['GPU-0'], 'test')",
+                (at(50),),
+            )
+            old = shares(db)
+            assert old["archive", "measured"][1] == pytest.approx(0.3)
+
+            report = migrate(db, schema=schema)
+            assert report.applied == ["0021_one_job_placements"]
+            assert db.execute("SELECT to_regclass('job_gpus')").fetchone() == (None,)
+            assert db.execute(
+                "SELECT job_id, host, gpu_uuids, started, ended FROM job_placements ORDER BY job_id"
+            ).fetchall() == [
+                ("a1", "gpu-01", ["GPU-1"], at(0), at(30)),
+                ("x1", None, ["GPU-0"], None, at(50)),
+            ]
+            assert shares(db) == old
+            # The one trigger left keeps the GPUs of a job that starts now, with or without a host.
+            db.execute(
+                "INSERT INTO job_events (time, job_id, event, project, gpu_count, gpu_uuids, source)"
+                " VALUES (%s, 'n1', 'started', 'newsroom', 1, ARRAY['GPU-0'], 'test')",
+                (at(40),),
+            )
+            assert db.execute(
+                "SELECT host, gpu_uuids FROM job_placements WHERE job_id = 'n1'"
+            ).fetchone() == (
+                None,
+                ["GPU-0"],
+            )
+        finally:
+            for name in (schema, f"{schema}_by_project"):
+                db.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))

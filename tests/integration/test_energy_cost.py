@@ -267,7 +267,7 @@ def test_a_projects_energy_is_its_gpus_measured_share(
     with running_sink(topics, db_schema):
         wait_until(lambda: stored() == expected, timeout_s=90, what="the measured energy shares")
     assert db.execute(
-        "SELECT job_id, gpu_uuids, started, ended FROM job_gpus ORDER BY job_id"
+        "SELECT job_id, gpu_uuids, started, ended FROM job_placements ORDER BY job_id"
     ).fetchall() == [("a1", ["GPU-1"], at(10), at(11)), ("n1", ["GPU-0"], at(10, 30), at(11))]
     assert sum(stored().values()) == pytest.approx(FLEET_KWH)  # the hour's rows add up to the fleet's
 

@@ -221,3 +221,20 @@ def test_a_cause_is_named_by_a_move_in_its_direction_even_below_consequences_of_
     # A cooler GPU alone (less power drawn) names no cause: temperature counts when it rises.
     rows = _gpu_rows({"gpu_temperature_celsius": [70.0, 70.0, 70.0, 40.0, 40.0]})
     assert slowdown.slowed_jobs(jobs, rows, 30.0, 5.0, since=T0)[0]["likely_cause"] is None
+
+
+def test_a_job_that_names_its_gpus_is_compared_on_those_only() -> None:
+    steady = {"gpu_utilization_percent": [90.0, 91.0, 89.0, 90.0, 90.5]}
+    # Another job's GPU on the same host throttled; this job's own GPU (g1) did not.
+    throttled = {**steady, "gpu_sm_clock_hz": [1.98e9] * 3 + [1.19e9] * 2}
+    rows = _gpu_rows(steady) + _gpu_rows(throttled, uuid="g2")
+    host_wide = _job([100.0, 100.0, 100.0, 50.0, 50.0])
+    (job,) = slowdown.slowed_jobs([host_wide], rows, 30.0, 5.0, since=T0)
+    assert (job["gpus_compared"], job["likely_cause"]) == (2, "throttling")  # g2's move is a candidate
+    (job,) = slowdown.slowed_jobs([{**host_wide, "gpu_uuids": ["g1"]}], rows, 30.0, 5.0, since=T0)
+    assert (job["gpus_compared"], job["likely_cause"]) == (1, None)
+    assert {m["gpu_uuid"] for m in job["moved_most"]} == {"g1"}
+    # A job known only by its GPUs (no host in its events) adds no host to look up.
+    (period,) = slowdown.slow_periods([{**host_wide, "host": None, "gpu_uuids": ["g1"]}], 30.0, since=T0)
+    assert period["gpu_uuids"] == ["g1"]
+    assert slowdown.hosts_and_span([period]) == ([], T0, T0 + timedelta(hours=5))
