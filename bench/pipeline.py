@@ -335,28 +335,27 @@ class Probes:
     def _watch(self, database_url: str) -> None:
         with psycopg.connect(database_url, autocommit=True) as watcher:
             while not self._stop.is_set():
-                # The newest unseen probes only, looked up through the natural-key index one by one
-                # (a nested loop over the list, partitions pruned by its time range): a hash join of
-                # the list against all of gpu_samples would scan the table and take PostgreSQL's CPU
-                # from the sink it measures. A probe unseen after PROBE_GIVE_UP_S counts as missing.
-                oldest = time.time() - PROBE_GIVE_UP_S
-                pending = [k for k, at in list(self.sent.items()) if at >= oldest and k not in self.seen]
-                pending = pending[-500:]
-                if pending:
+                # Every unseen probe, oldest first (the likeliest to be there), looked up through the
+                # natural-key index one by one (a nested loop over the list, partitions pruned by its time
+                # range): a hash join of the list against all of gpu_samples would scan the table and take
+                # PostgreSQL's CPU from the sink it measures.
+                for chunk in due(self.sent, self.seen, time.time()):
                     rows = watcher.execute(
                         "SELECT g.gpu_uuid, g.time FROM unnest(%s::text[], %s::timestamptz[]) AS p(u, t) "
                         "JOIN LATERAL (SELECT gpu_uuid, time FROM gpu_samples WHERE gpu_uuid = p.u "
                         "AND time = p.t AND time BETWEEN %s AND %s) AS g ON true",
                         (
-                            [k[0] for k in pending],
-                            [k[1] for k in pending],
-                            min(k[1] for k in pending),
-                            max(k[1] for k in pending),
+                            [k[0] for k in chunk],
+                            [k[1] for k in chunk],
+                            min(k[1] for k in chunk),
+                            max(k[1] for k in chunk),
                         ),
                     ).fetchall()
                     now = time.time()
                     for row in rows:
                         self.seen.setdefault((row[0], row[1]), now)
+                    if self._stop.is_set():
+                        return
                 self._stop.wait(0.2)
 
     def delays(self, since: float, until: float, wait_s: float = 120) -> tuple[int, list[float]]:
@@ -371,6 +370,21 @@ class Probes:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(10)
+
+
+def due(
+    sent: dict[tuple[str, datetime], float],
+    seen: dict[tuple[str, datetime], float],
+    now: float,
+    chunk: int = 500,
+) -> list[list[tuple[str, datetime]]]:
+    """The probes to look for now, in lookups of at most ``chunk``, oldest first: every one sent in the last
+    PROBE_GIVE_UP_S and not yet seen. None is left out while pending: a watcher that looked only at the
+    newest would never look again at one whose row came late (a sink's commit burst), and count it missing.
+    """
+    oldest = now - PROBE_GIVE_UP_S
+    pending = [key for key, at in list(sent.items()) if at >= oldest and key not in seen]
+    return [pending[i : i + chunk] for i in range(0, len(pending), chunk)]
 
 
 @dataclass

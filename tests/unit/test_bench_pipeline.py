@@ -1,13 +1,15 @@
 """bench/pipeline.py's parts that decide its figures: the feed's spliced records are the codec's own
-records with the new time, and the lag's growth and the absorbed rate are least-squares slopes."""
+records with the new time, the lag's growth and the absorbed rate are least-squares slopes, and the
+probe watcher looks for every probe still pending."""
 
 from __future__ import annotations
 
 import io
+from datetime import UTC, datetime, timedelta
 
 import fastavro
 
-from bench.pipeline import Drive, Feed, _zigzag, absorbed, lag_growth, slope
+from bench.pipeline import PROBE_GIVE_UP_S, Drive, Feed, _zigzag, absorbed, due, lag_growth, slope
 from bus.codec import Codec
 
 
@@ -44,3 +46,15 @@ def test_absorbed_and_lag_growth_are_least_squares_slopes() -> None:
     phase = Drive(rate=1000.0, seconds=30.0, measured_from=1, lag=[(0.0, {"g": 0}, {"g": 0}), *samples])
     assert abs(absorbed(phase)["g"] - 1000.0) < 50
     assert abs(lag_growth(phase)["g"]) < 300  # a sawtooth, not growth
+
+
+def test_the_probe_watcher_looks_for_every_pending_probe_oldest_first() -> None:
+    start = datetime(2026, 12, 7, tzinfo=UTC)
+    sent = {("GPU-0", start + timedelta(milliseconds=i)): 1000.0 + i / 100 for i in range(1200)}
+    seen = {key: 0.0 for key in list(sent)[:100]}
+    chunks = due(sent, seen, now=1000.0 + 12.0)
+    assert [len(c) for c in chunks] == [500, 500, 100]  # the 1,100 unseen, none dropped for being old
+    assert chunks[0][0] == ("GPU-0", start + timedelta(milliseconds=100))  # the oldest unseen first
+    # One sent longer ago than the give-up is missing, not looked for again.
+    late = due(sent, seen, now=1000.0 + PROBE_GIVE_UP_S + 5.0)  # those sent before 1005.0 are given up
+    assert late[0][0] == ("GPU-0", start + timedelta(milliseconds=500)) and sum(map(len, late)) == 700
