@@ -45,11 +45,12 @@ Energy (streams/costs/energy.py): per GPU, between consecutive readings (samples
 or a power draw), the counter's increase, or power x time where the counter reset or is missing, over the
 same coverage as the device-hours; a GPU with neither has no energy figure, never 0. The fleet record of a
 model's hour carries the sum and its cost, each GPU's hour its own GpuEnergy record (topic ``energy``,
-table ``gpu_energy``). A project's share is the view ``energy_costs`` (migrations 0016, 0020, 0021), made in the
-database, which alone has both each GPU's hour and the GPUs a job held (``job_placements``, from the job events'
-optional ``gpu_uuids``): a job that names its GPUs gets each one's measured energy by the share of the hour
-it held it; the hours of jobs that do not (their events say how many GPUs of which model, not which) get
-the model's remaining energy per GPU-hour, an average, since a busy GPU draws more than an idle one.
+table ``gpu_energy``). A project's share is the view ``energy_costs`` (migrations 0016, 0020, 0021), made
+in the database, which alone has both each GPU's hour and the GPUs a job held (``job_placements``, from the
+job events' optional ``gpu_uuids``): a job that names its GPUs gets each one's measured energy by the
+share of the hour it held it; the hours of jobs that do not (their events say how many GPUs of which model,
+not which) get the model's remaining energy per GPU-hour, an average, since a busy GPU draws more than an
+idle one.
 
 Both sides meet on ``streams.device-hours`` (keyed by gpu_model, so one model's figures share a partition):
 the CostProcessor forwards each allocation bucket there, the DeviceHoursProcessor each device's hour.
