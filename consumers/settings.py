@@ -88,9 +88,9 @@ class RetentionSettings(AimaSettings):
     )
     energy: timedelta | None = described(
         timedelta(days=90),
-        "each GPU's energy and its cost per hour (gpu_energy; by period_end: a project's measured share of "
-        "an expired hour is gone with it); the figures per GPU model and per project are costs, kept as "
-        "those",
+        "each GPU's energy and its cost per hour (gpu_energy; by period_end: after that, a project's share "
+        "of the hour falls back to the GPU-hour average); the figures per GPU model and per project are "
+        "costs, kept as those",
         shown="90d",
     )
     budgets: timedelta | None = described(
