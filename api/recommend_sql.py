@@ -172,10 +172,10 @@ def throughput(
 def job_frame_hours(conn: Conn, since: datetime, end: datetime, projects: Projects) -> list[dict[str, Any]]:
     """Every job that ran during [since, end) (job_placements: with its host and, where its events named
     them, its GPUs) with the frames it processed in each whole hour it ran (started at or before the
-    hour's start, not ended before its end), oldest first: the count
-    of job_frame_processing_seconds in the hour tier of the rollups (kept 7 days), which is per hour of
-    event time, so a whole hour's count over 3,600 s is the job's frames/s in that hour. Partial hours
-    (the job's first and last) are left out: their count says how long the job ran, not how fast."""
+    hour's start, not ended before its end), oldest first: the count of job_frame_processing_seconds in
+    the hour tier of the rollups (kept 7 days), which is per hour of event time, so a whole hour's count
+    over 3,600 s is the job's frames/s in that hour. Partial hours (the job's first and last) are left
+    out: their count says how long the job ran, not how fast."""
     where, params = _project_filter(projects)
     query = sql.SQL(
         """SELECT j.job_id, j.project, j.model, j.host, j.gpu_count, j.gpu_model, j.gpu_uuids, j.started,
